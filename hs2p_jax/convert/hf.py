@@ -1,0 +1,188 @@
+"""Hugging Face Llama directories (config.json + safetensors, single or sharded) in and out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from hs2p_jax.atomic import atomic_dir, write_json
+from hs2p_jax.convert.mapping import ours_to_hf
+from hs2p_jax.convert.state import TensorSource, fill_model, head_init
+from hs2p_jax.errors import UserError
+from hs2p_jax.model import LlamaForCausalLM, RewardModel, create, from_hf_config, to_hf_config
+from hs2p_jax.sharding import DEFAULT_RULES, Rules
+
+HEAD_BIAS_FILE = "hs2p_reward_head.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+_SHARD_BYTES = 4 << 30
+
+
+def read_config(path: str) -> dict[str, Any]:
+  cfg_file = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_file):
+    raise UserError(f"{path}: not a Hugging Face model directory (no config.json)")
+  try:
+    with open(cfg_file, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise UserError(f"{cfg_file}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def safetensors_source(path: str) -> TensorSource:
+  """Lazy loaders for every tensor of a directory's `model.safetensors` or sharded index."""
+  from safetensors import safe_open
+
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    with open(index, encoding="utf-8") as f:
+      weight_map = json.load(f)["weight_map"]
+  else:
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f != HEAD_BIAS_FILE)
+    if not files:
+      raise UserError(f"{path}: no *.safetensors weights (PyTorch .bin checkpoints are not supported)")
+    weight_map = {}
+    for fname in files:
+      with safe_open(os.path.join(path, fname), framework="numpy") as f:
+        weight_map.update({k: fname for k in f.keys()})
+  extra = os.path.join(path, HEAD_BIAS_FILE)
+  if os.path.isfile(extra):
+    weight_map["score.bias"] = HEAD_BIAS_FILE
+
+  def loader(name: str, fname: str):
+    def load() -> np.ndarray:
+      file = os.path.join(path, fname)
+      try:
+        with safe_open(file, framework="numpy") as f:
+          return f.get_tensor(name)
+      except TypeError:  # bfloat16 has no numpy dtype in safetensors' numpy reader: go through torch-free ml_dtypes
+        return _read_bf16(file, name)
+    return load
+
+  return {name: loader(name, fname) for name, fname in weight_map.items()}
+
+
+def _read_bf16(file: str, name: str) -> np.ndarray:
+  """Reads one tensor of any dtype by parsing the safetensors header (handles BF16 without torch)."""
+  import ml_dtypes
+
+  with open(file, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+    meta = header[name]
+    start, end = meta["data_offsets"]
+    f.seek(8 + n + start)
+    raw = f.read(end - start)
+  dtype = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64}[meta["dtype"]]
+  return np.frombuffer(raw, dtype=dtype).reshape(meta["shape"]).astype(np.float32)
+
+
+def load_hf(path: str, *, head: str = "lm", num_attributes: int = 9, dtype: str = "float32",
+            mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, seed: int = 0,
+            **config_overrides: Any) -> LlamaForCausalLM | RewardModel:
+  """A Hugging Face Llama directory -> `LlamaForCausalLM` (head="lm") or `RewardModel` (head="reward").
+
+  A reward model reads the directory's `score` head when it has one of `num_attributes` outputs,
+  else starts a fresh head (normal(0.02) kernel, zero bias, seeded). `dtype` is the compute dtype;
+  parameters are float32. With `mesh`, every parameter is placed sharded by `rules`.
+  """
+  if head not in ("lm", "reward"):
+    raise UserError(f"load_hf: head={head!r}, expected 'lm' or 'reward'")
+  hf = read_config(path)
+  cfg = from_hf_config(hf, dtype=dtype, **config_overrides)
+  source = safetensors_source(path)
+  if head == "lm" and not cfg.tie_word_embeddings and "lm_head.weight" not in source:
+    raise UserError(f"{path}: untied model without lm_head.weight")
+  init_missing = {}
+  if head == "reward":
+    if "score.weight" in source:
+      shape = source["score.weight"]().shape
+      if shape[0] != num_attributes:
+        raise UserError(f"{path}: score.weight has {shape[0]} outputs, num_attributes={num_attributes}")
+    init_missing = {("head_kernel",): head_init(seed), ("head_bias",): np.zeros}
+  kind = "lm" if head == "lm" else "reward"
+  return fill_model(lambda: create(kind, cfg, num_attributes, seed), cfg, source, path,
+                    init_missing=init_missing, mesh=mesh, rules=rules)
+
+
+def flat_numpy(model: nnx.Module) -> dict[tuple[str, ...], np.ndarray]:
+  """{state path: host numpy array} of a model, gathered from every process."""
+  from jax.experimental import multihost_utils
+
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = var.get_value()
+    if jax.process_count() > 1 and not value.is_fully_addressable:
+      value = multihost_utils.process_allgather(value, tiled=True)
+    out[path] = np.asarray(jax.device_get(value))
+  return out
+
+
+def save_tensors(out_dir: str, tensors: dict[str, np.ndarray]) -> None:
+  """Writes `tensors` as model.safetensors, or as 4 GiB shards with an index past that size."""
+  from safetensors.numpy import save_file
+
+  total = sum(a.nbytes for a in tensors.values())
+  if total <= _SHARD_BYTES:
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    return
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name, arr in tensors.items():
+    if size + arr.nbytes > _SHARD_BYTES and shards[-1]:
+      shards.append({})
+      size = 0
+    shards[-1][name] = arr
+    size += arr.nbytes
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+    weight_map.update({k: fname for k in shard})
+  write_json(os.path.join(out_dir, "model.safetensors.index.json"),
+             {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def export_hf(model: LlamaForCausalLM | RewardModel, out_dir: str, tokenizer_dir: str | None = None,
+              overwrite: bool = False) -> None:
+  """Writes `model` as a Hugging Face directory (float32 safetensors + config.json), atomically.
+
+  A causal LM becomes `LlamaForCausalLM`; a reward model `LlamaForSequenceClassification` with
+  `num_labels` = its outputs. That class's head has no bias, so the bias goes to a side file
+  (`hs2p_reward_head.safetensors`) that `load_hf` reads back and transformers ignores.
+  """
+  cfg = model.cfg
+  flat = flat_numpy(model)
+  tensors = ours_to_hf(flat, cfg)
+  if isinstance(model, RewardModel):
+    bias = tensors.pop("score.bias")
+    extra = {"num_labels": model.num_attributes, "id2label": {str(i): f"LABEL_{i}" for i in range(model.num_attributes)},
+             "label2id": {f"LABEL_{i}": i for i in range(model.num_attributes)}}
+    if cfg.pad_token_id is None:
+      extra["pad_token_id"] = cfg.eos_ids[0] if cfg.eos_ids else 0
+    hf_cfg = to_hf_config(cfg, "LlamaForSequenceClassification", **extra)
+  else:
+    bias = None
+    hf_cfg = to_hf_config(cfg, "LlamaForCausalLM")
+  if cfg.tie_word_embeddings:
+    tensors.pop("lm_head.weight", None)
+  if jax.process_index() != 0:
+    return
+  with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    save_tensors(tmp, tensors)
+    if bias is not None:
+      from safetensors.numpy import save_file
+      save_file({"score.bias": bias}, os.path.join(tmp, HEAD_BIAS_FILE))
+    write_json(os.path.join(tmp, "config.json"), hf_cfg)
+    if tokenizer_dir:
+      for name in TOKENIZER_FILES:
+        src = os.path.join(tokenizer_dir, name)
+        if os.path.isfile(src):
+          shutil.copy(src, os.path.join(tmp, name))

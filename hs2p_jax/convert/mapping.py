@@ -1,0 +1,91 @@
+"""Hugging Face Llama tensor names and layouts <-> paths and layouts of this project's nnx state."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from hs2p_jax.model.config import LlamaConfig
+
+Path = tuple[str, ...]
+Transform = Callable[[np.ndarray, LlamaConfig], np.ndarray]
+
+
+def _t(w, c):
+  return w.T
+
+
+def _q_in(w, c):  # [H*Dh, D] -> [D, H, Dh]
+  return w.T.reshape(c.hidden_size, c.num_heads, c.head_dim)
+
+
+def _kv_in(w, c):  # [Hkv*Dh, D] -> [D, Hkv, Dh]
+  return w.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim)
+
+
+def _qkv_out(a, c):  # [D, H, Dh] -> [H*Dh, D]
+  return a.reshape(a.shape[0], -1).T
+
+
+def _o_in(w, c):  # [D, H*Dh] -> [H, Dh, D]
+  return w.T.reshape(c.num_heads, c.head_dim, c.hidden_size)
+
+
+def _o_out(a, c):  # [H, Dh, D] -> [D, H*Dh]
+  return a.reshape(-1, a.shape[-1]).T
+
+
+def _same(w, c):
+  return w
+
+
+# (our path under the stacked layer, HF name under `model.layers.{i}.`, HF -> ours, ours -> HF)
+LAYER_TENSORS: tuple[tuple[Path, str, Transform, Transform], ...] = (
+    (("attn", "wq"), "self_attn.q_proj.weight", _q_in, _qkv_out),
+    (("attn", "wk"), "self_attn.k_proj.weight", _kv_in, _qkv_out),
+    (("attn", "wv"), "self_attn.v_proj.weight", _kv_in, _qkv_out),
+    (("attn", "wo"), "self_attn.o_proj.weight", _o_in, _o_out),
+    (("mlp", "gate"), "mlp.gate_proj.weight", _t, _t),
+    (("mlp", "up"), "mlp.up_proj.weight", _t, _t),
+    (("mlp", "down"), "mlp.down_proj.weight", _t, _t),
+    (("input_norm", "weight"), "input_layernorm.weight", _same, _same),
+    (("post_attn_norm", "weight"), "post_attention_layernorm.weight", _same, _same),
+)
+
+# (our path below the backbone's parent, HF name, HF -> ours, ours -> HF)
+GLOBAL_TENSORS: tuple[tuple[Path, str, Transform, Transform], ...] = (
+    (("model", "embed"), "model.embed_tokens.weight", _same, _same),
+    (("model", "norm", "weight"), "model.norm.weight", _same, _same),
+    (("lm_head",), "lm_head.weight", _t, _t),
+    (("head_kernel",), "score.weight", _t, _t),
+    (("head_bias",), "score.bias", _same, _same),
+)
+
+LAYER_PREFIX = "model.layers.{}."
+STACK_ROOT: Path = ("model", "layers")
+
+
+def hf_to_ours(names: set[str], cfg: LlamaConfig) -> dict[Path, tuple[list[str], Transform]]:
+  """For each of our state paths that `names` can fill: the HF tensor names (one per layer for
+  stacked tensors) and the transform to apply to each."""
+  out: dict[Path, tuple[list[str], Transform]] = {}
+  for path, name, to_ours, _ in GLOBAL_TENSORS:
+    if name in names:
+      out[path] = ([name], to_ours)
+  for path, name, to_ours, _ in LAYER_TENSORS:
+    out[STACK_ROOT + path] = ([LAYER_PREFIX.format(i) + name for i in range(cfg.num_layers)], to_ours)
+  return out
+
+
+def ours_to_hf(flat: dict[Path, np.ndarray], cfg: LlamaConfig) -> dict[str, np.ndarray]:
+  """Our flat state {path: array} -> {HF tensor name: array} (stacked layers split)."""
+  out: dict[str, np.ndarray] = {}
+  for path, name, _, to_hf in GLOBAL_TENSORS:
+    if path in flat:
+      out[name] = np.ascontiguousarray(to_hf(np.asarray(flat[path]), cfg))
+  for path, name, _, to_hf in LAYER_TENSORS:
+    stacked = np.asarray(flat[STACK_ROOT + path])
+    for i in range(cfg.num_layers):
+      out[LAYER_PREFIX.format(i) + name] = np.ascontiguousarray(to_hf(stacked[i], cfg))
+  return out

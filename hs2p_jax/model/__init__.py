@@ -1,0 +1,25 @@
+"""Models: the Llama backbone, its causal-LM head and its reward head."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from hs2p_jax.errors import UserError
+from hs2p_jax.model.config import LlamaConfig, from_hf_config, preset, to_hf_config
+from hs2p_jax.model.llama import KVCache, Llama, LlamaForCausalLM
+from hs2p_jax.model.reward import ATTRIBUTES, HELPFULNESS, RewardModel
+
+KINDS = ("lm", "reward")
+
+
+def create(kind: str, cfg: LlamaConfig, num_attributes: int = 9, seed: int = 0) -> LlamaForCausalLM | RewardModel:
+  """A freshly initialised model: kind "lm" (causal LM) or "reward" (`num_attributes` outputs)."""
+  if kind == "lm":
+    return LlamaForCausalLM(cfg, rngs=nnx.Rngs(seed))
+  if kind == "reward":
+    return RewardModel(cfg, num_attributes, rngs=nnx.Rngs(seed))
+  raise UserError(f"model kind {kind!r}: expected one of {', '.join(KINDS)}")
+
+
+__all__ = ["ATTRIBUTES", "HELPFULNESS", "KINDS", "KVCache", "Llama", "LlamaConfig", "LlamaForCausalLM",
+           "RewardModel", "create", "from_hf_config", "preset", "to_hf_config"]

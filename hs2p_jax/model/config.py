@@ -1,0 +1,182 @@
+"""Llama architecture hyperparameters, named presets, and the Hugging Face `config.json` mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from hs2p_jax.errors import UserError
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+ATTENTION_IMPLS = ("reference", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Shapes and numerics of a Llama decoder. Parameters are always float32; `dtype` is the compute dtype."""
+
+  vocab_size: int = 49152
+  hidden_size: int = 576
+  intermediate_size: int = 1536
+  num_layers: int = 30
+  num_heads: int = 9
+  num_kv_heads: int = 3
+  head_dim: int = 64
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 100000.0
+  # Llama 3.1 "llama3" scaling as sorted (name, value) pairs of "factor", "low_freq_factor",
+  # "high_freq_factor", "original_max_position_embeddings" (a dict is accepted); None = plain theta.
+  rope_scaling: tuple[tuple[str, float], ...] | None = None
+  max_position_embeddings: int = 8192
+  tie_word_embeddings: bool = True
+  bos_token_id: int | None = 1
+  eos_token_id: int | tuple[int, ...] | None = 2
+  pad_token_id: int | None = None
+  dtype: str = "float32"
+  scan_layers: bool = True
+  remat: str = "none"
+  attention: str = "reference"
+
+  def __post_init__(self):
+    if isinstance(self.rope_scaling, dict):
+      object.__setattr__(self, "rope_scaling", tuple(sorted((k, float(v)) for k, v in self.rope_scaling.items())))
+    if isinstance(self.eos_token_id, list):
+      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    if self.num_heads % self.num_kv_heads:
+      raise UserError(f"model: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.remat not in REMAT_POLICIES:
+      raise UserError(f"model.remat={self.remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise UserError(f"model.attention={self.attention!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
+    if self.dtype not in ("float32", "bfloat16", "float16"):
+      raise UserError(f"model.dtype={self.dtype!r}: expected float32, bfloat16 or float16")
+
+  def replace(self, **changes: Any) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def rope_scaling_dict(self) -> dict[str, float] | None:
+    return dict(self.rope_scaling) if self.rope_scaling else None
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    if self.eos_token_id is None:
+      return ()
+    return tuple(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else (self.eos_token_id,)
+
+  def num_params(self, with_lm_head: bool = True) -> int:
+    """Parameter count of the backbone (+ LM head when untied and requested)."""
+    d, f, l = self.hidden_size, self.intermediate_size, self.num_layers
+    attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    per_layer = attn + 3 * d * f + 2 * d
+    n = self.vocab_size * d + l * per_layer + d
+    if with_lm_head and not self.tie_word_embeddings:
+      n += self.vocab_size * d
+    return n
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    # A few-layer model for tests and the CPU quickstart (byte-level vocabulary).
+    "tiny": LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                        num_kv_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=2048,
+                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "smollm2-135m": LlamaConfig(),
+    "llama-3.2-1b": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                                num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+                                rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 8192},
+                                max_position_embeddings=131072, tie_word_embeddings=True,
+                                bos_token_id=128000, eos_token_id=(128001, 128008, 128009), dtype="bfloat16"),
+    "llama-3.1-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                                num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                                rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 8192},
+                                max_position_embeddings=131072, tie_word_embeddings=False,
+                                bos_token_id=128000, eos_token_id=(128001, 128008, 128009), dtype="bfloat16"),
+    "llama-3.1-70b": LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                                 num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                                 rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 8192},
+                                 max_position_embeddings=131072, tie_word_embeddings=False,
+                                 bos_token_id=128000, eos_token_id=(128001, 128008, 128009), dtype="bfloat16"),
+}
+
+
+def preset(name: str, **overrides: Any) -> LlamaConfig:
+  """A named architecture (see `PRESETS`), with field overrides."""
+  if name not in PRESETS:
+    raise UserError(f"model.preset={name!r}: unknown; expected one of {', '.join(sorted(PRESETS))}")
+  return PRESETS[name].replace(**overrides)
+
+
+def from_hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
+  """Maps a Hugging Face Llama `config.json` dict to a `LlamaConfig`."""
+  model_type = hf.get("model_type", "llama")
+  if model_type != "llama":
+    raise UserError(f"config.json: model_type={model_type!r} is not supported (only 'llama')")
+  for flag in ("attention_bias", "mlp_bias"):
+    if hf.get(flag):
+      raise UserError(f"config.json: {flag}=true is not supported")
+  n_heads = hf["num_attention_heads"]
+  rope_params = dict(hf.get("rope_parameters") or {})
+  rope_scaling = hf.get("rope_scaling") or (rope_params if rope_params.get("rope_type") not in (None, "default") else None)
+  theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+  scaling = None
+  if rope_scaling:
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if kind not in ("llama3", "default", None):
+      raise UserError(f"config.json: rope_scaling type {kind!r} is not supported (only 'llama3')")
+    if kind == "llama3":
+      scaling = {k: float(rope_scaling[k]) for k in
+                 ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+  cfg = LlamaConfig(
+      vocab_size=hf["vocab_size"],
+      hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"],
+      num_layers=hf["num_hidden_layers"],
+      num_heads=n_heads,
+      num_kv_heads=hf.get("num_key_value_heads") or n_heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+      rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      rope_theta=float(theta),
+      rope_scaling=scaling,
+      max_position_embeddings=hf.get("max_position_embeddings", 8192),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      bos_token_id=hf.get("bos_token_id"),
+      eos_token_id=tuple(hf["eos_token_id"]) if isinstance(hf.get("eos_token_id"), list) else hf.get("eos_token_id"),
+      pad_token_id=hf.get("pad_token_id"),
+  )
+  return cfg.replace(**overrides)
+
+
+def to_hf_config(cfg: LlamaConfig, architecture: str = "LlamaForCausalLM", **extra: Any) -> dict[str, Any]:
+  """The Hugging Face `config.json` dict for `cfg` (float32 weights)."""
+  rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling:
+    rope_parameters = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **cfg.rope_scaling_dict}
+  out = {
+      "architectures": [architecture],
+      "model_type": "llama",
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": cfg.rms_norm_eps,
+      "rope_theta": cfg.rope_theta,
+      "rope_scaling": ({"rope_type": "llama3", **cfg.rope_scaling_dict} if cfg.rope_scaling else None),
+      "rope_parameters": rope_parameters,
+      "max_position_embeddings": cfg.max_position_embeddings,
+      "tie_word_embeddings": cfg.tie_word_embeddings,
+      "attention_bias": False,
+      "mlp_bias": False,
+      "bos_token_id": cfg.bos_token_id,
+      "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
+      "pad_token_id": cfg.pad_token_id,
+      "torch_dtype": "float32",
+  }
+  out.update(extra)
+  return out

@@ -1,0 +1,184 @@
+"""Device mesh and logical-axis sharding.
+
+Model code names the axes of every parameter (`nnx.Param(..., axes=("embed", "mlp"))`) and of the
+activations it constrains (`constrain(x, ("act_batch", "act_seq", "act_embed"))`). Rules, which are
+data, map those logical names to the mesh axes `data`, `fsdp` and `tensor`. Model code never sees
+the mesh shape: the mesh and rules are installed around a computation with `use_mesh`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import threading
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hs2p_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = tuple[tuple[str, Any], ...]
+
+# Logical name -> mesh axis (or tuple of axes, or None = replicated). FSDP shards the `embed` side
+# of every matrix; tensor parallelism splits heads, MLP and vocabulary; the batch is split over
+# data x fsdp. A mesh axis is dropped from a dimension it does not divide.
+DEFAULT_RULES: Rules = (
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("attributes", None),
+    ("act_batch", ("data", "fsdp")),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_seq", None),
+    ("cache_kv_heads", "tensor"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh axis sizes; -1 takes the devices the other axes leave."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+  """Resolves -1 entries of `cfg` for `num_devices`; a clear error when they do not divide."""
+  sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+  for name, size in zip(MESH_AXES, sizes):
+    if size == 0 or size < -1:
+      raise UserError(f"mesh.{name}={size}: sizes must be positive or -1")
+  free = [i for i, s in enumerate(sizes) if s == -1]
+  if len(free) > 1:
+    raise UserError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise UserError(f"mesh: {dict(zip(MESH_AXES, sizes))} does not divide the {num_devices} devices")
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise UserError(
+        f"mesh: data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} "
+        f"but there are {num_devices} devices")
+  return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(cfg, len(devices))
+  try:
+    from jax.experimental import mesh_utils
+    arr = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+  except Exception:  # CPU and odd topologies: plain row-major order.
+    arr = np.asarray(devices, dtype=object).reshape(shape)
+  return Mesh(arr, MESH_AXES)
+
+
+def rules_from(overrides: dict[str, Any] | None) -> Rules:
+  """DEFAULT_RULES with entries replaced by `overrides` (logical name -> mesh axis / list / None)."""
+  table = dict(DEFAULT_RULES)
+  for name, target in (overrides or {}).items():
+    if isinstance(target, list):
+      target = tuple(target)
+    for axis in (target if isinstance(target, tuple) else (target,)):
+      if axis is not None and axis not in MESH_AXES:
+        raise UserError(f"mesh.rules.{name}={target!r}: mesh axes are {', '.join(MESH_AXES)}")
+    table[name] = target
+  return tuple(table.items())
+
+
+class _Context(threading.local):
+  mesh: Mesh | None = None
+  rules: Rules = DEFAULT_RULES
+
+
+_ctx = _Context()
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+  """Installs `mesh` and `rules` for `constrain` and `logical_to_spec` inside the block."""
+  old = (_ctx.mesh, _ctx.rules)
+  _ctx.mesh, _ctx.rules = mesh, rules
+  try:
+    yield
+  finally:
+    _ctx.mesh, _ctx.rules = old
+
+
+def current_mesh() -> Mesh | None:
+  return _ctx.mesh
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None, rules: Rules | None = None) -> P:
+  """Maps logical axis names to a PartitionSpec; mesh axes that do not divide a dim are dropped."""
+  mesh = mesh if mesh is not None else _ctx.mesh
+  table = dict(rules if rules is not None else _ctx.rules)
+  used: set[str] = set()
+  out = []
+  for i, name in enumerate(axes):
+    target = table.get(name) if name is not None else None
+    targets = target if isinstance(target, tuple) else ((target,) if target else ())
+    keep = []
+    size = 1
+    for t in targets:
+      if t in used or mesh is None or t not in mesh.shape:
+        continue
+      n = mesh.shape[t]
+      if shape is not None and shape[i] % (size * n):
+        continue
+      keep.append(t)
+      size *= n
+    used.update(keep)
+    out.append(tuple(keep) if len(keep) > 1 else (keep[0] if keep else None))
+  return P(*out)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """`with_sharding_constraint` by logical names; a no-op with no mesh or a 1-device mesh."""
+  mesh = _ctx.mesh
+  if mesh is None or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh)))
+
+
+def param_axes(state: Any) -> Any:
+  """The logical axes of every Variable in an nnx State (None where a Variable declares none)."""
+  return jax.tree.map(
+      lambda v: v.get_metadata().get("axes") if isinstance(v, nnx.Variable) else None,
+      state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+  """NamedShardings for an nnx State (concrete or abstract), from each Variable's `axes`."""
+  def one(v):
+    if isinstance(v, nnx.Variable):
+      axes = v.get_metadata().get("axes") or (None,) * len(v.shape)
+      return v.replace(NamedSharding(mesh, logical_to_spec(axes, v.shape, mesh, rules)))
+    return NamedSharding(mesh, P())
+  return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+  """Sharding of a `[B, ...]` batch: B over the batch axes, the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1), None, mesh, rules))
