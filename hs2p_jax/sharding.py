@@ -51,13 +51,14 @@ DEFAULT_RULES: Rules = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class MeshConfig:
-  """Mesh axis sizes; -1 takes the devices the other axes leave."""
+  """Mesh axis sizes (-1 takes the devices the other axes leave) and logical-rule overrides."""
 
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  rules: dict = dataclasses.field(default_factory=dict)  # logical axis -> mesh axis (or list, or null)
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -81,8 +82,9 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)  # type: ignore[return-value]
 
 
-def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+  cfg = cfg or MeshConfig()
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(cfg, len(devices))
   try:

@@ -1,0 +1,223 @@
+"""Orbax checkpoints: standalone model checkpoints and the resumable state of training runs.
+
+A model checkpoint (what `hs2p convert`, `train-rm`, `expo` write and `--checkpoint` reads) is a
+directory: `hs2p_model.json` (kind, architecture, head, tokenizer), `params/` (Orbax, sharded
+arrays) and `tokenizer/`. It is written to a temporary sibling and renamed into place, so it
+exists complete or not at all. A training run keeps `DIR/checkpoints/<step>/` through an Orbax
+`CheckpointManager` (atomic per step, last N kept), holding params, optimizer state, step and the
+data iterator's state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from hs2p_jax.atomic import write_json
+from hs2p_jax.errors import UserError
+from hs2p_jax.model import KINDS, LlamaConfig, create
+from hs2p_jax.sharding import DEFAULT_RULES, Rules, state_shardings
+
+META_FILE = "hs2p_model.json"
+FORMAT_VERSION = 1
+# Fields that change no parameter shape: a checkpoint may be loaded with them changed.
+RUNTIME_FIELDS = ("dtype", "scan_layers", "remat", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelMeta:
+  """What a model checkpoint holds besides its arrays."""
+
+  kind: str
+  config: LlamaConfig
+  num_attributes: int = 9
+  reward_weights: Any = "helpfulness"
+  template: str = "steerlm"
+
+  def to_json(self) -> dict[str, Any]:
+    cfg = dataclasses.asdict(self.config)
+    return {"format_version": FORMAT_VERSION, "kind": self.kind, "config": cfg,
+            "num_attributes": self.num_attributes, "reward_weights": self.reward_weights, "template": self.template}
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any], where: str) -> "ModelMeta":
+    try:
+      cfg = dict(d["config"])
+      if cfg.get("rope_scaling"):
+        cfg["rope_scaling"] = tuple(tuple(p) for p in cfg["rope_scaling"])
+      if isinstance(cfg.get("eos_token_id"), list):
+        cfg["eos_token_id"] = tuple(cfg["eos_token_id"])
+      if d["kind"] not in KINDS:
+        raise UserError(f"{where}: kind {d['kind']!r} unknown")
+      return cls(kind=d["kind"], config=LlamaConfig(**cfg), num_attributes=int(d.get("num_attributes", 9)),
+                 reward_weights=d.get("reward_weights", "helpfulness"), template=d.get("template", "steerlm"))
+    except (KeyError, TypeError) as e:
+      raise UserError(f"{where}: malformed model metadata ({e})") from None
+
+
+def is_model_checkpoint(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, META_FILE))
+
+
+def resolve_model_dir(path: str) -> str:
+  """A model checkpoint dir, or a run dir holding one under `model/`."""
+  if is_model_checkpoint(path):
+    return path
+  if is_model_checkpoint(os.path.join(path, "model")):
+    return os.path.join(path, "model")
+  raise UserError(f"{path}: not a model checkpoint (no {META_FILE}) nor a run directory with model/")
+
+
+def read_meta(path: str) -> ModelMeta:
+  path = resolve_model_dir(path)
+  file = os.path.join(path, META_FILE)
+  try:
+    with open(file, encoding="utf-8") as f:
+      return ModelMeta.from_json(json.load(f), file)
+  except json.JSONDecodeError as e:
+    raise UserError(f"{file}: invalid JSON ({e.msg})") from None
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def save_model(path: str, model: nnx.Module, meta: ModelMeta, tokenizer=None, overwrite: bool = False) -> None:
+  """Writes a model checkpoint atomically. Every process calls it (arrays are written collectively);
+  it is assembled in `PATH.partial` and renamed to PATH by process 0 once complete."""
+  path = os.path.abspath(path)
+  tmp = path + ".partial"
+  primary = jax.process_index() == 0
+  if os.path.exists(path) and not overwrite:
+    raise UserError(f"{path} already exists")
+  if primary and os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  _barrier("hs2p_save_model_start")
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(tmp, "params"), nnx.state(model, nnx.Param))
+  ckptr.wait_until_finished()
+  if primary:
+    write_json(os.path.join(tmp, META_FILE), meta.to_json())
+    if tokenizer is not None:
+      tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+  _barrier("hs2p_save_model_written")
+  if primary:
+    if os.path.exists(path):
+      old = path + ".old"
+      shutil.rmtree(old, ignore_errors=True)
+      os.rename(path, old)
+      os.rename(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, path)
+  _barrier("hs2p_save_model_done")
+
+
+def abstract_model(meta: ModelMeta, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES):
+  """(graphdef, abstract Param state with shardings) for `meta`'s model, without allocating it."""
+  abstract = nnx.eval_shape(lambda: create(meta.kind, meta.config, meta.num_attributes))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  if mesh is not None:
+    shardings = state_shardings(params, mesh, rules)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
+  return graphdef, params, rest
+
+
+def load_model(path: str, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, **runtime: Any):
+  """Reads a model checkpoint (or a run dir's final model). `runtime` may change RUNTIME_FIELDS of
+  the architecture (e.g. dtype="bfloat16", remat="full"). Returns (model, meta)."""
+  path = resolve_model_dir(path)
+  meta = read_meta(path)
+  bad = sorted(set(runtime) - set(RUNTIME_FIELDS))
+  if bad:
+    raise UserError(f"load_model: {bad[0]} changes parameter shapes; only {', '.join(RUNTIME_FIELDS)} may change")
+  meta = dataclasses.replace(meta, config=meta.config.replace(**{k: v for k, v in runtime.items() if v is not None}))
+  graphdef, abs_params, rest = abstract_model(meta, mesh, rules)
+  if mesh is None:
+    abs_params = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+        abs_params)
+  params = restore_tree(os.path.join(path, "params"), abs_params, path)
+  return nnx.merge(graphdef, params, rest), meta
+
+
+def restore_tree(path: str, target: Any, where: str) -> Any:
+  """Restores an Orbax tree into `target` (abstract, with shardings); shape mismatches name the array."""
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    saved = ckptr.metadata(path)
+    saved_tree = getattr(saved, "item_metadata", saved)
+    saved_tree = getattr(saved_tree, "tree", saved_tree)
+    _check_shapes(saved_tree, target, where)
+  except UserError:
+    raise
+  except Exception:  # noqa: BLE001 - metadata layout differs across Orbax versions; restore checks too
+    pass
+  try:
+    return ckptr.restore(path, target)
+  except (ValueError, KeyError) as e:
+    raise UserError(f"{where}: checkpoint does not match the model ({str(e).splitlines()[0][:200]})") from None
+
+
+def _names(path) -> str:
+  parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+  return ".".join(p for p in parts if p != "value")
+
+
+def _check_shapes(saved: Any, target: Any, where: str) -> None:
+  flat_saved = {_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  for p, v in jax.tree_util.tree_flatten_with_path(target)[0]:
+    key = _names(p)
+    s = flat_saved.get(key)
+    if s is None:
+      raise UserError(f"{where}: checkpoint has no array {key}")
+    if hasattr(s, "shape") and tuple(s.shape) != tuple(v.shape):
+      raise UserError(f"{where}: array {key} has shape {tuple(s.shape)} in the checkpoint, model expects {tuple(v.shape)}")
+
+
+class RunCheckpoints:
+  """The resumable checkpoints of one training run, under `DIR/checkpoints/`."""
+
+  def __init__(self, run_dir: str, keep: int = 2, async_save: bool = False):
+    self.dir = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    self.manager = ocp.CheckpointManager(
+        self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                       enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict[str, Any], force: bool = False) -> None:
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    data=ocp.args.JsonSave(data_state)), force=force)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                               data=ocp.args.JsonRestore()))
+    except (ValueError, KeyError) as e:
+      raise UserError(f"{self.dir}/{step}: cannot resume, checkpoint does not match this config "
+                      f"({str(e).splitlines()[0][:200]})") from None
+    return out.state, out.data
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with each array's sharding) of a concrete tree: a restore target."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)

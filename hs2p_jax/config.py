@@ -1,0 +1,273 @@
+"""Typed run configuration: nested dataclasses loaded from YAML with `key=value` overrides, validated up front."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any, Optional
+
+import yaml
+
+from hs2p_jax.errors import UserError
+from hs2p_jax.sharding import MeshConfig
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  preset: str = "tiny"                 # architecture preset (hs2p_jax.model.config.PRESETS)
+  source: Optional[str] = None         # weights: None (random), "gguf:PATH|smollm2", "hf:DIR" or a DIR
+  init_from: Optional[str] = None      # one of our model checkpoints to start from (overrides `source`)
+  kind: str = "reward"                 # "reward" or "lm"
+  num_attributes: int = 9              # reward head outputs (NeMo layout: 9)
+  reward_weights: Any = "helpfulness"  # scalar reward: attribute name, named weighting or list of A floats
+  tokenizer: str = "bytes"             # "bytes", "gguf:smollm2", or a HF tokenizer dir/name
+  dtype: str = "float32"               # compute dtype; params are float32
+  num_layers: Optional[int] = None     # override (e.g. keep the first N layers of pretrained weights)
+  scan_layers: bool = True
+  remat: str = "none"
+  attention: str = "reference"
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class DataConfig:
+  train: Optional[str] = None          # .jsonl / .jsonl.gz / .parquet, or hf:NAME[:DATA_DIR]; None = built-in
+  validation: Optional[str] = None
+  format: str = "helpsteer2"           # helpsteer2 | helpsteer2-preference | pairs | hh | rewardbench
+  attributes: str = "helpfulness"      # regression labels: "helpfulness" (index 4 only) or "all" (5 HelpSteer)
+  template: str = "steerlm"            # "steerlm" (NeMo <extra_id_*> format) or "chat" (tokenizer template)
+  max_length: int = 256
+  overlong: str = "truncate"           # "truncate" (keep the end of the prompt) or "drop"
+  pad_multiple: int = 32               # pad batches to a multiple of this (bucketing); <= max_length
+  packing: bool = False
+  skip_invalid: bool = False
+  builtin_size: int = 512              # examples of the built-in data set per split scale
+  num_workers: int = 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  objective: str = "regression"        # regression | bt
+  bt_variant: str = "scaled"           # regular | margin | scaled
+  steps: int = 100
+  batch_size: int = 8                  # global: examples (regression) or pairs (BT) per optimizer step
+  micro_batch_size: Optional[int] = None  # per accumulation step; None = batch_size
+  lr: float = 2e-6
+  warmup_steps: int = 10
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.98
+  eps: float = 1e-8
+  grad_clip: float = 1.0
+  seed: int = 0
+  log_every: int = 1
+  eval_every: int = 0                  # 0 = only at the end
+  eval_batches: int = 0                # 0 = the whole validation set
+  save_every: int = 50
+  keep_checkpoints: int = 2
+  async_checkpoint: bool = False
+
+
+@dataclasses.dataclass
+class DistConfig:
+  coordinator: Optional[str] = None    # HOST:PORT; unset = auto-detect (TPU pods, SLURM) or single process
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+  local_device_ids: Optional[Any] = None
+
+
+@dataclasses.dataclass
+class RunConfig:
+  """`hs2p train-rm` configuration."""
+
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  dist: DistConfig = dataclasses.field(default_factory=DistConfig)
+  name: str = "run"
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic machinery
+
+
+def _field_types(cls) -> dict[str, Any]:
+  hints = typing.get_type_hints(cls)
+  return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_dataclass_type(tp) -> bool:
+  return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+  """Checks and converts a YAML value to the declared field type; errors name the key."""
+  if tp is Any:
+    return value
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for a in args:
+      if a is type(None):
+        continue
+      try:
+        return _coerce(value, a, key)
+      except UserError as e:
+        errors.append(str(e))
+    raise UserError(errors[0] if errors else f"{key}: invalid value {value!r}")
+  if _is_dataclass_type(tp):
+    if not isinstance(value, dict):
+      raise UserError(f"{key}: expected a mapping, got {value!r}")
+    return build(tp, value, prefix=key + ".")
+  if tp is bool:
+    if isinstance(value, bool):
+      return value
+    raise UserError(f"{key}: expected true or false, got {value!r}")
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise UserError(f"{key}: expected an integer, got {value!r}")
+    return value
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise UserError(f"{key}: expected a number, got {value!r}")
+    return float(value)
+  if tp is str:
+    if not isinstance(value, str):
+      raise UserError(f"{key}: expected a string, got {value!r}")
+    return value
+  if tp is dict or origin is dict:
+    if not isinstance(value, dict):
+      raise UserError(f"{key}: expected a mapping, got {value!r}")
+    return value
+  if tp is list or origin is list:
+    if not isinstance(value, list):
+      raise UserError(f"{key}: expected a list, got {value!r}")
+    return value
+  return value
+
+
+def build(cls, data: dict[str, Any], prefix: str = ""):
+  """Instantiates dataclass `cls` from a nested dict; unknown keys are errors naming the key."""
+  types_ = _field_types(cls)
+  unknown = sorted(set(data) - set(types_))
+  if unknown:
+    raise UserError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(types_))})")
+  kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
+  return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+  return dataclasses.asdict(cfg)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+  """["a.b=1", "c=x"] -> nested dict; values are parsed as YAML scalars."""
+  out: dict[str, Any] = {}
+  for pair in pairs:
+    if "=" not in pair:
+      raise UserError(f"--set {pair!r}: expected key=value")
+    key, raw = pair.split("=", 1)
+    key = key.strip()
+    if not key:
+      raise UserError(f"--set {pair!r}: empty key")
+    try:
+      value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+      value = raw
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+      if not isinstance(node, dict):
+        raise UserError(f"--set {key}: {p} is not a section")
+    node[parts[-1]] = value
+  return out
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+  out = dict(base)
+  for k, v in update.items():
+    if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "rules":
+      out[k] = merge(out[k], v)
+    else:
+      out[k] = v
+  return out
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: no such config file")
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = yaml.safe_load(f) or {}
+  except yaml.YAMLError as e:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark else ""
+    raise UserError(f"{path}: invalid YAML{where}") from None
+  if not isinstance(data, dict):
+    raise UserError(f"{path}: the top level must be a mapping")
+  return data
+
+
+def load(cls, path: str | None, overrides: list[str] = (), extra: dict[str, Any] | None = None):
+  """`cls` from a YAML file (may `include:` another, relative to it), then `extra`, then `key=value`s."""
+  data = _read_with_includes(path) if path else {}
+  if extra:
+    data = merge(data, extra)
+  data = merge(data, parse_overrides(list(overrides)))
+  try:
+    cfg = build(cls, data)
+  except UserError as e:
+    raise UserError(f"{path or 'config'}: {e}") from None
+  validate(cfg)
+  return cfg
+
+
+def _read_with_includes(path: str) -> dict[str, Any]:
+  data = read_yaml(path)
+  inc = data.pop("include", None)
+  if inc:
+    base = _read_with_includes(os.path.join(os.path.dirname(path), inc))
+    data = merge(base, data)
+  return data
+
+
+_CHOICES = {
+    "model.kind": ("reward", "lm"),
+    "data.format": ("helpsteer2", "helpsteer2-preference", "pairs", "hh", "rewardbench", "prompts"),
+    "data.attributes": ("helpfulness", "all"),
+    "data.template": ("steerlm", "chat"),
+    "data.overlong": ("truncate", "drop"),
+    "train.objective": ("regression", "bt"),
+    "train.bt_variant": ("regular", "margin", "scaled"),
+}
+
+
+def validate(cfg) -> None:
+  """Range and choice checks for every known section of a config."""
+  for key, choices in _CHOICES.items():
+    section, name = key.split(".")
+    sec = getattr(cfg, section, None)
+    if sec is not None and hasattr(sec, name) and getattr(sec, name) not in choices:
+      raise UserError(f"{key}={getattr(sec, name)!r}: expected one of {', '.join(choices)}")
+  train = getattr(cfg, "train", None)
+  if isinstance(train, TrainConfig):
+    for name in ("steps", "batch_size"):
+      if getattr(train, name) <= 0:
+        raise UserError(f"train.{name}={getattr(train, name)}: must be positive")
+    if train.micro_batch_size is not None and (train.micro_batch_size <= 0 or train.batch_size % train.micro_batch_size):
+      raise UserError(f"train.micro_batch_size={train.micro_batch_size} must divide train.batch_size={train.batch_size}")
+    if train.lr < 0 or train.warmup_steps < 0:
+      raise UserError("train.lr and train.warmup_steps must be >= 0")
+  data = getattr(cfg, "data", None)
+  if isinstance(data, DataConfig):
+    if data.max_length < 8:
+      raise UserError(f"data.max_length={data.max_length}: must be >= 8")
+    if data.pad_multiple <= 0 or data.pad_multiple > data.max_length:
+      raise UserError(f"data.pad_multiple={data.pad_multiple}: must be in 1..data.max_length")

@@ -1,0 +1,1 @@
+"""Evaluation: RewardBench-style scoring of reward models."""
