@@ -76,6 +76,15 @@ def resolve_model_dir(path: str) -> str:
   raise UserError(f"{path}: not a model checkpoint (no {META_FILE}) nor a run directory with model/")
 
 
+def load_checkpoint_tokenizer(path: str):
+  """The tokenizer saved with a model checkpoint."""
+  from hs2p_jax.tokenizer import load_tokenizer
+  tok_dir = os.path.join(resolve_model_dir(path), "tokenizer")
+  if not os.path.isdir(tok_dir):
+    raise UserError(f"{path}: model checkpoint has no tokenizer/ directory")
+  return load_tokenizer(tok_dir)
+
+
 def read_meta(path: str) -> ModelMeta:
   path = resolve_model_dir(path)
   file = os.path.join(path, META_FILE)
@@ -92,9 +101,11 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def save_model(path: str, model: nnx.Module, meta: ModelMeta, tokenizer=None, overwrite: bool = False) -> None:
+def save_model(path: str, model: nnx.Module, meta: ModelMeta, tokenizer=None, overwrite: bool = False,
+               extra_files: dict[str, bytes] | None = None) -> None:
   """Writes a model checkpoint atomically. Every process calls it (arrays are written collectively);
-  it is assembled in `PATH.partial` and renamed to PATH by process 0 once complete."""
+  it is assembled in `PATH.partial` and renamed to PATH by process 0 once complete. `extra_files`
+  (name -> bytes: reports, plots) are written inside it."""
   path = os.path.abspath(path)
   tmp = path + ".partial"
   primary = jax.process_index() == 0
@@ -110,6 +121,9 @@ def save_model(path: str, model: nnx.Module, meta: ModelMeta, tokenizer=None, ov
     write_json(os.path.join(tmp, META_FILE), meta.to_json())
     if tokenizer is not None:
       tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    for name, data in (extra_files or {}).items():
+      with open(os.path.join(tmp, name), "wb") as f:
+        f.write(data)
   _barrier("hs2p_save_model_written")
   if primary:
     if os.path.exists(path):

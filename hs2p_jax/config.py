@@ -22,7 +22,7 @@ class ModelConfig:
   kind: str = "reward"                 # "reward" or "lm"
   num_attributes: int = 9              # reward head outputs (NeMo layout: 9)
   reward_weights: Any = "helpfulness"  # scalar reward: attribute name, named weighting or list of A floats
-  tokenizer: str = "bytes"             # "bytes", "gguf:smollm2", or a HF tokenizer dir/name
+  tokenizer: str = "auto"              # "auto" (from init_from / source, else bytes), "bytes", "gguf:PATH", HF dir
   dtype: str = "float32"               # compute dtype; params are float32
   num_layers: Optional[int] = None     # override (e.g. keep the first N layers of pretrained weights)
   scan_layers: bool = True
@@ -43,6 +43,8 @@ class DataConfig:
   pad_multiple: int = 32               # pad batches to a multiple of this (bucketing); <= max_length
   packing: bool = False
   skip_invalid: bool = False
+  eval_pairs: Optional[str] = None     # extra pairwise-accuracy set for regression runs (same sources as train)
+  eval_pairs_format: str = "helpsteer2-preference"
   builtin_size: int = 512              # examples of the built-in data set per split scale
   num_workers: int = 0
 

@@ -50,8 +50,9 @@ def extrapolate(base: Any, tuned: Any, factor: float | jax.Array) -> Any:
         raise ValueError(f"extrapolate: non-float leaf {_path_str(path)} differs between base and tuned")
       out.append(t)
       continue
-    bf = jnp.asarray(b, jnp.float32)
-    out.append((bf + jnp.asarray(factor, jnp.float32) * (jnp.asarray(t, jnp.float32) - bf)).astype(dtype))
+    f = jnp.asarray(factor, jnp.float32)
+    # (1 - f) * base + f * tuned: exact at both ends (factor 0 -> base, factor 1 -> tuned)
+    out.append(((1.0 - f) * jnp.asarray(b, jnp.float32) + f * jnp.asarray(t, jnp.float32)).astype(dtype))
   return jax.tree_util.tree_unflatten(base_def, out)
 
 

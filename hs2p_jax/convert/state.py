@@ -49,16 +49,22 @@ def fill_model(make: Callable[[], nnx.Module], cfg: LlamaConfig, source: TensorS
     want = tuple(var.shape)
     if path in plan:
       names, to_ours = plan[path]
+      stacked = path[:2] == ("model", "layers")
+      part_shape = want[1:] if stacked else want
       parts = []
       for name in names:
         if name not in source:
           raise UserError(f"{origin}: tensor {name} is missing (needed for {'.'.join(path)})")
-        arr = to_ours(np.asarray(source[name](), np.float32), cfg)
+        raw = np.asarray(source[name](), np.float32)
+        try:
+          arr = to_ours(raw, cfg)
+        except ValueError:
+          arr = None
+        if arr is None or arr.shape != part_shape:
+          raise UserError(f"{origin}: tensor {name} has shape {raw.shape}, which does not fit "
+                          f"{'.'.join(path)} of shape {part_shape}")
         parts.append(arr)
-      arr = np.stack(parts) if len(names) > 1 or path[:2] == ("model", "layers") else parts[0]
-      if arr.shape != want:
-        raise UserError(f"{origin}: tensor {names[0]} gives shape {arr.shape} for {'.'.join(path)}, "
-                        f"expected {want}")
+      arr = np.stack(parts) if stacked else parts[0]
     elif path in init_missing:
       arr = np.asarray(init_missing[path](want), np.float32)
     else:

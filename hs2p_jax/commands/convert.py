@@ -1,0 +1,62 @@
+"""`hs2p convert`: Hugging Face directory or GGUF file -> model checkpoint, and checkpoint -> Hugging Face."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from hs2p_jax.errors import UserError
+
+
+def convert_command(args) -> int:
+  from hs2p_jax.checkpoint import ModelMeta, load_checkpoint_tokenizer, load_model, resolve_model_dir, save_model
+  from hs2p_jax.convert import export_hf, load_gguf, load_hf
+  from hs2p_jax.tokenizer import load_tokenizer
+
+  if args.checkpoint:
+    if not args.to_hf:
+      raise UserError("convert --checkpoint needs --to-hf DIR")
+    model, _ = load_model(args.checkpoint)
+    tok_dir = os.path.join(resolve_model_dir(args.checkpoint), "tokenizer")
+    export_hf(model, args.to_hf, tokenizer_dir=tok_dir if os.path.isdir(tok_dir) else None)
+    print(json.dumps({"exported": os.path.abspath(args.to_hf)}))
+    return 0
+  if not args.out:
+    raise UserError("convert --hf/--gguf needs --out CKPT")
+  if args.hf:
+    model = load_hf(args.hf, head=args.head, num_attributes=args.num_attributes)
+    tokenizer = load_tokenizer(args.hf) if _has_tokenizer(args.hf) else None
+  else:
+    model = load_gguf(args.gguf, head=args.head, num_attributes=args.num_attributes)
+    tokenizer = load_tokenizer("gguf:" + args.gguf)
+  meta = ModelMeta(kind=args.head, config=model.cfg, num_attributes=args.num_attributes)
+  save_model(args.out, model, meta, tokenizer, overwrite=True)
+  report = {"checkpoint": os.path.abspath(args.out), "kind": args.head, "params": int(model.cfg.num_params()),
+            "layers": model.cfg.num_layers}
+  if args.score:
+    report["score"] = score_pair(args.out, *args.score)
+  print(json.dumps(report))
+  return 0
+
+
+def _has_tokenizer(path: str) -> bool:
+  return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def score_pair(checkpoint: str, prompt: str, response: str) -> dict:
+  """Reward-head outputs for one prompt/response (SteerLM template); an LM checkpoint gets a fresh head."""
+  from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model
+  from hs2p_jax.data.templates import steerlm_text
+  from hs2p_jax.model.reward import ATTRIBUTES
+  from hs2p_jax.train.model_init import as_reward_model
+
+  model, meta = load_model(checkpoint)
+  if meta.kind != "reward":
+    model = as_reward_model(model, 9, seed=0)
+  tok = load_checkpoint_tokenizer(checkpoint)
+  ids = np.asarray([tok.encode(steerlm_text(prompt, response), add_special_tokens=False)], np.int32)
+  out = np.asarray(model(ids, np.ones_like(ids)))[0]
+  names = ATTRIBUTES if len(out) == len(ATTRIBUTES) else [f"out_{i}" for i in range(len(out))]
+  return {n: round(float(v), 5) for n, v in zip(names, out)}

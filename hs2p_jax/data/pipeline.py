@@ -1,0 +1,174 @@
+"""The trainer's data interface: `make_loader` -> a grain-backed iterator of fixed-shape numpy batches.
+
+Batch layout (local to this process; N = batch_size // process_count examples or pairs):
+  every training task: input_ids, segment_ids int32 [R, T] (segment 0 = pad; an unpacked row is
+    segment 1), valid bool [N] (False = filler of the last batch when repeat=False), example_id
+    int32 [N] (index into `loader.examples`, -1 for fillers).
+  pairs: score_row, score_index int32 [N, 2] (row / token index of the last token of the chosen
+    (column 0) and rejected (column 1) sequence), magnitude float32 [N] (0 for fillers).
+    Unpacked: R = 2N, row 2i = chosen i, row 2i+1 = rejected i.
+  regression: score_row, score_index int32 [N], labels float32 [N, 9], label_mask bool [N, 9]
+    (all False for fillers). Unpacked: R = N.
+  prompts: prompt_ids, prompt_mask int32 [N, T] left-padded generation prompts, valid, example_id.
+Unpacked rows are right-padded to T = the step's longest sequence rounded up to data.pad_multiple,
+capped at data.max_length. Packed rows (data.packing) have T = data.max_length and R = the rows
+first-fit packing needs, rounded up to a multiple of 2. T and R are computed over the whole global
+step (every process's share), so all processes of a multi-host run build arrays of the same shape.
+Fillers repeat example 0 (finite attention everywhere) and are marked by `valid`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Optional
+
+import grain
+import numpy as np
+
+from hs2p_jax.config import DataConfig
+from hs2p_jax.data.batching import bucket_length, num_packed_rows, pack, pad_left, pad_right, round_up
+from hs2p_jax.data.encode import encode
+from hs2p_jax.data.examples import LoadReport
+from hs2p_jax.data.load import load_examples
+from hs2p_jax.data.order import FILLER, Order
+from hs2p_jax.data.synthetic import resolve_source
+from hs2p_jax.errors import UserError
+
+SPLITS = ("train", "validation")
+PACKED_ROW_MULTIPLE = 2
+_ENDLESS = 2 ** 62
+
+
+class _Batches:
+  """Step index -> this process's batch dict (picklable, so grain workers can run it)."""
+
+  def __init__(self, task: str, seqs: list[tuple[np.ndarray, ...]], extras: dict[str, np.ndarray], order: Order,
+               process_index: int, cfg: DataConfig, pad_id: int):
+    self.task, self.seqs, self.extras, self.order = task, seqs, extras, order
+    self.process_index, self.pad_id = process_index, pad_id
+    self.max_length, self.pad_multiple = cfg.max_length, cfg.pad_multiple
+    self.packing = cfg.packing and task != "prompts"
+    self.lengths = np.array([[len(s) for s in sides] for sides in seqs], np.int64)  # [E, 1 or 2]
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    step = int(step)
+    ids_all = [self.order.ids(step, p) for p in range(self.order.process_count)]
+    ids = ids_all[self.process_index]
+    valid = ids != FILLER
+    src = np.where(valid, ids, 0)
+    seqs = [s for i in src for s in self.seqs[i]]  # pairs: chosen i, rejected i interleaved
+    out: dict[str, np.ndarray] = {}
+    if self.task == "prompts":
+      t = bucket_length(max(int(self.lengths[np.maximum(i, 0)].max()) for i in ids_all), self.pad_multiple,
+                        self.max_length)
+      out["prompt_ids"], out["prompt_mask"] = pad_left(seqs, t, self.pad_id)
+    elif self.packing:
+      rows = max(num_packed_rows(self.lengths[np.maximum(i, 0)].ravel().tolist(), self.max_length) for i in ids_all)
+      out["input_ids"], out["segment_ids"], row, last = pack(seqs, self.max_length,
+                                                             round_up(rows, PACKED_ROW_MULTIPLE), self.pad_id)
+      out["score_row"], out["score_index"] = row, last
+    else:
+      t = bucket_length(max(int(self.lengths[np.maximum(i, 0)].max()) for i in ids_all), self.pad_multiple,
+                        self.max_length)
+      out["input_ids"], out["segment_ids"] = pad_right(seqs, t, self.pad_id)
+      out["score_row"] = np.arange(len(seqs), dtype=np.int32)
+      out["score_index"] = np.array([len(s) - 1 for s in seqs], np.int32)
+    if self.task == "pairs":
+      out["score_row"] = out["score_row"].reshape(-1, 2)
+      out["score_index"] = out["score_index"].reshape(-1, 2)
+      out["magnitude"] = np.where(valid, self.extras["magnitude"][src], 0).astype(np.float32)
+    elif self.task == "regression":
+      out["labels"] = self.extras["labels"][src]
+      out["label_mask"] = self.extras["label_mask"][src] & valid[:, None]
+    out["valid"] = valid
+    out["example_id"] = np.where(valid, ids, -1).astype(np.int32)
+    return out
+
+
+class Loader:
+  """Iterable of local batches (module docstring). `iter(loader)` starts a new pass at the beginning,
+  or at the state given to `set_state` since the last `iter`. `get_state()` is the JSON-serialisable
+  position of the latest iterator; `set_state(state)` moves the latest iterator (if any) there, and
+  otherwise the next one, so that it yields exactly the batches that followed `get_state()`."""
+
+  def __init__(self, batches: _Batches, examples: list, report: LoadReport, fingerprint: dict, num_workers: int):
+    self.examples = examples
+    self.report = report
+    self.num_batches: Optional[int] = batches.order.num_steps  # per pass; None = endless (repeat)
+    self._dataset = grain.MapDataset.range(self.num_batches or _ENDLESS).map(batches)
+    self._fingerprint = fingerprint
+    self._num_workers = num_workers
+    self._it: Any = None
+    self._pending: Any = None
+
+  def __len__(self) -> int:
+    if self.num_batches is None:
+      raise TypeError("an endless (repeat=True) loader has no length")
+    return self.num_batches
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    ds = self._dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    if self._num_workers > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+    self._it = iter(ds)
+    if self._pending is not None:
+      self._it.set_state(self._pending)
+      self._pending = None
+    return self._it
+
+  def get_state(self) -> dict[str, Any]:
+    state = self._it.get_state() if self._it is not None else self._pending
+    return {"grain": state, **self._fingerprint}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for key, value in self._fingerprint.items():
+      if state.get(key) != value:
+        raise UserError(f"data iterator state: {key}={state.get(key)!r} does not match this loader's {value!r}")
+    if state["grain"] is None:
+      self._it, self._pending = None, None
+    elif self._it is not None:
+      self._it.set_state(state["grain"])
+    else:
+      self._pending = state["grain"]
+
+
+def _extras(task: str, examples: list) -> dict[str, np.ndarray]:
+  if task == "pairs":
+    return {"magnitude": np.array([ex.magnitude for ex in examples], np.float32)}
+  if task == "regression":
+    return {"labels": np.stack([ex.labels for ex in examples]).astype(np.float32),
+            "label_mask": np.stack([ex.label_mask for ex in examples]).astype(bool)}
+  return {}
+
+
+def default_cache_dir() -> str:
+  """Where built-in data is generated when no cache_dir is given: $HS2P_CACHE or ~/.cache/hs2p_jax."""
+  return os.environ.get("HS2P_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hs2p_jax")
+
+
+def make_loader(cfg: DataConfig, tokenizer: Any, *, split: str, task: str, batch_size: int, seed: int = 0,
+                shuffle: bool = True, repeat: bool = True, process_index: int = 0, process_count: int = 1,
+                cache_dir: Optional[str] = None) -> Loader:
+  """A Loader over `cfg.train` or `cfg.validation` (None or "builtin" = generated data) for `task`
+  ("regression" | "pairs" | "prompts"); `batch_size` is global (examples, or pairs for "pairs")."""
+  if split not in SPLITS:
+    raise UserError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+  if not 0 <= process_index < process_count:
+    raise UserError(f"process index {process_index} out of range for {process_count} process(es)")
+  if not 1 <= cfg.pad_multiple <= cfg.max_length:
+    raise UserError(f"data.pad_multiple={cfg.pad_multiple}: must be in 1..data.max_length={cfg.max_length}")
+  spec = cfg.train if split == "train" else cfg.validation
+  source = resolve_source(spec, split, cfg.format, cache_dir or default_cache_dir(), size=cfg.builtin_size)
+  examples, report = load_examples(source, cfg.format, split, task, attributes=cfg.attributes,
+                                   skip_invalid=cfg.skip_invalid)
+  encoded = encode(examples, tokenizer, cfg.template, cfg.max_length, cfg.overlong)
+  examples = [examples[i] for i in encoded.keep]
+  report.truncated, report.dropped_overlong, report.kept = encoded.truncated, encoded.dropped, len(examples)
+  if not examples:
+    raise UserError(f"{source}: no {split} examples left ({report.summary()})")
+  order = Order(len(examples), batch_size, process_count, seed=seed, shuffle=shuffle, repeat=repeat)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  batches = _Batches(task, encoded.seqs, _extras(task, examples), order, process_index, cfg, pad_id)
+  fingerprint = {"examples": len(examples), "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
+                 "repeat": repeat, "process": [process_index, process_count], "task": task}
+  return Loader(batches, examples, report, fingerprint, cfg.num_workers)

@@ -1,0 +1,60 @@
+"""Scoring a data set with a reward model: pairwise accuracy, BT loss, regression error, per subset."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+
+from hs2p_jax.losses import bt_losses
+from hs2p_jax.train.feed import gather_processes, put_batch
+
+
+def collect(eval_fn: Callable, params: Any, batches: Iterable[dict[str, np.ndarray]], mesh=None, rules=None,
+            max_batches: int = 0) -> dict[str, np.ndarray]:
+  """Runs `eval_fn(params, batch)` over `batches`; returns the valid examples' outputs
+  ([N, 2, A] pairs or [N, A]), example ids [N] and, where present, magnitude / labels / label_mask."""
+  outs: dict[str, list[np.ndarray]] = defaultdict(list)
+  kwargs = {"rules": rules} if rules is not None else {}
+  for i, batch in enumerate(batches):
+    if max_batches and i >= max_batches:
+      break
+    batch = gather_processes(batch)
+    out = np.asarray(jax.device_get(eval_fn(params, put_batch(batch, mesh, **kwargs))))
+    keep = batch["valid"].astype(bool)
+    outs["outputs"].append(out[keep])
+    outs["example_id"].append(batch["example_id"][keep])
+    for key in ("magnitude", "labels", "label_mask"):
+      if key in batch:
+        outs[key].append(batch[key][keep])
+  return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def pair_metrics(rewards: np.ndarray, magnitude: np.ndarray | None = None, variant: str = "regular") -> dict[str, float]:
+  """rewards [N, 2] (chosen, rejected) -> accuracy (ties wrong), BT loss of `variant`, mean margin."""
+  if len(rewards) == 0:
+    return {"accuracy": float("nan"), "loss": float("nan"), "margin": float("nan"), "pairs": 0}
+  mag = np.ones(len(rewards), np.float32) if magnitude is None else magnitude
+  loss = np.asarray(bt_losses(rewards[:, 0], rewards[:, 1], mag, variant))
+  return {"accuracy": float(np.mean(rewards[:, 0] > rewards[:, 1])), "loss": float(np.mean(loss)),
+          "margin": float(np.mean(rewards[:, 0] - rewards[:, 1])), "pairs": int(len(rewards))}
+
+
+def subset_accuracy(rewards: np.ndarray, subsets: list[str | None]) -> dict[str, float]:
+  """Per-subset accuracy of [N, 2] rewards; `subsets[i]` names example i's subset."""
+  hits: dict[str, list[bool]] = defaultdict(list)
+  for (c, r), s in zip(rewards, subsets):
+    hits[s or "all"].append(bool(c > r))
+  return {s: float(np.mean(v)) for s, v in sorted(hits.items())}
+
+
+def regression_metrics(outputs: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+  """Masked MSE overall and per labelled attribute index."""
+  m = mask.astype(bool)
+  err = (outputs - labels) ** 2
+  out = {"loss": float(err[m].mean()) if m.any() else float("nan"), "examples": int(len(outputs))}
+  for a in np.nonzero(m.any(axis=0))[0]:
+    out[f"mse_{a}"] = float(err[m[:, a], a].mean())
+  return out

@@ -1,0 +1,1 @@
+"""Training: reward models (regression, Bradley-Terry) and REINFORCE."""

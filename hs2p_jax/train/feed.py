@@ -1,0 +1,51 @@
+"""Host batches -> global device arrays on the mesh (token arrays split over the batch axes)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hs2p_jax.convert.state import place
+from hs2p_jax.sharding import DEFAULT_RULES, Rules, logical_to_spec
+
+# Arrays whose first (row) axis is the batch; everything else is small and replicated.
+ROW_ARRAYS = ("input_ids", "segment_ids", "prompt_ids", "prompt_mask")
+# Arrays holding row numbers of the global batch: offset when local batches are concatenated.
+ROW_POINTERS = ("score_row",)
+
+
+def gather_processes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Concatenates every process's local batch into the global batch (axis 0 of every array), after
+  padding to common shapes; row pointers are offset to index the concatenated rows."""
+  if jax.process_count() == 1:
+    return batch
+  from jax.experimental import multihost_utils
+
+  out = {}
+  for k, v in batch.items():
+    shape = np.max(multihost_utils.process_allgather(np.asarray(v.shape)), axis=0)
+    out[k] = np.pad(v, [(0, int(m) - s) for m, s in zip(shape, v.shape)])
+  rows = max((out[k].shape[0] for k in ROW_ARRAYS if k in out), default=0)
+  for k in ROW_POINTERS:
+    if k in out:
+      out[k] = out[k] + jax.process_index() * rows
+  return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in out.items()}
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh | None, rules: Rules = DEFAULT_RULES,
+              stacked: bool = False) -> dict[str, jax.Array]:
+  """Places a global host batch: row arrays split over the mesh's batch axes (where they divide),
+  the rest replicated. `stacked` batches carry a leading micro-batch axis."""
+  out = {}
+  for k, v in batch.items():
+    if mesh is None:
+      out[k] = jax.numpy.asarray(v)
+      continue
+    if k in ROW_ARRAYS:
+      axes = ((None,) if stacked else ()) + ("act_batch",) + (None,) * (v.ndim - 1 - int(stacked))
+      spec = logical_to_spec(axes, v.shape, mesh, rules)
+    else:
+      spec = P()
+    out[k] = place(v, NamedSharding(mesh, spec))
+  return out

@@ -1,0 +1,38 @@
+"""The paper's optimiser: AdamW (decoupled weight decay), global-norm clipping, linear warm-up then constant LR."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def schedule(lr: float, warmup_steps: int) -> optax.Schedule:
+  """Linear warm-up from lr/warmup to lr over `warmup_steps`, then constant (NeMo's CosineAnnealing
+  with min_lr = lr, as the HelpSteer2-Preference recipe sets it)."""
+  if warmup_steps <= 0:
+    return optax.constant_schedule(lr)
+  return lambda step: lr * jnp.minimum(1.0, (step + 1.0) / warmup_steps)
+
+
+def decay_mask(params):
+  """Weight decay on matrices only; norms and biases (vectors per layer) are not decayed."""
+  def one(v):
+    if isinstance(v, nnx.Variable):
+      axes = v.get_metadata().get("axes")
+      ndim = len([a for a in axes if a != "layers"]) if axes is not None else v.ndim
+      return v.replace(ndim > 1)
+    return jnp.ndim(v) > 1
+  return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def make_optimizer(lr: float, warmup_steps: int = 10, weight_decay: float = 0.1, b1: float = 0.9,
+                   b2: float = 0.98, eps: float = 1e-8, grad_clip: float = 1.0) -> optax.GradientTransformation:
+  """clip_by_global_norm(grad_clip) -> AdamW(schedule(lr, warmup_steps), b1, b2, eps, weight_decay)."""
+  parts = []
+  if grad_clip and grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(grad_clip))
+  parts.append(optax.adamw(schedule(lr, warmup_steps), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=decay_mask))
+  return optax.chain(*parts)

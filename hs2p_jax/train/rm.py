@@ -1,0 +1,121 @@
+"""Reward-model objectives and train/eval steps as pure functions of (params, optimizer state, batch).
+
+Batches (see `hs2p_jax.data.pipeline`): `input_ids`, `segment_ids` [R, T]; `score_row`,
+`score_index` say where each example's reward is read ([P, 2] for pairs: chosen, rejected; [B]
+for regression); `valid` [N]; pairs add `magnitude` [P]; regression adds `labels`, `label_mask`
+[B, A]. Chosen and rejected sequences of a pair go through the model in one forward pass.
+
+Losses are accumulated as (sum, count) over micro-batches, so a step's loss and gradient equal
+those of the whole global batch whatever the micro-batch split or the device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from hs2p_jax.losses import bt_losses
+from hs2p_jax.model.reward import RewardModel
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What a step optimises: "regression" over label_mask, or "bt" (variant) on `weights @ outputs`."""
+
+  kind: str
+  bt_variant: str = "scaled"
+  weights: tuple[float, ...] = (0, 0, 0, 0, 1, 0, 0, 0, 0)
+
+
+def reward_outputs(model: RewardModel, batch: Batch) -> jax.Array:
+  """Head outputs at each example's score position: [P, 2, A] (pairs) or [B, A] (regression)."""
+  hidden = model.model(batch["input_ids"], segment_ids=batch["segment_ids"])  # [R, T, D]
+  picked = hidden[batch["score_row"], batch["score_index"]]  # [..., D]
+  return model.head(picked)
+
+
+def loss_terms(model: RewardModel, batch: Batch, objective: Objective) -> tuple[jax.Array, jax.Array, dict]:
+  """(loss sum, count, extra sums) for one batch; the loss is sum / count."""
+  out = reward_outputs(model, batch)
+  valid = batch["valid"].astype(jnp.float32)
+  if objective.kind == "regression":
+    mask = batch["label_mask"].astype(jnp.float32) * valid[:, None]
+    err = (out - batch["labels"].astype(jnp.float32)) ** 2
+    return jnp.sum(err * mask), jnp.sum(mask), {"examples": jnp.sum(valid)}
+  rewards = out @ jnp.asarray(objective.weights, jnp.float32)  # [P, 2]
+  per_pair = bt_losses(rewards[:, 0], rewards[:, 1], batch["magnitude"], objective.bt_variant)
+  correct = (rewards[:, 0] > rewards[:, 1]).astype(jnp.float32) * valid
+  return jnp.sum(per_pair * valid), jnp.sum(valid), {"correct": jnp.sum(correct), "examples": jnp.sum(valid)}
+
+
+def _zeros_like_sums():
+  return {"correct": jnp.zeros(()), "examples": jnp.zeros(())}
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, objective: Objective,
+                    schedule: Callable[[Any], Any] | None = None):
+  """A pure `step(params, opt_state, batches) -> (params, opt_state, metrics)`.
+
+  `batches` holds k micro-batches stacked on a leading axis ([k, R, T], ...); gradients of the
+  summed loss are accumulated over them and divided by the total count.
+  """
+
+  def sum_loss(params, batch):
+    model = nnx.merge(graphdef, params)
+    total, count, extra = loss_terms(model, batch, objective)
+    return total, (count, extra)
+
+  grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
+
+  def step(params, opt_state, batches):
+    def micro(carry, batch):
+      g_acc, l_acc, c_acc, e_acc = carry
+      (loss, (count, extra)), grads = grad_fn(params, batch)
+      g_acc = jax.tree.map(jnp.add, g_acc, grads)
+      e_acc = {k: e_acc[k] + extra.get(k, 0.0) for k in e_acc}
+      return (g_acc, l_acc + loss, c_acc + count, e_acc), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (zeros, jnp.zeros(()), jnp.zeros(()), _zeros_like_sums())
+    (grads, loss_sum, count, extra), _ = jax.lax.scan(micro, init, batches)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "examples": extra["examples"]}
+    if objective.kind == "bt":
+      metrics["accuracy"] = extra["correct"] / jnp.maximum(extra["examples"], 1.0)
+    return params, opt_state, metrics
+
+  return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef):
+  """A pure `eval(params, batch) -> outputs` ([P, 2, A] or [B, A] float32)."""
+
+  def evaluate(params, batch):
+    return reward_outputs(nnx.merge(graphdef, params), batch)
+
+  return evaluate
+
+
+def stack_micro_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Pads k host batches to a common [R, T] and stacks them: each array gets a leading k axis."""
+  r = max(b["input_ids"].shape[0] for b in batches)
+  t = max(b["input_ids"].shape[1] for b in batches)
+  out: dict[str, list[np.ndarray]] = {}
+  for b in batches:
+    for key, arr in b.items():
+      if key in ("input_ids", "segment_ids"):
+        arr = np.pad(arr, ((0, r - arr.shape[0]), (0, t - arr.shape[1])))
+      out.setdefault(key, []).append(arr)
+  return {k: np.stack(v) for k, v in out.items()}

@@ -1,0 +1,176 @@
+"""`hs2p train-rm`: the reward-model training loop (data, steps, evaluation, checkpoints, logging)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from hs2p_jax.checkpoint import RunCheckpoints, abstract_like, save_model
+from hs2p_jax.config import RunConfig, to_dict
+from hs2p_jax.data.pipeline import make_loader
+from hs2p_jax.eval.scoring import collect, pair_metrics, regression_metrics
+from hs2p_jax.atomic import write_json
+from hs2p_jax.model.reward import attribute_weights
+from hs2p_jax.sharding import make_mesh, rules_from, state_shardings, use_mesh
+from hs2p_jax.train.feed import gather_processes, put_batch
+from hs2p_jax.train.metrics import MetricsWriter
+from hs2p_jax.train.model_init import build_model, with_template
+from hs2p_jax.train.optim import make_optimizer, schedule
+from hs2p_jax.train.rm import Objective, make_eval_step, make_train_step, stack_micro_batches
+
+
+def opt_state_shardings(abs_opt: Any, params_shardings: Any, mesh) -> Any:
+  """Shardings for an optax state: leaves that mirror a parameter take its sharding, the rest are replicated."""
+  by_path = {}
+  for path, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]:
+    by_path[_names(path)] = s
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def one(path, leaf):
+    names = _names(path)
+    for i in range(len(names)):
+      s = by_path.get(names[i:])
+      if s is not None and len(s.spec) <= len(leaf.shape):
+        return s
+    return replicated
+  return jax.tree_util.tree_map_with_path(one, abs_opt)
+
+
+def _names(path) -> tuple:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
+               if str(getattr(k, "key", getattr(k, "name", ""))) != "value")
+
+
+class RMTrainer:
+  """Holds the jitted steps and the state of one reward-model run; `run()` trains to `train.steps`."""
+
+  def __init__(self, cfg: RunConfig, out_dir: str):
+    self.cfg, self.out_dir = cfg, os.path.abspath(out_dir)
+    self.mesh = make_mesh(cfg.mesh)
+    self.rules = rules_from(cfg.mesh.rules)
+    tc = cfg.train
+    with use_mesh(self.mesh, self.rules):
+      model, meta, self.tokenizer = build_model(cfg.model, self.mesh, self.rules)
+    if meta.kind != "reward":
+      raise_kind(meta.kind)
+    self.meta = with_template(meta, cfg.data.template)
+    self.graphdef, self.params = nnx.split(model)
+    weights = tuple(float(w) for w in attribute_weights(cfg.model.reward_weights, meta.num_attributes))
+    self.objective = Objective(tc.objective, tc.bt_variant, weights)
+    self.task = "regression" if tc.objective == "regression" else "pairs"
+    self.tx = make_optimizer(tc.lr, tc.warmup_steps, tc.weight_decay, tc.b1, tc.b2, tc.eps, tc.grad_clip)
+    self.lr_at = schedule(tc.lr, tc.warmup_steps)
+    self.param_sh = state_shardings(self.params, self.mesh, self.rules)
+    self.opt_sh = opt_state_shardings(jax.eval_shape(self.tx.init, self.params), self.param_sh, self.mesh)
+    with use_mesh(self.mesh, self.rules):
+      self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(self.params)
+    self.micro = tc.micro_batch_size or tc.batch_size
+    self.accum = tc.batch_size // self.micro
+    self._step = jax.jit(make_train_step(self.graphdef, self.tx, self.objective), donate_argnums=(0, 1),
+                         out_shardings=(self.param_sh, self.opt_sh, None))
+    self._eval = jax.jit(make_eval_step(self.graphdef))
+    self.cache_dir = os.path.join(self.out_dir, "data")
+    self.loader = make_loader(cfg.data, self.tokenizer, split="train", task=self.task, batch_size=self.micro,
+                              seed=tc.seed, shuffle=True, repeat=True, process_index=jax.process_index(),
+                              process_count=jax.process_count(), cache_dir=self.cache_dir)
+
+  # -- evaluation -------------------------------------------------------------------------------
+
+  def evaluate(self) -> dict[str, float]:
+    """Validation metrics: loss and pairwise accuracy (BT), MSE (regression) and, with
+    `data.eval_pairs`, pairwise accuracy of the regression model's scalar reward."""
+    cfg, out = self.cfg, {}
+    if cfg.data.validation:
+      loader = make_loader(cfg.data, self.tokenizer, split="validation", task=self.task, batch_size=self.micro,
+                           seed=0, shuffle=False, repeat=False, process_index=jax.process_index(),
+                           process_count=jax.process_count(), cache_dir=self.cache_dir)
+      res = self._collect(loader)
+      if self.task == "pairs":
+        rewards = res["outputs"] @ np.asarray(self.objective.weights, np.float32)
+        m = pair_metrics(rewards, res["magnitude"], self.objective.bt_variant)
+        out.update(val_loss=m["loss"], val_accuracy=m["accuracy"])
+      else:
+        m = regression_metrics(res["outputs"], res["labels"], res["label_mask"])
+        out.update(val_loss=m["loss"])
+    if cfg.data.eval_pairs:
+      data = type(cfg.data)(**{**to_dict(cfg.data), "validation": cfg.data.eval_pairs,
+                               "format": cfg.data.eval_pairs_format})
+      loader = make_loader(data, self.tokenizer, split="validation", task="pairs", batch_size=self.micro, seed=0,
+                           shuffle=False, repeat=False, process_index=jax.process_index(),
+                           process_count=jax.process_count(), cache_dir=self.cache_dir)
+      res = self._collect(loader)
+      rewards = res["outputs"] @ np.asarray(self.objective.weights, np.float32)
+      out["val_pair_accuracy"] = pair_metrics(rewards)["accuracy"]
+    return out
+
+  def _collect(self, loader):
+    with use_mesh(self.mesh, self.rules):
+      return collect(self._eval, self.params, loader, self.mesh, self.rules, self.cfg.train.eval_batches)
+
+  # -- training ---------------------------------------------------------------------------------
+
+  def _restore(self, ckpts: RunCheckpoints) -> int:
+    step = ckpts.latest_step()
+    if step is None:
+      return 0
+    target = {"params": abstract_like(self.params), "opt_state": abstract_like(self.opt_state)}
+    state, data_state = ckpts.restore(step, target)
+    self.params, self.opt_state = state["params"], state["opt_state"]
+    self.loader.set_state(data_state["loader"])
+    return step
+
+  def run(self) -> dict[str, Any]:
+    cfg, tc = self.cfg, self.cfg.train
+    os.makedirs(self.out_dir, exist_ok=True)
+    if jax.process_index() == 0:
+      write_json(os.path.join(self.out_dir, "config.json"), to_dict(cfg))
+    ckpts = RunCheckpoints(self.out_dir, tc.keep_checkpoints, tc.async_checkpoint)
+    start = self._restore(ckpts)
+    writer = MetricsWriter(self.out_dir, tc.steps, start, stage=cfg.name)
+    it = iter(self.loader)
+    last: dict[str, Any] = {}
+    t0, tokens = time.time(), 0
+    try:
+      for step in range(start + 1, tc.steps + 1):
+        micro = [gather_processes(next(it)) for _ in range(self.accum)]
+        tokens += sum(int(np.count_nonzero(b["segment_ids"])) for b in micro)
+        batch = put_batch(stack_micro_batches(micro), self.mesh, self.rules, stacked=True)
+        with use_mesh(self.mesh, self.rules):
+          self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch)
+        evaluate = step == tc.steps or bool(tc.eval_every and step % tc.eval_every == 0)
+        if step % tc.log_every == 0 or step == tc.steps or evaluate:
+          rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          elapsed = time.time() - t0
+          rec.update(lr=float(self.lr_at(step - 1)), tokens_per_s=tokens / max(elapsed, 1e-9))
+          if evaluate:
+            rec.update(self.evaluate())
+          last = writer.log(step, rec)
+          t0, tokens = time.time(), 0
+        if step % tc.save_every == 0 and step != tc.steps:
+          ckpts.save(step, {"params": self.params, "opt_state": self.opt_state},
+                     {"loader": self.loader.get_state()})
+      if start < tc.steps:
+        ckpts.save(tc.steps, {"params": self.params, "opt_state": self.opt_state},
+                   {"loader": self.loader.get_state()}, force=True)
+      ckpts.wait()
+      model_dir = os.path.join(self.out_dir, "model")
+      save_model(model_dir, nnx.merge(self.graphdef, self.params), self.meta, self.tokenizer, overwrite=True)
+    finally:
+      ckpts.close()
+      writer.close()
+    return last
+
+
+def raise_kind(kind: str) -> None:
+  from hs2p_jax.errors import UserError
+  raise UserError(f"train-rm needs model.kind=reward, got {kind!r}")
+
+
+def train_rm(cfg: RunConfig, out_dir: str) -> dict[str, Any]:
+  """Trains (or resumes) a reward model into `out_dir`; returns the last logged metrics."""
+  return RMTrainer(cfg, out_dir).run()

