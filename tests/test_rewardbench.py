@@ -12,7 +12,8 @@ def test_reproduces_published_chat_hard_of_released_model():
   # card) give its published Chat-Hard section score, 85.7, under RewardBench's weighting.
   subsets = {"llmbar-adver-manual": 0.761, "llmbar-adver-neighbor": 0.888, "llmbar-natural": 0.950,
              "llmbar-adver-GPTInst": 0.870, "llmbar-adver-GPTOut": 0.723, "mt-bench-hard": 0.757}
-  assert round(section_scores(subsets)["Chat Hard"] * 100, 1) == 85.7
+  # the subset figures are rounded to 0.1, so the weighted mean is known to within 0.05
+  assert abs(section_scores(subsets)["Chat Hard"] * 100 - 85.7) <= 0.1
   # an unweighted mean would not: (76.1+88.8+95.0+87.0+72.3+75.7)/6 = 82.5
   assert round(sum(subsets.values()) / 6 * 100, 1) == 82.5
 
