@@ -92,6 +92,47 @@ class RunConfig:
   name: str = "run"
 
 
+@dataclasses.dataclass
+class ReinforceConfig:
+  steps: int = 20
+  prompts_per_step: int = 4
+  samples_per_prompt: int = 4          # k rollouts per prompt (leave-one-out baseline over them)
+  max_new_tokens: int = 64
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  stop_strings: list = dataclasses.field(default_factory=lambda: ["<extra_id_1>"])
+  kl_beta: float = 0.01                # reward = RM score - kl_beta * KL(policy || reference)
+  kl_estimator: str = "absolute"       # absolute: |logp - ref| (NeMo); k1: logp - ref; k3: (r - 1) - log r
+  updates_per_rollout: int = 1         # optimizer steps per rollout batch (minibatches of it)
+  reward_scale: float = 1.0
+  lr: float = 1e-6
+  warmup_steps: int = 0
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.98
+  eps: float = 1e-8
+  grad_clip: float = 1.0
+  seed: int = 0
+  log_every: int = 1
+  sample_every: int = 10               # write example responses to samples.jsonl every N steps
+  save_every: int = 50
+  keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass
+class ReinforceRunConfig:
+  """`hs2p reinforce` configuration: a policy (its reference is a frozen copy) and a reward model."""
+
+  policy: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(kind="lm"))
+  reward_model: Optional[str] = None   # model checkpoint (kind reward); its own tokenizer and template
+  data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(format="prompts", template="chat"))
+  reinforce: ReinforceConfig = dataclasses.field(default_factory=ReinforceConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  dist: DistConfig = dataclasses.field(default_factory=DistConfig)
+  name: str = "reinforce"
+
+
 # ---------------------------------------------------------------------------------------------
 # Generic machinery
 
@@ -248,6 +289,8 @@ _CHOICES = {
     "data.overlong": ("truncate", "drop"),
     "train.objective": ("regression", "bt"),
     "train.bt_variant": ("regular", "margin", "scaled"),
+    "policy.kind": ("lm",),
+    "reinforce.kl_estimator": ("absolute", "k1", "k3"),
 }
 
 
@@ -267,6 +310,15 @@ def validate(cfg) -> None:
       raise UserError(f"train.micro_batch_size={train.micro_batch_size} must divide train.batch_size={train.batch_size}")
     if train.lr < 0 or train.warmup_steps < 0:
       raise UserError("train.lr and train.warmup_steps must be >= 0")
+  rl = getattr(cfg, "reinforce", None)
+  if isinstance(rl, ReinforceConfig):
+    for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "updates_per_rollout"):
+      if getattr(rl, name) <= 0:
+        raise UserError(f"reinforce.{name}={getattr(rl, name)}: must be positive")
+    if (rl.prompts_per_step * rl.samples_per_prompt) % rl.updates_per_rollout:
+      raise UserError("reinforce.updates_per_rollout must divide prompts_per_step * samples_per_prompt")
+    if not 0.0 < rl.top_p <= 1.0 or rl.temperature < 0:
+      raise UserError("reinforce.top_p must be in (0, 1] and reinforce.temperature >= 0")
   data = getattr(cfg, "data", None)
   if isinstance(data, DataConfig):
     if data.max_length < 8:

@@ -20,8 +20,7 @@ def train_rm_command(config: str, overrides: list[str], out: str) -> int:
 
 
 def reinforce_command(config: str, overrides: list[str], out: str) -> int:
-  from hs2p_jax.train.reinforce_config import ReinforceRunConfig
-  cfg = config_lib.load(ReinforceRunConfig, config, overrides)
+  cfg = config_lib.load(config_lib.ReinforceRunConfig, config, overrides)
   _start(cfg)
   from hs2p_jax.train.reinforce_loop import train_reinforce
   train_reinforce(cfg, out)

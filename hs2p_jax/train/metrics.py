@@ -43,27 +43,13 @@ class MetricsWriter:
     if not self.enabled:
       return
     os.makedirs(run_dir, exist_ok=True)
-    self._truncate_after(resume_step)
+    truncate_jsonl_after(self.path, resume_step)
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
         self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), flush_secs=10)
       except ImportError:  # TensorBoard output is optional
         self.tb = None
-
-  def _truncate_after(self, step: int) -> None:
-    if not os.path.exists(self.path):
-      return
-    keep = []
-    with open(self.path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # a line cut short by a crash
-        if rec.get("step", 0) <= step:
-          keep.append(json.dumps(rec))
-    write_text(self.path, "".join(k + "\n" for k in keep))
 
   def log(self, step: int, metrics: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     rec = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
@@ -97,6 +83,22 @@ class MetricsWriter:
   def close(self) -> None:
     if self.tb is not None:
       self.tb.close()
+
+
+def truncate_jsonl_after(path: str, step: int) -> None:
+  """Drops records with `step` > step (and lines cut short by a crash) from a JSONL log, atomically."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if rec.get("step", 0) <= step:
+        keep.append(json.dumps(rec))
+  write_text(path, "".join(k + "\n" for k in keep))
 
 
 def _fmt_time(s: float) -> str:

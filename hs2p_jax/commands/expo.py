@@ -1,0 +1,103 @@
+"""`hs2p expo`: ExPO with a fixed factor, or the factor searched on validation pairs (with a plot)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import sys
+
+import jax
+from flax import nnx
+
+from hs2p_jax.errors import UserError
+
+
+def load_pair(base: str, tuned: str):
+  """(graphdef, base params, tuned params, tuned meta, tokenizer) after checking they match."""
+  from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model
+  base_model, base_meta = load_model(base)
+  tuned_model, tuned_meta = load_model(tuned)
+  if (base_meta.kind, base_meta.num_attributes) != (tuned_meta.kind, tuned_meta.num_attributes) or \
+      _shape_fields(base_meta.config) != _shape_fields(tuned_meta.config):
+    raise UserError(f"expo: {base} and {tuned} are different architectures")
+  graphdef, base_params = nnx.split(base_model)
+  _, tuned_params = nnx.split(tuned_model)
+  return graphdef, base_params, tuned_params, tuned_meta, load_checkpoint_tokenizer(tuned)
+
+
+def _shape_fields(cfg) -> tuple:
+  d = dataclasses.asdict(cfg)
+  return tuple(d[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                              "num_kv_heads", "head_dim", "tie_word_embeddings"))
+
+
+def plot_search(table: list[dict], best: float) -> bytes:
+  """PNG of validation accuracy and BT loss against the factor."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  f = [r["factor"] for r in table]
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.plot(f, [r["accuracy"] for r in table], "o-", color="C0", label="pairwise accuracy")
+  ax.set_xlabel("factor: base + factor * (tuned - base)")
+  ax.set_ylabel("accuracy", color="C0")
+  ax.axvline(best, color="gray", ls="--", lw=1)
+  ax2 = ax.twinx()
+  ax2.plot(f, [r["loss"] for r in table], "s--", color="C1", label="BT loss")
+  ax2.set_ylabel("BT loss (regular)", color="C1")
+  ax.set_title(f"ExPO search (best factor {best:g})")
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def run_expo(base: str, tuned: str, out: str, factor: float | None = None, search: str | None = None,
+             data: str | None = None, fmt: str = "helpsteer2-preference", split: str = "validation",
+             batch_size: int = 8, max_length: int = 512, cache_dir: str | None = None) -> dict:
+  """Writes the extrapolated checkpoint to `out`; returns {"factor", "table"?}."""
+  from hs2p_jax.checkpoint import save_model
+  from hs2p_jax.commands.evaluate import PairScorer
+  from hs2p_jax.eval.scoring import pair_metrics
+  from hs2p_jax.expo import extrapolate, factor_grid, search_factor
+
+  graphdef, base_params, tuned_params, meta, tokenizer = load_pair(base, tuned)
+  mix = jax.jit(extrapolate)
+  extra, result = {}, {}
+  if factor is None:
+    if not data:
+      raise UserError("expo --search needs --data (the pairs to score factors on)")
+    try:
+      grid = factor_grid(search)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+    scorer = PairScorer(tuned, batch_size, max_length)
+    loader = scorer.loader(data, fmt, split, cache_dir=cache_dir)
+
+    def score(f):
+      rewards, _, _ = scorer.rewards(loader, mix(base_params, tuned_params, f))
+      m = pair_metrics(rewards)
+      print(f"expo factor {f:g}: accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}", file=sys.stderr)
+      return m["accuracy"], m["loss"]
+
+    factor, table = search_factor(score, grid)
+    result["table"] = table
+    extra["expo_search.json"] = json.dumps({"best": factor, "table": table, "data": data}, indent=2).encode()
+    extra["expo_search.png"] = plot_search(table, factor)
+  params = mix(base_params, tuned_params, factor)
+  extra["expo.json"] = json.dumps({"base": os.path.abspath(base), "tuned": os.path.abspath(tuned),
+                                   "factor": factor, "formula": "base + factor * (tuned - base)"}).encode()
+  save_model(out, nnx.merge(graphdef, params), meta, tokenizer, overwrite=True, extra_files=extra)
+  result["factor"] = factor
+  return result
+
+
+def expo_command(args) -> int:
+  res = run_expo(args.base, args.tuned, args.out, factor=args.factor, search=args.search, data=args.data,
+                 fmt=args.format, split=args.split, batch_size=args.batch_size, max_length=args.max_length,
+                 cache_dir=os.path.join(os.path.dirname(os.path.abspath(args.out)), ".hs2p_data"))
+  print(json.dumps({"factor": res["factor"], "out": os.path.abspath(args.out)}))
+  return 0

@@ -1,0 +1,144 @@
+"""Batched autoregressive sampling with a KV cache: one prefill, then a jit-compiled decode loop.
+
+Prompts may be padded on either side (rows are re-aligned to the left internally). Sampling is
+greedy (temperature 0) or from the temperature-scaled distribution truncated by top-k / top-p.
+`logprobs` are the log-probabilities of the emitted tokens under the distribution they were drawn
+from (for greedy decoding: under the model's untruncated, temperature-1 distribution). A row stops
+after an EOS token or a stop sequence (both included in its length); later slots hold `pad_id`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hs2p_jax.model.llama import KVCache, LlamaForCausalLM
+from hs2p_jax.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int = 32
+  temperature: float = 0.0
+  top_k: int = 0                 # 0 = no top-k truncation
+  top_p: float = 1.0             # 1 = no nucleus truncation
+  eos_ids: tuple[int, ...] = ()
+  stop_sequences: tuple[tuple[int, ...], ...] = ()  # token-id sequences that end a row
+  pad_id: int = 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class GenerateOutput:
+  tokens: jax.Array    # [B, N] new tokens (pad_id after a row ends)
+  logprobs: jax.Array  # [B, N] log-prob of each emitted token (0 after a row ends)
+  lengths: jax.Array   # [B] new tokens per row, the stopping token included
+  ended: jax.Array     # [B] whether the row stopped on EOS / a stop sequence (False: ran out of tokens)
+
+
+def left_align(input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Moves every row's real tokens to the right end, keeping their order: [B, T] -> [B, T]."""
+  mask = (attention_mask != 0).astype(jnp.int32)
+  perm = jnp.argsort(mask, axis=1, stable=True)
+  return jnp.take_along_axis(input_ids, perm, axis=1), jnp.take_along_axis(mask, perm, axis=1)
+
+
+def process_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """[B, V] float32 logits -> log-probabilities of the sampling distribution (temperature, top-k, top-p)."""
+  if cfg.temperature <= 0.0:
+    return jax.nn.log_softmax(logits, axis=-1)
+  logits = logits / cfg.temperature
+  if cfg.top_k and cfg.top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if cfg.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(before < cfg.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+def _stop_hit(history: jax.Array, step: jax.Array, seqs: tuple[tuple[int, ...], ...]) -> jax.Array:
+  """[B] whether the tokens emitted up to `step` end with one of `seqs`. history [B, N]."""
+  hit = jnp.zeros(history.shape[0], bool)
+  for seq in seqs:
+    n = len(seq)
+    idx = step - n + 1 + jnp.arange(n)
+    window = jnp.take(history, jnp.clip(idx, 0, history.shape[1] - 1), axis=1)
+    hit |= (step + 1 >= n) & jnp.all(window == jnp.asarray(seq, history.dtype), axis=1)
+  return hit
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+def generate_from_state(graphdef: nnx.GraphDef, state, input_ids: jax.Array, attention_mask: jax.Array,
+                        key: jax.Array, cfg: SamplingConfig) -> GenerateOutput:
+  """`generate` on a split model (graphdef, state): the jit-compiled core."""
+  lm: LlamaForCausalLM = nnx.merge(graphdef, state)
+  ids, mask = left_align(input_ids, attention_mask)
+  b, t = ids.shape
+  n = cfg.max_new_tokens
+  cache = KVCache.init(lm.cfg, b, t + n)
+  cache = dataclasses.replace(cache, k=constrain(cache.k, (None, "cache_batch", "cache_seq", "cache_kv_heads", None)),
+                              v=constrain(cache.v, (None, "cache_batch", "cache_seq", "cache_kv_heads", None)))
+  hidden, cache = lm.model(ids, mask, cache=cache)
+  logits = lm.logits(hidden[:, -1:])[:, 0]  # [B, V]
+  eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
+
+  def body(carry):
+    i, cache, logits, tokens, logps, lengths, done, ended, key = carry
+    key, sub = jax.random.split(key)
+    logp_all = process_logits(logits, cfg)
+    if cfg.temperature <= 0.0:
+      tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      tok = jax.random.categorical(sub, logp_all, axis=-1).astype(jnp.int32)
+    logp = jnp.take_along_axis(logp_all, tok[:, None], axis=-1)[:, 0]
+    tok = jnp.where(done, cfg.pad_id, tok)
+    logp = jnp.where(done, 0.0, logp)
+    tokens = tokens.at[:, i].set(tok)
+    logps = logps.at[:, i].set(logp)
+    lengths = lengths + (~done).astype(jnp.int32)
+    stop = jnp.isin(tok, eos) | _stop_hit(tokens, i, cfg.stop_sequences)
+    ended = ended | (~done & stop)
+    done = done | stop
+    hidden, cache = lm.model(tok[:, None], (~done | stop)[:, None].astype(jnp.int32), cache=cache)
+    logits = lm.logits(hidden)[:, 0]
+    return i + 1, cache, logits, tokens, logps, lengths, done, ended, key
+
+  def cond(carry):
+    i, done = carry[0], carry[6]
+    return (i < n) & ~jnp.all(done)
+
+  init = (jnp.int32(0), cache, logits, jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+          jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), bool), key)
+  _, _, _, tokens, logps, lengths, _, ended, _ = jax.lax.while_loop(cond, body, init)
+  return GenerateOutput(tokens, logps, lengths, ended)
+
+
+def generate(lm: LlamaForCausalLM, input_ids, attention_mask=None, max_new_tokens: int = 32,
+             temperature: float = 0.0, seed: int | jax.Array = 0, *, top_k: int = 0, top_p: float = 1.0,
+             eos_ids: Sequence[int] | None = None, stop_sequences: Sequence[Sequence[int]] = (),
+             pad_id: int | None = None) -> GenerateOutput:
+  """Samples `max_new_tokens` continuations of `input_ids` [B, T] (see module docstring).
+
+  eos_ids default to the model config's; `seed` is an int or a PRNG key (same seed, same output).
+  """
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+  cfg = SamplingConfig(
+      max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+      eos_ids=tuple(int(e) for e in (lm.cfg.eos_ids if eos_ids is None else eos_ids)),
+      stop_sequences=tuple(tuple(int(t) for t in s) for s in stop_sequences),
+      pad_id=int(pad_id if pad_id is not None else (lm.cfg.pad_token_id if lm.cfg.pad_token_id is not None else 0)))
+  key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+  graphdef, state = nnx.split(lm)
+  return generate_from_state(graphdef, state, input_ids, attention_mask, key, cfg)

@@ -1,0 +1,99 @@
+"""REINFORCE with a leave-one-out baseline and a KL penalty to a frozen reference: pure functions.
+
+Following NeMo-Aligner's REINFORCE: for k samples of each prompt, reward R_i = r_RM(x, y_i) -
+beta * KL_i, where KL_i is the masked mean over y_i's tokens of a per-token estimator (absolute
+|logp - logp_ref| by default, as the reference); the baseline b_i is the mean R of the other
+samples of the same prompt that ended properly (b_i = R_i, no signal, when none did); the loss is
+-mean over all response tokens of logp_t * (R_i - b_i), with no ratio or clipping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from hs2p_jax.model.llama import LlamaForCausalLM
+
+
+def rloo_baseline(rewards: jax.Array, ended: jax.Array) -> jax.Array:
+  """Leave-one-out baseline. rewards, ended [P, K] (K samples per prompt) -> [P, K]."""
+  e = ended.astype(jnp.float32)
+  r = rewards.astype(jnp.float32)
+  others_sum = jnp.sum(r * e, axis=1, keepdims=True) - r * e
+  others_n = jnp.sum(e, axis=1, keepdims=True) - e
+  return jnp.where(others_n > 0, others_sum / jnp.maximum(others_n, 1.0), r)
+
+
+def kl_per_token(logp: jax.Array, ref_logp: jax.Array, estimator: str = "absolute") -> jax.Array:
+  """Per-token KL estimates of policy vs reference from the sampled tokens' log-probs. [N, T] -> [N, T]."""
+  d = logp - ref_logp
+  if estimator == "absolute":
+    return jnp.abs(d)
+  if estimator == "k1":
+    return d
+  if estimator == "k3":  # (r - 1) - log r with r = p_ref / p: non-negative, unbiased
+    return jnp.expm1(-d) + d
+  raise ValueError(f"kl estimator {estimator!r}: expected absolute, k1 or k3")
+
+
+def masked_mean(x: jax.Array, mask: jax.Array, axis: Any = None) -> jax.Array:
+  m = mask.astype(jnp.float32)
+  return jnp.sum(x * m, axis=axis) / jnp.maximum(jnp.sum(m, axis=axis), 1.0)
+
+
+def response_logprobs(lm: LlamaForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array, tokens: jax.Array,
+                      response_mask: jax.Array) -> jax.Array:
+  """Log-probs of each response token given what precedes it. prompt_* [N, Tp] (left-padded),
+  tokens / response_mask [N, Tr] -> [N, Tr] float32 (the LM head runs on response positions only)."""
+  ids = jnp.concatenate([prompt_ids, tokens], axis=1)
+  mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
+  hidden = lm.model(ids, mask)  # [N, Tp + Tr, D]
+  tp, tr = prompt_ids.shape[1], tokens.shape[1]
+  logits = lm.logits(hidden[:, tp - 1:tp - 1 + tr])  # position t predicts token t + 1
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+
+
+def reinforce_loss(logp: jax.Array, advantages: jax.Array, mask: jax.Array) -> jax.Array:
+  """-masked mean over all response tokens of logp * advantage. logp, mask [N, T]; advantages [N]."""
+  return -masked_mean(logp * advantages[:, None], mask)
+
+
+def advantages(rm_scores: jax.Array, kl: jax.Array, ended: jax.Array, beta: float, k: int
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(rewards R, baselines b, advantages R - b), each [N], for N = P * k rows ordered prompt-major."""
+  rewards = rm_scores - beta * kl
+  base = rloo_baseline(rewards.reshape(-1, k), ended.reshape(-1, k)).reshape(-1)
+  return rewards, base, rewards - base
+
+
+def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+  """A pure `step(params, opt_state, batch) -> (params, opt_state, metrics)` on a rollout minibatch
+  (`prompt_ids`, `prompt_mask`, `tokens`, `response_mask`, `advantages`)."""
+
+  def loss_fn(params, batch):
+    lm = nnx.merge(graphdef, params)
+    logp = response_logprobs(lm, batch["prompt_ids"], batch["prompt_mask"], batch["tokens"], batch["response_mask"])
+    return reinforce_loss(logp, batch["advantages"], batch["response_mask"])
+
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": grad_norm}
+
+  return step
+
+
+def make_logprob_fn(graphdef: nnx.GraphDef):
+  """A pure `logprobs(params, batch) -> [N, Tr]` under the model `params` describe."""
+
+  def fn(params, batch):
+    return response_logprobs(nnx.merge(graphdef, params), batch["prompt_ids"], batch["prompt_mask"],
+                             batch["tokens"], batch["response_mask"])
+
+  return fn

@@ -1,0 +1,186 @@
+"""`hs2p reinforce`: rollouts from the KV-cache sampler, reward-model scores, leave-one-out REINFORCE updates."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hs2p_jax.atomic import write_json
+from hs2p_jax.checkpoint import ModelMeta, RunCheckpoints, abstract_like, save_model
+from hs2p_jax.config import ReinforceRunConfig, to_dict
+from hs2p_jax.data.pipeline import make_loader
+from hs2p_jax.errors import UserError
+from hs2p_jax.sample import SamplingConfig, generate_from_state, left_align
+from hs2p_jax.sharding import make_mesh, rules_from, state_shardings, use_mesh
+from hs2p_jax.train.feed import put_batch
+from hs2p_jax.train.metrics import MetricsWriter, truncate_jsonl_after
+from hs2p_jax.train.model_init import build_model
+from hs2p_jax.train.optim import make_optimizer
+from hs2p_jax.train.reinforce import advantages, kl_per_token, make_logprob_fn, make_policy_step, masked_mean
+from hs2p_jax.train.rm_loop import opt_state_shardings
+from hs2p_jax.train.rm_scorer import RewardScorer
+
+
+def _stop_sequences(tokenizer, strings: list[str]) -> tuple[tuple[int, ...], ...]:
+  out = []
+  for s in strings:
+    ids = tokenizer.encode(s, add_special_tokens=False)
+    if ids:
+      out.append(tuple(int(i) for i in ids))
+  return tuple(out)
+
+
+def response_text(tokenizer, tokens: np.ndarray, length: int, stop_strings: list[str], eos_ids) -> str:
+  """The decoded response without its stopping token or stop string."""
+  toks = [int(t) for t in tokens[:length]]
+  if toks and toks[-1] in eos_ids:
+    toks = toks[:-1]
+  text = tokenizer.decode(toks, skip_special_tokens=False)
+  for s in stop_strings:
+    if s and text.endswith(s):
+      text = text[:-len(s)]
+  for special in (tokenizer.pad_token, tokenizer.eos_token):
+    if special:
+      text = text.replace(special, "")
+  return text.strip()
+
+
+class ReinforceTrainer:
+  def __init__(self, cfg: ReinforceRunConfig, out_dir: str):
+    if not cfg.reward_model:
+      raise UserError("reinforce: set reward_model=CKPT (a reward-model checkpoint)")
+    self.cfg, self.out_dir = cfg, os.path.abspath(out_dir)
+    rc = cfg.reinforce
+    self.mesh, self.rules = make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
+    with use_mesh(self.mesh, self.rules):
+      policy, self.meta, self.tokenizer = build_model(cfg.policy, self.mesh, self.rules)
+    if self.meta.kind != "lm":
+      raise UserError("reinforce: policy.kind must be lm")
+    self.graphdef, self.params = nnx.split(policy)
+    self.ref_params = jax.tree.map(jnp.copy, self.params)  # the frozen reference: the initial policy
+    self.scorer = RewardScorer(cfg.reward_model, self.mesh, self.rules, max_length=cfg.data.max_length + rc.max_new_tokens)
+    self.tx = make_optimizer(rc.lr, rc.warmup_steps, rc.weight_decay, rc.b1, rc.b2, rc.eps, rc.grad_clip)
+    param_sh = state_shardings(self.params, self.mesh, self.rules)
+    self.opt_sh = opt_state_shardings(jax.eval_shape(self.tx.init, self.params), param_sh, self.mesh)
+    with use_mesh(self.mesh, self.rules):
+      self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(self.params)
+    self._step = jax.jit(make_policy_step(self.graphdef, self.tx), donate_argnums=(0, 1),
+                         out_shardings=(param_sh, self.opt_sh, None))
+    self._logprobs = jax.jit(make_logprob_fn(self.graphdef))
+    eos = tuple(self.meta.config.eos_ids) or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
+    self.eos_ids = eos
+    self.sampling = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
+                                   top_p=rc.top_p, eos_ids=eos,
+                                   stop_sequences=_stop_sequences(self.tokenizer, rc.stop_strings),
+                                   pad_id=self.tokenizer.pad_token_id or 0)
+    self.loader = make_loader(cfg.data, self.tokenizer, split="train", task="prompts", batch_size=rc.prompts_per_step,
+                              seed=rc.seed, shuffle=True, repeat=True, process_index=jax.process_index(),
+                              process_count=jax.process_count(), cache_dir=os.path.join(self.out_dir, "data"))
+
+  def rollout(self, step: int, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Samples k responses per prompt, scores them, and returns the update batch and metrics."""
+    rc = self.cfg.reinforce
+    k = rc.samples_per_prompt
+    ids = np.repeat(batch["prompt_ids"], k, axis=0)
+    mask = np.repeat(batch["prompt_mask"], k, axis=0)
+    ids, mask = (np.asarray(a) for a in left_align(jnp.asarray(ids), jnp.asarray(mask)))
+    key = jax.random.fold_in(jax.random.key(rc.seed), step)  # per-step key: resumes reproduce rollouts
+    t0 = time.time()
+    with use_mesh(self.mesh, self.rules):
+      out = generate_from_state(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask), key, self.sampling)
+    tokens, lengths, ended = (np.asarray(x) for x in (out.tokens, out.lengths, out.ended))
+    sample_time = time.time() - t0
+    resp_mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
+    upd = {"prompt_ids": ids, "prompt_mask": mask, "tokens": tokens, "response_mask": resp_mask}
+    dev = put_batch(upd, self.mesh, self.rules)
+    with use_mesh(self.mesh, self.rules):
+      logp = self._logprobs(self.params, dev)
+      ref_logp = self._logprobs(self.ref_params, dev)
+    kl = np.asarray(masked_mean(kl_per_token(logp, ref_logp, rc.kl_estimator), dev["response_mask"], axis=1))
+    prompts = [self.loader.examples[int(i)].prompt for i in np.repeat(batch["example_id"], k)]
+    responses = [response_text(self.tokenizer, tokens[i], int(lengths[i]), rc.stop_strings, self.eos_ids)
+                 for i in range(len(tokens))]
+    scores = self.scorer(prompts, responses) * rc.reward_scale
+    rewards, base, adv = (np.asarray(a) for a in advantages(jnp.asarray(scores), jnp.asarray(kl),
+                                                            jnp.asarray(ended), rc.kl_beta, k))
+    upd["advantages"] = adv.astype(np.float32)
+    metrics = {"reward": float(scores.mean()), "kl": float(kl.mean()), "total_reward": float(rewards.mean()),
+               "response_length": float(lengths.mean()), "ended_fraction": float(ended.mean()),
+               "advantage_mean": float(adv.mean()), "advantage_std": float(adv.std()),
+               "baseline_mean": float(base.mean()),
+               "sample_tokens_per_s": float(lengths.sum() / max(sample_time, 1e-9))}
+    samples = [{"prompt": prompts[i], "response": responses[i], "reward": float(scores[i]), "kl": float(kl[i])}
+               for i in range(0, len(prompts), k)]
+    return upd, {**metrics, "_samples": samples}
+
+  def update(self, upd: dict[str, np.ndarray]) -> dict[str, float]:
+    rc = self.cfg.reinforce
+    n = upd["tokens"].shape[0]
+    chunk = n // rc.updates_per_rollout
+    losses, norms = [], []
+    t0 = time.time()
+    for u in range(rc.updates_per_rollout):
+      mb = {key: v[u * chunk:(u + 1) * chunk] for key, v in upd.items()}
+      with use_mesh(self.mesh, self.rules):
+        self.params, self.opt_state, m = self._step(self.params, self.opt_state, put_batch(mb, self.mesh, self.rules))
+      losses.append(m["loss"])
+      norms.append(m["grad_norm"])
+    losses, norms = jax.device_get((losses, norms))
+    tokens = int(upd["prompt_mask"].sum() + upd["response_mask"].sum())
+    return {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)),
+            "train_tokens_per_s": tokens / max(time.time() - t0, 1e-9)}
+
+  def run(self) -> dict[str, Any]:
+    cfg, rc = self.cfg, self.cfg.reinforce
+    os.makedirs(self.out_dir, exist_ok=True)
+    if jax.process_index() == 0:
+      write_json(os.path.join(self.out_dir, "config.json"), to_dict(cfg))
+    ckpts = RunCheckpoints(self.out_dir, rc.keep_checkpoints)
+    start = ckpts.latest_step() or 0
+    if start:
+      state, data_state = ckpts.restore(start, {"params": abstract_like(self.params),
+                                                "opt_state": abstract_like(self.opt_state)})
+      self.params, self.opt_state = state["params"], state["opt_state"]
+      self.loader.set_state(data_state["loader"])
+    writer = MetricsWriter(self.out_dir, rc.steps, start, stage=cfg.name)
+    samples_path = os.path.join(self.out_dir, "samples.jsonl")
+    if jax.process_index() == 0:
+      truncate_jsonl_after(samples_path, start)
+    it = iter(self.loader)
+    last: dict[str, Any] = {}
+    try:
+      for step in range(start + 1, rc.steps + 1):
+        batch = next(it)
+        upd, roll = self.rollout(step, batch)
+        samples = roll.pop("_samples")
+        roll.update(self.update(upd))
+        if step % rc.log_every == 0 or step == rc.steps:
+          roll["tokens_per_s"] = roll["sample_tokens_per_s"]
+          last = writer.log(step, roll)
+        if rc.sample_every and (step % rc.sample_every == 0 or step == rc.steps) and jax.process_index() == 0:
+          with open(samples_path, "a", encoding="utf-8") as f:
+            for s in samples:
+              f.write(json.dumps({"step": step, **s}) + "\n")
+        if step % rc.save_every == 0 or step == rc.steps:
+          ckpts.save(step, {"params": self.params, "opt_state": self.opt_state}, {"loader": self.loader.get_state()},
+                     force=step == rc.steps)
+      ckpts.wait()
+      save_model(os.path.join(self.out_dir, "model"), nnx.merge(self.graphdef, self.params),
+                 ModelMeta(kind="lm", config=self.meta.config, template=cfg.data.template), self.tokenizer,
+                 overwrite=True)
+    finally:
+      ckpts.close()
+      writer.close()
+    return last
+
+
+def train_reinforce(cfg: ReinforceRunConfig, out_dir: str) -> dict[str, Any]:
+  """Runs (or resumes) REINFORCE into `out_dir`; returns the last logged metrics."""
+  return ReinforceTrainer(cfg, out_dir).run()

@@ -1,0 +1,57 @@
+"""A trained reward model as a scoring function of (prompt, response) texts, in its own template and tokenizer."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model
+from hs2p_jax.data.batching import bucket_length, pad_right
+from hs2p_jax.data.encode import encode
+from hs2p_jax.data.examples import NUM_LABELS, RatingExample
+from hs2p_jax.errors import UserError
+from hs2p_jax.model.reward import attribute_weights
+from hs2p_jax.sharding import DEFAULT_RULES, Rules, use_mesh
+from hs2p_jax.train.feed import put_batch
+from hs2p_jax.train.rm import make_eval_step
+
+
+class RewardScorer:
+  """`scorer(prompts, responses) -> [N]` scalar rewards (weights @ head outputs at the last token)."""
+
+  def __init__(self, checkpoint: str, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+               max_length: int = 1024, batch_size: int = 16):
+    model, self.meta = load_model(checkpoint, mesh, rules)
+    if self.meta.kind != "reward":
+      raise UserError(f"{checkpoint}: a {self.meta.kind} checkpoint, not a reward model")
+    self.graphdef, self.params = nnx.split(model)
+    self.tokenizer = load_checkpoint_tokenizer(checkpoint)
+    self.weights = attribute_weights(self.meta.reward_weights, self.meta.num_attributes)
+    self.mesh, self.rules = mesh, rules
+    self.max_length, self.batch_size = max_length, batch_size
+    self._eval = jax.jit(make_eval_step(self.graphdef))
+
+  def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+    zeros = np.zeros(NUM_LABELS, np.float32)
+    examples = [RatingExample(p, r, zeros, zeros.astype(bool), f"rollout {i}")
+                for i, (p, r) in enumerate(zip(prompts, responses))]
+    enc = encode(examples, self.tokenizer, self.meta.template, self.max_length, "truncate")
+    seqs = [s[0] for s in enc.seqs]
+    out = np.zeros(len(seqs), np.float32)
+    pad_id = self.tokenizer.pad_token_id or 0
+    for start in range(0, len(seqs), self.batch_size):
+      chunk = seqs[start:start + self.batch_size]
+      n = len(chunk)
+      chunk = chunk + [chunk[-1]] * (self.batch_size - n)  # fixed shapes: one compile per bucket
+      t = bucket_length(max(len(s) for s in chunk), 32, self.max_length)
+      ids, seg = pad_right(chunk, t, pad_id)
+      batch = {"input_ids": ids, "segment_ids": seg, "score_row": np.arange(len(chunk), dtype=np.int32),
+               "score_index": np.asarray([len(s) - 1 for s in chunk], np.int32)}
+      with use_mesh(self.mesh, self.rules):
+        outputs = np.asarray(self._eval(self.params, put_batch(batch, self.mesh, self.rules)))
+      out[start:start + n] = (outputs @ self.weights)[:n]
+    return out
