@@ -133,6 +133,44 @@ class ReinforceRunConfig:
   name: str = "reinforce"
 
 
+@dataclasses.dataclass
+class ExpoStage:
+  search: str = "1.0:2.6:0.2"          # LO:HI:STEP factors, scored on `data` (base + f * (tuned - base))
+  factor: Optional[float] = None       # a fixed factor instead of the search
+  data: str = "builtin"                # pairs to score factors on (validation split)
+  format: str = "helpsteer2-preference"
+  split: str = "validation"
+  batch_size: int = 16
+  max_length: int = 512
+
+
+@dataclasses.dataclass
+class EvalStage:
+  data: str = "builtin"                # a RewardBench-format file (or hf:allenai/reward-bench)
+  format: str = "rewardbench"
+  split: str = "validation"
+  batch_size: int = 16
+  max_length: int = 512
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+  """`hs2p pipeline`: stage configs (paths relative to this file) and the ExPO / eval settings.
+
+  `--set regression.KEY=V` (or bt., reinforce.) overrides one stage's config; `--set expo.KEY=V`,
+  `eval.KEY=V`, `stages=[...]` the pipeline's own keys; any other key (`train.steps=6`,
+  `mesh.data=2`) is applied to every stage config that has it.
+  """
+
+  regression: str = "regression.yaml"
+  bt: str = "scaled_bt.yaml"
+  reinforce: Optional[str] = "reinforce.yaml"
+  stages: list = dataclasses.field(default_factory=lambda: ["regression", "bt", "expo", "eval", "reinforce"])
+  expo: ExpoStage = dataclasses.field(default_factory=ExpoStage)
+  eval: EvalStage = dataclasses.field(default_factory=EvalStage)
+  name: str = "pipeline"
+
+
 # ---------------------------------------------------------------------------------------------
 # Generic machinery
 
@@ -177,6 +215,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
       raise UserError(f"{key}: expected an integer, got {value!r}")
     return value
   if tp is float:
+    if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+      try:
+        value = float(value)
+      except ValueError:
+        pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise UserError(f"{key}: expected a number, got {value!r}")
     return float(value)

@@ -9,12 +9,15 @@ Batch layout (local to this process; N = batch_size // process_count examples or
     Unpacked: R = 2N, row 2i = chosen i, row 2i+1 = rejected i.
   regression: score_row, score_index int32 [N], labels float32 [N, 9], label_mask bool [N, 9]
     (all False for fillers). Unpacked: R = N.
-  prompts: prompt_ids, prompt_mask int32 [N, T] left-padded generation prompts, valid, example_id.
+  prompts: prompt_ids, prompt_mask int32 [N, T] left-padded generation prompts (template up to the
+    assistant turn; never packed), valid, example_id; no input_ids / segment_ids.
 Unpacked rows are right-padded to T = the step's longest sequence rounded up to data.pad_multiple,
 capped at data.max_length. Packed rows (data.packing) have T = data.max_length and R = the rows
 first-fit packing needs, rounded up to a multiple of 2. T and R are computed over the whole global
 step (every process's share), so all processes of a multi-host run build arrays of the same shape.
 Fillers repeat example 0 (finite attention everywhere) and are marked by `valid`.
+`loader.examples` are the examples left after parsing, filtering and the over-long policy, so that
+a repeat=False pass yields each of them exactly once; `padding_fraction(batch)` measures padding.
 """
 
 from __future__ import annotations
@@ -85,21 +88,61 @@ class _Batches:
     return out
 
 
+class _StepIterator:
+  """Batches from `step` on, counting the steps it has handed out (its state)."""
+
+  def __init__(self, loader: "Loader", step: int):
+    self._loader = loader
+    self.seek(step)
+
+  def seek(self, step: int) -> None:
+    self.close()
+    self.step = step
+    self._inner = iter(self._loader._grain_dataset(step))
+
+  def close(self) -> None:
+    inner = getattr(self, "_inner", None)
+    if inner is not None and hasattr(inner, "close"):
+      inner.close()
+    self._inner = None
+
+  def __iter__(self) -> "_StepIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._inner)
+    self.step += 1
+    return batch
+
+
 class Loader:
   """Iterable of local batches (module docstring). `iter(loader)` starts a new pass at the beginning,
   or at the state given to `set_state` since the last `iter`. `get_state()` is the JSON-serialisable
-  position of the latest iterator; `set_state(state)` moves the latest iterator (if any) there, and
-  otherwise the next one, so that it yields exactly the batches that followed `get_state()`."""
+  position of the latest iterator (the number of batches it yielded, plus what identifies the data
+  order); `set_state(state)` moves the latest iterator (if any) there, and otherwise the next one, so
+  that it yields exactly the batches that followed `get_state()`, with any `num_workers`."""
 
   def __init__(self, batches: _Batches, examples: list, report: LoadReport, fingerprint: dict, num_workers: int):
     self.examples = examples
     self.report = report
     self.num_batches: Optional[int] = batches.order.num_steps  # per pass; None = endless (repeat)
-    self._dataset = grain.MapDataset.range(self.num_batches or _ENDLESS).map(batches)
+    self._batches = batches
     self._fingerprint = fingerprint
     self._num_workers = num_workers
-    self._it: Any = None
-    self._pending: Any = None
+    self._it: Optional[_StepIterator] = None
+    self._pending: Optional[int] = None
+
+  def _grain_dataset(self, start: int) -> grain.IterDataset:
+    """Batches start, start + 1, ... as a grain pipeline: one prefetch thread, or worker processes."""
+    ds = grain.MapDataset.range(start, self.num_batches or _ENDLESS).map(self._batches)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    if self._num_workers > 0:
+      from absl import flags  # grain's worker processes read absl flags, which must count as parsed
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+      ds = ds.map(_own_memory)  # copies out of grain's shared memory, which the consumer would pin
+    return ds
 
   def __len__(self) -> int:
     if self.num_batches is None:
@@ -107,29 +150,35 @@ class Loader:
     return self.num_batches
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    ds = self._dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-    if self._num_workers > 0:
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
-    self._it = iter(ds)
-    if self._pending is not None:
-      self._it.set_state(self._pending)
-      self._pending = None
+    self._it = _StepIterator(self, self._pending or 0)
+    self._pending = None
     return self._it
 
+  def close(self) -> None:
+    """Stops the latest iterator's worker processes (num_workers > 0)."""
+    if self._it is not None:
+      self._it.close()
+    self._it = None
+
   def get_state(self) -> dict[str, Any]:
-    state = self._it.get_state() if self._it is not None else self._pending
-    return {"grain": state, **self._fingerprint}
+    step = self._it.step if self._it is not None else (self._pending or 0)
+    return {"step": step, **self._fingerprint}
 
   def set_state(self, state: dict[str, Any]) -> None:
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+      raise UserError("data iterator state: expected the mapping returned by get_state()")
     for key, value in self._fingerprint.items():
       if state.get(key) != value:
         raise UserError(f"data iterator state: {key}={state.get(key)!r} does not match this loader's {value!r}")
-    if state["grain"] is None:
-      self._it, self._pending = None, None
-    elif self._it is not None:
-      self._it.set_state(state["grain"])
+    if self._it is not None:
+      self._it.seek(step)
     else:
-      self._pending = state["grain"]
+      self._pending = step
+
+
+def _own_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: np.array(v) for k, v in batch.items()}
 
 
 def _extras(task: str, examples: list) -> dict[str, np.ndarray]:

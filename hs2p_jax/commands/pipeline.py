@@ -1,0 +1,225 @@
+"""`hs2p pipeline`: helpfulness regression -> scaled BT from it -> ExPO search -> evaluation -> REINFORCE.
+
+Each stage runs in `DIR/<stage>/` and is skipped when a rerun finds it finished (`DONE`), so an
+interrupted pipeline resumes where it stopped (a training stage resumes from its checkpoint).
+Every stage's metrics are also appended to `DIR/metrics.jsonl` with a `stage` field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import typing
+from typing import Any
+
+from hs2p_jax import config as config_lib
+from hs2p_jax.atomic import write_json, write_text
+from hs2p_jax.errors import UserError
+
+PAPER_ROWS = {
+    ("regression", "helpfulness"): "Regression, helpfulness only",
+    ("regression", "all"): "Regression, 5 HelpSteer attributes",
+}
+
+
+def _has_key(cls, dotted: str) -> bool:
+  node = cls
+  for part in dotted.split("."):
+    if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+      return node in (dict, typing.Any)
+    types = typing.get_type_hints(node)
+    if part not in types:
+      return False
+    node = types[part]
+    if typing.get_origin(node) is typing.Union:
+      node = next(a for a in typing.get_args(node) if a is not type(None))
+  return True
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]], list[str]]:
+  """(pipeline keys, {stage: keys}, keys for every stage) from `--set` pairs."""
+  own, per_stage, broadcast = [], {"regression": [], "bt": [], "reinforce": []}, []
+  for pair in overrides:
+    key = pair.split("=", 1)[0].strip()
+    head, _, rest = key.partition(".")
+    if head in per_stage and rest:
+      per_stage[head].append(pair[len(head) + 1:])
+    elif _has_key(config_lib.PipelineConfig, key):
+      own.append(pair)
+    else:
+      if not (_has_key(config_lib.RunConfig, key) or _has_key(config_lib.ReinforceRunConfig, key)):
+        raise UserError(f"--set {key}: not a pipeline key nor a key of any stage config")
+      broadcast.append(pair)
+  return own, per_stage, broadcast
+
+
+class Pipeline:
+  def __init__(self, config: str, overrides: list[str], out: str):
+    own, self.per_stage, self.broadcast = split_overrides(overrides)
+    self.cfg = config_lib.load(config_lib.PipelineConfig, config, own)
+    self.base = os.path.dirname(os.path.abspath(config))
+    self.out = os.path.abspath(out)
+    unknown = sorted(set(self.cfg.stages) - {"regression", "bt", "expo", "eval", "reinforce"})
+    if unknown:
+      raise UserError(f"{config}: unknown stage {unknown[0]!r}")
+    self.results: dict[str, Any] = {}
+
+  def stage_config(self, cls, name: str, path: str, extra: dict[str, Any] | None = None):
+    path = os.path.join(self.base, path)
+    pairs = [p for p in self.broadcast if _has_key(cls, p.split("=", 1)[0].strip())] + self.per_stage.get(name, [])
+    return config_lib.load(cls, path, pairs, extra=extra)
+
+  def _dir(self, stage: str) -> str:
+    return os.path.join(self.out, stage)
+
+  def _done(self, stage: str) -> bool:
+    return os.path.isfile(os.path.join(self._dir(stage), "DONE"))
+
+  def _finish(self, stage: str, info: dict[str, Any]) -> None:
+    write_json(os.path.join(self._dir(stage), "DONE"), info)
+    src = os.path.join(self._dir(stage), "metrics.jsonl")
+    if os.path.isfile(src):
+      with open(src, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+      with open(os.path.join(self.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        for r in records:
+          f.write(json.dumps({**r, "stage": stage}) + "\n")
+
+  def _announce(self, stage: str) -> None:
+    print(f"== pipeline stage: {stage} ({self._dir(stage)})", file=sys.stderr, flush=True)
+
+  def run(self) -> dict[str, Any]:
+    from hs2p_jax.distributed import initialize
+    os.makedirs(self.out, exist_ok=True)
+    if not any(self._done(s) for s in self.cfg.stages) and os.path.exists(os.path.join(self.out, "metrics.jsonl")):
+      os.remove(os.path.join(self.out, "metrics.jsonl"))
+    reg = self.stage_config(config_lib.RunConfig, "regression", self.cfg.regression)
+    initialize(reg.dist.coordinator, reg.dist.num_processes, reg.dist.process_id, reg.dist.local_device_ids)
+    for stage in self.cfg.stages:
+      getattr(self, f"_{stage}")()
+    return self.report()
+
+  def _regression(self) -> None:
+    from hs2p_jax.train.rm_loop import train_rm
+    if self._done("regression"):
+      return
+    self._announce("regression")
+    cfg = self.stage_config(config_lib.RunConfig, "regression", self.cfg.regression)
+    if cfg.train.objective != "regression":
+      raise UserError(f"{self.cfg.regression}: the regression stage needs train.objective=regression")
+    last = train_rm(cfg, self._dir("regression"))
+    self._finish("regression", {"last": last, "attributes": cfg.data.attributes})
+
+  def _bt(self) -> None:
+    from hs2p_jax.train.rm_loop import train_rm
+    if self._done("bt"):
+      return
+    self._announce("bt")
+    extra = {}
+    if "regression" in self.cfg.stages:
+      extra = {"model": {"init_from": os.path.join(self._dir("regression"), "model")}}
+    cfg = self.stage_config(config_lib.RunConfig, "bt", self.cfg.bt, extra)
+    last = train_rm(cfg, self._dir("bt"))
+    self._finish("bt", {"last": last, "variant": cfg.train.bt_variant, "init_from": cfg.model.init_from})
+
+  def _expo(self) -> None:
+    from hs2p_jax.commands.expo import run_expo
+    if self._done("expo"):
+      return
+    self._announce("expo")
+    e = self.cfg.expo
+    res = run_expo(os.path.join(self._dir("regression"), "model"), os.path.join(self._dir("bt"), "model"),
+                   os.path.join(self._dir("expo"), "model"), factor=e.factor, search=None if e.factor else e.search,
+                   data=e.data, fmt=e.format, split=e.split, batch_size=e.batch_size, max_length=e.max_length,
+                   cache_dir=os.path.join(self.out, "data"))
+    self._finish("expo", res)
+
+  def _eval(self) -> None:
+    from hs2p_jax.commands.evaluate import PairScorer, pair_report
+    self._announce("eval")
+    e = self.cfg.eval
+    out = {}
+    for stage in ("regression", "bt", "expo"):
+      ckpt = os.path.join(self._dir(stage), "model")
+      if not os.path.isdir(ckpt):
+        continue
+      scorer = PairScorer(ckpt, e.batch_size, e.max_length)
+      loader = scorer.loader(e.data, e.format, e.split, cache_dir=os.path.join(self.out, "data"))
+      rewards, mag, ids = scorer.rewards(loader)
+      out[stage] = pair_report(rewards, mag, ids, loader.examples, e.format)
+    os.makedirs(self._dir("eval"), exist_ok=True)
+    write_json(os.path.join(self._dir("eval"), "scores.json"), out)
+    self.results["eval"] = out
+
+  def _reinforce(self) -> None:
+    from hs2p_jax.train.reinforce_loop import train_reinforce
+    if self._done("reinforce") or not self.cfg.reinforce:
+      return
+    self._announce("reinforce")
+    rm = next((os.path.join(self._dir(s), "model") for s in ("expo", "bt", "regression")
+               if os.path.isdir(os.path.join(self._dir(s), "model"))), None)
+    extra = {"reward_model": rm} if rm else None
+    cfg = self.stage_config(config_lib.ReinforceRunConfig, "reinforce", self.cfg.reinforce, extra)
+    last = train_reinforce(cfg, self._dir("reinforce"))
+    self._finish("reinforce", {"last": last, "reward_model": cfg.reward_model})
+
+  def report(self) -> dict[str, Any]:
+    from hs2p_jax.eval.report import plot_curves, write_report
+    from hs2p_jax.train.metrics import read_metrics
+
+    def metrics(stage):
+      path = os.path.join(self._dir(stage), "metrics.jsonl")
+      return read_metrics(path) if os.path.isfile(path) else []
+
+    def done_info(stage):
+      path = os.path.join(self._dir(stage), "DONE")
+      return json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+
+    scores = self.results.get("eval") or {}
+    reg_attr = done_info("regression").get("attributes", "helpfulness")
+    bt_info = done_info("bt")
+    variant = (bt_info.get("variant") or "scaled").capitalize()
+    init = "BT init. from helpfulness regression" if bt_info.get("init_from") else "BT from scratch"
+    labels = {"regression": (f"regression ({reg_attr})", PAPER_ROWS[("regression", reg_attr)]),
+              "bt": (f"{variant.lower()} BT", f"{init}, {variant}"),
+              "expo": (f"ExPO (factor {done_info('expo').get('factor')})", "Scaled BT + ExPO")}
+    rows = []
+    for stage, (name, paper) in labels.items():
+      if stage not in scores:
+        continue
+      recs = metrics(stage)
+      val = [r.get("val_accuracy", r.get("val_pair_accuracy")) for r in recs
+             if r.get("val_accuracy", r.get("val_pair_accuracy")) is not None]
+      rows.append({"stage": name, "paper_row": paper, "sections": scores[stage].get("sections"),
+                   "accuracy": scores[stage].get("accuracy"), "val_accuracy": val[-1] if val else None})
+    images, notes = [], []
+    rm_runs = {s: metrics(s) for s in ("regression", "bt") if metrics(s)}
+    if rm_runs and plot_curves(rm_runs, ["loss", "val_loss", "accuracy", "val_accuracy", "val_pair_accuracy"],
+                               os.path.join(self.out, "rm_curves.png"), "reward-model training"):
+      images.append(("Reward-model loss and accuracy", "rm_curves.png"))
+    expo_png = os.path.join(self._dir("expo"), "model", "expo_search.png")
+    if os.path.isfile(expo_png):
+      shutil.copy(expo_png, os.path.join(self.out, "expo_search.png"))
+      images.append(("ExPO search: validation accuracy and BT loss against the factor", "expo_search.png"))
+    rl = metrics("reinforce")
+    if rl and plot_curves({"reinforce": rl}, ["reward", "kl", "response_length", "loss"],
+                          os.path.join(self.out, "reinforce_curves.png"), "REINFORCE"):
+      images.append(("REINFORCE: reward-model score and KL to the reference", "reinforce_curves.png"))
+      notes.append(f"REINFORCE: mean RM reward {rl[0]['reward']:.4f} at step {rl[0]['step']} -> "
+                   f"{rl[-1]['reward']:.4f} at step {rl[-1]['step']}; KL {rl[-1]['kl']:.4f}.")
+    if "expo" in scores:
+      notes.append("ExPO factor convention: base + factor * (tuned - base), base = regression, tuned = BT.")
+    path = write_report(self.out, rows, notes, images)
+    print(f"report: {path}", file=sys.stderr)
+    summary = {"report": path, "stages": {r["stage"]: r.get("sections") for r in rows}}
+    write_text(os.path.join(self.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def pipeline_command(config: str, overrides: list[str], out: str) -> int:
+  summary = Pipeline(config, overrides, out).run()
+  print(json.dumps(summary))
+  return 0
