@@ -53,8 +53,11 @@ def response_text(tokenizer, tokens: np.ndarray, length: int, stop_strings: list
 
 
 class ReinforceTrainer:
-  def __init__(self, cfg: ReinforceRunConfig, out_dir: str):
-    if not cfg.reward_model:
+  """One REINFORCE run. `scorer(prompts, responses) -> [N] rewards` defaults to the reward-model
+  checkpoint `cfg.reward_model`; any function of texts can stand in (e.g. a rule-based reward)."""
+
+  def __init__(self, cfg: ReinforceRunConfig, out_dir: str, scorer=None):
+    if not cfg.reward_model and scorer is None:
       raise UserError("reinforce: set reward_model=CKPT (a reward-model checkpoint)")
     self.cfg, self.out_dir = cfg, os.path.abspath(out_dir)
     rc = cfg.reinforce
@@ -65,7 +68,8 @@ class ReinforceTrainer:
       raise UserError("reinforce: policy.kind must be lm")
     self.graphdef, self.params = nnx.split(policy)
     self.ref_params = jax.tree.map(jnp.copy, self.params)  # the frozen reference: the initial policy
-    self.scorer = RewardScorer(cfg.reward_model, self.mesh, self.rules, max_length=cfg.data.max_length + rc.max_new_tokens)
+    self.scorer = scorer or RewardScorer(cfg.reward_model, self.mesh, self.rules,
+                                         max_length=cfg.data.max_length + rc.max_new_tokens)
     self.tx = make_optimizer(rc.lr, rc.warmup_steps, rc.weight_decay, rc.b1, rc.b2, rc.eps, rc.grad_clip)
     param_sh = state_shardings(self.params, self.mesh, self.rules)
     self.opt_sh = opt_state_shardings(jax.eval_shape(self.tx.init, self.params), param_sh, self.mesh)
