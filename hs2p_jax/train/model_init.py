@@ -70,9 +70,10 @@ def build_model(mc: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAUL
   if mc.num_layers is not None:
     overrides["num_layers"] = mc.num_layers
   if mc.init_from:
-    if mc.num_layers is not None:
-      raise UserError("model.num_layers cannot change a checkpoint given by model.init_from")
     model, meta = load_model(mc.init_from, mesh, rules, **runtime)
+    if mc.num_layers is not None and mc.num_layers != meta.config.num_layers:
+      raise UserError(f"model.num_layers={mc.num_layers}: the checkpoint model.init_from={mc.init_from} has "
+                      f"{meta.config.num_layers} layers")
     if meta.kind != kind or (kind == "reward" and meta.num_attributes != mc.num_attributes):
       if kind != "reward":
         raise UserError(f"model.init_from={mc.init_from}: a {meta.kind} checkpoint cannot start a {kind} model")

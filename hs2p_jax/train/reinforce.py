@@ -82,7 +82,7 @@ def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
 
   def step(params, opt_state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": grad_norm}
 

@@ -88,7 +88,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
     (grads, loss_sum, count, extra), _ = jax.lax.scan(micro, init, batches)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "examples": extra["examples"]}
