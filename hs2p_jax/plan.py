@@ -284,16 +284,20 @@ def analytic(cfg: RunConfig, model_cfg: LlamaConfig, inputs: StepInputs, mesh, r
   return out
 
 
-def warnings_for(cfg: RunConfig, target: Target, act: dict[str, int], rules: Rules) -> list[str]:
-  """Plan-time problems worth a line: a batch the batch axes cannot split, a GPU's preallocation."""
-  out = []
+def warnings_for(cfg: RunConfig, target: Target, analytic: dict[str, Any], rules: Rules) -> list[str]:
+  """Lines worth reading: a batch the batch axes cannot split, state too big for the devices, GPU preallocation."""
+  out, act = [], analytic["activation_terms"]
   sizes = dict(zip(MESH_AXES, target.mesh))
   split = math.prod(sizes[a] for a in _batch_axes(rules))
   rows = batch_layout(cfg)["rows"]
   if rows % split:
-    out.append(f"micro-batch rows ({rows}) are not a multiple of the batch axes ({split} devices): the batch "
-               f"is split {rows // act['rows_per_device']} ways and each device computes {act['rows_per_device']} "
-               "rows; make train.micro_batch_size a multiple of the data*fsdp size")
+    out.append(f"micro-batch rows ({rows}) do not divide over the batch axes data*fsdp ({split} devices): each "
+               f"device computes {act['rows_per_device']} of them; make train.micro_batch_size fit data*fsdp")
+  hbm = target.hbm_bytes
+  state = analytic["params"] + analytic["optimizer"] + analytic["gradients"]
+  if hbm and state > hbm:
+    out.append(f"params, AdamW state and gradients alone take {_size(state)} per device: sharded further (mesh.fsdp) "
+               f"they need at least {math.ceil(state * target.devices / hbm)} x {target.chip.name}, before activations")
   if target.chip and target.chip.kind == "gpu":
     out.append(f"JAX preallocates {GPU_DEFAULT_MEM_FRACTION:.0%} of GPU memory by default; set "
                "XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. 0.95) to use more")
@@ -314,50 +318,60 @@ def verdict(peak: int, hbm: int | None) -> dict[str, Any]:
 # The table
 
 
-def _gib(n: int | None) -> str:
-  return "-" if n is None else f"{n / GiB:,.2f} GiB"
+def _size(n: int | None) -> str:
+  """Bytes in the largest binary unit under which they are at least 1."""
+  if n is None:
+    return "-"
+  for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    if abs(n) >= size:
+      return f"{n / size:,.2f} {unit}"
+  return f"{n} B"
 
 
 def render(report: dict[str, Any]) -> str:
   """The human-readable plan (the JSON report, as a table)."""
   m, t, a, lay = report["model"], report["target"], report["analytic"], report["batch"]
   act = a["activation_terms"]
-  chip = f"{t['devices']} x {t['chip']}" + (f" ({t['slice']})" if t.get("slice") else "")
-  hbm = f", {_gib(t['hbm'])} HBM each" if t["hbm"] else ""
+  if t["chip"]:
+    chip = f"{t['devices']} x {t['chip']}" + (f" ({t['slice']})" if t["slice"] else "") + f", {_size(t['hbm'])} HBM each"
+  else:
+    chip = f"{t['devices']} device(s), no --chip"
   lines = [
       f"plan: {report['config']}",
       f"model: {m['name']} reward model, {m['params'] / 1e9:.3f} B params, {m['layers']} layers, "
       f"compute {m['dtype']}, remat={m['remat']}, attention={m['attention']}",
-      f"target: {chip}{hbm}; mesh data={t['mesh']['data']} fsdp={t['mesh']['fsdp']} tensor={t['mesh']['tensor']}",
+      f"target: {chip}; mesh data={t['mesh']['data']} fsdp={t['mesh']['fsdp']} tensor={t['mesh']['tensor']}",
       f"batch: {report['objective']}, {lay['micro_batches']} micro-batch(es) of {lay['rows']} rows x "
       f"{lay['seq_len']} tokens; {act['rows_per_device']} row(s) per device",
       "",
       f"  {'per device (analytic)':<44}{'bytes':>14}",
-      f"  {'params (float32)':<44}{_gib(a['params']):>14}",
-      f"  {'optimizer (AdamW mu + nu, float32)':<44}{_gib(a['optimizer']):>14}",
-      f"  {'gradients (float32)':<44}{_gib(a['gradients']):>14}",
-      f"  {'batch':<44}{_gib(a['batch']):>14}",
-      f"  {'activations (estimate)':<44}{_gib(a['activations']):>14}",
-      f"    {'saved: ' + _gib(act['saved_per_layer']) + ' per layer x ' + str(m['layers']):<42}{_gib(act['saved']):>14}",
-      f"    {'attention logits (one layer)':<42}{_gib(act['attention_transient']):>14}",
-      f"    {'MLP intermediates (one layer)':<42}{_gib(act['mlp_transient']):>14}",
-      f"    {'FSDP-gathered weights + grads (one layer)':<42}{_gib(act['fsdp_gathered_layer']):>14}",
-      f"  {'total':<44}{_gib(a['total']):>14}",
+      f"  {'params (float32)':<44}{_size(a['params']):>14}",
+      f"  {'optimizer (AdamW mu + nu, float32)':<44}{_size(a['optimizer']):>14}",
+      f"  {'gradients (float32)':<44}{_size(a['gradients']):>14}",
+      f"  {'batch':<44}{_size(a['batch']):>14}",
+      f"  {'activations (estimate)':<44}{_size(a['activations']):>14}",
+      f"    {'saved: ' + _size(act['saved_per_layer']) + ' per layer x ' + str(m['layers']):<42}{_size(act['saved']):>14}",
+      f"    {'attention logits (one layer)':<42}{_size(act['attention_transient']):>14}",
+      f"    {'MLP intermediates (one layer)':<42}{_size(act['mlp_transient']):>14}",
+      f"    {'FSDP-gathered weights + grads (one layer)':<42}{_size(act['fsdp_gathered_layer']):>14}",
+      f"  {'total':<44}{_size(a['total']):>14}",
   ]
   c = report["compiled"]
   if c["status"] == "ok":
     how = f"{c['compiler']}, {c['note']}"
     lines += ["", f"  per device (compiled: {how})",
-              f"  {'arguments (params, optimizer, batch)':<44}{_gib(c['argument']):>14}",
-              f"  {'outputs (aliased to donated arguments)':<44}{_gib(c['output'] - c['alias']):>14}",
-              f"  {'temporaries':<44}{_gib(c['temp']):>14}",
-              f"  {'peak':<44}{_gib(c['peak']):>14}"]
+              f"  {'arguments (params, optimizer, batch)':<44}{_size(c['argument']):>14}",
+              f"  {'outputs (aliased to donated arguments)':<44}{_size(c['output'] - c['alias']):>14}",
+              f"  {'temporaries':<44}{_size(c['temp']):>14}",
+              f"  {'peak (' + c['verdict'] + ')':<44}{_size(c['peak']):>14}"]
   else:
     lines += ["", f"  compiled: {c['status']}: {c['note']}"]
   v = report["verdict"]
-  head = f"{v['verdict'].upper()} ({v['basis']})"
-  if v["hbm"] is not None:
-    head += f": {_gib(v['peak'])} of {_gib(v['hbm'])}, headroom {_gib(v['headroom'])} ({v['headroom_fraction']:.0%})"
+  if v["hbm"] is None:
+    head = "no verdict: pass --chip to compare with a chip's HBM"
+  else:
+    head = (f"{v['verdict'].upper()} ({v['basis']}): {_size(v['peak'])} of {_size(v['hbm'])}, "
+            f"headroom {_size(v['headroom'])} ({v['headroom_fraction']:.0%})")
   lines += ["", head]
   lines += [f"note: {w}" for w in report["warnings"]]
   lines.append(f"HBM per chip: {HBM_SOURCE}")

@@ -14,7 +14,6 @@ to the full depth. The verdict uses the TPU compiler's peak when there is one, e
 
 from __future__ import annotations
 
-import concurrent.futures
 import importlib.util
 import json
 import os
@@ -72,13 +71,15 @@ def _compile_mode(requested: str | None, target: plan.Target) -> str:
   return "host" if mode == "auto" else mode
 
 
-def _start_host_backend(n: int) -> None:
-  """Asks for `n` CPU devices and keeps accelerators out, if the JAX backend has not started yet."""
-  try:
-    jax.config.update("jax_num_cpu_devices", n)
-    jax.config.update("jax_platforms", "cpu")
-  except RuntimeError:
-    pass  # already started: `_devices` checks what it got
+def _start_backend(mode: str, n: int) -> None:
+  """Keeps this machine's accelerators out and, for host compilation, asks for `n` CPU devices, if
+  the JAX backend has not started yet (`_devices` checks what it got)."""
+  jax.config.update("jax_platforms", "cpu")
+  if mode == "host":
+    try:
+      jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+      pass
 
 
 def _devices(mode: str, target: plan.Target) -> tuple[list, str]:
@@ -88,10 +89,17 @@ def _devices(mode: str, target: plan.Target) -> tuple[list, str]:
     if target.topology is None:
       raise _Unavailable(f"no known {target.chip.name} slice topology for {target.devices} chips")
     from jax.experimental import topologies
+    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", target.slice_name),
+                       ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0")):
+      os.environ.setdefault(key, value)  # no TPU VM metadata to read: compile-only devices
+    config = "megacore" if target.chip.cores_per_chip == 2 else "default"
     try:
-      devices = topologies.get_topology_desc(platform="tpu", topology_name=target.topology).devices
+      devices = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
+                                             chip_config_name=config).devices
     except Exception as e:  # libtpu's errors are many and unstable
       raise _Unavailable(f"libtpu could not describe topology {target.topology}: {str(e).splitlines()[0]}") from None
+    if len(devices) != target.devices:
+      raise _Unavailable(f"libtpu gave {len(devices)} devices for topology {target.topology}, not {target.devices}")
     return list(devices), f"tpu ({target.topology}, libtpu AOT)"
   devices = jax.devices("cpu")
   if len(devices) < target.devices:
@@ -133,10 +141,9 @@ def compile_step(cfg: RunConfig, model_cfg: LlamaConfig, target: plan.Target, ru
   options = _HOST_OPTIONS if mode == "host" else None
   try:
     lowered = [_lower(cfg, model_cfg.replace(num_layers=n), mesh, rules) for n in layers]
-    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
-      mems = list(pool.map(lambda low: _memory(low.compile(options)), lowered))
-  except Exception as e:  # a compiler error is a finding, not a crash of the plan
-    return {"status": "failed", "compiler": compiler, "note": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    mems = [_memory(low.compile(options)) for low in lowered]
+  except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED from a TPU compile: a finding
+    return {"status": "failed", "compiler": compiler, "note": str(e).splitlines()[0][:300]}
   if len(mems) == 1:
     out, note = mems[0], f"all {depth} layers"
   else:
@@ -150,8 +157,6 @@ def compile_step(cfg: RunConfig, model_cfg: LlamaConfig, target: plan.Target, ru
 
 def build_report(cfg: RunConfig, config_path: str, target: plan.Target, mode: str) -> dict[str, Any]:
   """The plan as one JSON-serialisable dict (what `hs2p plan` prints and writes)."""
-  if cfg.model.kind != "reward":
-    raise UserError(f"{config_path}: model.kind={cfg.model.kind!r}: hs2p plan covers the reward-model train step")
   model_cfg, source = architecture(cfg.model)
   rules = rules_from(cfg.mesh.rules)
   amesh = AbstractMesh(target.mesh, MESH_AXES)
@@ -173,16 +178,17 @@ def build_report(cfg: RunConfig, config_path: str, target: plan.Target, mode: st
       "analytic": analytic,
       "compiled": compiled,
       "verdict": verdict,
-      "warnings": plan.warnings_for(cfg, target, analytic["activation_terms"], rules),
+      "warnings": plan.warnings_for(cfg, target, analytic, rules),
   }
 
 
 def plan_command(args) -> int:
   cfg = config_lib.load(RunConfig, args.config, args.overrides)
+  if cfg.model.kind != "reward":
+    raise UserError(f"{args.config}: model.kind={cfg.model.kind!r}: hs2p plan covers the reward-model train step")
   target = plan.resolve_target(args.chip, args.devices, cfg.mesh)
   mode = _compile_mode(getattr(args, "compile", None), target)
-  if mode == "host":
-    _start_host_backend(target.devices)
+  _start_backend(mode, target.devices)
   report = build_report(cfg, args.config, target, mode)
   sys.stderr.write(plan.render(report))
   print(json.dumps(report, indent=2))

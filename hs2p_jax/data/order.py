@@ -1,11 +1,13 @@
-"""Which examples each process reads at each step: static shards, per-epoch shuffles, a step index.
+"""Which examples each process reads at each step: one global order, split across processes.
 
-Process p owns the examples p, p + P, p + 2P, ... (P processes). With `repeat`, its shard is read as an
-endless stream of epochs, each a fresh permutation from (seed, epoch); step k takes stream items
-k*L .. k*L+L-1 (L = local batch size), so no example is ever dropped and batches are always full.
-Without `repeat`, one epoch is read and every process runs ceil(N / (L*P)) steps; slots past the
-end of a shard are fillers (id -1). Every process can compute every other process's ids, which
-is what lets all processes agree on each step's padded shape.
+All examples form one stream of epochs, each a fresh permutation from (seed, epoch); global step k
+takes stream items k*G .. k*G+G-1 (G = global batch size), and process p reads the slice
+p*L .. p*L+L-1 of them (L = G / P). The examples of a global step therefore do not depend on the
+number of processes, so a run on 2 processes sees the batches a 1-process run sees (the mesh
+changes where arrays live, not the numbers). With `repeat` the stream is endless and batches are
+always full; without it, one epoch is read in ceil(N / G) steps and slots past its end are
+fillers (id -1). Every process can compute every other process's ids, which is what lets all
+processes agree on each step's padded shape.
 """
 
 from __future__ import annotations
@@ -42,22 +44,17 @@ class Order:
     self.seed, self.shuffle, self.repeat = seed, shuffle, repeat
     self.num_steps: Optional[int] = None if repeat else -(-num_examples // batch_size)
 
-  def shard(self, process: int) -> np.ndarray:
-    """The example ids process `process` owns."""
-    return np.arange(process, self.num_examples, self.process_count)
-
   def ids(self, step: int, process: int) -> np.ndarray:
     """[local_batch] example ids process `process` reads at `step`."""
-    shard = self.shard(process)
-    size = len(shard)
-    pos = step * self.local_batch + np.arange(self.local_batch)
+    n = self.num_examples
+    pos = step * self.local_batch * self.process_count + process * self.local_batch + np.arange(self.local_batch)
     out = np.full(self.local_batch, FILLER, np.int64)
     if not self.repeat:
-      inside = pos < size
-      out[inside] = shard[_permutation(size, self.seed, 0, self.shuffle)[pos[inside]]]
+      inside = pos < n
+      out[inside] = _permutation(n, self.seed, 0, self.shuffle)[pos[inside]]
       return out
-    epochs, offsets = pos // size, pos % size
+    epochs, offsets = pos // n, pos % n
     for e in np.unique(epochs):
       sel = epochs == e
-      out[sel] = shard[_permutation(size, self.seed, int(e), self.shuffle)[offsets[sel]]]
+      out[sel] = _permutation(n, self.seed, int(e), self.shuffle)[offsets[sel]]
     return out

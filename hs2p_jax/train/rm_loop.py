@@ -73,7 +73,8 @@ class RMTrainer:
     self.accum = tc.batch_size // self.micro
     self._step = jax.jit(make_train_step(self.graphdef, self.tx, self.objective), donate_argnums=(0, 1),
                          out_shardings=(self.param_sh, self.opt_sh, None))
-    self._eval = jax.jit(make_eval_step(self.graphdef))
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self._eval = jax.jit(make_eval_step(self.graphdef), out_shardings=replicated)
     self.cache_dir = os.path.join(self.out_dir, "data")
     self.loader = make_loader(cfg.data, self.tokenizer, split="train", task=self.task, batch_size=self.micro,
                               seed=tc.seed, shuffle=True, repeat=True, process_index=jax.process_index(),

@@ -33,7 +33,8 @@ class RewardScorer:
     self.weights = attribute_weights(self.meta.reward_weights, self.meta.num_attributes)
     self.mesh, self.rules = mesh, rules
     self.max_length, self.batch_size = max_length, batch_size
-    self._eval = jax.jit(make_eval_step(self.graphdef))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else None
+    self._eval = jax.jit(make_eval_step(self.graphdef), out_shardings=replicated)
 
   def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     zeros = np.zeros(NUM_LABELS, np.float32)

@@ -1,0 +1,182 @@
+"""`hs2p plan`: the analytic breakdown against hand computations (Llama-3.1-70B on v5p and 8x H100),
+and the compiled path end to end on the tiny preset with 2 virtual CPU devices."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hs2p_jax import cli, plan
+from hs2p_jax.commands.plan import build_report
+from hs2p_jax.config import RunConfig, load
+from hs2p_jax.errors import UserError
+from hs2p_jax.model.config import PRESETS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GB = 1e9
+
+# The paper's 70B setting: 4096-token sequences, bf16 compute, full remat.
+LLAMA_70B = ["model.preset=llama-3.1-70b", "model.dtype=bfloat16", "model.remat=full", "data.max_length=4096",
+             "train.objective=regression", "train.batch_size=128"]
+
+
+def report_for(overrides: list[str], chip: str, devices: int) -> dict:
+  cfg = load(RunConfig, None, overrides)
+  return build_report(cfg, "test", plan.resolve_target(chip, devices, cfg.mesh), "none")
+
+
+def llama_70b_counts(num_attributes: int = 9) -> tuple[int, int]:
+  """(matrix params, the replicated rest: norms and head bias) of the 70B reward model, by hand."""
+  c = PRESETS["llama-3.1-70b"]
+  d, v, f, n_layers = c.hidden_size, c.vocab_size, c.intermediate_size, c.num_layers
+  attn = d * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+  matrices = d * v + n_layers * (attn + 3 * d * f) + d * num_attributes  # embed, layers, head kernel
+  vectors = n_layers * 2 * d + d + num_attributes                           # norms, head bias
+  # The causal LM has an untied LM head (d * V) where the reward model has its small head.
+  assert matrices + vectors - d * num_attributes - num_attributes + d * v == c.num_params()
+  return matrices, vectors
+
+
+def test_70b_param_count_matches_the_formula():
+  matrices, vectors = llama_70b_counts()
+  r = report_for(LLAMA_70B + ["mesh.data=1", "mesh.fsdp=128"], "v5p", 128)
+  assert r["model"]["params"] == matrices + vectors
+  assert abs(PRESETS["llama-3.1-70b"].num_params() - 70.55e9) < 0.01e9  # with its LM head: "70B"
+
+
+def test_70b_regression_fits_a_v5p_with_fsdp_128():
+  matrices, vectors = llama_70b_counts()
+  r = report_for(LLAMA_70B + ["mesh.data=1", "mesh.fsdp=128", "train.micro_batch_size=128"], "v5p", 128)
+  a = r["analytic"]
+  # Every matrix is split over fsdp on its `embed` dimension (8192 / 128); norms and the head bias are replicated.
+  assert a["params"] == 4 * (matrices // 128 + vectors)
+  assert a["optimizer"] == 8 * (matrices // 128 + vectors) + 2 * 4  # mu, nu + two int32 step counts
+  assert a["gradients"] == a["params"]  # one micro-batch: no separate accumulator
+  assert 8e9 < a["params"] + a["optimizer"] + a["gradients"] < 9e9  # 16 bytes x 69.5e9 / 128
+  assert a["activation_terms"]["rows_per_device"] == 1
+  assert a["activation_terms"]["saved_per_layer"] == 4096 * 8192 * 2  # remat=full keeps each layer's bf16 input
+  assert a["activation_terms"]["attention_transient"] == 64 * 4096 * 4096 * (4 + 4 + 2)
+  assert r["target"]["slice"] == "v5p-256" and r["target"]["hbm"] == 95 * 2**30
+  v = r["verdict"]
+  assert v["fits"] and v["verdict"] == "fits" and v["basis"] == "analytic"
+  assert v["headroom"] == 95 * 2**30 - a["total"]
+  assert r["warnings"] == []
+
+
+def test_70b_regression_does_not_fit_8_h100s():
+  matrices, vectors = llama_70b_counts()
+  r = report_for(LLAMA_70B + ["mesh.data=1", "mesh.fsdp=8", "train.micro_batch_size=8"], "h100", 8)
+  a = r["analytic"]
+  assert a["params"] == 4 * (matrices // 8 + vectors)
+  assert a["optimizer"] == 8 * (matrices // 8 + vectors) + 8
+  assert a["gradients"] == 2 * a["params"]  # 16 micro-batches: accumulator + micro-batch gradient
+  # float32 params + AdamW = 12 bytes/param: about 104 GB per device before gradients and activations.
+  assert 100 * GB < a["params"] + a["optimizer"] < 110 * GB
+  v = r["verdict"]
+  assert v["fits"] is False and v["verdict"] == "does not fit" and v["headroom"] < 0
+  assert any("at least" in w and "h100" in w for w in r["warnings"])  # how many devices the state needs
+  assert any("XLA_PYTHON_CLIENT_MEM_FRACTION" in w for w in r["warnings"])
+
+
+def test_tensor_parallel_splits_heads_and_mlp():
+  fsdp = report_for(LLAMA_70B + ["mesh.data=1", "mesh.fsdp=8"], "h200", 8)["analytic"]
+  mixed = report_for(LLAMA_70B + ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"], "h200", 8)["analytic"]
+  # Every layer matrix is still split 8 ways (only the small head kernel has no tensor-split dimension).
+  assert 0 < mixed["params"] - fsdp["params"] < 2**20
+  act_f, act_m = fsdp["activation_terms"], mixed["activation_terms"]
+  assert (act_f["rows_per_device"], act_m["rows_per_device"]) == (16, 32)  # the batch is split over fsdp only
+  # Twice the rows per device, half the heads and half the MLP width: the same transients.
+  assert act_m["attention_transient"] == act_f["attention_transient"]
+  assert act_m["mlp_transient"] == act_f["mlp_transient"]
+
+
+def test_a_micro_batch_the_mesh_cannot_split_is_reported():
+  r = report_for(LLAMA_70B + ["mesh.data=1", "mesh.fsdp=128", "train.micro_batch_size=8"], "v5p", 128)
+  assert r["analytic"]["activation_terms"]["rows_per_device"] == 8  # replicated: 8 rows on every device
+  assert any("do not divide" in w for w in r["warnings"])
+
+
+def test_targets():
+  t = plan.resolve_target("v5p-128", None, load(RunConfig, None, ["mesh.data=-1"]).mesh)
+  assert (t.devices, t.mesh, t.slice_name, t.topology) == (64, (64, 1, 1), "v5p-128", "v5p:4x4x4")
+  assert plan.resolve_target("v5e-16", None, load(RunConfig, None, []).mesh).devices == 16
+  assert plan.resolve_target(None, None, load(RunConfig, None, ["mesh.data=2", "mesh.fsdp=2"]).mesh).devices == 4
+  mesh = load(RunConfig, None, []).mesh
+  for chip, devices, message in [("tpu9", None, "unknown"), ("h100-8", None, "TPU slice"),
+                                 ("v5p-16", 4, "disagrees"), ("h100", 0, "positive")]:
+    with pytest.raises(UserError, match=message):
+      plan.resolve_target(chip, devices, mesh)
+
+
+def test_user_errors_exit_2(tmp_path, capsys):
+  path = tmp_path / "lm.yaml"
+  path.write_text("model:\n  preset: tiny\n  kind: lm\n")
+  assert cli.main(["plan", "--config", str(path)]) == 2
+  assert "hs2p plan covers the reward-model train step" in capsys.readouterr().err
+  path.write_text("model:\n  preset: tiny\n")
+  assert cli.main(["plan", "--config", str(path), "--chip", "v9"]) == 2
+
+
+def _run_plan(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env_extra or {})}
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "hs2p_jax", "plan", *args], capture_output=True, text=True,
+                        env=env, timeout=300, cwd=REPO)
+
+
+TINY = """\
+model:
+  preset: tiny
+  num_layers: 2
+data:
+  max_length: 64
+train:
+  objective: bt
+  batch_size: 8
+  micro_batch_size: 4
+mesh:
+  data: 1
+  fsdp: -1
+"""
+
+
+def test_cli_compiles_the_tiny_step_on_2_cpu_devices(tmp_path):
+  cfg = tmp_path / "tiny.yaml"
+  cfg.write_text(TINY)
+  out = tmp_path / "plan"
+  proc = _run_plan(["--config", str(cfg), "--devices", "2", "--chip", "v5e", "--out", str(out)])
+  assert proc.returncode == 0, proc.stderr
+  report = json.loads(proc.stdout)
+  assert json.loads((out / "plan.json").read_text()) == report
+  c, a = report["compiled"], report["analytic"]
+  assert c["status"] == "ok" and c["compiler"].startswith("host CPU (2 ") and c["layers_compiled"] == [2]
+  # The compiled arguments are the params, optimizer state and batch on one device; jit drops only
+  # the batch's unused example_id ([k, N] int32), so they agree to within 1%.
+  assert abs(c["argument"] - (a["params"] + a["optimizer"] + a["batch"])) <= 0.01 * c["argument"]
+  assert c["alias"] > a["params"] + a["optimizer"] - 1024  # params and optimizer state are donated
+  assert c["temp"] > a["gradients"]
+  assert report["verdict"]["verdict"] == "fits" and report["target"]["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+  for line in ("params (float32)", "optimizer (AdamW", "activations (estimate)", "per device (compiled: host CPU",
+               "FITS (analytic)"):
+    assert line in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="TPU AOT compilation needs libtpu")
+def test_tpu_aot_compile_on_a_v5e_topology(tmp_path):
+  cfg = tmp_path / "tiny.yaml"
+  cfg.write_text(TINY)
+  code = ("import argparse, sys; from hs2p_jax.commands.plan import plan_command; "
+          f"sys.exit(plan_command(argparse.Namespace(config={str(cfg)!r}, overrides=[], chip='v5e-4', "
+          "devices=None, out=None, compile='tpu')))")
+  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  report = json.loads(proc.stdout)
+  assert report["compiled"]["compiler"].startswith("tpu (v5e:2x2")
+  assert report["verdict"]["basis"] == "compiled for the chip"
