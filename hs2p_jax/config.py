@@ -104,6 +104,7 @@ class ReinforceConfig:
   stop_strings: list = dataclasses.field(default_factory=lambda: ["<extra_id_1>"])
   kl_beta: float = 0.01                # reward = RM score - kl_beta * KL(policy || reference)
   kl_estimator: str = "absolute"       # absolute: |logp - ref| (NeMo); k1: logp - ref; k3: (r - 1) - log r
+  truncated_as_ended: bool = False     # count samples cut at max_new_tokens in the baseline (NeMo: no)
   updates_per_rollout: int = 1         # optimizer steps per rollout batch (minibatches of it)
   reward_scale: float = 1.0
   lr: float = 1e-6
@@ -244,7 +245,14 @@ def build(cls, data: dict[str, Any], prefix: str = ""):
   unknown = sorted(set(data) - set(types_))
   if unknown:
     raise UserError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(types_))})")
-  kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    if f.name not in data:
+      continue
+    value = data[f.name]
+    if isinstance(value, dict) and _is_dataclass_type(types_[f.name]) and f.default_factory is not dataclasses.MISSING:
+      value = merge(dataclasses.asdict(f.default_factory()), value)  # keys not given keep this field's defaults
+    kwargs[f.name] = _coerce(value, types_[f.name], prefix + f.name)
   return cls(**kwargs)
 
 

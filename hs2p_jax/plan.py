@@ -328,51 +328,52 @@ def _size(n: int | None) -> str:
   return f"{n} B"
 
 
+def _row(label: str, n: int, indent: int = 2) -> str:
+  return f"{' ' * indent}{label:<{46 - indent}}{_size(n):>14}"
+
+
 def render(report: dict[str, Any]) -> str:
   """The human-readable plan (the JSON report, as a table)."""
   m, t, a, lay = report["model"], report["target"], report["analytic"], report["batch"]
   act = a["activation_terms"]
+  chip = f"{t['devices']} device(s), no --chip"
   if t["chip"]:
-    chip = f"{t['devices']} x {t['chip']}" + (f" ({t['slice']})" if t["slice"] else "") + f", {_size(t['hbm'])} HBM each"
-  else:
-    chip = f"{t['devices']} device(s), no --chip"
+    chip = f"{t['devices']} x {t['chip']}" + (f" ({t['slice']})" if t["slice"] else "")
+    chip += f", {_size(t['hbm'])} HBM each"
+  mesh = " ".join(f"{k}={v}" for k, v in t["mesh"].items())
   lines = [
       f"plan: {report['config']}",
       f"model: {m['name']} reward model, {m['params'] / 1e9:.3f} B params, {m['layers']} layers, "
       f"compute {m['dtype']}, remat={m['remat']}, attention={m['attention']}",
-      f"target: {chip}; mesh data={t['mesh']['data']} fsdp={t['mesh']['fsdp']} tensor={t['mesh']['tensor']}",
+      f"target: {chip}; mesh {mesh}",
       f"batch: {report['objective']}, {lay['micro_batches']} micro-batch(es) of {lay['rows']} rows x "
       f"{lay['seq_len']} tokens; {act['rows_per_device']} row(s) per device",
       "",
-      f"  {'per device (analytic)':<44}{'bytes':>14}",
-      f"  {'params (float32)':<44}{_size(a['params']):>14}",
-      f"  {'optimizer (AdamW mu + nu, float32)':<44}{_size(a['optimizer']):>14}",
-      f"  {'gradients (float32)':<44}{_size(a['gradients']):>14}",
-      f"  {'batch':<44}{_size(a['batch']):>14}",
-      f"  {'activations (estimate)':<44}{_size(a['activations']):>14}",
-      f"    {'saved: ' + _size(act['saved_per_layer']) + ' per layer x ' + str(m['layers']):<42}{_size(act['saved']):>14}",
-      f"    {'attention logits (one layer)':<42}{_size(act['attention_transient']):>14}",
-      f"    {'MLP intermediates (one layer)':<42}{_size(act['mlp_transient']):>14}",
-      f"    {'FSDP-gathered weights + grads (one layer)':<42}{_size(act['fsdp_gathered_layer']):>14}",
-      f"  {'total':<44}{_size(a['total']):>14}",
+      "  per device (analytic)",
+      _row("params (float32)", a["params"]),
+      _row("optimizer (AdamW mu + nu, float32)", a["optimizer"]),
+      _row("gradients (float32)", a["gradients"]),
+      _row("batch", a["batch"]),
+      _row("activations (estimate)", a["activations"]),
+      _row(f"saved: {_size(act['saved_per_layer'])} per layer x {m['layers']}", act["saved"], 4),
+      _row("attention logits (one layer)", act["attention_transient"], 4),
+      _row("MLP intermediates (one layer)", act["mlp_transient"], 4),
+      _row("FSDP-gathered weights + grads (one layer)", act["fsdp_gathered_layer"], 4),
+      _row("total", a["total"]),
   ]
   c = report["compiled"]
   if c["status"] == "ok":
-    how = f"{c['compiler']}, {c['note']}"
-    lines += ["", f"  per device (compiled: {how})",
-              f"  {'arguments (params, optimizer, batch)':<44}{_size(c['argument']):>14}",
-              f"  {'outputs (aliased to donated arguments)':<44}{_size(c['output'] - c['alias']):>14}",
-              f"  {'temporaries':<44}{_size(c['temp']):>14}",
-              f"  {'peak (' + c['verdict'] + ')':<44}{_size(c['peak']):>14}"]
+    lines += ["", f"  per device (compiled: {c['compiler']}, {c['note']})",
+              _row("arguments (params, optimizer, batch)", c["argument"]),
+              _row("outputs (aliased to donated arguments)", c["output"] - c["alias"]),
+              _row("temporaries", c["temp"]),
+              _row(f"peak ({c['verdict']})", c["peak"])]
   else:
     lines += ["", f"  compiled: {c['status']}: {c['note']}"]
   v = report["verdict"]
-  if v["hbm"] is None:
-    head = "no verdict: pass --chip to compare with a chip's HBM"
-  else:
+  head = "no verdict: pass --chip to compare with a chip's HBM"
+  if v["hbm"] is not None:
     head = (f"{v['verdict'].upper()} ({v['basis']}): {_size(v['peak'])} of {_size(v['hbm'])}, "
             f"headroom {_size(v['headroom'])} ({v['headroom_fraction']:.0%})")
-  lines += ["", head]
-  lines += [f"note: {w}" for w in report["warnings"]]
-  lines.append(f"HBM per chip: {HBM_SOURCE}")
+  lines += ["", head, *[f"note: {w}" for w in report["warnings"]], f"HBM per chip: {HBM_SOURCE}"]
   return "\n".join(lines) + "\n"

@@ -92,3 +92,20 @@ def tiny_overrides(tmp_path, **extra) -> list[str]:
           "mesh.data": 1}
   base.update(extra)
   return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch():
+  """transformers' PyTorch SmolLM2-135M-Instruct, dequantised from the GGUF file (float32)."""
+  torch = need_torch()
+  import transformers
+  from hs2p_jax.convert import smollm2_path
+  p = smollm2_path()
+  return transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(p), gguf_file=os.path.basename(p),
+                                                           dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_jax():
+  from hs2p_jax.convert import load_gguf
+  return load_gguf("smollm2")

@@ -143,18 +143,3 @@ def test_smollm2_gguf_matches_transformers(side, smollm2_torch, smollm2_jax):
   m = mask.astype(bool)
   assert np.abs(out - ref)[m].max() <= TOL
   assert (out.argmax(-1) == ref.argmax(-1))[m].mean() > 0.99
-
-
-@pytest.fixture(scope="module")
-def smollm2_torch():
-  torch = need_torch()
-  import transformers
-  from hs2p_jax.convert import smollm2_path
-  p = smollm2_path()
-  return transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(p), gguf_file=os.path.basename(p),
-                                                           dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def smollm2_jax():
-  return load_gguf("smollm2")

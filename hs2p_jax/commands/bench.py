@@ -81,7 +81,7 @@ def _device_peak_bytes() -> int | None:
   return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def _median_time(run: Callable[[], Any], steps: int) -> list[float]:
+def _times(run: Callable[[], Any], steps: int) -> list[float]:
   times = []
   for _ in range(max(steps, 1)):
     t0 = time.perf_counter()
@@ -185,7 +185,7 @@ def bench_rm_jax(cfg, pairs: int, seq: int, steps: int, num_attributes: int = 9,
   t0 = time.perf_counter()
   run()
   warmup_s = time.perf_counter() - t0
-  times = _median_time(run, steps)
+  times = _times(run, steps)
   step_s = statistics.median(times)
   tokens = 2 * pairs * seq
   flops = train_flops(cfg, 2 * pairs, seq)
@@ -198,6 +198,7 @@ def bench_rm_jax(cfg, pairs: int, seq: int, steps: int, num_attributes: int = 9,
                 "donate": donate, "xla_flags": os.environ.get("XLA_FLAGS")},
       "rows": 2 * pairs, "tokens_per_step": tokens, "compile_s": _r(compile_s), "warmup_step_s": _r(warmup_s),
       "step_s": _r(step_s), "step_s_all": [_r(t) for t in times], "tokens_per_s": _r(tokens / step_s),
+      "tokens_per_s_best": _r(tokens / min(times)),
       "loss": _r(float(state["m"]["loss"])),
       "model_flops_per_step": flops, "model_flops_per_s": _r(flops / step_s),
       "peak_flops_per_s": peak, "mfu": _r(flops / step_s / peak) if peak else None,
@@ -238,7 +239,7 @@ def bench_sample_jax(cfg, batch: int, prompt: int, new_tokens: int, steps: int, 
       out["o"] = fn(state, ids, mask, key)
       jax.block_until_ready(out["o"].tokens)
     run()  # warm-up
-    return statistics.median(_median_time(run, steps))
+    return statistics.median(_times(run, steps))
 
   total_s = timed(full)
   assert int(np.min(np.asarray(out["o"].lengths))) == new_tokens, "rows stopped early"
@@ -315,10 +316,12 @@ def torch_rm(hf_config: dict, pairs: int, seq: int, steps: int, dtype: str) -> d
   t0 = time.perf_counter()
   run()
   warmup_s = time.perf_counter() - t0
-  step_s = statistics.median(_median_time(run, steps))
+  times = _times(run, steps)
+  step_s = statistics.median(times)
   return {"torch": torch.__version__, "threads": torch.get_num_threads(),
           "attn_implementation": model.config._attn_implementation, "num_labels": a,
-          "warmup_step_s": _r(warmup_s), "step_s": _r(step_s), "tokens_per_s": _r(2 * pairs * seq / step_s),
+          "warmup_step_s": _r(warmup_s), "step_s": _r(step_s), "step_s_all": [_r(t) for t in times],
+          "tokens_per_s": _r(2 * pairs * seq / step_s), "tokens_per_s_best": _r(2 * pairs * seq / min(times)),
           "loss": _r(out["loss"]), "peak_rss_bytes": peak_rss_bytes()}
 
 
@@ -343,7 +346,7 @@ def torch_sample(hf_config: dict, batch: int, prompt: int, new_tokens: int, step
 
   run()
   assert out["o"].shape == (batch, prompt + new_tokens), out["o"].shape
-  total_s = statistics.median(_median_time(run, steps))
+  total_s = statistics.median(_times(run, steps))
   return {"torch": torch.__version__, "threads": torch.get_num_threads(),
           "attn_implementation": model.config._attn_implementation, "generate_s": _r(total_s),
           "tokens_per_s": _r(batch * new_tokens / total_s), "peak_rss_bytes": peak_rss_bytes()}

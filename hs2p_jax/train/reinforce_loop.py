@@ -112,8 +112,9 @@ class ReinforceTrainer:
     responses = [response_text(self.tokenizer, tokens[i], int(lengths[i]), rc.stop_strings, self.eos_ids)
                  for i in range(len(tokens))]
     scores = self.scorer(prompts, responses) * rc.reward_scale
+    counted = ended | rc.truncated_as_ended
     rewards, base, adv = (np.asarray(a) for a in advantages(jnp.asarray(scores), jnp.asarray(kl),
-                                                            jnp.asarray(ended), rc.kl_beta, k))
+                                                            jnp.asarray(counted), rc.kl_beta, k))
     upd["advantages"] = adv.astype(np.float32)
     metrics = {"reward": float(scores.mean()), "kl": float(kl.mean()), "total_reward": float(rewards.mean()),
                "response_length": float(lengths.mean()), "ended_fraction": float(ended.mean()),
