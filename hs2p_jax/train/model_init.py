@@ -36,8 +36,24 @@ def tokenizer_spec(mc: ModelConfig) -> str:
   if mc.source:
     if mc.source.startswith("gguf:"):
       return mc.source
-    return mc.source[3:] if mc.source.startswith("hf:") else mc.source
+    return hub_or_local(mc.source)
   return "bytes"
+
+
+def hub_or_local(src: str) -> str:
+  """A local directory for `hf:DIR`, `DIR` or `hf:ORG/NAME` (downloaded from the Hugging Face hub:
+  config, safetensors and tokenizer files)."""
+  path = src[3:] if src.startswith("hf:") else src
+  if os.path.isdir(path):
+    return path
+  if not src.startswith("hf:") or path.startswith(("/", ".")):
+    raise UserError(f"model.source={src}: no such directory")
+  try:
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"])
+  except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end here
+    raise UserError(f"model.source={src}: cannot download from the Hugging Face hub "
+                    f"({str(e).splitlines()[0][:160]})") from None
 
 
 def random_model(kind: str, cfg, num_attributes: int, seed: int, mesh: Mesh | None, rules: Rules):
@@ -84,10 +100,7 @@ def build_model(mc: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAUL
       model = load_gguf(src[5:], head=kind, num_attributes=mc.num_attributes, mesh=mesh, rules=rules,
                         seed=mc.seed, **overrides)
     else:
-      path = src[3:] if src.startswith("hf:") else src
-      if not os.path.isdir(path):
-        raise UserError(f"model.source={src}: no such directory (the Hugging Face hub is not reachable here; "
-                        "download the model to a local directory)")
+      path = hub_or_local(src)
       model = load_hf(path, head=kind, num_attributes=mc.num_attributes, mesh=mesh, rules=rules, seed=mc.seed,
                       **overrides)
   else:
