@@ -2,18 +2,86 @@
 
 Random weights of the preset's shapes; 2*pairs fixed-length random rows (chosen and rejected in one
 forward pass); scaled Bradley-Terry loss; AdamW (betas 0.9/0.98, wd 0.1) with clipping at 1.0.
-`jax_over_torch` (tokens/s ratio) is the last key. See benchmarks/README.md.
+`jax_over_torch` (tokens/s ratio) is the last key. `--knobs` instead times runtime variants
+round-robin in one process (so that load from other processes hits all alike) and prints a table.
+See benchmarks/README.md.
 
   /tmp/venv/bin/python benchmarks/rm_step.py [--model smollm2-135m] [--pairs 2] [--seq 256] [--steps 3]
       [--dtype float32] [--scan-layers on] [--remat none] [--attention reference] [--cpu-devices 0]
+  /tmp/venv/bin/python benchmarks/rm_step.py --knobs [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 
 from common import add_model_args, init_devices, model_config
+
+# name -> (LlamaConfig overrides, RMStep keyword arguments, XLA compiler options)
+KNOBS: dict[str, tuple[dict, dict, dict | None]] = {
+    "base": ({}, {}, None),
+    "bfloat16": ({"dtype": "bfloat16"}, {}, None),
+    "no_scan": ({"scan_layers": False}, {}, None),
+    "attention_xla": ({"attention": "xla"}, {}, None),
+    "no_donation": ({}, {"donate": False}, None),
+    "remat_full": ({"remat": "full"}, {}, None),
+    "remat_dots_no_batch": ({"remat": "dots_no_batch"}, {}, None),
+    "remat_save_attention_out": ({"remat": "save_attention_out"}, {}, None),
+    "onednn": ({}, {}, {"xla_cpu_use_onednn": True}),
+    "onednn_dot_fusion": ({}, {}, {"xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}),
+    "xnn_dot_fusion": ({}, {}, {"xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}),
+    "ynn_dot_eltwise_fusion": ({}, {}, {"xla_cpu_experimental_ynn_fusion_type":
+                                        "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"}),
+    "data_parallel_2": ({}, {"devices": 2}, None),
+    "data_parallel_2_no_scan": ({"scan_layers": False}, {"devices": 2}, None),
+}
+
+
+def knob_table(args) -> dict:
+  """Compiles every variant, then times them round-robin on one shared (params, opt_state)."""
+  import jax
+  from hs2p_jax.commands.bench import RMStep, _hf_config, _r, _load, torch_rm_step
+
+  base = model_config(args)
+  names = [n for n in (args.only or KNOBS) if KNOBS[n][1].get("devices", 1) <= len(jax.devices())]
+  steps, compile_s = {}, {}
+  for name in names:
+    over, kw, opts = KNOBS[name]
+    steps[name] = RMStep(base.replace(**over), args.pairs, args.seq, args.num_attributes, compiler_options=opts, **kw)
+    compile_s[name] = steps[name].compile_s
+  runs = dict(steps)
+  if not args.no_torch:
+    for dt in ("float32", "bfloat16"):
+      hf = _hf_config(base, architecture="LlamaForSequenceClassification", num_labels=args.num_attributes,
+                      pad_token_id=0)
+      runs[f"torch_{dt}"] = torch_rm_step(hf, args.pairs, args.seq, dt)[0]
+  times: dict[str, list[float]] = {n: [] for n in runs}
+  state = steps[names[0]].init_state()
+  load = [_load()]
+  for r in range(args.rounds + 1):  # round 0 warms up
+    for name, run in runs.items():
+      if name in steps:
+        state = steps[name].place(state)
+        t0 = time.perf_counter()
+        *state, _ = run(state)
+      else:
+        t0 = time.perf_counter()
+        run()
+      if r:
+        times[name].append(time.perf_counter() - t0)
+  load.append(_load())
+  tokens = 2 * args.pairs * args.seq
+  ref = statistics.median(times[names[0]])
+  rows = {}
+  for name, ts in times.items():
+    med = statistics.median(ts)
+    rows[name] = {"step_s": _r(med), "step_s_min": _r(min(ts)), "tokens_per_s": _r(tokens / med),
+                  "speedup_vs_base": _r(ref / med), "compile_s": _r(compile_s.get(name))}
+  return {"bench": "rm_knobs", "model": args.model, "pairs": args.pairs, "seq": args.seq, "rounds": args.rounds,
+          "cpu_devices": len(jax.devices()), "load_avg_1m": load, "variants": rows}
 
 
 def main() -> None:
@@ -24,8 +92,16 @@ def main() -> None:
   ap.add_argument("--num-attributes", type=int, default=9, help="reward head outputs (9 or 1)")
   ap.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch", "save_attention_out"])
   ap.add_argument("--no-donate", action="store_true", help="do not donate params / optimizer state to the step")
+  ap.add_argument("--knobs", action="store_true", help="time the KNOBS variants (and torch) round-robin")
+  ap.add_argument("--only", nargs="+", choices=list(KNOBS), help="with --knobs: these variants only")
+  ap.add_argument("--rounds", type=int, default=3, help="with --knobs: timed rounds")
   args = ap.parse_args()
+  if args.knobs and not args.cpu_devices:
+    args.cpu_devices = 2
   init_devices(args)
+  if args.knobs:
+    print(json.dumps(knob_table(args)))
+    return
   from hs2p_jax.commands.bench import rm_report
   cfg = model_config(args, remat=args.remat)
   res = rm_report(cfg, args.model, args.pairs, args.seq, args.steps, not args.no_torch, args.num_attributes,

@@ -78,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
   _add_run_args(p, out_required=False)
   p.add_argument("--chip", default=None, help="e.g. v5p, v5e, h100, a100 (topology for AOT compilation)")
   p.add_argument("--devices", type=int, default=None, help="number of devices to plan for")
+  p.add_argument("--compile", choices=["auto", "host", "tpu", "none"], default="auto",
+                 help="compiled numbers: host CPU devices, TPU AOT (needs libtpu, minutes), or none")
   return ap
 
 

@@ -31,7 +31,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id, local_device_ids=local_device_ids)
   elif _cluster_detected():
-    jax.distributed.initialize()
+    jax.distributed.initialize(local_device_ids=local_device_ids)
   _started = True
 
 

@@ -181,7 +181,7 @@ def abstract_batch(cfg: RunConfig, num_attributes: int, mesh, rules: Rules) -> d
 
 def step_inputs(cfg: RunConfig, model_cfg: LlamaConfig, mesh, rules: Rules) -> StepInputs:
   """Abstract, sharded inputs of the train step for `model_cfg` on `mesh` (a Mesh or an AbstractMesh)."""
-  from hs2p_jax.train.rm_loop import opt_state_shardings
+  from hs2p_jax.sharding import opt_state_shardings
 
   tc, n_attr = cfg.train, cfg.model.num_attributes
   model = nnx.eval_shape(lambda: create("reward", model_cfg, n_attr, cfg.model.seed))
@@ -367,7 +367,7 @@ def render(report: dict[str, Any]) -> str:
               _row("arguments (params, optimizer, batch)", c["argument"]),
               _row("outputs (aliased to donated arguments)", c["output"] - c["alias"]),
               _row("temporaries", c["temp"]),
-              _row(f"peak ({c['verdict']})", c["peak"])]
+              _row(f"peak ({c['verdict']})" if t["hbm"] else "peak", c["peak"])]
   else:
     lines += ["", f"  compiled: {c['status']}: {c['note']}"]
   v = report["verdict"]

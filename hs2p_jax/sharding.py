@@ -184,3 +184,25 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
   """Sharding of a `[B, ...]` batch: B over the batch axes, the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1), None, mesh, rules))
+
+
+def opt_state_shardings(abs_opt: Any, params_shardings: Any, mesh) -> Any:
+  """Shardings for an optax state: leaves that mirror a parameter take its sharding, the rest are replicated."""
+  by_path = {}
+  for path, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]:
+    by_path[_names(path)] = s
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def one(path, leaf):
+    names = _names(path)
+    for i in range(len(names)):
+      s = by_path.get(names[i:])
+      if s is not None and len(s.spec) <= len(leaf.shape):
+        return s
+    return replicated
+  return jax.tree_util.tree_map_with_path(one, abs_opt)
+
+
+def _names(path) -> tuple:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
+               if str(getattr(k, "key", getattr(k, "name", ""))) != "value")

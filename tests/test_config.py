@@ -68,9 +68,10 @@ def test_every_shipped_config_loads():
 
 def test_pipeline_override_routing():
   own, per_stage, broadcast = split_overrides(["regression.train.steps=5", "expo.search=1:2:0.5", "mesh.data=2",
-                                               "train.steps=3", "stages=[regression]"])
+                                               "train.steps=3", "stages=[regression]", "reinforce.steps=2",
+                                               "reinforce.reinforce.lr=0.1"])
   assert own == ["expo.search=1:2:0.5", "stages=[regression]"]
-  assert per_stage["regression"] == ["train.steps=5"]
-  assert broadcast == ["mesh.data=2", "train.steps=3"]
+  assert per_stage["regression"] == ["train.steps=5"] and per_stage["reinforce"] == ["reinforce.lr=0.1"]
+  assert broadcast == ["mesh.data=2", "train.steps=3", "reinforce.steps=2"]
   with pytest.raises(UserError, match="not a pipeline key"):
     split_overrides(["bogus.key=1"])

@@ -101,6 +101,18 @@ def test_a_micro_batch_the_mesh_cannot_split_is_reported():
   assert any("do not divide" in w for w in r["warnings"])
 
 
+def test_the_architecture_comes_from_a_hugging_face_config(tmp_path):
+  from conftest import TINY_HF
+
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 3, **TINY_HF}))
+  r = report_for([f"model.source=hf:{tmp_path}", "data.max_length=64", "mesh.data=2"], "h100", 2)
+  d, v, f, n_layers = 64, 256, 160, 3
+  matrices = d * v + n_layers * (d * 16 * (2 * 4 + 2 * 2) + 3 * d * f) + d * 9
+  assert r["model"]["name"] == f"model.source=hf:{tmp_path}" and r["model"]["layers"] == n_layers
+  assert r["model"]["params"] == matrices + n_layers * 2 * d + d + 9
+  assert r["analytic"]["params"] == 4 * r["model"]["params"]  # data parallel: everything replicated
+
+
 def test_targets():
   t = plan.resolve_target("v5p-128", None, load(RunConfig, None, ["mesh.data=-1"]).mesh)
   assert (t.devices, t.mesh, t.slice_name, t.topology) == (64, (64, 1, 1), "v5p-128", "v5p:4x4x4")

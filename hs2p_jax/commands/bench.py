@@ -150,58 +150,92 @@ def rm_batch(pairs: int, seq: int, vocab: int, seed: int = 0) -> dict:
   }
 
 
+class RMStep:
+  """The jitted scaled-BT training step (AdamW, clipping) of a reward model, compiled for one config
+  and a fixed random batch. Variants of one preset share (params, opt_state) through `place`."""
+
+  def __init__(self, cfg, pairs: int, seq: int, num_attributes: int = 9, donate: bool = True,
+               devices: int | None = None, compiler_options: dict | None = None):
+    import jax
+    from flax import nnx
+    from hs2p_jax.model import create
+    from hs2p_jax.sharding import state_shardings, use_mesh
+    from hs2p_jax.train.feed import put_batch
+    from hs2p_jax.train.optim import make_optimizer
+    from hs2p_jax.train.rm import Objective, make_train_step
+    from hs2p_jax.sharding import opt_state_shardings
+
+    self.cfg, self.donate, self.tokens = cfg, donate, 2 * pairs * seq
+    self.flops = train_flops(cfg, 2 * pairs, seq)
+    self.mesh = _mesh(devices)
+    self.num_devices = 1 if self.mesh is None else self.mesh.size
+    weights = tuple(1.0 if i == min(4, num_attributes - 1) else 0.0 for i in range(num_attributes))
+    self.tx = make_optimizer(2e-6, warmup_steps=10)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create("reward", cfg, num_attributes)))
+    abs_opt = jax.eval_shape(self.tx.init, abstract)
+    if self.mesh is None:
+      dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      self.shardings = (jax.tree.map(lambda _: dev, abstract), jax.tree.map(lambda _: dev, abs_opt))
+    else:
+      psh = state_shardings(abstract, self.mesh)
+      self.shardings = (psh, opt_state_shardings(abs_opt, psh, self.mesh))
+    self.num_attributes, self.abstract = num_attributes, abstract
+    self.batch = put_batch(rm_batch(pairs, seq, cfg.vocab_size), self.mesh, stacked=True)
+    step = jax.jit(make_train_step(graphdef, self.tx, Objective("bt", "scaled", weights)),
+                   donate_argnums=(0, 1) if donate else (), out_shardings=(*self.shardings, None))
+    abs_args = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                            (abstract, abs_opt), self.shardings)
+    with use_mesh(self.mesh):
+      t0 = time.perf_counter()
+      self.compiled = step.lower(*abs_args, self.batch).compile(compiler_options)
+      self.compile_s = time.perf_counter() - t0
+
+  def init_state(self) -> tuple:
+    """Random parameters and a fresh optimizer state, placed for this step."""
+    import jax
+    _, params = random_split("reward", self.cfg, self.num_attributes, self.mesh)
+    return self.place((params, jax.jit(self.tx.init)(params)))
+
+  def place(self, state: tuple) -> tuple:
+    import jax
+    return jax.device_put(state, self.shardings)
+
+  def __call__(self, state: tuple) -> tuple:
+    """One step, synchronised: (params, opt_state) -> (params, opt_state, metrics)."""
+    import jax
+    params, opt_state, metrics = self.compiled(*state, self.batch)
+    jax.block_until_ready(metrics)
+    return params, opt_state, metrics
+
+
 def bench_rm_jax(cfg, pairs: int, seq: int, steps: int, num_attributes: int = 9, donate: bool = True,
                  devices: int | None = None) -> dict:
-  """Times the jitted scaled-BT training step (AdamW, clipping) of a random reward model."""
+  """Times `RMStep` on a random reward model: compile, one warm-up step, median of `steps`."""
   import jax
-  from hs2p_jax.sharding import state_shardings, use_mesh
-  from hs2p_jax.train.feed import put_batch
-  from hs2p_jax.train.optim import make_optimizer
-  from hs2p_jax.train.rm import Objective, make_train_step
-  from hs2p_jax.train.rm_loop import opt_state_shardings
-
-  mesh = _mesh(devices)
-  weights = tuple(1.0 if i == min(4, num_attributes - 1) else 0.0 for i in range(num_attributes))
-  tx = make_optimizer(2e-6, warmup_steps=10)
-  graphdef, params = random_split("reward", cfg, num_attributes, mesh)
-  with use_mesh(mesh):
-    kw: dict = {"donate_argnums": (0, 1) if donate else ()}
-    if mesh is not None:
-      psh = state_shardings(params, mesh)
-      kw["out_shardings"] = (psh, opt_state_shardings(jax.eval_shape(tx.init, params), psh, mesh), None)
-    opt_state = jax.jit(tx.init)(params)
-    batch = put_batch(rm_batch(pairs, seq, cfg.vocab_size), mesh, stacked=True)
-    step = jax.jit(make_train_step(graphdef, tx, Objective("bt", "scaled", weights)), **kw)
-    t0 = time.perf_counter()
-    compiled = step.lower(params, opt_state, batch).compile()
-    compile_s = time.perf_counter() - t0
-  state = {"p": params, "o": opt_state, "m": None}
-  del params, opt_state
+  step = RMStep(cfg, pairs, seq, num_attributes, donate, devices)
+  box = {"s": step.init_state()}
 
   def run():
-    state["p"], state["o"], state["m"] = compiled(state["p"], state["o"], batch)
-    jax.block_until_ready(state["m"])
+    *state, box["m"] = step(box["s"])
+    box["s"] = tuple(state)
 
   t0 = time.perf_counter()
   run()
   warmup_s = time.perf_counter() - t0
   times = _times(run, steps)
   step_s = statistics.median(times)
-  tokens = 2 * pairs * seq
-  flops = train_flops(cfg, 2 * pairs, seq)
   kind = jax.devices()[0].device_kind
   peak = peak_flops(kind, cfg.dtype)
   return {
-      "device_kind": kind, "platform": jax.devices()[0].platform,
-      "num_devices": 1 if mesh is None else mesh.size,
+      "device_kind": kind, "platform": jax.devices()[0].platform, "num_devices": step.num_devices,
       "knobs": {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat": cfg.remat, "attention": cfg.attention,
                 "donate": donate, "xla_flags": os.environ.get("XLA_FLAGS")},
-      "rows": 2 * pairs, "tokens_per_step": tokens, "compile_s": _r(compile_s), "warmup_step_s": _r(warmup_s),
-      "step_s": _r(step_s), "step_s_all": [_r(t) for t in times], "tokens_per_s": _r(tokens / step_s),
-      "tokens_per_s_best": _r(tokens / min(times)),
-      "loss": _r(float(state["m"]["loss"])),
-      "model_flops_per_step": flops, "model_flops_per_s": _r(flops / step_s),
-      "peak_flops_per_s": peak, "mfu": _r(flops / step_s / peak) if peak else None,
+      "rows": 2 * pairs, "tokens_per_step": step.tokens, "compile_s": _r(step.compile_s),
+      "warmup_step_s": _r(warmup_s), "step_s": _r(step_s), "step_s_all": [_r(t) for t in times],
+      "tokens_per_s": _r(step.tokens / step_s), "tokens_per_s_best": _r(step.tokens / min(times)),
+      "loss": _r(float(box["m"]["loss"])),
+      "model_flops_per_step": step.flops, "model_flops_per_s": _r(step.flops / step_s),
+      "peak_flops_per_s": peak, "mfu": _r(step.flops / step_s / peak) if peak else None,
       "peak_rss_bytes": peak_rss_bytes(), "device_peak_bytes": _device_peak_bytes(),
   }
 
@@ -281,9 +315,10 @@ def _torch_setup(hf_config: dict, cls_name: str, seed: int = 0):
   return torch, model
 
 
-def torch_rm(hf_config: dict, pairs: int, seq: int, steps: int, dtype: str) -> dict:
+def torch_rm_step(hf_config: dict, pairs: int, seq: int, dtype: str) -> tuple[Callable[[], float], Any]:
   """The same step in PyTorch: LlamaForSequenceClassification, scaled BT on one attribute, AdamW
-  (betas 0.9/0.98, wd 0.1 on matrices), global-norm clipping at 1.0; bf16 through autocast."""
+  (betas 0.9/0.98, wd 0.1 on matrices), global-norm clipping at 1.0; bf16 through autocast.
+  Returns (step() -> loss, model)."""
   import contextlib
   import numpy as np
   torch, model = _torch_setup(hf_config, "LlamaForSequenceClassification")
@@ -298,11 +333,9 @@ def torch_rm(hf_config: dict, pairs: int, seq: int, steps: int, dtype: str) -> d
   b = rm_batch(pairs, seq, hf_config["vocab_size"])
   ids = torch.from_numpy(b["input_ids"][0].astype(np.int64))
   mag = torch.from_numpy(b["magnitude"][0])
-  amp = (torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=getattr(torch, dtype))
-         if dtype != "float32" else contextlib.nullcontext())
-  out = {}
+  amp = torch.autocast("cpu", dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
 
-  def run():
+  def step() -> float:
     opt.zero_grad(set_to_none=True)
     with amp:
       logits = model(input_ids=ids).logits
@@ -311,7 +344,19 @@ def torch_rm(hf_config: dict, pairs: int, seq: int, steps: int, dtype: str) -> d
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
-    out["loss"] = loss.item()
+    return loss.item()
+
+  return step, model
+
+
+def torch_rm(hf_config: dict, pairs: int, seq: int, steps: int, dtype: str) -> dict:
+  """Times `torch_rm_step`: one warm-up step, median of `steps`."""
+  import torch
+  step, model = torch_rm_step(hf_config, pairs, seq, dtype)
+  out = {}
+
+  def run():
+    out["loss"] = step()
 
   t0 = time.perf_counter()
   run()
@@ -319,7 +364,7 @@ def torch_rm(hf_config: dict, pairs: int, seq: int, steps: int, dtype: str) -> d
   times = _times(run, steps)
   step_s = statistics.median(times)
   return {"torch": torch.__version__, "threads": torch.get_num_threads(),
-          "attn_implementation": model.config._attn_implementation, "num_labels": a,
+          "attn_implementation": model.config._attn_implementation, "num_labels": hf_config["num_labels"],
           "warmup_step_s": _r(warmup_s), "step_s": _r(step_s), "step_s_all": [_r(t) for t in times],
           "tokens_per_s": _r(2 * pairs * seq / step_s), "tokens_per_s_best": _r(2 * pairs * seq / min(times)),
           "loss": _r(out["loss"]), "peak_rss_bytes": peak_rss_bytes()}

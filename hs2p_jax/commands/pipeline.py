@@ -42,10 +42,12 @@ def _has_key(cls, dotted: str) -> bool:
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]], list[str]]:
   """(pipeline keys, {stage: keys}, keys for every stage) from `--set` pairs."""
   own, per_stage, broadcast = [], {"regression": [], "bt": [], "reinforce": []}, []
+  stage_cls = {"regression": config_lib.RunConfig, "bt": config_lib.RunConfig,
+               "reinforce": config_lib.ReinforceRunConfig}
   for pair in overrides:
     key = pair.split("=", 1)[0].strip()
     head, _, rest = key.partition(".")
-    if head in per_stage and rest:
+    if head in per_stage and rest and _has_key(stage_cls[head], rest):
       per_stage[head].append(pair[len(head) + 1:])
     elif _has_key(config_lib.PipelineConfig, key):
       own.append(pair)

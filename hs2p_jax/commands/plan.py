@@ -106,7 +106,7 @@ def _devices(mode: str, target: plan.Target) -> tuple[list, str]:
   if len(devices) < target.devices:
     raise _Unavailable(f"the JAX CPU backend started with {len(devices)} device(s) before the plan could ask for "
                        f"{target.devices}; run hs2p plan in a fresh process")
-  return devices[:target.devices], f"host CPU ({target.devices} virtual devices)"
+  return devices[:target.devices], f"host CPU ({target.devices} virtual device{'s' * (target.devices > 1)})"
 
 
 def _lower(cfg: RunConfig, model_cfg: LlamaConfig, mesh, rules: Rules):

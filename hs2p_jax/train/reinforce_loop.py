@@ -24,7 +24,7 @@ from hs2p_jax.train.metrics import MetricsWriter, truncate_jsonl_after
 from hs2p_jax.train.model_init import build_model
 from hs2p_jax.train.optim import make_optimizer
 from hs2p_jax.train.reinforce import advantages, kl_per_token, make_logprob_fn, make_policy_step, masked_mean
-from hs2p_jax.train.rm_loop import opt_state_shardings
+from hs2p_jax.sharding import opt_state_shardings
 from hs2p_jax.train.rm_scorer import RewardScorer
 
 

@@ -16,34 +16,12 @@ from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.eval.scoring import collect, pair_metrics, regression_metrics
 from hs2p_jax.atomic import write_json
 from hs2p_jax.model.reward import attribute_weights
-from hs2p_jax.sharding import make_mesh, rules_from, state_shardings, use_mesh
+from hs2p_jax.sharding import make_mesh, opt_state_shardings, rules_from, state_shardings, use_mesh
 from hs2p_jax.train.feed import gather_processes, put_batch
 from hs2p_jax.train.metrics import MetricsWriter
 from hs2p_jax.train.model_init import build_model, with_template
 from hs2p_jax.train.optim import make_optimizer, schedule
 from hs2p_jax.train.rm import Objective, make_eval_step, make_train_step, stack_micro_batches
-
-
-def opt_state_shardings(abs_opt: Any, params_shardings: Any, mesh) -> Any:
-  """Shardings for an optax state: leaves that mirror a parameter take its sharding, the rest are replicated."""
-  by_path = {}
-  for path, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]:
-    by_path[_names(path)] = s
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  def one(path, leaf):
-    names = _names(path)
-    for i in range(len(names)):
-      s = by_path.get(names[i:])
-      if s is not None and len(s.spec) <= len(leaf.shape):
-        return s
-    return replicated
-  return jax.tree_util.tree_map_with_path(one, abs_opt)
-
-
-def _names(path) -> tuple:
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
-               if str(getattr(k, "key", getattr(k, "name", ""))) != "value")
 
 
 class RMTrainer:

@@ -1,0 +1,170 @@
+"""The `hs2p` command line: conversion, scoring, evaluation, ExPO, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import need_torch, separable_pairs, tiny_overrides, write_jsonl
+from hs2p_jax.checkpoint import load_model
+from hs2p_jax.cli import main
+
+
+def run_cli(capsys, *argv):
+  code = main(list(argv))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def one_line_error(err: str) -> str:
+  lines = [l for l in err.strip().splitlines() if l.strip()]
+  assert len(lines) == 1, err
+  assert "Traceback" not in err
+  return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A tiny BT reward model trained for a few steps through the CLI."""
+  tmp = tmp_path_factory.mktemp("trained")
+  pairs = write_jsonl(tmp / "pairs.jsonl", separable_pairs(8))
+  cfg = tmp / "c.yaml"
+  cfg.write_text("name: cli\n")
+  sets = tiny_overrides(tmp, **{"data.train": pairs, "data.format": "pairs", "train.objective": "bt",
+                                "train.steps": 3, "train.batch_size": 4})
+  assert main(["train-rm", "--config", str(cfg), "--out", str(tmp / "run"), "--set", *sets]) == 0
+  return tmp
+
+
+def test_convert_hf_directory_and_score_a_pair(tiny_hf_dir, tmp_path, capsys):
+  path, _ = tiny_hf_dir
+  from hs2p_jax.tokenizer import byte_tokenizer
+  byte_tokenizer().save_pretrained(path)
+  code, out, _ = run_cli(capsys, "convert", "--hf", path, "--out", str(tmp_path / "ckpt"), "--score",
+                         "What is 2+2?", "4")
+  assert code == 0
+  report = json.loads(out)
+  assert report["layers"] == 3 and set(report["score"]) >= {"helpfulness", "verbosity"}
+  code, out, _ = run_cli(capsys, "convert", "--checkpoint", str(tmp_path / "ckpt"), "--to-hf", str(tmp_path / "hf"))
+  assert code == 0 and os.path.isfile(tmp_path / "hf" / "model.safetensors")
+  assert os.path.isfile(tmp_path / "hf" / "tokenizer.json")
+
+
+def test_eval_rewardbench_format_reports_sections(trained, tmp_path, capsys):
+  from hs2p_jax.eval.rewardbench import section_scores
+  rows = []
+  for i, subset in enumerate(["alpacaeval-easy", "mt-bench-hard", "refusals-dangerous", "math-prm", "hep-go"]):
+    for j in range(3):
+      rows.append({"prompt": f"q{i}{j}", "chosen": f"a{j} good", "chosen_model": "x", "rejected": f"a{j} bad",
+                   "rejected_model": "y", "subset": subset, "id": len(rows)})
+  data = write_jsonl(tmp_path / "rb.jsonl", rows)
+  out_file = tmp_path / "report.json"
+  code, out, _ = run_cli(capsys, "eval", "--checkpoint", str(trained / "run"), "--data", data, "--format",
+                         "rewardbench", "--out", str(out_file), "--max-length", "64")
+  assert code == 0
+  report = json.loads(out_file.read_text())
+  assert report["pairs"] == 15 and set(report["subsets"]) == {r["subset"] for r in rows}
+  assert report["sections"] == pytest.approx(section_scores(report["subsets"]))
+  assert report["accuracy"] == pytest.approx(np.mean(list(report["subsets"].values())))
+
+
+def test_expo_fixed_factor_matches_numpy(trained, tmp_path, capsys):
+  base_dir = str(trained / "run" / "model")
+  from hs2p_jax.checkpoint import ModelMeta, save_model
+  base, meta = load_model(base_dir)
+  g, p = nnx.split(base)
+  other = nnx.merge(g, jax.tree.map(lambda a: a * 0.5 + 0.01, p))
+  save_model(str(tmp_path / "tuned"), other, meta, None)
+  os.symlink(os.path.join(base_dir, "tokenizer"), tmp_path / "tuned" / "tokenizer")
+  code, out, _ = run_cli(capsys, "expo", "--base", base_dir, "--tuned", str(tmp_path / "tuned"), "--factor", "1.5",
+                         "--out", str(tmp_path / "expo"))
+  assert code == 0 and json.loads(out)["factor"] == 1.5
+  mixed, _ = load_model(str(tmp_path / "expo"))
+  for b, t, m in zip(jax.tree.leaves(p), jax.tree.leaves(nnx.state(other)), jax.tree.leaves(nnx.state(mixed))):
+    b, t = np.asarray(b, np.float64), np.asarray(t, np.float64)
+    np.testing.assert_allclose(np.asarray(m), b + 1.5 * (t - b), rtol=1e-5, atol=1e-6)
+
+
+def test_expo_search_writes_plot_and_table(trained, tmp_path, capsys):
+  pairs = write_jsonl(tmp_path / "val.jsonl", separable_pairs(6))
+  run = trained / "run" / "model"
+  code, out, err = run_cli(capsys, "expo", "--base", str(run), "--tuned", str(run), "--search", "0.5:1.5:0.5",
+                           "--data", pairs, "--format", "pairs", "--out", str(tmp_path / "expo"), "--max-length", "64")
+  assert code == 0, err
+  table = json.loads((tmp_path / "expo" / "expo_search.json").read_text())
+  assert [r["factor"] for r in table["table"]] == [0.5, 1.0, 1.5]
+  assert (tmp_path / "expo" / "expo_search.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_malformed_jsonl_is_one_line_naming_file_and_line(tmp_path, capsys):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
+  cfg = tmp_path / "c.yaml"
+  cfg.write_text("name: bad\n")
+  code, _, err = run_cli(capsys, "train-rm", "--config", str(cfg), "--out", str(tmp_path / "run"), "--set",
+                         *tiny_overrides(tmp_path, **{"data.train": str(bad), "data.format": "pairs",
+                                                      "train.objective": "bt"}))
+  assert code == 2
+  line = one_line_error(err)
+  assert f"{bad}:2" in line
+  assert not os.path.exists(tmp_path / "run" / "model")
+
+
+@pytest.mark.parametrize("record, needle", [
+    ({"split": "train", "prompt": "p", "response_1": "a", "response_2": "b", "preference_strength": 7},
+     "preference_strength"),
+    ({"split": "train", "prompt": "p", "response_1": "a", "preference_strength": 2}, "response_2"),
+])
+def test_bad_preference_records_name_the_field(tmp_path, capsys, record, needle):
+  path = tmp_path / "pref.jsonl.gz"
+  with gzip.open(path, "wt") as f:
+    f.write(json.dumps(record) + "\n")
+  cfg = tmp_path / "c.yaml"
+  cfg.write_text("name: bad\n")
+  code, _, err = run_cli(capsys, "train-rm", "--config", str(cfg), "--out", str(tmp_path / "run"), "--set",
+                         *tiny_overrides(tmp_path, **{"data.train": str(path), "data.format": "helpsteer2-preference",
+                                                      "train.objective": "bt"}))
+  assert code == 2
+  line = one_line_error(err)
+  assert f"{path}:1" in line and needle in line
+
+
+def test_unknown_config_key_and_wrong_shape_checkpoint(trained, tmp_path, capsys):
+  cfg = tmp_path / "c.yaml"
+  cfg.write_text("train:\n  stepz: 3\n")
+  code, _, err = run_cli(capsys, "train-rm", "--config", str(cfg), "--out", str(tmp_path / "run"))
+  assert code == 2 and "train.stepz" in one_line_error(err) and str(cfg) in err
+  ckpt = tmp_path / "ckpt"
+  import shutil
+  shutil.copytree(trained / "run" / "model", ckpt)
+  meta = json.loads((ckpt / "hs2p_model.json").read_text())
+  meta["config"]["intermediate_size"] = 200
+  (ckpt / "hs2p_model.json").write_text(json.dumps(meta))
+  code, _, err = run_cli(capsys, "eval", "--checkpoint", str(ckpt), "--data", "builtin")
+  line = one_line_error(err)
+  assert code == 2 and "shape" in line and "mlp" in line
+
+
+@pytest.mark.slow
+def test_quickstart_pipeline_runs_short(tmp_path, capsys):
+  root = os.path.join(os.path.dirname(__file__), "..")
+  code, out, err = run_cli(capsys, "pipeline", "--config", os.path.join(root, "configs/quickstart/pipeline.yaml"),
+                           "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
+                           "expo.search=1.0:1.4:0.2", "data.builtin_size=64")
+  assert code == 0, err
+  report = (tmp_path / "q" / "report.md").read_text()
+  for needle in ("Regression, helpfulness only", "Scaled BT + ExPO", "expo_search.png", "reinforce_curves.png"):
+    assert needle in report
+  stages = {json.loads(l)["stage"] for l in open(tmp_path / "q" / "metrics.jsonl")}
+  assert stages == {"regression", "bt", "reinforce"}
+  # a rerun finds every stage done and only rewrites the report
+  code, _, err = run_cli(capsys, "pipeline", "--config", os.path.join(root, "configs/quickstart/pipeline.yaml"),
+                         "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
+                         "expo.search=1.0:1.4:0.2", "data.builtin_size=64")
+  assert code == 0 and "stage: regression" not in err
