@@ -66,7 +66,8 @@ def knob_table(args) -> dict:
       if name in steps:
         state = steps[name].place(state)
         t0 = time.perf_counter()
-        *state, _ = run(state)
+        params, opt_state, _ = run(state)
+        state = (params, opt_state)
       else:
         t0 = time.perf_counter()
         run()

@@ -2,18 +2,76 @@
 
 Random weights of the preset's shapes; the same random prompts; both produce exactly `--new-tokens`
 tokens (EOS disabled; min = max new tokens for `generate`); greedy unless `--temperature` > 0.
-`jax_over_torch` (generated tokens/s ratio) is the last key. See benchmarks/README.md.
+`jax_over_torch` (generated tokens/s ratio) is the last key. `--knobs` instead times runtime
+variants round-robin in one process and prints a table. See benchmarks/README.md.
 
   /tmp/venv/bin/python benchmarks/sample.py [--model smollm2-135m] [--batch 4] [--prompt 64]
       [--new-tokens 32] [--steps 3] [--temperature 0] [--dtype float32] [--cpu-devices 0]
+  /tmp/venv/bin/python benchmarks/sample.py --knobs [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 
 from common import add_model_args, init_devices, model_config
+
+# name -> (LlamaConfig overrides, SampleRun keyword arguments, XLA compiler options)
+KNOBS: dict[str, tuple[dict, dict, dict | None]] = {
+    "base": ({}, {}, None),
+    "bfloat16": ({"dtype": "bfloat16"}, {}, None),
+    "no_scan": ({"scan_layers": False}, {}, None),
+    "attention_xla": ({"attention": "xla"}, {}, None),
+    "onednn": ({}, {}, {"xla_cpu_use_onednn": True}),
+    "data_parallel_2": ({}, {"devices": 2}, None),
+    "data_parallel_2_no_scan": ({"scan_layers": False}, {"devices": 2}, None),
+}
+
+
+def knob_table(args) -> dict:
+  """Compiles every variant, then times them round-robin on one shared parameter state."""
+  import jax
+  from hs2p_jax.commands.bench import SampleRun, _hf_config, _load, _r, torch_generate
+
+  base = model_config(args)
+  names = [n for n in (args.only or KNOBS) if KNOBS[n][1].get("devices", 1) <= len(jax.devices())]
+  runs, compile_s = {}, {}
+  for name in names:
+    over, kw, opts = KNOBS[name]
+    runs[name] = SampleRun(base.replace(**over), args.batch, args.prompt, args.new_tokens, args.temperature,
+                           compiler_options=opts, **kw)
+    compile_s[name] = runs[name].compile_s
+  calls = {}
+  state = runs[names[0]].init_state()
+  for name, run in runs.items():
+    placed = run.place(state)
+    calls[name] = lambda run=run, placed=placed: run(placed)
+  if not args.no_torch:
+    for dt in ("float32", "bfloat16"):
+      calls[f"torch_{dt}"] = torch_generate(_hf_config(base, pad_token_id=0), args.batch, args.prompt,
+                                            args.new_tokens, dt, args.temperature)[0]
+  times: dict[str, list[float]] = {n: [] for n in calls}
+  load = [_load()]
+  for r in range(args.rounds + 1):  # round 0 warms up
+    for name, call in calls.items():
+      t0 = time.perf_counter()
+      call()
+      if r:
+        times[name].append(time.perf_counter() - t0)
+  load.append(_load())
+  tokens = args.batch * args.new_tokens
+  ref = statistics.median(times[names[0]])
+  rows = {}
+  for name, ts in times.items():
+    med = statistics.median(ts)
+    rows[name] = {"generate_s": _r(med), "generate_s_min": _r(min(ts)), "tokens_per_s": _r(tokens / med),
+                  "speedup_vs_base": _r(ref / med), "compile_s": _r(compile_s.get(name))}
+  return {"bench": "sample_knobs", "model": args.model, "batch": args.batch, "prompt": args.prompt,
+          "new_tokens": args.new_tokens, "temperature": args.temperature, "rounds": args.rounds,
+          "cpu_devices": len(jax.devices()), "load_avg_1m": load, "variants": rows}
 
 
 def main() -> None:
@@ -23,8 +81,16 @@ def main() -> None:
   ap.add_argument("--prompt", type=int, default=64)
   ap.add_argument("--new-tokens", type=int, default=32)
   ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (no top-k / top-p)")
+  ap.add_argument("--knobs", action="store_true", help="time the KNOBS variants (and torch) round-robin")
+  ap.add_argument("--only", nargs="+", choices=list(KNOBS), help="with --knobs: these variants only")
+  ap.add_argument("--rounds", type=int, default=3, help="with --knobs: timed rounds")
   args = ap.parse_args()
+  if args.knobs and not args.cpu_devices:
+    args.cpu_devices = 2
   init_devices(args)
+  if args.knobs:
+    print(json.dumps(knob_table(args)))
+    return
   from hs2p_jax.commands.bench import sample_report
   cfg = model_config(args)
   res = sample_report(cfg, args.model, args.batch, args.prompt, args.new_tokens, args.steps, not args.no_torch,

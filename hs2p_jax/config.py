@@ -50,12 +50,9 @@ class DataConfig:
 
 
 @dataclasses.dataclass
-class TrainConfig:
-  objective: str = "regression"        # regression | bt
-  bt_variant: str = "scaled"           # regular | margin | scaled
-  steps: int = 100
-  batch_size: int = 8                  # global: examples (regression) or pairs (BT) per optimizer step
-  micro_batch_size: Optional[int] = None  # per accumulation step; None = batch_size
+class OptimizerConfig:
+  """AdamW with global-norm clipping and linear warm-up then constant LR (the paper's recipe)."""
+
   lr: float = 2e-6
   warmup_steps: int = 10
   weight_decay: float = 0.1
@@ -63,6 +60,15 @@ class TrainConfig:
   b2: float = 0.98
   eps: float = 1e-8
   grad_clip: float = 1.0
+
+
+@dataclasses.dataclass
+class TrainConfig(OptimizerConfig):
+  objective: str = "regression"        # regression | bt
+  bt_variant: str = "scaled"           # regular | margin | scaled
+  steps: int = 100
+  batch_size: int = 8                  # global: examples (regression) or pairs (BT) per optimizer step
+  micro_batch_size: Optional[int] = None  # per accumulation step; None = batch_size
   seed: int = 0
   log_every: int = 1
   eval_every: int = 0                  # 0 = only at the end
@@ -93,7 +99,7 @@ class RunConfig:
 
 
 @dataclasses.dataclass
-class ReinforceConfig:
+class ReinforceConfig(OptimizerConfig):
   steps: int = 20
   prompts_per_step: int = 4
   samples_per_prompt: int = 4          # k rollouts per prompt (leave-one-out baseline over them)
@@ -109,11 +115,6 @@ class ReinforceConfig:
   reward_scale: float = 1.0
   lr: float = 1e-6
   warmup_steps: int = 0
-  weight_decay: float = 0.1
-  b1: float = 0.9
-  b2: float = 0.98
-  eps: float = 1e-8
-  grad_clip: float = 1.0
   seed: int = 0
   log_every: int = 1
   sample_every: int = 10               # write example responses to samples.jsonl every N steps

@@ -44,7 +44,7 @@ from hs2p_jax.model import create
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.model.reward import attribute_weights
 from hs2p_jax.sharding import MESH_AXES, MeshConfig, Rules, logical_to_spec, mesh_shape, state_shardings
-from hs2p_jax.train.optim import make_optimizer
+from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.rm import Objective
 
 GiB = 1 << 30
@@ -188,7 +188,7 @@ def step_inputs(cfg: RunConfig, model_cfg: LlamaConfig, mesh, rules: Rules) -> S
   graphdef, state = nnx.split(model)
   param_sh = state_shardings(state, mesh, rules)
   params = _with_shardings(state, param_sh)
-  tx = make_optimizer(tc.lr, tc.warmup_steps, tc.weight_decay, tc.b1, tc.b2, tc.eps, tc.grad_clip)
+  tx = optimizer_from(tc)
   abs_opt = jax.eval_shape(tx.init, params)
   opt_state = _with_shardings(abs_opt, opt_state_shardings(abs_opt, param_sh, mesh))
   weights = tuple(float(w) for w in attribute_weights(cfg.model.reward_weights, n_attr))

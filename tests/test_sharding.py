@@ -18,44 +18,48 @@ import json, sys
 import jax
 from hs2p_jax import config as config_lib
 from hs2p_jax.train.rm_loop import RMTrainer
-cfg = config_lib.load(config_lib.RunConfig, None, sys.argv[2:])
-trainer = RMTrainer(cfg, sys.argv[1])
-specs = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): list(leaf.sharding.spec)
-         for path, leaf in jax.tree_util.tree_flatten_with_path(trainer.params)[0]}
-last = trainer.run()
-losses = [json.loads(l)["loss"] for l in open(sys.argv[1] + "/metrics.jsonl")]
-print(json.dumps({"devices": jax.device_count(), "specs": specs, "losses": losses,
-                  "val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy")}))
+results = {}
+for name, out, sets in json.loads(sys.argv[1]):
+  trainer = RMTrainer(config_lib.load(config_lib.RunConfig, None, sets), out)
+  specs = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): list(leaf.sharding.spec)
+           for path, leaf in jax.tree_util.tree_flatten_with_path(trainer.params)[0]}
+  last = trainer.run()
+  losses = [json.loads(l)["loss"] for l in open(out + "/metrics.jsonl")]
+  results[name] = {"devices": jax.device_count(), "specs": specs, "losses": losses, "val_loss": last.get("val_loss")}
+print(json.dumps(results))
 """
 
 
-def run_in_subprocess(tmp_path, name, devices, sets):
+def run_in_subprocess(devices, runs):
   env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / name), *sets], env=env, check=True,
+  out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(runs)], env=env, check=True,
                        capture_output=True, text=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("objective", ["regression", "bt"])
-def test_one_device_and_eight_devices_log_the_same_losses(tmp_path, objective):
-  if objective == "bt":
-    data = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(8))
-    extra = {"data.format": "pairs", "train.objective": "bt", "train.bt_variant": "scaled"}
-  else:
-    rows = [{"prompt": f"p{i}", "response": "r" * (i + 1), "helpfulness": i % 5, "correctness": 1, "coherence": 2,
-             "complexity": 3, "verbosity": 0} for i in range(8)]
-    data = write_jsonl(tmp_path / "ratings.jsonl", rows)
-    extra = {"data.format": "helpsteer2", "train.objective": "regression"}
-  common = {**extra, "data.train": data, "data.validation": data, "train.steps": 3, "train.batch_size": 8,
-            "train.lr": 3e-3, "model.num_layers": 2}
-  one = run_in_subprocess(tmp_path, "one", 1, tiny_overrides(tmp_path, **common))
-  sets8 = tiny_overrides(tmp_path, **common, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-  eight = run_in_subprocess(tmp_path, "eight", 8, sets8)
-  assert one["devices"] == 1 and eight["devices"] == 8
-  # float reassociation across 8 shards: relative 1e-5
-  assert eight["losses"] == pytest.approx(one["losses"], rel=1e-5)
-  assert eight["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
-  specs = eight["specs"]
+def test_one_device_and_eight_devices_log_the_same_losses(tmp_path):
+  pairs = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(8))
+  rows = [{"prompt": f"p{i}", "response": "r" * (i + 1), "helpfulness": i % 5, "correctness": 1, "coherence": 2,
+           "complexity": 3, "verbosity": 0} for i in range(8)]
+  ratings = write_jsonl(tmp_path / "ratings.jsonl", rows)
+  objectives = {
+      "bt": {"data.format": "pairs", "train.objective": "bt", "train.bt_variant": "scaled", "data.train": pairs,
+             "data.validation": pairs},
+      "regression": {"data.format": "helpsteer2", "train.objective": "regression", "data.train": ratings,
+                     "data.validation": ratings},
+  }
+  common = {"train.steps": 3, "train.batch_size": 8, "train.lr": 3e-3, "model.num_layers": 2}
+  mesh8 = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+  one = run_in_subprocess(1, [(k, str(tmp_path / f"one_{k}"), tiny_overrides(tmp_path, **common, **v))
+                              for k, v in objectives.items()])
+  eight = run_in_subprocess(8, [(k, str(tmp_path / f"eight_{k}"), tiny_overrides(tmp_path, **common, **v, **mesh8))
+                                for k, v in objectives.items()])
+  for k in objectives:
+    assert one[k]["devices"] == 1 and eight[k]["devices"] == 8
+    # float reassociation across 8 shards: relative 1e-5
+    assert eight[k]["losses"] == pytest.approx(one[k]["losses"], rel=1e-5), k
+    assert eight[k]["val_loss"] == pytest.approx(one[k]["val_loss"], rel=1e-5), k
+  specs = eight["bt"]["specs"]
   assert specs["model/layers/mlp/gate/value"] == [None, "fsdp", "tensor"]
   assert specs["model/layers/attn/wq/value"] == [None, "fsdp", "tensor", None]
   assert specs["model/embed/value"] == ["tensor", "fsdp"]

@@ -240,54 +240,80 @@ def bench_rm_jax(cfg, pairs: int, seq: int, steps: int, num_attributes: int = 9,
   }
 
 
+class SampleRun:
+  """`generate_from_state` (prefill + `new_tokens` decode steps, EOS disabled) of an LM, compiled for
+  one config and fixed random prompts; variants of one preset share the parameter state."""
+
+  def __init__(self, cfg, batch: int, prompt: int, new_tokens: int, temperature: float = 0.0,
+               devices: int | None = None, compiler_options: dict | None = None):
+    import jax
+    import numpy as np
+    from flax import nnx
+    from hs2p_jax.model import create
+    from hs2p_jax.sample import SamplingConfig, generate_from_state
+    from hs2p_jax.sharding import state_shardings, use_mesh
+    from hs2p_jax.train.feed import put_batch
+
+    self.cfg, self.batch, self.new_tokens = cfg, batch, new_tokens
+    self.mesh = _mesh(devices)
+    self.num_devices = 1 if self.mesh is None else self.mesh.size
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create("lm", cfg)))
+    self.sharding = (jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+                     if self.mesh is None else state_shardings(abstract, self.mesh))
+    rng = np.random.default_rng(0)
+    arrays = put_batch({"prompt_ids": rng.integers(3, cfg.vocab_size, (batch, prompt), dtype=np.int32),
+                        "prompt_mask": np.ones((batch, prompt), np.int32)}, self.mesh)
+    self.args = (arrays["prompt_ids"], arrays["prompt_mask"], jax.random.key(0))
+    abs_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract,
+                             self.sharding)
+
+    def compile_for(n: int):
+      scfg = SamplingConfig(max_new_tokens=n, temperature=temperature, eos_ids=(), pad_id=0)
+      with use_mesh(self.mesh):
+        return generate_from_state.lower(graphdef, abs_state, *self.args, scfg).compile(compiler_options)
+
+    t0 = time.perf_counter()
+    self.full = compile_for(new_tokens)
+    self.compile_s = time.perf_counter() - t0
+    self.one = compile_for(1)
+
+  def init_state(self):
+    return self.place(random_split("lm", self.cfg)[1])
+
+  def place(self, state):
+    import jax
+    return jax.device_put(state, self.sharding)
+
+  def __call__(self, state, one_token: bool = False):
+    """Generates (synchronised) and returns the output; `one_token`: a single new token."""
+    import jax
+    out = (self.one if one_token else self.full)(state, *self.args)
+    jax.block_until_ready(out.tokens)
+    return out
+
+
 def bench_sample_jax(cfg, batch: int, prompt: int, new_tokens: int, steps: int, temperature: float = 0.0,
                      devices: int | None = None) -> dict:
-  """Times `generate_from_state` (prefill + `new_tokens` decode steps, EOS disabled) of a random LM;
-  a 1-token run separates the prefill from the per-token decode cost."""
+  """Times `SampleRun`: median of `steps` after a warm-up; a 1-token run separates the prefill from
+  the per-token decode cost."""
   import jax
   import numpy as np
-  from hs2p_jax.sample import SamplingConfig, generate_from_state
-  from hs2p_jax.sharding import use_mesh
-  from hs2p_jax.train.feed import put_batch
-
-  mesh = _mesh(devices)
-  graphdef, state = random_split("lm", cfg, mesh=mesh)
-  rng = np.random.default_rng(0)
-  arrays = put_batch({"prompt_ids": rng.integers(3, cfg.vocab_size, (batch, prompt), dtype=np.int32),
-                      "prompt_mask": np.ones((batch, prompt), np.int32)}, mesh)
-  ids, mask, key = arrays["prompt_ids"], arrays["prompt_mask"], jax.random.key(0)
-
-  def compile_for(n: int):
-    scfg = SamplingConfig(max_new_tokens=n, temperature=temperature, eos_ids=(), pad_id=0)
-    with use_mesh(mesh):
-      return generate_from_state.lower(graphdef, state, ids, mask, key, scfg).compile()
-
-  t0 = time.perf_counter()
-  full = compile_for(new_tokens)
-  compile_s = time.perf_counter() - t0
-  one = compile_for(1)
-  out = {}
-
-  def timed(fn):
-    def run():
-      out["o"] = fn(state, ids, mask, key)
-      jax.block_until_ready(out["o"].tokens)
-    run()  # warm-up
-    return statistics.median(_times(run, steps))
-
-  total_s = timed(full)
-  assert int(np.min(np.asarray(out["o"].lengths))) == new_tokens, "rows stopped early"
-  one_s = timed(one)
+  run = SampleRun(cfg, batch, prompt, new_tokens, temperature, devices)
+  state = run.init_state()
+  out = run(state)
+  assert int(np.min(np.asarray(out.lengths))) == new_tokens, "rows stopped early"
+  total_s = statistics.median(_times(lambda: run(state), steps))
+  run(state, one_token=True)
+  one_s = statistics.median(_times(lambda: run(state, one_token=True), steps))
   decode_step_s = (total_s - one_s) / max(new_tokens - 1, 1)
   kind = jax.devices()[0].device_kind
   step_bytes = sample_step_bytes(cfg, batch, prompt + new_tokens / 2)
   bw = PEAK_BANDWIDTH.get(device_family(kind) or "")
   return {
-      "device_kind": kind, "platform": jax.devices()[0].platform,
-      "num_devices": 1 if mesh is None else mesh.size,
+      "device_kind": kind, "platform": jax.devices()[0].platform, "num_devices": run.num_devices,
       "knobs": {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "attention": cfg.attention,
                 "xla_flags": os.environ.get("XLA_FLAGS")},
-      "compile_s": _r(compile_s), "generate_s": _r(total_s), "tokens_per_s": _r(batch * new_tokens / total_s),
+      "compile_s": _r(run.compile_s), "generate_s": _r(total_s), "tokens_per_s": _r(batch * new_tokens / total_s),
       "prefill_s": _r(max(one_s - decode_step_s, 0.0)), "decode_step_s": _r(decode_step_s),
       "decode_tokens_per_s": _r(batch / decode_step_s) if decode_step_s > 0 else None,
       "decode_bytes_per_step": step_bytes, "peak_bandwidth": bw,
@@ -370,9 +396,10 @@ def torch_rm(hf_config: dict, pairs: int, seq: int, steps: int, dtype: str) -> d
           "loss": _r(out["loss"]), "peak_rss_bytes": peak_rss_bytes()}
 
 
-def torch_sample(hf_config: dict, batch: int, prompt: int, new_tokens: int, steps: int, dtype: str,
-                 temperature: float = 0.0) -> dict:
-  """transformers' `generate` on the same shapes: exactly `new_tokens` tokens (min = max, no EOS)."""
+def torch_generate(hf_config: dict, batch: int, prompt: int, new_tokens: int, dtype: str,
+                   temperature: float = 0.0) -> tuple[Callable[[], Any], Any]:
+  """transformers' `generate` on the same shapes: exactly `new_tokens` tokens (min = max, no EOS);
+  bf16 through autocast. Returns (generate() -> ids [B, prompt + new_tokens], model)."""
   import contextlib
   import numpy as np
   torch, model = _torch_setup(hf_config, "LlamaForCausalLM")
@@ -382,16 +409,23 @@ def torch_sample(hf_config: dict, batch: int, prompt: int, new_tokens: int, step
   amp = torch.autocast("cpu", dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
   sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
       "do_sample": False}
-  out = {}
 
-  def run():
+  def generate():
     with torch.inference_mode(), amp:
-      out["o"] = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                eos_token_id=None, pad_token_id=0, **sampling)
+      return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            eos_token_id=None, pad_token_id=0, **sampling)
 
-  run()
-  assert out["o"].shape == (batch, prompt + new_tokens), out["o"].shape
-  total_s = statistics.median(_times(run, steps))
+  return generate, model
+
+
+def torch_sample(hf_config: dict, batch: int, prompt: int, new_tokens: int, steps: int, dtype: str,
+                 temperature: float = 0.0) -> dict:
+  """Times `torch_generate`: median of `steps` after a warm-up."""
+  import torch
+  generate, model = torch_generate(hf_config, batch, prompt, new_tokens, dtype, temperature)
+  out = generate()
+  assert tuple(out.shape) == (batch, prompt + new_tokens), out.shape
+  total_s = statistics.median(_times(generate, steps))
   return {"torch": torch.__version__, "threads": torch.get_num_threads(),
           "attn_implementation": model.config._attn_implementation, "generate_s": _r(total_s),
           "tokens_per_s": _r(batch * new_tokens / total_s), "peak_rss_bytes": peak_rss_bytes()}

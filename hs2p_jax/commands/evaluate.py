@@ -12,29 +12,16 @@ import numpy as np
 
 from hs2p_jax.atomic import write_json
 from hs2p_jax.config import DataConfig
-from hs2p_jax.errors import UserError
+from hs2p_jax.eval.scoring import collect
+from hs2p_jax.sharding import DEFAULT_RULES, use_mesh
+from hs2p_jax.train.rm_scorer import RewardScorer
 
 
-class PairScorer:
-  """A loaded reward model that scores pair files: `score(data, fmt) -> report`."""
+class PairScorer(RewardScorer):
+  """A loaded reward model that scores pair files: chosen and rejected in one forward pass."""
 
   def __init__(self, checkpoint: str, batch_size: int = 8, max_length: int = 1024, mesh=None, rules=None):
-    from flax import nnx
-
-    from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model
-    from hs2p_jax.model.reward import attribute_weights
-    from hs2p_jax.train.rm import make_eval_step
-
-    from hs2p_jax.sharding import DEFAULT_RULES
-    rules = rules or DEFAULT_RULES
-    model, self.meta = load_model(checkpoint, mesh, rules)
-    if self.meta.kind != "reward":
-      raise UserError(f"{checkpoint}: a {self.meta.kind} checkpoint, not a reward model")
-    self.graphdef, self.params = nnx.split(model)
-    self.tokenizer = load_checkpoint_tokenizer(checkpoint)
-    self.weights = attribute_weights(self.meta.reward_weights, self.meta.num_attributes)
-    self.batch_size, self.max_length, self.mesh, self.rules = batch_size, max_length, mesh, rules
-    self.eval_fn = jax.jit(make_eval_step(self.graphdef))
+    super().__init__(checkpoint, mesh, rules or DEFAULT_RULES, max_length=max_length, batch_size=batch_size)
 
   def loader(self, data: str, fmt: str, split: str = "validation", cache_dir: str | None = None):
     from hs2p_jax.data.pipeline import make_loader
@@ -46,10 +33,8 @@ class PairScorer:
 
   def rewards(self, loader, params=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """([N, 2] rewards, [N] magnitudes, [N] example ids) of every pair of `loader`."""
-    from hs2p_jax.eval.scoring import collect
-    from hs2p_jax.sharding import use_mesh
     with use_mesh(self.mesh, self.rules):
-      res = collect(self.eval_fn, self.params if params is None else params, loader, self.mesh, self.rules)
+      res = collect(self._eval, self.params if params is None else params, loader, self.mesh, self.rules)
     return res["outputs"] @ self.weights, res["magnitude"], res["example_id"]
 
 

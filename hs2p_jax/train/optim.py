@@ -36,3 +36,8 @@ def make_optimizer(lr: float, warmup_steps: int = 10, weight_decay: float = 0.1,
   parts.append(optax.adamw(schedule(lr, warmup_steps), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                            mask=decay_mask))
   return optax.chain(*parts)
+
+
+def optimizer_from(cfg) -> optax.GradientTransformation:
+  """`make_optimizer` from an `OptimizerConfig` (train: or reinforce: section)."""
+  return make_optimizer(cfg.lr, cfg.warmup_steps, cfg.weight_decay, cfg.b1, cfg.b2, cfg.eps, cfg.grad_clip)

@@ -22,7 +22,7 @@ from hs2p_jax.sharding import make_mesh, rules_from, state_shardings, use_mesh
 from hs2p_jax.train.feed import put_batch
 from hs2p_jax.train.metrics import MetricsWriter, truncate_jsonl_after
 from hs2p_jax.train.model_init import build_model
-from hs2p_jax.train.optim import make_optimizer
+from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.reinforce import advantages, kl_per_token, make_logprob_fn, make_policy_step, masked_mean
 from hs2p_jax.sharding import opt_state_shardings
 from hs2p_jax.train.rm_scorer import RewardScorer
@@ -70,7 +70,7 @@ class ReinforceTrainer:
     self.ref_params = jax.tree.map(jnp.copy, self.params)  # the frozen reference: the initial policy
     self.scorer = scorer or RewardScorer(cfg.reward_model, self.mesh, self.rules,
                                          max_length=cfg.data.max_length + rc.max_new_tokens)
-    self.tx = make_optimizer(rc.lr, rc.warmup_steps, rc.weight_decay, rc.b1, rc.b2, rc.eps, rc.grad_clip)
+    self.tx = optimizer_from(rc)
     param_sh = state_shardings(self.params, self.mesh, self.rules)
     self.opt_sh = opt_state_shardings(jax.eval_shape(self.tx.init, self.params), param_sh, self.mesh)
     with use_mesh(self.mesh, self.rules):

@@ -20,7 +20,7 @@ from hs2p_jax.sharding import make_mesh, opt_state_shardings, rules_from, state_
 from hs2p_jax.train.feed import gather_processes, put_batch
 from hs2p_jax.train.metrics import MetricsWriter
 from hs2p_jax.train.model_init import build_model, with_template
-from hs2p_jax.train.optim import make_optimizer, schedule
+from hs2p_jax.train.optim import optimizer_from, schedule
 from hs2p_jax.train.rm import Objective, make_eval_step, make_train_step, stack_micro_batches
 
 
@@ -41,7 +41,7 @@ class RMTrainer:
     weights = tuple(float(w) for w in attribute_weights(cfg.model.reward_weights, meta.num_attributes))
     self.objective = Objective(tc.objective, tc.bt_variant, weights)
     self.task = "regression" if tc.objective == "regression" else "pairs"
-    self.tx = make_optimizer(tc.lr, tc.warmup_steps, tc.weight_decay, tc.b1, tc.b2, tc.eps, tc.grad_clip)
+    self.tx = optimizer_from(tc)
     self.lr_at = schedule(tc.lr, tc.warmup_steps)
     self.param_sh = state_shardings(self.params, self.mesh, self.rules)
     self.opt_sh = opt_state_shardings(jax.eval_shape(self.tx.init, self.params), self.param_sh, self.mesh)
