@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 from common import add_model_args, init_devices, model_config
@@ -51,6 +52,7 @@ def knob_table(args) -> dict:
   for name in names:
     over, kw, opts = KNOBS[name]
     steps[name] = RMStep(base.replace(**over), args.pairs, args.seq, args.num_attributes, compiler_options=opts, **kw)
+    print(f"compiled {name}", file=sys.stderr, flush=True)
     compile_s[name] = steps[name].compile_s
   runs = dict(steps)
   if not args.no_torch:
@@ -73,6 +75,7 @@ def knob_table(args) -> dict:
         run()
       if r:
         times[name].append(time.perf_counter() - t0)
+      print(f"round {r} {name}: {time.perf_counter() - t0:.3f} s", file=sys.stderr, flush=True)
   load.append(_load())
   tokens = 2 * args.pairs * args.seq
   ref = statistics.median(times[names[0]])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 from common import add_model_args, init_devices, model_config
@@ -43,6 +44,7 @@ def knob_table(args) -> dict:
     over, kw, opts = KNOBS[name]
     runs[name] = SampleRun(base.replace(**over), args.batch, args.prompt, args.new_tokens, args.temperature,
                            compiler_options=opts, **kw)
+    print(f"compiled {name}", file=sys.stderr, flush=True)
     compile_s[name] = runs[name].compile_s
   calls = {}
   state = runs[names[0]].init_state()
@@ -61,6 +63,7 @@ def knob_table(args) -> dict:
       call()
       if r:
         times[name].append(time.perf_counter() - t0)
+      print(f"round {r} {name}: {time.perf_counter() - t0:.3f} s", file=sys.stderr, flush=True)
   load.append(_load())
   tokens = args.batch * args.new_tokens
   ref = statistics.median(times[names[0]])

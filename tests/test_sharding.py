@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import separable_pairs, tiny_overrides, write_jsonl
@@ -26,6 +27,17 @@ for name, out, sets in json.loads(sys.argv[1]):
   last = trainer.run()
   losses = [json.loads(l)["loss"] for l in open(out + "/metrics.jsonl")]
   results[name] = {"devices": jax.device_count(), "specs": specs, "losses": losses, "val_loss": last.get("val_loss")}
+# the sampler on the same mesh (policy sharded by the same rules)
+import numpy as np
+from hs2p_jax.model import preset
+from hs2p_jax.sample import generate
+from hs2p_jax.sharding import use_mesh
+from hs2p_jax.train.model_init import random_model
+lm = random_model("lm", preset("tiny", num_layers=1), 9, 0, trainer.mesh, trainer.rules)
+ids = np.random.RandomState(0).randint(16, 270, (4, 8))
+with use_mesh(trainer.mesh, trainer.rules):
+  out = generate(lm, ids, np.ones_like(ids), max_new_tokens=6, temperature=0.8, seed=1)
+results["generate"] = {"tokens": np.asarray(out.tokens).tolist(), "logprobs": np.asarray(out.logprobs).tolist()}
 print(json.dumps(results))
 """
 
@@ -59,6 +71,8 @@ def test_one_device_and_eight_devices_log_the_same_losses(tmp_path):
     # float reassociation across 8 shards: relative 1e-5
     assert eight[k]["losses"] == pytest.approx(one[k]["losses"], rel=1e-5), k
     assert eight[k]["val_loss"] == pytest.approx(one[k]["val_loss"], rel=1e-5), k
+  assert eight["generate"]["tokens"] == one["generate"]["tokens"]  # the sampler, sharded, samples the same
+  np.testing.assert_allclose(eight["generate"]["logprobs"], one["generate"]["logprobs"], atol=1e-4)
   specs = eight["bt"]["specs"]
   assert specs["model/layers/mlp/gate/value"] == [None, "fsdp", "tensor"]
   assert specs["model/layers/attn/wq/value"] == [None, "fsdp", "tensor", None]

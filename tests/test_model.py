@@ -1,0 +1,120 @@
+"""Model internals: packing, scan vs unrolled, remat, attention kernels, KV cache, compute dtype."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hs2p_jax.model import create, preset
+from hs2p_jax.model.attention import reference_attention
+from hs2p_jax.model.llama import KVCache, segment_positions
+from hs2p_jax.model.reward import last_token_index, segment_last_indices
+
+CFG = preset("tiny", num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def lm():
+  return create("lm", CFG, seed=0)
+
+
+def variant(model, **changes):
+  """The same weights under a different runtime config (scan, remat, attention, dtype)."""
+  _, state = nnx.split(model)
+  g2, _ = nnx.split(nnx.eval_shape(lambda: create("lm", CFG.replace(**changes), seed=0)))
+  return nnx.merge(g2, state)
+
+
+IDS = np.random.RandomState(1).randint(16, 270, (2, 12))
+MASK = np.ones_like(IDS)
+MASK[0, :3] = 0
+
+
+def value_grads_logits(model):
+  """Jitted (loss, grads) and logits: remat and scan only act under a trace anyway."""
+  graphdef, state = nnx.split(model)
+  fn = jax.jit(jax.value_and_grad(lambda st: jnp.sum(nnx.merge(graphdef, st)(IDS, MASK)[:, -1] ** 2)))
+  return fn(state), jax.jit(lambda st: nnx.merge(graphdef, st)(IDS, MASK))(state)
+
+
+@pytest.fixture(scope="module")
+def reference(lm):
+  return value_grads_logits(lm)
+
+
+def test_packed_rows_equal_separate_rows(lm):
+  rng = np.random.RandomState(0)
+  a, b = rng.randint(16, 270, 7), rng.randint(16, 270, 5)
+  packed = np.concatenate([a, b, [0, 0, 0, 0]])[None]
+  seg = np.concatenate([np.ones(7), 2 * np.ones(5), np.zeros(4)]).astype(np.int32)[None]
+  assert segment_positions(jnp.asarray(seg)).tolist() == [[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 0, 0, 0, 0]]
+  out = np.asarray(lm(packed, segment_ids=seg))
+  np.testing.assert_allclose(out[0, :7], np.asarray(lm(a[None]))[0], atol=1e-5)
+  np.testing.assert_allclose(out[0, 7:12], np.asarray(lm(b[None]))[0], atol=1e-5)
+  assert segment_last_indices(jnp.asarray(seg), 3).tolist() == [[6, 11, -1]]
+
+
+@pytest.mark.parametrize("changes", [dict(scan_layers=False), dict(remat="full"), dict(remat="dots"),
+                                     dict(attention="xla"), dict(scan_layers=False, remat="save_attention_out")])
+def test_runtime_variants_compute_the_same_function(lm, reference, changes):
+  (v_ref, g_ref), ref = reference
+  (v_other, g_other), out = value_grads_logits(variant(lm, **changes))
+  np.testing.assert_allclose(np.asarray(out)[MASK == 1], np.asarray(ref)[MASK == 1], atol=2e-5)
+  assert float(v_other) == pytest.approx(float(v_ref), rel=1e-5)
+  # gradients too (remat / scan change how they are computed, not what)
+  for x, y in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_other)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+def test_xla_attention_kernel_equals_reference_with_gqa_and_masks():
+  rng = np.random.RandomState(2)
+  q = jnp.asarray(rng.randn(2, 6, 4, 8), jnp.float32)
+  k = jnp.asarray(rng.randn(2, 9, 2, 8), jnp.float32)
+  v = jnp.asarray(rng.randn(2, 9, 2, 8), jnp.float32)
+  mask = jnp.asarray(rng.rand(2, 6, 9) > 0.3)
+  mask = mask.at[:, :, 0].set(True)
+  ref = reference_attention(q, k, v, mask)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+  # against an explicit numpy softmax
+  qn, kn, vn, mn = (np.asarray(x, np.float64) for x in (q, k, v, mask))
+  kn, vn = np.repeat(kn, 2, axis=2), np.repeat(vn, 2, axis=2)
+  logits = np.einsum("bqhd,bkhd->bhqk", qn, kn) / np.sqrt(8)
+  logits = np.where(mn[:, None], logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(ref), np.einsum("bhqk,bkhd->bqhd", p, vn), atol=1e-5)
+
+
+def test_incremental_decoding_with_cache_equals_full_forward(lm):
+  ids = np.random.RandomState(3).randint(16, 270, (2, 10))
+  mask = np.ones_like(ids)
+  mask[1, :4] = 0
+  full = np.asarray(lm(ids, mask))
+  cache = KVCache.init(CFG, 2, 12)
+  logits, cache = lm(ids[:, :6], mask[:, :6], cache=cache)
+  outs = [np.asarray(logits)]
+  for t in range(6, 10):
+    logits, cache = lm(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache)
+    outs.append(np.asarray(logits))
+  inc = np.concatenate(outs, axis=1)
+  np.testing.assert_allclose(inc[mask == 1], full[mask == 1], atol=2e-5)
+
+
+def test_bfloat16_compute_stays_close_to_float32(lm):
+  ids = np.random.RandomState(4).randint(16, 270, (2, 16))
+  ref = np.asarray(lm(ids))
+  bf = variant(lm, dtype="bfloat16")
+  out = bf(ids)
+  assert out.dtype == jnp.float32  # logits are float32 whatever the compute dtype
+  assert jax.tree.leaves(nnx.state(bf))[0].dtype == jnp.float32  # parameters stay float32
+  rel = np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref)
+  assert 1e-5 < rel < 2e-2
+
+
+def test_last_token_index_either_padding_side():
+  mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+  assert last_token_index(mask).tolist() == [4, 2, 4]
