@@ -195,6 +195,8 @@ class Pipeline:
       recs = metrics(stage)
       val = [r.get("val_accuracy", r.get("val_pair_accuracy")) for r in recs
              if r.get("val_accuracy", r.get("val_pair_accuracy")) is not None]
+      table = done_info(stage).get("table") or []
+      val += [r["accuracy"] for r in table if r["factor"] == done_info(stage).get("factor")]
       rows.append({"stage": name, "paper_row": paper, "sections": scores[stage].get("sections"),
                    "accuracy": scores[stage].get("accuracy"), "val_accuracy": val[-1] if val else None})
     images, notes = [], []
