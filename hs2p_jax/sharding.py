@@ -127,10 +127,6 @@ def use_mesh(mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
     _ctx.mesh, _ctx.rules = old
 
 
-def current_mesh() -> Mesh | None:
-  return _ctx.mesh
-
-
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
                     mesh: Mesh | None = None, rules: Rules | None = None) -> P:
   """Maps logical axis names to a PartitionSpec; mesh axes that do not divide a dim are dropped."""
@@ -164,13 +160,6 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh)))
 
 
-def param_axes(state: Any) -> Any:
-  """The logical axes of every Variable in an nnx State (None where a Variable declares none)."""
-  return jax.tree.map(
-      lambda v: v.get_metadata().get("axes") if isinstance(v, nnx.Variable) else None,
-      state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-
-
 def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
   """NamedShardings for an nnx State (concrete or abstract), from each Variable's `axes`."""
   def one(v):
@@ -179,11 +168,6 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any
       return v.replace(NamedSharding(mesh, logical_to_spec(axes, v.shape, mesh, rules)))
     return NamedSharding(mesh, P())
   return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-
-
-def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES) -> NamedSharding:
-  """Sharding of a `[B, ...]` batch: B over the batch axes, the rest replicated."""
-  return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1), None, mesh, rules))
 
 
 def opt_state_shardings(abs_opt: Any, params_shardings: Any, mesh) -> Any:

@@ -118,3 +118,17 @@ def test_bfloat16_compute_stays_close_to_float32(lm):
 def test_last_token_index_either_padding_side():
   mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
   assert last_token_index(mask).tolist() == [4, 2, 4]
+
+
+def test_attribute_weights_and_scalar_reward():
+  from hs2p_jax.errors import UserError
+  from hs2p_jax.model.reward import attribute_weights, scalar_reward
+  out = np.arange(18, dtype=np.float32).reshape(2, 9)
+  assert scalar_reward(out, attribute_weights("helpfulness", 9)).tolist() == [4.0, 13.0]
+  w = attribute_weights("nemotron-4-340b", 9)
+  np.testing.assert_allclose(np.asarray(scalar_reward(out, w)), out @ np.asarray([0, 0, 0, 0, 0.3, 0.74, 0.46, 0.47, -0.33]),
+                             rtol=1e-6)
+  assert attribute_weights("verbosity", 9).argmax() == 8
+  assert attribute_weights("helpfulness", 1).tolist() == [1.0]
+  with pytest.raises(UserError, match="3 weights for a head with 9"):
+    attribute_weights([1, 2, 3], 9)
