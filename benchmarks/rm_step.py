@@ -8,7 +8,8 @@ See benchmarks/README.md.
 
   /tmp/venv/bin/python benchmarks/rm_step.py [--model smollm2-135m] [--pairs 2] [--seq 256] [--steps 3]
       [--dtype float32] [--scan-layers on] [--remat none] [--attention reference] [--cpu-devices 0]
-  /tmp/venv/bin/python benchmarks/rm_step.py --knobs [--rounds 3]
+  /tmp/venv/bin/python benchmarks/rm_step.py --knobs [--rounds 3] [--only base no_scan ...]
+  /tmp/venv/bin/python benchmarks/rm_step.py --knobs --cpu-devices 2   # the data-parallel variants
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import time
 
 from common import add_model_args, init_devices, model_config
 
-# name -> (LlamaConfig overrides, RMStep keyword arguments, XLA compiler options)
+# name -> (LlamaConfig overrides, RMStep keyword arguments, XLA compiler options). Variants with
+# devices=2 run in a process split into 2 CPU devices (which slows single-device programs there),
+# the others in a 1-device process; torch float32 is timed in both as the common reference.
 KNOBS: dict[str, tuple[dict, dict, dict | None]] = {
     "base": ({}, {}, None),
     "bfloat16": ({"dtype": "bfloat16"}, {}, None),
@@ -31,13 +34,12 @@ KNOBS: dict[str, tuple[dict, dict, dict | None]] = {
     "remat_full": ({"remat": "full"}, {}, None),
     "remat_dots_no_batch": ({"remat": "dots_no_batch"}, {}, None),
     "remat_save_attention_out": ({"remat": "save_attention_out"}, {}, None),
-    "onednn": ({}, {}, {"xla_cpu_use_onednn": True}),
-    "onednn_dot_fusion": ({}, {}, {"xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}),
-    "xnn_dot_fusion": ({}, {}, {"xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}),
-    "ynn_dot_eltwise_fusion": ({}, {}, {"xla_cpu_experimental_ynn_fusion_type":
-                                        "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"}),
+    "remat_dots_no_batch_attention_xla": ({"remat": "dots_no_batch", "attention": "xla"}, {}, None),
+    "remat_dots_no_batch_no_scan": ({"remat": "dots_no_batch", "scan_layers": False}, {}, None),
+    "eigen_dots": ({}, {}, {"xla_cpu_experimental_ynn_fusion_type": ""}),  # XLA's Eigen dots, not YNNPACK
     "data_parallel_2": ({}, {"devices": 2}, None),
     "data_parallel_2_no_scan": ({"scan_layers": False}, {"devices": 2}, None),
+    "data_parallel_2_remat_dots_no_batch": ({"remat": "dots_no_batch"}, {"devices": 2}, None),
 }
 
 
@@ -47,7 +49,8 @@ def knob_table(args) -> dict:
   from hs2p_jax.commands.bench import RMStep, _hf_config, _r, _load, torch_rm_step
 
   base = model_config(args)
-  names = [n for n in (args.only or KNOBS) if KNOBS[n][1].get("devices", 1) <= len(jax.devices())]
+  ndev = len(jax.devices())
+  names = [n for n in (args.only or KNOBS) if KNOBS[n][1].get("devices", 1) == ndev]
   steps, compile_s = {}, {}
   for name in names:
     over, kw, opts = KNOBS[name]
@@ -55,16 +58,17 @@ def knob_table(args) -> dict:
     print(f"compiled {name}", file=sys.stderr, flush=True)
     compile_s[name] = steps[name].compile_s
   runs = dict(steps)
-  if not args.no_torch:
-    for dt in ("float32", "bfloat16"):
-      hf = _hf_config(base, architecture="LlamaForSequenceClassification", num_labels=args.num_attributes,
-                      pad_token_id=0)
-      runs[f"torch_{dt}"] = torch_rm_step(hf, args.pairs, args.seq, dt)[0]
+  if not args.no_torch:  # float32 only: bf16 autocast on a CPU without bf16 units is ~20x slower
+    hf = _hf_config(base, architecture="LlamaForSequenceClassification", num_labels=args.num_attributes,
+                    pad_token_id=0)
+    runs["torch_float32"] = torch_rm_step(hf, args.pairs, args.seq, "float32")[0]
   times: dict[str, list[float]] = {n: [] for n in runs}
   state = steps[names[0]].init_state()
   load = [_load()]
-  for r in range(args.rounds + 1):  # round 0 warms up
-    for name, run in runs.items():
+  order = list(runs)
+  for r in range(args.rounds + 1):  # round 0 warms up; each round starts one variant later
+    for name in order[r % len(order):] + order[:r % len(order)]:
+      run = runs[name]
       if name in steps:
         state = steps[name].place(state)
         t0 = time.perf_counter()
@@ -79,11 +83,13 @@ def knob_table(args) -> dict:
   load.append(_load())
   tokens = 2 * args.pairs * args.seq
   ref = statistics.median(times[names[0]])
+  torch_s = statistics.median(times["torch_float32"]) if "torch_float32" in times else None
   rows = {}
   for name, ts in times.items():
     med = statistics.median(ts)
     rows[name] = {"step_s": _r(med), "step_s_min": _r(min(ts)), "tokens_per_s": _r(tokens / med),
-                  "speedup_vs_base": _r(ref / med), "compile_s": _r(compile_s.get(name))}
+                  "speedup_vs_first": _r(ref / med),
+                  "speedup_vs_torch": _r(torch_s / med) if torch_s else None, "compile_s": _r(compile_s.get(name))}
   return {"bench": "rm_knobs", "model": args.model, "pairs": args.pairs, "seq": args.seq, "rounds": args.rounds,
           "cpu_devices": len(jax.devices()), "load_avg_1m": load, "variants": rows}
 
@@ -96,12 +102,11 @@ def main() -> None:
   ap.add_argument("--num-attributes", type=int, default=9, help="reward head outputs (9 or 1)")
   ap.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch", "save_attention_out"])
   ap.add_argument("--no-donate", action="store_true", help="do not donate params / optimizer state to the step")
-  ap.add_argument("--knobs", action="store_true", help="time the KNOBS variants (and torch) round-robin")
+  ap.add_argument("--knobs", action="store_true",
+                  help="time the KNOBS variants for this process's device count (and torch) round-robin")
   ap.add_argument("--only", nargs="+", choices=list(KNOBS), help="with --knobs: these variants only")
   ap.add_argument("--rounds", type=int, default=3, help="with --knobs: timed rounds")
   args = ap.parse_args()
-  if args.knobs and not args.cpu_devices:
-    args.cpu_devices = 2
   init_devices(args)
   if args.knobs:
     print(json.dumps(knob_table(args)))

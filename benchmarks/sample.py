@@ -7,7 +7,8 @@ variants round-robin in one process and prints a table. See benchmarks/README.md
 
   /tmp/venv/bin/python benchmarks/sample.py [--model smollm2-135m] [--batch 4] [--prompt 64]
       [--new-tokens 32] [--steps 3] [--temperature 0] [--dtype float32] [--cpu-devices 0]
-  /tmp/venv/bin/python benchmarks/sample.py --knobs [--rounds 3]
+  /tmp/venv/bin/python benchmarks/sample.py --knobs [--rounds 3] [--only base no_scan ...]
+  /tmp/venv/bin/python benchmarks/sample.py --knobs --cpu-devices 2   # the data-parallel variants
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import time
 
 from common import add_model_args, init_devices, model_config
 
-# name -> (LlamaConfig overrides, SampleRun keyword arguments, XLA compiler options)
+# name -> (LlamaConfig overrides, SampleRun keyword arguments, XLA compiler options). Variants with
+# devices=2 run in a process split into 2 CPU devices, the others in a 1-device process; torch
+# float32 is timed in both as the common reference.
 KNOBS: dict[str, tuple[dict, dict, dict | None]] = {
     "base": ({}, {}, None),
     "bfloat16": ({"dtype": "bfloat16"}, {}, None),
     "no_scan": ({"scan_layers": False}, {}, None),
     "attention_xla": ({"attention": "xla"}, {}, None),
-    "onednn": ({}, {}, {"xla_cpu_use_onednn": True}),
+    "eigen_dots": ({}, {}, {"xla_cpu_experimental_ynn_fusion_type": ""}),  # XLA's Eigen dots, not YNNPACK
     "data_parallel_2": ({}, {"devices": 2}, None),
     "data_parallel_2_no_scan": ({"scan_layers": False}, {"devices": 2}, None),
 }
@@ -38,7 +41,8 @@ def knob_table(args) -> dict:
   from hs2p_jax.commands.bench import SampleRun, _hf_config, _load, _r, torch_generate
 
   base = model_config(args)
-  names = [n for n in (args.only or KNOBS) if KNOBS[n][1].get("devices", 1) <= len(jax.devices())]
+  ndev = len(jax.devices())
+  names = [n for n in (args.only or KNOBS) if KNOBS[n][1].get("devices", 1) == ndev]
   runs, compile_s = {}, {}
   for name in names:
     over, kw, opts = KNOBS[name]
@@ -51,14 +55,15 @@ def knob_table(args) -> dict:
   for name, run in runs.items():
     placed = run.place(state)
     calls[name] = lambda run=run, placed=placed: run(placed)
-  if not args.no_torch:
-    for dt in ("float32", "bfloat16"):
-      calls[f"torch_{dt}"] = torch_generate(_hf_config(base, pad_token_id=0), args.batch, args.prompt,
-                                            args.new_tokens, dt, args.temperature)[0]
+  if not args.no_torch:  # float32 only: bf16 autocast on a CPU without bf16 units is much slower
+    calls["torch_float32"] = torch_generate(_hf_config(base, pad_token_id=0), args.batch, args.prompt,
+                                            args.new_tokens, "float32", args.temperature)[0]
   times: dict[str, list[float]] = {n: [] for n in calls}
   load = [_load()]
-  for r in range(args.rounds + 1):  # round 0 warms up
-    for name, call in calls.items():
+  order = list(calls)
+  for r in range(args.rounds + 1):  # round 0 warms up; each round starts one variant later
+    for name in order[r % len(order):] + order[:r % len(order)]:
+      call = calls[name]
       t0 = time.perf_counter()
       call()
       if r:
@@ -67,11 +72,13 @@ def knob_table(args) -> dict:
   load.append(_load())
   tokens = args.batch * args.new_tokens
   ref = statistics.median(times[names[0]])
+  torch_s = statistics.median(times["torch_float32"]) if "torch_float32" in times else None
   rows = {}
   for name, ts in times.items():
     med = statistics.median(ts)
     rows[name] = {"generate_s": _r(med), "generate_s_min": _r(min(ts)), "tokens_per_s": _r(tokens / med),
-                  "speedup_vs_base": _r(ref / med), "compile_s": _r(compile_s.get(name))}
+                  "speedup_vs_first": _r(ref / med),
+                  "speedup_vs_torch": _r(torch_s / med) if torch_s else None, "compile_s": _r(compile_s.get(name))}
   return {"bench": "sample_knobs", "model": args.model, "batch": args.batch, "prompt": args.prompt,
           "new_tokens": args.new_tokens, "temperature": args.temperature, "rounds": args.rounds,
           "cpu_devices": len(jax.devices()), "load_avg_1m": load, "variants": rows}
@@ -84,12 +91,11 @@ def main() -> None:
   ap.add_argument("--prompt", type=int, default=64)
   ap.add_argument("--new-tokens", type=int, default=32)
   ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (no top-k / top-p)")
-  ap.add_argument("--knobs", action="store_true", help="time the KNOBS variants (and torch) round-robin")
+  ap.add_argument("--knobs", action="store_true",
+                  help="time the KNOBS variants for this process's device count (and torch) round-robin")
   ap.add_argument("--only", nargs="+", choices=list(KNOBS), help="with --knobs: these variants only")
   ap.add_argument("--rounds", type=int, default=3, help="with --knobs: timed rounds")
   args = ap.parse_args()
-  if args.knobs and not args.cpu_devices:
-    args.cpu_devices = 2
   init_devices(args)
   if args.knobs:
     print(json.dumps(knob_table(args)))

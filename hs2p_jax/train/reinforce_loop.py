@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from hs2p_jax.atomic import write_json
-from hs2p_jax.checkpoint import ModelMeta, RunCheckpoints, abstract_like, save_model
+from hs2p_jax.checkpoint import ModelMeta, RunCheckpoints, abstract_like, resolve_model_dir, save_model
 from hs2p_jax.config import ReinforceRunConfig, to_dict
 from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.errors import UserError
@@ -21,7 +21,8 @@ from hs2p_jax.sample import SamplingConfig, generate_from_state, left_align
 from hs2p_jax.sharding import make_mesh, rules_from, state_shardings, use_mesh
 from hs2p_jax.train.feed import put_batch
 from hs2p_jax.train.metrics import MetricsWriter, truncate_jsonl_after
-from hs2p_jax.train.model_init import build_model
+from hs2p_jax.tokenizer import load_tokenizer
+from hs2p_jax.train.model_init import build_model, tokenizer_spec
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.reinforce import advantages, kl_per_token, make_logprob_fn, make_policy_step, masked_mean
 from hs2p_jax.sharding import opt_state_shardings
@@ -62,6 +63,13 @@ class ReinforceTrainer:
     self.cfg, self.out_dir = cfg, os.path.abspath(out_dir)
     rc = cfg.reinforce
     self.mesh, self.rules = make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
+    if cfg.reward_model and scorer is None:
+      resolve_model_dir(cfg.reward_model)  # fail now, not after the policy has loaded
+    # data first: a bad prompt file fails in seconds, before any model is loaded
+    self.loader = make_loader(cfg.data, load_tokenizer(tokenizer_spec(cfg.policy)), split="train", task="prompts",
+                              batch_size=rc.prompts_per_step, seed=rc.seed, shuffle=True, repeat=True,
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              cache_dir=os.path.join(self.out_dir, "data"))
     with use_mesh(self.mesh, self.rules):
       policy, self.meta, self.tokenizer = build_model(cfg.policy, self.mesh, self.rules)
     if self.meta.kind != "lm":
@@ -84,9 +92,6 @@ class ReinforceTrainer:
                                    top_p=rc.top_p, eos_ids=eos,
                                    stop_sequences=_stop_sequences(self.tokenizer, rc.stop_strings),
                                    pad_id=self.tokenizer.pad_token_id or 0)
-    self.loader = make_loader(cfg.data, self.tokenizer, split="train", task="prompts", batch_size=rc.prompts_per_step,
-                              seed=rc.seed, shuffle=True, repeat=True, process_index=jax.process_index(),
-                              process_count=jax.process_count(), cache_dir=os.path.join(self.out_dir, "data"))
 
   def rollout(self, step: int, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Samples k responses per prompt, scores them, and returns the update batch and metrics."""

@@ -19,7 +19,9 @@ from hs2p_jax.model.reward import attribute_weights
 from hs2p_jax.sharding import make_mesh, opt_state_shardings, rules_from, state_shardings, use_mesh
 from hs2p_jax.train.feed import gather_processes, put_batch
 from hs2p_jax.train.metrics import MetricsWriter
-from hs2p_jax.train.model_init import build_model, with_template
+from hs2p_jax.errors import UserError
+from hs2p_jax.tokenizer import load_tokenizer
+from hs2p_jax.train.model_init import build_model, tokenizer_spec, with_template
 from hs2p_jax.train.optim import optimizer_from, schedule
 from hs2p_jax.train.rm import Objective, make_eval_step, make_train_step, stack_micro_batches
 
@@ -32,43 +34,52 @@ class RMTrainer:
     self.mesh = make_mesh(cfg.mesh)
     self.rules = rules_from(cfg.mesh.rules)
     tc = cfg.train
+    if cfg.model.kind != "reward":
+      raise UserError(f"train-rm needs model.kind=reward, got {cfg.model.kind!r}")
+    self.task = "regression" if tc.objective == "regression" else "pairs"
+    self.micro = tc.micro_batch_size or tc.batch_size
+    self.accum = tc.batch_size // self.micro
+    self.cache_dir = os.path.join(self.out_dir, "data")
+    # data first: a bad file fails in seconds, before any model is loaded
+    tokenizer = load_tokenizer(tokenizer_spec(cfg.model))
+    self.loader = self._loader(cfg.data, tokenizer, "train", self.task)
+    self.val_loader = self._loader(cfg.data, tokenizer, "validation", self.task) if cfg.data.validation else None
+    self.pair_loader = None
+    if cfg.data.eval_pairs:
+      pairs = type(cfg.data)(**{**to_dict(cfg.data), "validation": cfg.data.eval_pairs,
+                                "format": cfg.data.eval_pairs_format})
+      self.pair_loader = self._loader(pairs, tokenizer, "validation", "pairs")
     with use_mesh(self.mesh, self.rules):
       model, meta, self.tokenizer = build_model(cfg.model, self.mesh, self.rules)
-    if meta.kind != "reward":
-      raise_kind(meta.kind)
     self.meta = with_template(meta, cfg.data.template)
     self.graphdef, self.params = nnx.split(model)
     weights = tuple(float(w) for w in attribute_weights(cfg.model.reward_weights, meta.num_attributes))
     self.objective = Objective(tc.objective, tc.bt_variant, weights)
-    self.task = "regression" if tc.objective == "regression" else "pairs"
     self.tx = optimizer_from(tc)
     self.lr_at = schedule(tc.lr, tc.warmup_steps)
     self.param_sh = state_shardings(self.params, self.mesh, self.rules)
     self.opt_sh = opt_state_shardings(jax.eval_shape(self.tx.init, self.params), self.param_sh, self.mesh)
     with use_mesh(self.mesh, self.rules):
       self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(self.params)
-    self.micro = tc.micro_batch_size or tc.batch_size
-    self.accum = tc.batch_size // self.micro
     self._step = jax.jit(make_train_step(self.graphdef, self.tx, self.objective), donate_argnums=(0, 1),
                          out_shardings=(self.param_sh, self.opt_sh, None))
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self._eval = jax.jit(make_eval_step(self.graphdef), out_shardings=replicated)
-    self.cache_dir = os.path.join(self.out_dir, "data")
-    self.loader = make_loader(cfg.data, self.tokenizer, split="train", task=self.task, batch_size=self.micro,
-                              seed=tc.seed, shuffle=True, repeat=True, process_index=jax.process_index(),
-                              process_count=jax.process_count(), cache_dir=self.cache_dir)
+
+  def _loader(self, data, tokenizer, split: str, task: str):
+    train = split == "train"
+    return make_loader(data, tokenizer, split=split, task=task, batch_size=self.micro,
+                       seed=self.cfg.train.seed if train else 0, shuffle=train, repeat=train,
+                       process_index=jax.process_index(), process_count=jax.process_count(), cache_dir=self.cache_dir)
 
   # -- evaluation -------------------------------------------------------------------------------
 
   def evaluate(self) -> dict[str, float]:
     """Validation metrics: loss and pairwise accuracy (BT), MSE (regression) and, with
     `data.eval_pairs`, pairwise accuracy of the regression model's scalar reward."""
-    cfg, out = self.cfg, {}
-    if cfg.data.validation:
-      loader = make_loader(cfg.data, self.tokenizer, split="validation", task=self.task, batch_size=self.micro,
-                           seed=0, shuffle=False, repeat=False, process_index=jax.process_index(),
-                           process_count=jax.process_count(), cache_dir=self.cache_dir)
-      res = self._collect(loader)
+    out = {}
+    if self.val_loader is not None:
+      res = self._collect(self.val_loader)
       if self.task == "pairs":
         rewards = res["outputs"] @ np.asarray(self.objective.weights, np.float32)
         m = pair_metrics(rewards, res["magnitude"], self.objective.bt_variant)
@@ -76,13 +87,8 @@ class RMTrainer:
       else:
         m = regression_metrics(res["outputs"], res["labels"], res["label_mask"])
         out.update(val_loss=m["loss"])
-    if cfg.data.eval_pairs:
-      data = type(cfg.data)(**{**to_dict(cfg.data), "validation": cfg.data.eval_pairs,
-                               "format": cfg.data.eval_pairs_format})
-      loader = make_loader(data, self.tokenizer, split="validation", task="pairs", batch_size=self.micro, seed=0,
-                           shuffle=False, repeat=False, process_index=jax.process_index(),
-                           process_count=jax.process_count(), cache_dir=self.cache_dir)
-      res = self._collect(loader)
+    if self.pair_loader is not None:
+      res = self._collect(self.pair_loader)
       rewards = res["outputs"] @ np.asarray(self.objective.weights, np.float32)
       out["val_pair_accuracy"] = pair_metrics(rewards)["accuracy"]
     return out
@@ -143,11 +149,6 @@ class RMTrainer:
       ckpts.close()
       writer.close()
     return last
-
-
-def raise_kind(kind: str) -> None:
-  from hs2p_jax.errors import UserError
-  raise UserError(f"train-rm needs model.kind=reward, got {kind!r}")
 
 
 def train_rm(cfg: RunConfig, out_dir: str) -> dict[str, Any]:
