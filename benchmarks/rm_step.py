@@ -46,7 +46,7 @@ KNOBS: dict[str, tuple[dict, dict, dict | None]] = {
 def knob_table(args) -> dict:
   """Compiles every variant, then times them round-robin on one shared (params, opt_state)."""
   import jax
-  from hs2p_jax.commands.bench import RMStep, _hf_config, _r, _load, torch_rm_step
+  from hs2p_jax.commands.bench import RMStep, _hf_config, _load, _r, run_torch
 
   base = model_config(args)
   ndev = len(jax.devices())
@@ -57,30 +57,29 @@ def knob_table(args) -> dict:
     steps[name] = RMStep(base.replace(**over), args.pairs, args.seq, args.num_attributes, compiler_options=opts, **kw)
     print(f"compiled {name}", file=sys.stderr, flush=True)
     compile_s[name] = steps[name].compile_s
-  runs = dict(steps)
-  if not args.no_torch:  # float32 only: bf16 autocast on a CPU without bf16 units is ~20x slower
-    hf = _hf_config(base, architecture="LlamaForSequenceClassification", num_labels=args.num_attributes,
-                    pad_token_id=0)
-    runs["torch_float32"] = torch_rm_step(hf, args.pairs, args.seq, "float32")[0]
-  times: dict[str, list[float]] = {n: [] for n in runs}
+  # torch float32 (bf16 autocast on a CPU without bf16 units is ~20x slower) in child processes
+  # before and after the JAX rounds, so that it neither shares this process nor misses the load drift
+  hf = _hf_config(base, architecture="LlamaForSequenceClassification", num_labels=args.num_attributes,
+                  pad_token_id=0)
+  torch_run = lambda: run_torch("torch_rm", hf_config=hf, pairs=args.pairs, seq=args.seq, steps=args.rounds,
+                                dtype="float32")["step_s_all"]
+  times: dict[str, list[float]] = {n: [] for n in steps}
+  if not args.no_torch:
+    times["torch_float32"] = torch_run()
   state = steps[names[0]].init_state()
   load = [_load()]
-  order = list(runs)
   for r in range(args.rounds + 1):  # round 0 warms up; each round starts one variant later
-    for name in order[r % len(order):] + order[:r % len(order)]:
-      run = runs[name]
-      if name in steps:
-        state = steps[name].place(state)
-        t0 = time.perf_counter()
-        params, opt_state, _ = run(state)
-        state = (params, opt_state)
-      else:
-        t0 = time.perf_counter()
-        run()
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      state = steps[name].place(state)
+      t0 = time.perf_counter()
+      params, opt_state, _ = steps[name](state)
+      state = (params, opt_state)
       if r:
         times[name].append(time.perf_counter() - t0)
       print(f"round {r} {name}: {time.perf_counter() - t0:.3f} s", file=sys.stderr, flush=True)
   load.append(_load())
+  if not args.no_torch:
+    times["torch_float32"] += torch_run()
   tokens = 2 * args.pairs * args.seq
   ref = statistics.median(times[names[0]])
   torch_s = statistics.median(times["torch_float32"]) if "torch_float32" in times else None

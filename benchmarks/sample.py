@@ -38,7 +38,7 @@ KNOBS: dict[str, tuple[dict, dict, dict | None]] = {
 def knob_table(args) -> dict:
   """Compiles every variant, then times them round-robin on one shared parameter state."""
   import jax
-  from hs2p_jax.commands.bench import SampleRun, _hf_config, _load, _r, torch_generate
+  from hs2p_jax.commands.bench import SampleRun, _hf_config, _load, _r, run_torch
 
   base = model_config(args)
   ndev = len(jax.devices())
@@ -55,21 +55,25 @@ def knob_table(args) -> dict:
   for name, run in runs.items():
     placed = run.place(state)
     calls[name] = lambda run=run, placed=placed: run(placed)
-  if not args.no_torch:  # float32 only: bf16 autocast on a CPU without bf16 units is much slower
-    calls["torch_float32"] = torch_generate(_hf_config(base, pad_token_id=0), args.batch, args.prompt,
-                                            args.new_tokens, "float32", args.temperature)[0]
+  # torch float32 (bf16 autocast on a CPU without bf16 units is much slower) in child processes
+  # before and after the JAX rounds, so that it neither shares this process nor misses the load drift
+  torch_run = lambda: run_torch("torch_sample", hf_config=_hf_config(base, pad_token_id=0), batch=args.batch,
+                                prompt=args.prompt, new_tokens=args.new_tokens, steps=args.rounds, dtype="float32",
+                                temperature=args.temperature)["generate_s_all"]
   times: dict[str, list[float]] = {n: [] for n in calls}
+  if not args.no_torch:
+    times["torch_float32"] = torch_run()
   load = [_load()]
-  order = list(calls)
   for r in range(args.rounds + 1):  # round 0 warms up; each round starts one variant later
-    for name in order[r % len(order):] + order[:r % len(order)]:
-      call = calls[name]
+    for name in names[r % len(names):] + names[:r % len(names)]:
       t0 = time.perf_counter()
-      call()
+      calls[name]()
       if r:
         times[name].append(time.perf_counter() - t0)
       print(f"round {r} {name}: {time.perf_counter() - t0:.3f} s", file=sys.stderr, flush=True)
   load.append(_load())
+  if not args.no_torch:
+    times["torch_float32"] += torch_run()
   tokens = args.batch * args.new_tokens
   ref = statistics.median(times[names[0]])
   torch_s = statistics.median(times["torch_float32"]) if "torch_float32" in times else None

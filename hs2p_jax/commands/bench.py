@@ -23,22 +23,27 @@ import sys
 import time
 from typing import Any, Callable
 
-# Peak dense FLOP/s (bf16 tensor cores; fp32 without tf32) and memory bytes/s by device family.
+# Peak dense FLOP/s and memory bytes/s by device family (datasheets). "float32" is the rate of the
+# units XLA uses for float32 matmuls at default precision: TF32 tensor cores on GPUs, one bf16 pass
+# on TPUs. CPUs have no entry: their MFU is reported as null.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "h100": {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 66.9e12},
-    "h200": {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 66.9e12},
-    "a100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
-    "v5p": {"bfloat16": 459e12},
-    "v5e": {"bfloat16": 197e12},
+    "h100": {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 494.7e12},
+    "h100-pcie": {"bfloat16": 756.5e12, "float16": 756.5e12, "float32": 378e12},
+    "h200": {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 494.7e12},
+    "a100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
+    "v5p": {"bfloat16": 459e12, "float32": 459e12},
+    "v5e": {"bfloat16": 197e12, "float32": 197e12},
 }
-PEAK_BANDWIDTH: dict[str, float] = {"h100": 3.35e12, "h200": 4.8e12, "a100": 2.039e12, "v5p": 2.765e12,
-                                    "v5e": 0.819e12}
+PEAK_BANDWIDTH: dict[str, float] = {"h100": 3.35e12, "h100-pcie": 2.0e12, "h200": 4.8e12, "a100": 2.039e12,
+                                    "v5p": 2.765e12, "v5e": 0.819e12}
 
 
 def device_family(kind: str) -> str | None:
-  """'h100', 'h200', 'a100', 'v5p', 'v5e' from a JAX/torch device kind string; None if unknown (CPU)."""
+  """A PEAK_FLOPS key from a JAX device kind ("NVIDIA H100 80GB HBM3", "TPU v5 lite"); None if unknown."""
   k = kind.lower()
-  for fam in ("h100", "h200", "a100", "v5p"):
+  if "h100" in k:
+    return "h100-pcie" if "pcie" in k else "h100"
+  for fam in ("h200", "a100", "v5p"):
     if fam in k:
       return fam
   if "v5e" in k or "v5 lite" in k or "v5litepod" in k:
@@ -425,9 +430,11 @@ def torch_sample(hf_config: dict, batch: int, prompt: int, new_tokens: int, step
   generate, model = torch_generate(hf_config, batch, prompt, new_tokens, dtype, temperature)
   out = generate()
   assert tuple(out.shape) == (batch, prompt + new_tokens), out.shape
-  total_s = statistics.median(_times(generate, steps))
+  times = _times(generate, steps)
+  total_s = statistics.median(times)
   return {"torch": torch.__version__, "threads": torch.get_num_threads(),
           "attn_implementation": model.config._attn_implementation, "generate_s": _r(total_s),
+          "generate_s_all": [_r(t) for t in times],
           "tokens_per_s": _r(batch * new_tokens / total_s), "peak_rss_bytes": peak_rss_bytes()}
 
 
