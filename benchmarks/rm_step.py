@@ -7,7 +7,7 @@ round-robin in one process (so that load from other processes hits all alike) an
 See benchmarks/README.md.
 
   /tmp/venv/bin/python benchmarks/rm_step.py [--model smollm2-135m] [--pairs 2] [--seq 256] [--steps 3]
-      [--dtype float32] [--scan-layers on] [--remat none] [--attention reference] [--cpu-devices 0]
+      [--dtype float32] [--scan-layers on] [--remat none] [--attention reference] [--weight-grad flat] [--cpu-devices 0]
   /tmp/venv/bin/python benchmarks/rm_step.py --knobs [--rounds 3] [--only base no_scan ...]
   /tmp/venv/bin/python benchmarks/rm_step.py --knobs --cpu-devices 2   # the data-parallel variants
 """
@@ -29,6 +29,7 @@ KNOBS: dict[str, tuple[dict, dict, dict | None]] = {
     "base": ({}, {}, None),
     "bfloat16": ({"dtype": "bfloat16"}, {}, None),
     "no_scan": ({"scan_layers": False}, {}, None),
+    "weight_grad_autodiff": ({"weight_grad": "autodiff"}, {}, None),
     "attention_xla": ({"attention": "xla"}, {}, None),
     "no_donation": ({}, {"donate": False}, None),
     "remat_full": ({"remat": "full"}, {}, None),

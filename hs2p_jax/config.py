@@ -28,6 +28,7 @@ class ModelConfig:
   scan_layers: bool = True
   remat: str = "none"
   attention: str = "reference"
+  weight_grad: str = "flat"            # "flat" (one GEMM per weight gradient) or "autodiff"; see model/linear.py
   seed: int = 0
 
 

@@ -234,7 +234,7 @@ def bench_rm_jax(cfg, pairs: int, seq: int, steps: int, num_attributes: int = 9,
   return {
       "device_kind": kind, "platform": jax.devices()[0].platform, "num_devices": step.num_devices,
       "knobs": {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat": cfg.remat, "attention": cfg.attention,
-                "donate": donate, "xla_flags": os.environ.get("XLA_FLAGS")},
+                "weight_grad": cfg.weight_grad, "donate": donate, "xla_flags": os.environ.get("XLA_FLAGS")},
       "rows": 2 * pairs, "tokens_per_step": step.tokens, "compile_s": _r(step.compile_s),
       "warmup_step_s": _r(warmup_s), "step_s": _r(step_s), "step_s_all": [_r(t) for t in times],
       "tokens_per_s": _r(step.tokens / step_s), "tokens_per_s_best": _r(step.tokens / min(times)),

@@ -46,7 +46,7 @@ class _Unavailable(Exception):
 def architecture(mc: ModelConfig) -> tuple[LlamaConfig, str]:
   """The model's LlamaConfig (checkpoint, Hugging Face config.json, else the preset) and where it came from."""
   runtime: dict[str, Any] = {"dtype": mc.dtype, "scan_layers": mc.scan_layers, "remat": mc.remat,
-                             "attention": mc.attention}
+                             "attention": mc.attention, "weight_grad": mc.weight_grad}
   if mc.num_layers is not None:
     runtime["num_layers"] = mc.num_layers
   if mc.init_from:

@@ -9,6 +9,7 @@ from hs2p_jax.errors import UserError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 ATTENTION_IMPLS = ("reference", "xla", "cudnn")
+WEIGHT_GRADS = ("flat", "autodiff")  # see hs2p_jax/model/linear.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,7 @@ class LlamaConfig:
   scan_layers: bool = True
   remat: str = "none"
   attention: str = "reference"
+  weight_grad: str = "flat"
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, dict):
@@ -48,6 +50,8 @@ class LlamaConfig:
       raise UserError(f"model.remat={self.remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
     if self.attention not in ATTENTION_IMPLS:
       raise UserError(f"model.attention={self.attention!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
+    if self.weight_grad not in WEIGHT_GRADS:
+      raise UserError(f"model.weight_grad={self.weight_grad!r}: expected one of {', '.join(WEIGHT_GRADS)}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise UserError(f"model.dtype={self.dtype!r}: expected float32, bfloat16 or float16")
 

@@ -17,6 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from hs2p_jax.model.attention import attention, segment_causal_mask
 from hs2p_jax.model.config import LlamaConfig
+from hs2p_jax.model.linear import project
 from hs2p_jax.model.rope import apply_rope, inverse_frequencies
 from hs2p_jax.sharding import constrain
 
@@ -89,9 +90,10 @@ class Attention(nnx.Module):
     """x [B, T, D]; positions [B, T]; mask [B, T, S]; kv: (k, v) [B, S, Hkv, Dh] cache or None."""
     dt = x.dtype
     inv_freq = inverse_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling_dict)
-    q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+    wg = self.cfg.weight_grad
+    q = project(x, self.wq[...].astype(dt), 1, wg)  # [B, T, H, Dh]
+    k = project(x, self.wk[...].astype(dt), 1, wg)  # [B, T, Hkv, Dh]
+    v = project(x, self.wv[...].astype(dt), 1, wg)
     q = constrain(apply_rope(q, positions, inv_freq), ("act_batch", "act_seq", "act_heads", None))
     k = constrain(apply_rope(k, positions, inv_freq), ("act_batch", "act_seq", "act_kv_heads", None))
     v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
@@ -102,22 +104,23 @@ class Attention(nnx.Module):
       kv = (k, v)
     out = attention(q, k, v, mask, self.cfg.attention)
     out = checkpoint_name(out, "attn_out")
-    return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt)), kv
+    return project(out, self.wo[...].astype(dt), 2, wg), kv
 
 
 class MLP(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, stack: int | None = None):
     d, f = cfg.hidden_size, cfg.intermediate_size
+    self.weight_grad = cfg.weight_grad
     self.gate = param(rngs, (d, f), ("embed", "mlp"), stack)
     self.up = param(rngs, (d, f), ("embed", "mlp"), stack)
     self.down = param(rngs, (f, d), ("mlp", "embed"), stack)
 
   def __call__(self, x):
-    dt = x.dtype
-    g = x @ self.gate[...].astype(dt)
-    u = x @ self.up[...].astype(dt)
+    dt, wg = x.dtype, self.weight_grad
+    g = project(x, self.gate[...].astype(dt), 1, wg)
+    u = project(x, self.up[...].astype(dt), 1, wg)
     h = constrain(jax.nn.silu(g) * u, ("act_batch", "act_seq", "act_mlp"))
-    return h @ self.down[...].astype(dt)
+    return project(h, self.down[...].astype(dt), 1, wg)
 
 
 class DecoderLayer(nnx.Module):

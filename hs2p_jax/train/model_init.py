@@ -22,7 +22,8 @@ from hs2p_jax.tokenizer import load_tokenizer
 
 
 def _runtime(mc: ModelConfig) -> dict:
-  return {"dtype": mc.dtype, "scan_layers": mc.scan_layers, "remat": mc.remat, "attention": mc.attention}
+  return {"dtype": mc.dtype, "scan_layers": mc.scan_layers, "remat": mc.remat, "attention": mc.attention,
+          "weight_grad": mc.weight_grad}
 
 
 def tokenizer_spec(mc: ModelConfig) -> str:
