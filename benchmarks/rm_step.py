@@ -6,21 +6,19 @@ forward pass); scaled Bradley-Terry loss; AdamW (betas 0.9/0.98, wd 0.1) with cl
 round-robin in one process (so that load from other processes hits all alike) and prints a table.
 See benchmarks/README.md.
 
-  /tmp/venv/bin/python benchmarks/rm_step.py [--model smollm2-135m] [--pairs 2] [--seq 256] [--steps 3]
+  python benchmarks/rm_step.py [--model smollm2-135m] [--pairs 2] [--seq 256] [--steps 3]
       [--dtype float32] [--scan-layers on] [--remat none] [--attention reference] [--weight-grad flat] [--cpu-devices 0]
-  /tmp/venv/bin/python benchmarks/rm_step.py --knobs [--rounds 3] [--only base no_scan ...]
-  /tmp/venv/bin/python benchmarks/rm_step.py --knobs --cpu-devices 2   # the data-parallel variants
+  python benchmarks/rm_step.py --knobs [--rounds 3] [--only base no_scan ...]
+  python benchmarks/rm_step.py --knobs --cpu-devices 2   # the data-parallel variants
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
-from common import add_model_args, init_devices, model_config
+from common import add_model_args, init_devices, model_config, round_robin
 
 # name -> (LlamaConfig overrides, RMStep keyword arguments, XLA compiler options). Variants with
 # devices=2 run in a process split into 2 CPU devices (which slows single-device programs there),
@@ -47,7 +45,7 @@ KNOBS: dict[str, tuple[dict, dict, dict | None]] = {
 def knob_table(args) -> dict:
   """Compiles every variant, then times them round-robin on one shared (params, opt_state)."""
   import jax
-  from hs2p_jax.commands.bench import RMStep, _hf_config, _load, _r, run_torch
+  from hs2p_jax.commands.bench import RMStep, _hf_config, run_torch
 
   base = model_config(args)
   ndev = len(jax.devices())
@@ -64,32 +62,16 @@ def knob_table(args) -> dict:
                   pad_token_id=0)
   torch_run = lambda: run_torch("torch_rm", hf_config=hf, pairs=args.pairs, seq=args.seq, steps=args.rounds,
                                 dtype="float32")["step_s_all"]
-  times: dict[str, list[float]] = {n: [] for n in steps}
-  if not args.no_torch:
-    times["torch_float32"] = torch_run()
-  state = steps[names[0]].init_state()
-  load = [_load()]
-  for r in range(args.rounds + 1):  # round 0 warms up; each round starts one variant later
-    for name in names[r % len(names):] + names[:r % len(names)]:
-      state = steps[name].place(state)
-      t0 = time.perf_counter()
-      params, opt_state, _ = steps[name](state)
-      state = (params, opt_state)
-      if r:
-        times[name].append(time.perf_counter() - t0)
-      print(f"round {r} {name}: {time.perf_counter() - t0:.3f} s", file=sys.stderr, flush=True)
-  load.append(_load())
-  if not args.no_torch:
-    times["torch_float32"] += torch_run()
-  tokens = 2 * args.pairs * args.seq
-  ref = statistics.median(times[names[0]])
-  torch_s = statistics.median(times["torch_float32"]) if "torch_float32" in times else None
-  rows = {}
-  for name, ts in times.items():
-    med = statistics.median(ts)
-    rows[name] = {"step_s": _r(med), "step_s_min": _r(min(ts)), "tokens_per_s": _r(tokens / med),
-                  "speedup_vs_first": _r(ref / med),
-                  "speedup_vs_torch": _r(torch_s / med) if torch_s else None, "compile_s": _r(compile_s.get(name))}
+  state = [steps[names[0]].init_state()]
+
+  def call(name):
+    def run():
+      params, opt_state, _ = steps[name](steps[name].place(state[0]))
+      state[0] = (params, opt_state)
+    return run
+
+  load, rows = round_robin({n: call(n) for n in names}, args.rounds, 2 * args.pairs * args.seq, "step_s",
+                           None if args.no_torch else torch_run, compile_s)
   return {"bench": "rm_knobs", "model": args.model, "pairs": args.pairs, "seq": args.seq, "rounds": args.rounds,
           "cpu_devices": len(jax.devices()), "load_avg_1m": load, "variants": rows}
 

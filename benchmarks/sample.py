@@ -5,21 +5,19 @@ tokens (EOS disabled; min = max new tokens for `generate`); greedy unless `--tem
 `jax_over_torch` (generated tokens/s ratio) is the last key. `--knobs` instead times runtime
 variants round-robin in one process and prints a table. See benchmarks/README.md.
 
-  /tmp/venv/bin/python benchmarks/sample.py [--model smollm2-135m] [--batch 4] [--prompt 64]
+  python benchmarks/sample.py [--model smollm2-135m] [--batch 4] [--prompt 64]
       [--new-tokens 32] [--steps 3] [--temperature 0] [--dtype float32] [--cpu-devices 0]
-  /tmp/venv/bin/python benchmarks/sample.py --knobs [--rounds 3] [--only base no_scan ...]
-  /tmp/venv/bin/python benchmarks/sample.py --knobs --cpu-devices 2   # the data-parallel variants
+  python benchmarks/sample.py --knobs [--rounds 3] [--only base no_scan ...]
+  python benchmarks/sample.py --knobs --cpu-devices 2   # the data-parallel variants
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
-from common import add_model_args, init_devices, model_config
+from common import add_model_args, init_devices, model_config, round_robin
 
 # name -> (LlamaConfig overrides, SampleRun keyword arguments, XLA compiler options). Variants with
 # devices=2 run in a process split into 2 CPU devices, the others in a 1-device process; torch
@@ -38,7 +36,7 @@ KNOBS: dict[str, tuple[dict, dict, dict | None]] = {
 def knob_table(args) -> dict:
   """Compiles every variant, then times them round-robin on one shared parameter state."""
   import jax
-  from hs2p_jax.commands.bench import SampleRun, _hf_config, _load, _r, run_torch
+  from hs2p_jax.commands.bench import SampleRun, _hf_config, run_torch
 
   base = model_config(args)
   ndev = len(jax.devices())
@@ -60,29 +58,8 @@ def knob_table(args) -> dict:
   torch_run = lambda: run_torch("torch_sample", hf_config=_hf_config(base, pad_token_id=0), batch=args.batch,
                                 prompt=args.prompt, new_tokens=args.new_tokens, steps=args.rounds, dtype="float32",
                                 temperature=args.temperature)["generate_s_all"]
-  times: dict[str, list[float]] = {n: [] for n in calls}
-  if not args.no_torch:
-    times["torch_float32"] = torch_run()
-  load = [_load()]
-  for r in range(args.rounds + 1):  # round 0 warms up; each round starts one variant later
-    for name in names[r % len(names):] + names[:r % len(names)]:
-      t0 = time.perf_counter()
-      calls[name]()
-      if r:
-        times[name].append(time.perf_counter() - t0)
-      print(f"round {r} {name}: {time.perf_counter() - t0:.3f} s", file=sys.stderr, flush=True)
-  load.append(_load())
-  if not args.no_torch:
-    times["torch_float32"] += torch_run()
-  tokens = args.batch * args.new_tokens
-  ref = statistics.median(times[names[0]])
-  torch_s = statistics.median(times["torch_float32"]) if "torch_float32" in times else None
-  rows = {}
-  for name, ts in times.items():
-    med = statistics.median(ts)
-    rows[name] = {"generate_s": _r(med), "generate_s_min": _r(min(ts)), "tokens_per_s": _r(tokens / med),
-                  "speedup_vs_first": _r(ref / med),
-                  "speedup_vs_torch": _r(torch_s / med) if torch_s else None, "compile_s": _r(compile_s.get(name))}
+  load, rows = round_robin(calls, args.rounds, args.batch * args.new_tokens, "generate_s",
+                           None if args.no_torch else torch_run, compile_s)
   return {"bench": "sample_knobs", "model": args.model, "batch": args.batch, "prompt": args.prompt,
           "new_tokens": args.new_tokens, "temperature": args.temperature, "rounds": args.rounds,
           "cpu_devices": len(jax.devices()), "load_avg_1m": load, "variants": rows}
