@@ -46,13 +46,13 @@ def round_robin(calls: dict, rounds: int, tokens: int, time_key: str, torch_time
   import statistics
   import time
 
-  from hs2p_jax.commands.bench import _load, _r
+  from hs2p_jax.bench.measure import load_avg, rounded
 
   names = list(calls)
   times: dict[str, list[float]] = {n: [] for n in names}
   if torch_times is not None:
     times["torch_float32"] = torch_times()
-  load = [_load()]
+  load = [load_avg()]
   for r in range(rounds + 1):
     for name in names[r % len(names):] + names[:r % len(names)]:
       t0 = time.perf_counter()
@@ -60,7 +60,7 @@ def round_robin(calls: dict, rounds: int, tokens: int, time_key: str, torch_time
       if r:
         times[name].append(time.perf_counter() - t0)
       print(f"round {r} {name}: {time.perf_counter() - t0:.3f} s", file=sys.stderr, flush=True)
-  load.append(_load())
+  load.append(load_avg())
   if torch_times is not None:
     times["torch_float32"] += torch_times()
   ref = statistics.median(times[names[0]])
@@ -68,7 +68,7 @@ def round_robin(calls: dict, rounds: int, tokens: int, time_key: str, torch_time
   rows = {}
   for name, ts in times.items():
     med = statistics.median(ts)
-    rows[name] = {time_key: _r(med), f"{time_key}_min": _r(min(ts)), "tokens_per_s": _r(tokens / med),
-                  "speedup_vs_first": _r(ref / med), "speedup_vs_torch": _r(torch_s / med) if torch_s else None,
-                  "compile_s": _r((compile_s or {}).get(name))}
+    rows[name] = {time_key: rounded(med), f"{time_key}_min": rounded(min(ts)), "tokens_per_s": rounded(tokens / med),
+                  "speedup_vs_first": rounded(ref / med), "speedup_vs_torch": rounded(torch_s / med) if torch_s else None,
+                  "compile_s": rounded((compile_s or {}).get(name))}
   return load, rows

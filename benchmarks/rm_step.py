@@ -45,7 +45,8 @@ KNOBS: dict[str, tuple[dict, dict, dict | None]] = {
 def knob_table(args) -> dict:
   """Compiles every variant, then times them round-robin on one shared (params, opt_state)."""
   import jax
-  from hs2p_jax.commands.bench import RMStep, _hf_config, run_torch
+  from hs2p_jax.bench.jax_runs import RMStep
+  from hs2p_jax.bench.torch_runs import hf_config_of, run_torch
 
   base = model_config(args)
   ndev = len(jax.devices())
@@ -58,7 +59,7 @@ def knob_table(args) -> dict:
     compile_s[name] = steps[name].compile_s
   # torch float32 (bf16 autocast on a CPU without bf16 units is ~20x slower) in child processes
   # before and after the JAX rounds, so that it neither shares this process nor misses the load drift
-  hf = _hf_config(base, architecture="LlamaForSequenceClassification", num_labels=args.num_attributes,
+  hf = hf_config_of(base, architecture="LlamaForSequenceClassification", num_labels=args.num_attributes,
                   pad_token_id=0)
   torch_run = lambda: run_torch("torch_rm", hf_config=hf, pairs=args.pairs, seq=args.seq, steps=args.rounds,
                                 dtype="float32")["step_s_all"]

@@ -36,7 +36,8 @@ KNOBS: dict[str, tuple[dict, dict, dict | None]] = {
 def knob_table(args) -> dict:
   """Compiles every variant, then times them round-robin on one shared parameter state."""
   import jax
-  from hs2p_jax.commands.bench import SampleRun, _hf_config, run_torch
+  from hs2p_jax.bench.jax_runs import SampleRun
+  from hs2p_jax.bench.torch_runs import hf_config_of, run_torch
 
   base = model_config(args)
   ndev = len(jax.devices())
@@ -55,7 +56,7 @@ def knob_table(args) -> dict:
     calls[name] = lambda run=run, placed=placed: run(placed)
   # torch float32 (bf16 autocast on a CPU without bf16 units is much slower) in child processes
   # before and after the JAX rounds, so that it neither shares this process nor misses the load drift
-  torch_run = lambda: run_torch("torch_sample", hf_config=_hf_config(base, pad_token_id=0), batch=args.batch,
+  torch_run = lambda: run_torch("torch_sample", hf_config=hf_config_of(base, pad_token_id=0), batch=args.batch,
                                 prompt=args.prompt, new_tokens=args.new_tokens, steps=args.rounds, dtype="float32",
                                 temperature=args.temperature)["generate_s_all"]
   load, rows = round_robin(calls, args.rounds, args.batch * args.new_tokens, "generate_s",

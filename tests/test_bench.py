@@ -6,7 +6,7 @@ import importlib.util
 import json
 
 from hs2p_jax.cli import main
-from hs2p_jax.commands.bench import device_family, peak_flops, sample_step_bytes, train_flops
+from hs2p_jax.bench.flops import device_family, peak_flops, sample_step_bytes, train_flops
 from hs2p_jax.model.config import preset
 
 
