@@ -14,7 +14,7 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
   ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
   ap.add_argument("--scan-layers", default="on", choices=["on", "off"], help="lax.scan over layers or unrolled")
-  ap.add_argument("--attention", default="reference", choices=["reference", "xla", "cudnn"])
+  ap.add_argument("--attention", default="reference", choices=["reference", "xla", "cudnn", "splash"])
   ap.add_argument("--weight-grad", default="flat", choices=["flat", "autodiff"],
                   help="VJP of the weight projections (hs2p_jax/model/linear.py)")
   ap.add_argument("--cpu-devices", type=int, default=0,

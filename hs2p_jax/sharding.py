@@ -127,6 +127,11 @@ def use_mesh(mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
     _ctx.mesh, _ctx.rules = old
 
 
+def current_mesh() -> Mesh | None:
+  """The mesh installed by `use_mesh` (None outside one)."""
+  return _ctx.mesh
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
                     mesh: Mesh | None = None, rules: Rules | None = None) -> P:
   """Maps logical axis names to a PartitionSpec; mesh axes that do not divide a dim are dropped."""

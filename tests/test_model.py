@@ -59,7 +59,8 @@ def test_packed_rows_equal_separate_rows(lm):
 
 @pytest.mark.parametrize("changes", [dict(scan_layers=False), dict(remat="full"), dict(remat="dots"),
                                      dict(attention="xla"), dict(scan_layers=False, remat="save_attention_out"),
-                                     dict(weight_grad="autodiff"), dict(weight_grad="autodiff", remat="dots_no_batch")])
+                                     dict(weight_grad="autodiff"), dict(weight_grad="autodiff", remat="dots_no_batch"),
+                                     dict(attention="splash")])
 def test_runtime_variants_compute_the_same_function(lm, reference, changes):
   (v_ref, g_ref), ref = reference
   (v_other, g_other), out = value_grads_logits(variant(lm, **changes))

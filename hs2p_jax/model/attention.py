@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from hs2p_jax.sharding import current_mesh, logical_to_spec
 
 _MASKED = -1e30
+_SPLASH_BLOCK = 128  # sequence tile of the splash kernel; T is padded up to a multiple of it
 
 
 def segment_causal_mask(q_slots: jax.Array, k_slots: jax.Array, q_segments: jax.Array,
@@ -33,8 +37,56 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
   return out.reshape(b, tq, h, dh).astype(q.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "reference") -> jax.Array:
-  """Grouped-query attention by `impl`: "reference" (einsum), "xla" or "cudnn" (jax.nn.dot_product_attention)."""
-  if impl == "reference":
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """Splash attention on this device's shard: q [B, T, H, Dh], k/v [B, T, Hkv, Dh], segment_ids [B, T]."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  b, t, h, dh = q.shape
+  hkv = k.shape[2]
+  g = h // hkv
+  tp = -(-t // _SPLASH_BLOCK) * _SPLASH_BLOCK
+  if tp != t:  # padded slots get their own segment (-1), so real tokens never see them
+    pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
+    q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, tp - t)), constant_values=-1)
+  block = max(n for n in (512, 256, 128) if tp % n == 0)
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  mask = sm.MultiHeadMask([sm.CausalMask((tp, tp)) for _ in range(g)])
+  kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=jax.default_backend() != "tpu")
+  qs = (q * jnp.asarray(dh ** -0.5, q.dtype)).reshape(b, tp, hkv, g, dh).transpose(0, 2, 3, 1, 4)
+  ks, vs = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
+  per_row = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over KV heads: one MQA kernel per group
+  out = jax.vmap(per_row)(qs, ks, vs, sk.SegmentIds(q=segment_ids, kv=segment_ids))  # [B, Hkv, G, T, Dh]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, tp, h, dh)[:, :t].astype(q.dtype)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """Causal attention within segments through the Pallas TPU splash kernel (interpreted elsewhere,
+  for tests): q [B, T, H, Dh], k/v [B, T, Hkv, Dh], segment_ids [B, T] -> [B, T, H, Dh].
+
+  Under a mesh the kernel runs per shard (shard_map): batch and heads split as the activation
+  rules say, the sequence whole. Rows of padding (segment 0) attend among themselves."""
+  mesh = current_mesh()
+  if mesh is None or mesh.size == 1:
+    return _splash_local(q, k, v, segment_ids)
+  q_spec = logical_to_spec(("act_batch", None, "act_heads", None), q.shape, mesh)
+  kv_spec = logical_to_spec(("act_batch", None, "act_kv_heads", None), k.shape, mesh)
+  if q_spec[2] != kv_spec[2]:  # keep each query group with its KV head
+    q_spec = P(q_spec[0], None, kv_spec[2], None)
+  if q_spec[0] != kv_spec[0]:
+    kv_spec = P(q_spec[0], None, kv_spec[2], None)
+  return jax.shard_map(_splash_local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)),
+                       out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "reference",
+              segment_ids: jax.Array | None = None) -> jax.Array:
+  """Grouped-query attention by `impl`: "reference" (einsum), "xla" or "cudnn" (jax.nn.dot_product_attention),
+  "splash" (Pallas TPU kernel; needs `segment_ids` and no KV cache, else the reference runs)."""
+  if impl == "splash" and segment_ids is not None:
+    return splash_attention(q, k, v, segment_ids)
+  if impl in ("reference", "splash"):
     return reference_attention(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)

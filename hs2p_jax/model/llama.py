@@ -86,8 +86,9 @@ class Attention(nnx.Module):
     self.wv = param(rngs, (d, hkv, dh), ("embed", "kv_heads", "head_dim"), stack)
     self.wo = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), stack)
 
-  def __call__(self, x, positions, mask, kv=None, slot=None):
-    """x [B, T, D]; positions [B, T]; mask [B, T, S]; kv: (k, v) [B, S, Hkv, Dh] cache or None."""
+  def __call__(self, x, positions, mask, kv=None, slot=None, segments=None):
+    """x [B, T, D]; positions [B, T]; mask [B, T, S]; kv: (k, v) [B, S, Hkv, Dh] cache or None;
+    segments [B, T] segment ids (no cache; for kernels that build the mask themselves) or None."""
     dt = x.dtype
     inv_freq = inverse_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling_dict)
     wg = self.cfg.weight_grad
@@ -102,7 +103,7 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), slot, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, axis=1)
       kv = (k, v)
-    out = attention(q, k, v, mask, self.cfg.attention)
+    out = attention(q, k, v, mask, self.cfg.attention, segments)
     out = checkpoint_name(out, "attn_out")
     return project(out, self.wo[...].astype(dt), 2, wg), kv
 
@@ -132,8 +133,8 @@ class DecoderLayer(nnx.Module):
     self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, stack=stack)
     self.mlp = MLP(cfg, rngs=rngs, stack=stack)
 
-  def __call__(self, x, positions, mask, kv=None, slot=None):
-    h, kv = self.attn(self.input_norm(x), positions, mask, kv, slot)
+  def __call__(self, x, positions, mask, kv=None, slot=None, segments=None):
+    h, kv = self.attn(self.input_norm(x), positions, mask, kv, slot, segments)
     x = constrain(x + h, BTD)
     x = constrain(x + self.mlp(self.post_attn_norm(x)), BTD)
     return x, kv
@@ -196,7 +197,7 @@ class Llama(nnx.Module):
     x = constrain(x, BTD)
     kv = None if cache is None else (cache.k, cache.v)
     slot = None if cache is None else cache.index
-    x, kv = self._layers(x, positions, mask, kv, slot)
+    x, kv = self._layers(x, positions, mask, kv, slot, segment_ids if cache is None else None)
     x = self.norm(x)
     if cache is None:
       return x
@@ -204,13 +205,13 @@ class Llama(nnx.Module):
                         cache.index + t)
     return x, new_cache
 
-  def _layers(self, x, positions, mask, kv, slot):
+  def _layers(self, x, positions, mask, kv, slot, segments):
     cfg = self.cfg
     graphdef, state = nnx.split(self.layers)
 
     def body(x, xs):
       layer_state, layer_kv = xs
-      return nnx.merge(graphdef, layer_state)(x, positions, mask, layer_kv, slot)
+      return nnx.merge(graphdef, layer_state)(x, positions, mask, layer_kv, slot, segments)
 
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
