@@ -102,17 +102,21 @@ def test_expo_search_writes_plot_and_table(trained, tmp_path, capsys):
   assert (tmp_path / "expo" / "expo_search.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_malformed_jsonl_is_one_line_naming_file_and_line(tmp_path, capsys):
-  bad = tmp_path / "bad.jsonl"
-  bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
+def train_rm_error(tmp_path, capsys, data, fmt: str) -> str:
+  """`hs2p train-rm` (BT) on `data`: asserts exit code 2 and returns its one-line error."""
   cfg = tmp_path / "c.yaml"
   cfg.write_text("name: bad\n")
   code, _, err = run_cli(capsys, "train-rm", "--config", str(cfg), "--out", str(tmp_path / "run"), "--set",
-                         *tiny_overrides(tmp_path, **{"data.train": str(bad), "data.format": "pairs",
+                         *tiny_overrides(tmp_path, **{"data.train": str(data), "data.format": fmt,
                                                       "train.objective": "bt"}))
   assert code == 2
-  line = one_line_error(err)
-  assert f"{bad}:2" in line
+  return one_line_error(err)
+
+
+def test_malformed_jsonl_is_one_line_naming_file_and_line(tmp_path, capsys):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
+  assert f"{bad}:2" in train_rm_error(tmp_path, capsys, bad, "pairs")
   assert not os.path.exists(tmp_path / "run" / "model")
 
 
@@ -125,13 +129,7 @@ def test_bad_preference_records_name_the_field(tmp_path, capsys, record, needle)
   path = tmp_path / "pref.jsonl.gz"
   with gzip.open(path, "wt") as f:
     f.write(json.dumps(record) + "\n")
-  cfg = tmp_path / "c.yaml"
-  cfg.write_text("name: bad\n")
-  code, _, err = run_cli(capsys, "train-rm", "--config", str(cfg), "--out", str(tmp_path / "run"), "--set",
-                         *tiny_overrides(tmp_path, **{"data.train": str(path), "data.format": "helpsteer2-preference",
-                                                      "train.objective": "bt"}))
-  assert code == 2
-  line = one_line_error(err)
+  line = train_rm_error(tmp_path, capsys, path, "helpsteer2-preference")
   assert f"{path}:1" in line and needle in line
 
 
