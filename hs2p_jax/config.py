@@ -354,6 +354,15 @@ def validate(cfg) -> None:
     sec = getattr(cfg, section, None)
     if sec is not None and hasattr(sec, name) and getattr(sec, name) not in choices:
       raise UserError(f"{key}={getattr(sec, name)!r}: expected one of {', '.join(choices)}")
+  from hs2p_jax.model.config import ATTENTION_IMPLS, REMAT_POLICIES, WEIGHT_GRADS
+  runtime = {"remat": REMAT_POLICIES, "attention": ATTENTION_IMPLS, "weight_grad": WEIGHT_GRADS,
+             "dtype": ("float32", "bfloat16", "float16")}
+  for field in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else ():
+    model = getattr(cfg, field.name)
+    if isinstance(model, ModelConfig):  # checked here, before any data or weights are read
+      for name, choices in runtime.items():
+        if getattr(model, name) not in choices:
+          raise UserError(f"{field.name}.{name}={getattr(model, name)!r}: expected one of {', '.join(choices)}")
   train = getattr(cfg, "train", None)
   if isinstance(train, TrainConfig):
     for name in ("steps", "batch_size"):

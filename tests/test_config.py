@@ -31,6 +31,9 @@ def test_overrides_types_and_includes(tmp_path):
     ("data.format=csv", "data.format='csv'"),
     ("train.micro_batch_size=3", "must divide train.batch_size"),
     ("novel=1", "unknown config key novel"),
+    ("model.weight_grad=bogus", "model.weight_grad='bogus': expected one of flat, autodiff"),
+    ("model.attention=flash", "model.attention='flash'"),
+    ("model.remat=some", "model.remat='some'"),
 ])
 def test_bad_values_name_the_key(override, message):
   with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
