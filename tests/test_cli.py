@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import need_torch, separable_pairs, tiny_overrides, write_jsonl
+from conftest import separable_pairs, tiny_overrides, write_jsonl
 from hs2p_jax.checkpoint import load_model
 from hs2p_jax.cli import main
 
@@ -76,7 +76,7 @@ def test_eval_rewardbench_format_reports_sections(trained, tmp_path, capsys):
 
 def test_expo_fixed_factor_matches_numpy(trained, tmp_path, capsys):
   base_dir = str(trained / "run" / "model")
-  from hs2p_jax.checkpoint import ModelMeta, save_model
+  from hs2p_jax.checkpoint import save_model
   base, meta = load_model(base_dir)
   g, p = nnx.split(base)
   other = nnx.merge(g, jax.tree.map(lambda a: a * 0.5 + 0.01, p))

@@ -34,6 +34,7 @@ def test_overrides_types_and_includes(tmp_path):
     ("model.weight_grad=bogus", "model.weight_grad='bogus': expected one of flat, autodiff"),
     ("model.attention=flash", "model.attention='flash'"),
     ("model.remat=some", "model.remat='some'"),
+    ("data.share_prompt=true", "data.share_prompt=true needs data.packing=true"),
 ])
 def test_bad_values_name_the_key(override, message):
   with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import need_torch, padded_batch, requires_smollm2, tiny_hf_model, torch_positions
-from hs2p_jax.convert import export_hf, load_gguf, load_hf
+from hs2p_jax.convert import export_hf, load_hf
 from hs2p_jax.errors import UserError
 
 TOL = 1e-3

@@ -47,10 +47,27 @@ def random_split(kind: str, cfg, num_attributes: int = 9, mesh=None, seed: int =
   return graphdef, jax.device_put(state, state_shardings(state, mesh))
 
 
-def rm_batch(pairs: int, seq: int, vocab: int, seed: int = 0) -> dict:
-  """Fixed-length random pairs, stacked as one micro-batch: rows [0, P) chosen, [P, 2P) rejected."""
+def rm_batch(pairs: int, seq: int, vocab: int, seed: int = 0, share_prompt: int = 0) -> dict:
+  """Fixed-length random pairs of `seq` tokens, stacked as one micro-batch: rows [0, P) chosen, [P, 2P)
+  rejected; or, with `share_prompt` = N > 0, pairs whose first N tokens are equal, one pair per row
+  laid out as the data pipeline's `data.share_prompt` does ([N prompt | chosen | rejected])."""
   import numpy as np
+  from hs2p_jax.data.batching import pack_units, shared_pair
   rng = np.random.default_rng(seed)
+  magnitude = rng.integers(1, 4, (1, pairs)).astype(np.float32)
+  if not 0 <= share_prompt < seq:
+    raise ValueError(f"share_prompt={share_prompt}: must be in [0, seq={seq})")
+  if share_prompt:
+    units = []
+    for _ in range(pairs):
+      prompt = rng.integers(3, vocab, share_prompt)
+      c, r = rng.integers(3, vocab, (2, seq - share_prompt))
+      r[0] = c[0] + 1 if c[0] + 1 < vocab else 3  # the responses differ from their first token
+      units += shared_pair(np.concatenate([prompt, c]), np.concatenate([prompt, r]), 2 * seq - share_prompt)
+    rows, score_row, score_index = pack_units(units, 2 * seq - share_prompt, pairs, 0)
+    return {**{k: v[None] for k, v in rows.items()}, "score_row": score_row.reshape(1, pairs, 2),
+            "score_index": score_index.reshape(1, pairs, 2), "valid": np.ones((1, pairs), bool),
+            "magnitude": magnitude}
   rows = 2 * pairs
   return {
       "input_ids": rng.integers(3, vocab, (1, rows, seq), dtype=np.int32),
@@ -58,7 +75,7 @@ def rm_batch(pairs: int, seq: int, vocab: int, seed: int = 0) -> dict:
       "score_row": np.stack([np.arange(pairs), pairs + np.arange(pairs)], 1)[None].astype(np.int32),
       "score_index": np.full((1, pairs, 2), seq - 1, np.int32),
       "valid": np.ones((1, pairs), bool),
-      "magnitude": rng.integers(1, 4, (1, pairs)).astype(np.float32),
+      "magnitude": magnitude,
   }
 
 
@@ -67,7 +84,7 @@ class RMStep:
   and a fixed random batch. Variants of one preset share (params, opt_state) through `place`."""
 
   def __init__(self, cfg, pairs: int, seq: int, num_attributes: int = 9, donate: bool = True,
-               devices: int | None = None, compiler_options: dict | None = None):
+               devices: int | None = None, compiler_options: dict | None = None, share_prompt: int = 0):
     import jax
     from flax import nnx
     from hs2p_jax.model import create
@@ -77,8 +94,10 @@ class RMStep:
     from hs2p_jax.train.rm import Objective, make_train_step
     from hs2p_jax.sharding import opt_state_shardings
 
+    # tokens: the pairs' tokens (what an unshared step processes); flops: what this layout computes
     self.cfg, self.donate, self.tokens = cfg, donate, 2 * pairs * seq
-    self.flops = train_flops(cfg, 2 * pairs, seq)
+    self.rows, self.row_len = (pairs, 2 * seq - share_prompt) if share_prompt else (2 * pairs, seq)
+    self.flops = train_flops(cfg, self.rows, self.row_len)
     self.mesh = data_mesh(devices)
     self.num_devices = 1 if self.mesh is None else self.mesh.size
     weights = tuple(1.0 if i == min(4, num_attributes - 1) else 0.0 for i in range(num_attributes))
@@ -92,7 +111,7 @@ class RMStep:
       psh = state_shardings(abstract, self.mesh)
       self.shardings = (psh, opt_state_shardings(abs_opt, psh, self.mesh))
     self.num_attributes, self.abstract = num_attributes, abstract
-    self.batch = put_batch(rm_batch(pairs, seq, cfg.vocab_size), self.mesh, stacked=True)
+    self.batch = put_batch(rm_batch(pairs, seq, cfg.vocab_size, share_prompt=share_prompt), self.mesh, stacked=True)
     step = jax.jit(make_train_step(graphdef, self.tx, Objective("bt", "scaled", weights)),
                    donate_argnums=(0, 1) if donate else (), out_shardings=(*self.shardings, None))
     abs_args = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -121,10 +140,10 @@ class RMStep:
 
 
 def bench_rm_jax(cfg, pairs: int, seq: int, steps: int, num_attributes: int = 9, donate: bool = True,
-                 devices: int | None = None) -> dict:
+                 devices: int | None = None, share_prompt: int = 0) -> dict:
   """Times `RMStep` on a random reward model: compile, one warm-up step, median of `steps`."""
   import jax
-  step = RMStep(cfg, pairs, seq, num_attributes, donate, devices)
+  step = RMStep(cfg, pairs, seq, num_attributes, donate, devices, share_prompt=share_prompt)
   box = {"s": step.init_state()}
 
   def run():
@@ -141,8 +160,9 @@ def bench_rm_jax(cfg, pairs: int, seq: int, steps: int, num_attributes: int = 9,
   return {
       "device_kind": kind, "platform": jax.devices()[0].platform, "num_devices": step.num_devices,
       "knobs": {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat": cfg.remat, "attention": cfg.attention,
-                "weight_grad": cfg.weight_grad, "donate": donate, "xla_flags": os.environ.get("XLA_FLAGS")},
-      "rows": 2 * pairs, "tokens_per_step": step.tokens, "compile_s": rounded(step.compile_s),
+                "weight_grad": cfg.weight_grad, "donate": donate, "share_prompt": share_prompt,
+                "xla_flags": os.environ.get("XLA_FLAGS")},
+      "rows": step.rows, "row_tokens": step.row_len, "tokens_per_step": step.tokens, "compile_s": rounded(step.compile_s),
       "warmup_step_s": rounded(warmup_s), "step_s": rounded(step_s), "step_s_all": [rounded(t) for t in times],
       "tokens_per_s": rounded(step.tokens / step_s), "tokens_per_s_best": rounded(step.tokens / min(times)),
       "loss": rounded(float(box["m"]["loss"])),

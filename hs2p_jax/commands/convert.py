@@ -11,7 +11,7 @@ from hs2p_jax.errors import UserError
 
 
 def convert_command(args) -> int:
-  from hs2p_jax.checkpoint import ModelMeta, load_checkpoint_tokenizer, load_model, resolve_model_dir, save_model
+  from hs2p_jax.checkpoint import ModelMeta, load_model, resolve_model_dir, save_model
   from hs2p_jax.convert import export_hf, load_gguf, load_hf
   from hs2p_jax.tokenizer import load_tokenizer
 

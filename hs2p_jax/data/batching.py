@@ -1,8 +1,10 @@
-"""Token sequences -> fixed-shape numpy rows: right padding to a bucket length, first-fit packing,
-left-padded generation prompts, and the padding fraction of a batch."""
+"""Token sequences -> fixed-shape numpy rows: right padding to a bucket length, first-fit packing
+(optionally with the two sides of a pair sharing their prompt), left-padded generation prompts, and
+the padding fraction of a batch."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -60,28 +62,74 @@ def num_packed_rows(lengths: Sequence[int], capacity: int) -> int:
   return max(rows) + 1 if rows else 0
 
 
-def pack(seqs: Sequence[np.ndarray], capacity: int, num_rows: int,
-         pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """First-fit packs `seqs` into `num_rows` rows of `capacity` tokens.
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+  """Tokens that `a` and `b` share at their start, leaving each at least its last token of its own."""
+  n = min(len(a), len(b)) - 1
+  if n <= 0:
+    return 0
+  diff = np.flatnonzero(a[:n] != b[:n])
+  return int(diff[0]) if diff.size else n
 
-  Returns input_ids, segment_ids int32 [num_rows, capacity] (segments 1..k per row in placement
-  order, 0 = pad), and per sequence its row and the index of its last token, int32 [len(seqs)]."""
-  rows = first_fit([len(s) for s in seqs], capacity)
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """A run of tokens placed whole in one packed row, as one segment: ids, positions, branch ids
+  int32 [L] and the offsets of the tokens whose rewards are read."""
+
+  ids: np.ndarray
+  positions: np.ndarray
+  branch: np.ndarray
+  scores: tuple[int, ...]
+
+  @classmethod
+  def sequence(cls, ids: np.ndarray) -> "Unit":
+    n = len(ids)
+    return cls(ids, np.arange(n, dtype=np.int32), np.zeros(n, np.int32), (n - 1,))
+
+
+def shared_pair(chosen: np.ndarray, rejected: np.ndarray, capacity: int) -> list[Unit]:
+  """A pair as [prefix | chosen suffix | rejected suffix] with branch ids 0 / 1 / 2 and each suffix's
+  positions following the prefix: one unit whose two scores are the suffixes' last tokens, attention
+  masked so that a branch sees the prefix and itself only (see `branch_mask`). A pair whose shared
+  layout exceeds `capacity` stays two sequences."""
+  p = common_prefix(chosen, rejected)
+  c, r = len(chosen), len(rejected)
+  if c + r - p > capacity:
+    return [Unit.sequence(chosen), Unit.sequence(rejected)]
+  ids = np.concatenate([chosen, rejected[p:]]).astype(np.int32)
+  positions = np.concatenate([np.arange(c), np.arange(p, r)]).astype(np.int32)
+  branch = np.concatenate([np.zeros(p), np.ones(c - p), np.full(r - p, 2)]).astype(np.int32)
+  return [Unit(ids, positions, branch, (c - 1, c + r - p - 1))]
+
+
+def pack_units(units: Sequence[Unit], capacity: int, num_rows: int,
+               pad_id: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+  """First-fit packs `units` into `num_rows` rows of `capacity` tokens.
+
+  Returns the rows (input_ids, segment_ids, positions, branch_ids int32 [num_rows, capacity];
+  segments 1..k per row in placement order, 0 = pad) and, for every score of every unit in order,
+  its row and token index, int32 [sum of len(unit.scores)]."""
+  rows = first_fit([len(u.ids) for u in units], capacity)
   if rows and max(rows) >= num_rows:
     raise ValueError(f"{max(rows) + 1} rows needed, {num_rows} given")
-  ids = np.full((num_rows, capacity), pad_id, np.int32)
-  seg = np.zeros((num_rows, capacity), np.int32)
+  out = {"input_ids": np.full((num_rows, capacity), pad_id, np.int32),
+         "segment_ids": np.zeros((num_rows, capacity), np.int32),
+         "positions": np.zeros((num_rows, capacity), np.int32),
+         "branch_ids": np.zeros((num_rows, capacity), np.int32)}
   fill = np.zeros(num_rows, np.int64)
   count = np.zeros(num_rows, np.int64)
-  last = np.zeros(len(seqs), np.int32)
-  for i in sorted(range(len(seqs)), key=lambda i: (rows[i], i)):
-    r, n = rows[i], len(seqs[i])
+  start = np.zeros(len(units), np.int64)
+  for i in sorted(range(len(units)), key=lambda i: (rows[i], i)):
+    r, u = rows[i], units[i]
+    span = slice(fill[r], fill[r] + len(u.ids))
     count[r] += 1
-    ids[r, fill[r]:fill[r] + n] = seqs[i]
-    seg[r, fill[r]:fill[r] + n] = count[r]
-    fill[r] += n
-    last[i] = fill[r] - 1
-  return ids, seg, np.asarray(rows, np.int32), last
+    out["input_ids"][r, span], out["segment_ids"][r, span] = u.ids, count[r]
+    out["positions"][r, span], out["branch_ids"][r, span] = u.positions, u.branch
+    start[i] = fill[r]
+    fill[r] += len(u.ids)
+  score_row = np.array([rows[i] for i, u in enumerate(units) for _ in u.scores], np.int32)
+  score_index = np.array([start[i] + o for i, u in enumerate(units) for o in u.scores], np.int32)
+  return out, score_row, score_index
 
 
 def padding_fraction(batch: Mapping[str, np.ndarray]) -> float:

@@ -13,7 +13,9 @@ Batch layout (local to this process; N = batch_size // process_count examples or
     assistant turn; never packed), valid, example_id; no input_ids / segment_ids.
 Unpacked rows are right-padded to T = the step's longest sequence rounded up to data.pad_multiple,
 capped at data.max_length. Packed rows (data.packing) have T = data.max_length and R = the rows
-first-fit packing needs, rounded up to a multiple of 2. T and R are computed over the whole global
+first-fit packing needs, rounded up to a multiple of 2. With data.share_prompt, a pair is packed as
+one segment [shared prefix | chosen suffix | rejected suffix] (`batching.shared_pair`), and the
+batch adds positions, branch_ids int32 [R, T]. T and R are computed over the whole global
 step (every process's share), so all processes of a multi-host run build arrays of the same shape.
 Fillers repeat example 0 (finite attention everywhere) and are marked by `valid`.
 `loader.examples` are the examples left after parsing, filtering and the over-long policy, so that
@@ -29,7 +31,8 @@ import grain
 import numpy as np
 
 from hs2p_jax.config import DataConfig
-from hs2p_jax.data.batching import bucket_length, num_packed_rows, pack, pad_left, pad_right, round_up
+from hs2p_jax.data.batching import (Unit, bucket_length, num_packed_rows, pack_units, pad_left, pad_right, round_up,
+                                    shared_pair)
 from hs2p_jax.data.encode import encode
 from hs2p_jax.data.examples import LoadReport
 from hs2p_jax.data.load import load_examples
@@ -51,7 +54,21 @@ class _Batches:
     self.process_index, self.pad_id = process_index, pad_id
     self.max_length, self.pad_multiple = cfg.max_length, cfg.pad_multiple
     self.packing = cfg.packing and task != "prompts"
+    self.share_prompt = self.packing and cfg.share_prompt and task == "pairs"
     self.lengths = np.array([[len(s) for s in sides] for sides in seqs], np.int64)  # [E, 1 or 2]
+    # packed units of each example: its sequences, or a pair's shared-prompt unit (or two, if too long)
+    self.unit_lengths = [[len(u.ids) for u in self.units(i)] for i in range(len(seqs))] if self.share_prompt else None
+
+  def units(self, i: int) -> list[Unit]:
+    if self.share_prompt:
+      return shared_pair(*self.seqs[i], self.max_length)
+    return [Unit.sequence(s) for s in self.seqs[i]]
+
+  def _packed_rows(self, ids: np.ndarray) -> int:
+    ids = np.maximum(ids, 0)
+    lengths = ([n for i in ids for n in self.unit_lengths[i]] if self.share_prompt
+               else self.lengths[ids].ravel().tolist())
+    return num_packed_rows(lengths, self.max_length)
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     step = int(step)
@@ -66,10 +83,11 @@ class _Batches:
                         self.max_length)
       out["prompt_ids"], out["prompt_mask"] = pad_left(seqs, t, self.pad_id)
     elif self.packing:
-      rows = max(num_packed_rows(self.lengths[np.maximum(i, 0)].ravel().tolist(), self.max_length) for i in ids_all)
-      out["input_ids"], out["segment_ids"], row, last = pack(seqs, self.max_length,
-                                                             round_up(rows, PACKED_ROW_MULTIPLE), self.pad_id)
-      out["score_row"], out["score_index"] = row, last
+      rows = round_up(max(self._packed_rows(i) for i in ids_all), PACKED_ROW_MULTIPLE)
+      packed, out["score_row"], out["score_index"] = pack_units([u for i in src for u in self.units(i)],
+                                                                self.max_length, rows, self.pad_id)
+      keys = ("input_ids", "segment_ids") + (("positions", "branch_ids") if self.share_prompt else ())
+      out.update({k: packed[k] for k in keys})
     else:
       t = bucket_length(max(int(self.lengths[np.maximum(i, 0)].max()) for i in ids_all), self.pad_multiple,
                         self.max_length)

@@ -25,6 +25,14 @@ def segment_causal_mask(q_slots: jax.Array, k_slots: jax.Array, q_segments: jax.
   return causal[None] & same & (k_segments[:, None, :] != 0)
 
 
+def branch_mask(q_branch: jax.Array, k_branch: jax.Array) -> jax.Array:
+  """[B, Tq, Tk] bool: key on the shared trunk (branch 0) or on the query's own branch.
+
+  Lets the two sides of a pair share their prompt within one segment: [prompt (0) | chosen (1) |
+  rejected (2)]; with the causal mask the rejected side sees the prompt but not the chosen side."""
+  return (k_branch[:, None, :] == 0) | (k_branch[:, None, :] == q_branch[:, :, None])
+
+
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
   """Softmax attention with float32 logits. q [B, Tq, H, Dh]; k, v [B, Tk, Hkv, Dh]; mask [B, Tq, Tk]."""
   b, tq, h, dh = q.shape

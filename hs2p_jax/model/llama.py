@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from hs2p_jax.model.attention import attention, segment_causal_mask
+from hs2p_jax.model.attention import attention, branch_mask, segment_causal_mask
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.model.linear import project
 from hs2p_jax.model.rope import apply_rope, inverse_frequencies
@@ -167,12 +167,15 @@ class Llama(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+               branch_ids: jax.Array | None = None,
                cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
     """Hidden states [B, T, D] after the final norm; with `cache`, also the updated cache.
 
     input_ids, attention_mask [B, T] (mask 1 = token, 0 = pad, either side). segment_ids [B, T]
     (packed sequences, 0 = pad) replaces attention_mask; positions default to the index within
-    each segment. With a cache, the T new tokens are written at slots [index, index + T).
+    each segment. branch_ids [B, T] (with explicit positions, no cache) further restricts a token
+    to keys on branch 0 or its own branch (`attention.branch_mask`: pairs sharing a prompt). With
+    a cache, the T new tokens are written at slots [index, index + T).
     """
     cfg = self.cfg
     input_ids = jnp.asarray(input_ids)
@@ -180,11 +183,16 @@ class Llama(nnx.Module):
     if segment_ids is None:
       segment_ids = (jnp.ones((b, t), jnp.int32) if attention_mask is None
                      else (jnp.asarray(attention_mask) != 0).astype(jnp.int32))
+    if branch_ids is not None and (cache is not None or positions is None or cfg.attention == "splash"):
+      raise ValueError("branch_ids need explicit positions, no KV cache, and attention other than splash "
+                       "(the splash kernel masks by segment only)")
     if cache is None:
       if positions is None:
         positions = segment_positions(segment_ids)
       slots = jnp.arange(t)
       mask = segment_causal_mask(slots, slots, segment_ids, segment_ids)
+      if branch_ids is not None:
+        mask &= branch_mask(branch_ids, branch_ids)
     else:
       valid = (segment_ids != 0)
       if positions is None:

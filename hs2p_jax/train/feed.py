@@ -10,7 +10,7 @@ from hs2p_jax.convert.state import place
 from hs2p_jax.sharding import DEFAULT_RULES, Rules, logical_to_spec
 
 # Arrays whose first (row) axis is the batch; everything else is small and replicated.
-ROW_ARRAYS = ("input_ids", "segment_ids", "prompt_ids", "prompt_mask")
+ROW_ARRAYS = ("input_ids", "segment_ids", "positions", "branch_ids", "prompt_ids", "prompt_mask")
 # Arrays holding row numbers of the global batch: offset when local batches are concatenated.
 ROW_POINTERS = ("score_row",)
 

@@ -1,6 +1,7 @@
 """Reward-model objectives and train/eval steps as pure functions of (params, optimizer state, batch).
 
-Batches (see `hs2p_jax.data.pipeline`): `input_ids`, `segment_ids` [R, T]; `score_row`,
+Batches (see `hs2p_jax.data.pipeline`): `input_ids`, `segment_ids` [R, T] (and `positions`,
+`branch_ids` [R, T] where the two sides of a pair share their prompt); `score_row`,
 `score_index` say where each example's reward is read ([P, 2] for pairs: chosen, rejected; [B]
 for regression); `valid` [N]; pairs add `magnitude` [P]; regression adds `labels`, `label_mask`
 [B, A]. Chosen and rejected sequences of a pair go through the model in one forward pass.
@@ -24,6 +25,8 @@ from hs2p_jax.losses import bt_losses
 from hs2p_jax.model.reward import RewardModel
 
 Batch = dict[str, jax.Array]
+# [R, T] arrays of a batch (positions and branch_ids only where pairs share their prompt)
+ROW_TOKENS = ("input_ids", "segment_ids", "positions", "branch_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +40,8 @@ class Objective:
 
 def reward_outputs(model: RewardModel, batch: Batch) -> jax.Array:
   """Head outputs at each example's score position: [P, 2, A] (pairs) or [B, A] (regression)."""
-  hidden = model.model(batch["input_ids"], segment_ids=batch["segment_ids"])  # [R, T, D]
+  hidden = model.model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch.get("positions"),
+                       branch_ids=batch.get("branch_ids"))  # [R, T, D]
   picked = hidden[batch["score_row"], batch["score_index"]]  # [..., D]
   return model.head(picked)
 
@@ -115,7 +119,7 @@ def stack_micro_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.nd
   out: dict[str, list[np.ndarray]] = {}
   for b in batches:
     for key, arr in b.items():
-      if key in ("input_ids", "segment_ids"):
+      if key in ROW_TOKENS:
         arr = np.pad(arr, ((0, r - arr.shape[0]), (0, t - arr.shape[1])))
       out.setdefault(key, []).append(arr)
   return {k: np.stack(v) for k, v in out.items()}
