@@ -6,7 +6,7 @@ tokens (EOS disabled; min = max new tokens for `generate`); greedy unless `--tem
 variants round-robin in one process and prints a table. See benchmarks/README.md.
 
   python benchmarks/sample.py [--model smollm2-135m] [--batch 4] [--prompt 64]
-      [--new-tokens 32] [--steps 3] [--temperature 0] [--dtype float32] [--cpu-devices 0]
+      [--new-tokens 32] [--steps 3] [--temperature 0] [--samples-per-prompt 1] [--dtype float32] [--cpu-devices 0]
   python benchmarks/sample.py --knobs [--rounds 3] [--only base no_scan ...]
   python benchmarks/sample.py --knobs --cpu-devices 2   # the data-parallel variants
 """
@@ -73,6 +73,9 @@ def main() -> None:
   ap.add_argument("--prompt", type=int, default=64)
   ap.add_argument("--new-tokens", type=int, default=32)
   ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (no top-k / top-p)")
+  ap.add_argument("--samples-per-prompt", type=int, default=1, metavar="K",
+                  help="K sampled continuations per prompt (needs --temperature > 0): JAX prefills each prompt once "
+                       "(num_samples), transformers expands the prompts (num_return_sequences)")
   ap.add_argument("--knobs", action="store_true",
                   help="time the KNOBS variants for this process's device count (and torch) round-robin")
   ap.add_argument("--only", nargs="+", choices=list(KNOBS), help="with --knobs: these variants only")
@@ -84,8 +87,10 @@ def main() -> None:
     return
   from hs2p_jax.commands.bench import sample_report
   cfg = model_config(args)
+  if args.samples_per_prompt > 1 and args.temperature <= 0:
+    ap.error("--samples-per-prompt > 1 needs --temperature > 0 (greedy samples would be identical)")
   res = sample_report(cfg, args.model, args.batch, args.prompt, args.new_tokens, args.steps, not args.no_torch,
-                      args.temperature)
+                      args.temperature, samples=args.samples_per_prompt)
   print(json.dumps(res))
 
 

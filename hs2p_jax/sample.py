@@ -5,6 +5,7 @@ greedy (temperature 0) or from the temperature-scaled distribution truncated by 
 `logprobs` are the log-probabilities of the emitted tokens under the distribution they were drawn
 from (for greedy decoding: under the model's untruncated, temperature-1 distribution). A row stops
 after an EOS token or a stop sequence (both included in its length); later slots hold `pad_id`.
+Several samples per prompt (`num_samples`) share one prefill of that prompt.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ class SamplingConfig:
   eos_ids: tuple[int, ...] = ()
   stop_sequences: tuple[tuple[int, ...], ...] = ()  # token-id sequences that end a row
   pad_id: int = 0
+  num_samples: int = 1           # continuations per prompt (one prefill per prompt, its cache repeated)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class GenerateOutput:
-  tokens: jax.Array    # [B, N] new tokens (pad_id after a row ends)
+  tokens: jax.Array    # [B, N] new tokens (pad_id after a row ends); B = prompts * num_samples
   logprobs: jax.Array  # [B, N] log-prob of each emitted token (0 after a row ends)
   lengths: jax.Array   # [B] new tokens per row, the stopping token included
   ended: jax.Array     # [B] whether the row stopped on EOS / a stop sequence (False: ran out of tokens)
@@ -78,6 +80,11 @@ def _stop_hit(history: jax.Array, step: jax.Array, seqs: tuple[tuple[int, ...], 
   return hit
 
 
+def _constrain_cache(cache: KVCache) -> KVCache:
+  spec = (None, "cache_batch", "cache_seq", "cache_kv_heads", None)
+  return dataclasses.replace(cache, k=constrain(cache.k, spec), v=constrain(cache.v, spec))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
 def generate_from_state(graphdef: nnx.GraphDef, state, input_ids: jax.Array, attention_mask: jax.Array,
                         key: jax.Array, cfg: SamplingConfig) -> GenerateOutput:
@@ -86,11 +93,15 @@ def generate_from_state(graphdef: nnx.GraphDef, state, input_ids: jax.Array, att
   ids, mask = left_align(input_ids, attention_mask)
   b, t = ids.shape
   n = cfg.max_new_tokens
-  cache = KVCache.init(lm.cfg, b, t + n)
-  cache = dataclasses.replace(cache, k=constrain(cache.k, (None, "cache_batch", "cache_seq", "cache_kv_heads", None)),
-                              v=constrain(cache.v, (None, "cache_batch", "cache_seq", "cache_kv_heads", None)))
+  cache = _constrain_cache(KVCache.init(lm.cfg, b, t + n))
   hidden, cache = lm.model(ids, mask, cache=cache)
   logits = lm.logits(hidden[:, -1:])[:, 0]  # [B, V]
+  if cfg.num_samples > 1:  # the prompts' caches and next-token logits serve all their samples
+    k = cfg.num_samples
+    cache = _constrain_cache(KVCache(jnp.repeat(cache.k, k, axis=1), jnp.repeat(cache.v, k, axis=1),
+                                     jnp.repeat(cache.valid, k, axis=0), jnp.repeat(cache.next_pos, k, axis=0),
+                                     cache.index))
+    logits, b = jnp.repeat(logits, k, axis=0), b * k
   eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
 
   def body(carry):
@@ -127,18 +138,23 @@ def generate_from_state(graphdef: nnx.GraphDef, state, input_ids: jax.Array, att
 def generate(lm: LlamaForCausalLM, input_ids, attention_mask=None, max_new_tokens: int = 32,
              temperature: float = 0.0, seed: int | jax.Array = 0, *, top_k: int = 0, top_p: float = 1.0,
              eos_ids: Sequence[int] | None = None, stop_sequences: Sequence[Sequence[int]] = (),
-             pad_id: int | None = None) -> GenerateOutput:
+             pad_id: int | None = None, num_samples: int = 1) -> GenerateOutput:
   """Samples `max_new_tokens` continuations of `input_ids` [B, T] (see module docstring).
 
   eos_ids default to the model config's; `seed` is an int or a PRNG key (same seed, same output).
+  `num_samples` = k continuations per prompt from one prefill: output rows [B * k], row i * k + j
+  the j-th sample of prompt i (the rows of `np.repeat(input_ids, k, axis=0)`).
   """
+  if num_samples < 1:
+    raise ValueError(f"num_samples={num_samples}: must be >= 1")
   input_ids = jnp.asarray(input_ids, jnp.int32)
   attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
   cfg = SamplingConfig(
       max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
       eos_ids=tuple(int(e) for e in (lm.cfg.eos_ids if eos_ids is None else eos_ids)),
       stop_sequences=tuple(tuple(int(t) for t in s) for s in stop_sequences),
-      pad_id=int(pad_id if pad_id is not None else (lm.cfg.pad_token_id if lm.cfg.pad_token_id is not None else 0)))
+      pad_id=int(pad_id if pad_id is not None else (lm.cfg.pad_token_id if lm.cfg.pad_token_id is not None else 0)),
+      num_samples=int(num_samples))
   key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
   graphdef, state = nnx.split(lm)
   return generate_from_state(graphdef, state, input_ids, attention_mask, key, cfg)

@@ -67,6 +67,23 @@ def test_sampling_logprobs_are_under_the_truncated_distribution_and_seeded(tiny_
       assert float(a.logprobs[i, j]) == pytest.approx(ref, abs=1e-4)
 
 
+def test_samples_per_prompt_share_one_prefill_and_match_repeated_prompts(tiny_lm):
+  ids, mask = padded_batch(np.random.RandomState(5), [7, 4], 7, "left", vocab=272, low=16)
+  rep_ids, rep_mask = np.repeat(ids, 3, axis=0), np.repeat(mask, 3, axis=0)
+  greedy = generate(tiny_lm, ids, mask, max_new_tokens=6, eos_ids=[], num_samples=3)
+  ref = generate(tiny_lm, rep_ids, rep_mask, max_new_tokens=6, eos_ids=[])
+  np.testing.assert_array_equal(np.asarray(greedy.tokens), np.asarray(ref.tokens))
+  np.testing.assert_allclose(np.asarray(greedy.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+  kw = dict(max_new_tokens=8, temperature=1.0, eos_ids=[], seed=7)
+  sampled = generate(tiny_lm, ids, mask, num_samples=3, **kw)
+  tokens = np.asarray(sampled.tokens)
+  assert tokens.shape == (6, 8) and len({tuple(r) for r in tokens[:3]}) == 3  # k different samples
+  lp, _ = full_forward_logprobs(tiny_lm, rep_ids, rep_mask, tokens)  # each row continues its own prompt
+  np.testing.assert_allclose(np.asarray(sampled.logprobs), lp, atol=1e-4)
+  with pytest.raises(ValueError, match="num_samples=0"):
+    generate(tiny_lm, ids, mask, num_samples=0)
+
+
 def test_process_logits_top_k_and_top_p_against_numpy():
   rng = np.random.RandomState(0)
   logits = rng.randn(3, 50).astype(np.float32) * 2

@@ -177,7 +177,7 @@ class SampleRun:
   one config and fixed random prompts; variants of one preset share the parameter state."""
 
   def __init__(self, cfg, batch: int, prompt: int, new_tokens: int, temperature: float = 0.0,
-               devices: int | None = None, compiler_options: dict | None = None):
+               devices: int | None = None, compiler_options: dict | None = None, samples: int = 1):
     import jax
     import numpy as np
     from flax import nnx
@@ -186,7 +186,7 @@ class SampleRun:
     from hs2p_jax.sharding import state_shardings, use_mesh
     from hs2p_jax.train.feed import put_batch
 
-    self.cfg, self.batch, self.new_tokens = cfg, batch, new_tokens
+    self.cfg, self.batch, self.new_tokens, self.rows = cfg, batch, new_tokens, batch * samples
     self.mesh = data_mesh(devices)
     self.num_devices = 1 if self.mesh is None else self.mesh.size
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create("lm", cfg)))
@@ -200,7 +200,7 @@ class SampleRun:
                              self.sharding)
 
     def compile_for(n: int):
-      scfg = SamplingConfig(max_new_tokens=n, temperature=temperature, eos_ids=(), pad_id=0)
+      scfg = SamplingConfig(max_new_tokens=n, temperature=temperature, eos_ids=(), pad_id=0, num_samples=samples)
       with use_mesh(self.mesh):
         return generate_from_state.lower(graphdef, abs_state, *self.args, scfg).compile(compiler_options)
 
@@ -225,12 +225,13 @@ class SampleRun:
 
 
 def bench_sample_jax(cfg, batch: int, prompt: int, new_tokens: int, steps: int, temperature: float = 0.0,
-                     devices: int | None = None) -> dict:
+                     devices: int | None = None, samples: int = 1) -> dict:
   """Times `SampleRun`: median of `steps` after a warm-up; a 1-token run separates the prefill from
   the per-token decode cost."""
   import jax
   import numpy as np
-  run = SampleRun(cfg, batch, prompt, new_tokens, temperature, devices)
+  run = SampleRun(cfg, batch, prompt, new_tokens, temperature, devices, samples=samples)
+  rows = batch * samples
   state = run.init_state()
   out = run(state)
   assert int(np.min(np.asarray(out.lengths))) == new_tokens, "rows stopped early"
@@ -239,15 +240,16 @@ def bench_sample_jax(cfg, batch: int, prompt: int, new_tokens: int, steps: int, 
   one_s = statistics.median(times_of(lambda: run(state, one_token=True), steps))
   decode_step_s = (total_s - one_s) / max(new_tokens - 1, 1)
   kind = jax.devices()[0].device_kind
-  step_bytes = sample_step_bytes(cfg, batch, prompt + new_tokens / 2)
+  step_bytes = sample_step_bytes(cfg, rows, prompt + new_tokens / 2)
   bw = PEAK_BANDWIDTH.get(device_family(kind) or "")
   return {
       "device_kind": kind, "platform": jax.devices()[0].platform, "num_devices": run.num_devices,
       "knobs": {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "attention": cfg.attention,
                 "xla_flags": os.environ.get("XLA_FLAGS")},
-      "compile_s": rounded(run.compile_s), "generate_s": rounded(total_s), "tokens_per_s": rounded(batch * new_tokens / total_s),
+      "samples_per_prompt": samples, "rows": rows,
+      "compile_s": rounded(run.compile_s), "generate_s": rounded(total_s), "tokens_per_s": rounded(rows * new_tokens / total_s),
       "prefill_s": rounded(max(one_s - decode_step_s, 0.0)), "decode_step_s": rounded(decode_step_s),
-      "decode_tokens_per_s": rounded(batch / decode_step_s) if decode_step_s > 0 else None,
+      "decode_tokens_per_s": rounded(rows / decode_step_s) if decode_step_s > 0 else None,
       "decode_bytes_per_step": step_bytes, "peak_bandwidth": bw,
       "bandwidth_fraction": rounded(step_bytes / decode_step_s / bw) if bw and decode_step_s > 0 else None,
       "peak_rss_bytes": peak_rss_bytes(), "device_peak_bytes": device_peak_bytes(),

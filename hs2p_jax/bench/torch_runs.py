@@ -80,9 +80,10 @@ def torch_rm(hf_config: dict, pairs: int, seq: int, steps: int, dtype: str) -> d
 
 
 def torch_generate(hf_config: dict, batch: int, prompt: int, new_tokens: int, dtype: str,
-                   temperature: float = 0.0) -> tuple[Callable[[], Any], Any]:
-  """transformers' `generate` on the same shapes: exactly `new_tokens` tokens (min = max, no EOS);
-  bf16 through autocast. Returns (generate() -> ids [B, prompt + new_tokens], model)."""
+                   temperature: float = 0.0, samples: int = 1) -> tuple[Callable[[], Any], Any]:
+  """transformers' `generate` on the same shapes: exactly `new_tokens` tokens (min = max, no EOS),
+  `samples` sequences per prompt (`num_return_sequences`); bf16 through autocast. Returns
+  (generate() -> ids [B * samples, prompt + new_tokens], model)."""
   import contextlib
   import numpy as np
   torch, model = _torch_setup(hf_config, "LlamaForCausalLM")
@@ -96,17 +97,18 @@ def torch_generate(hf_config: dict, batch: int, prompt: int, new_tokens: int, dt
   def generate():
     with torch.inference_mode(), amp:
       return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                            eos_token_id=None, pad_token_id=0, **sampling)
+                            eos_token_id=None, pad_token_id=0, num_return_sequences=samples, **sampling)
 
   return generate, model
 
 
 def torch_sample(hf_config: dict, batch: int, prompt: int, new_tokens: int, steps: int, dtype: str,
-                 temperature: float = 0.0) -> dict:
+                 temperature: float = 0.0, samples: int = 1) -> dict:
   """Times `torch_generate`: median of `steps` after a warm-up."""
   import torch
-  generate, model = torch_generate(hf_config, batch, prompt, new_tokens, dtype, temperature)
+  generate, model = torch_generate(hf_config, batch, prompt, new_tokens, dtype, temperature, samples)
   out = generate()
+  batch *= samples
   assert tuple(out.shape) == (batch, prompt + new_tokens), out.shape
   times = times_of(generate, steps)
   total_s = statistics.median(times)

@@ -43,7 +43,8 @@ def sample_report(cfg, model: str, batch: int, prompt: int, new_tokens: int, ste
   if with_torch:
     hf = hf_config_of(cfg, pad_token_id=0)
     res["torch"] = run_torch("torch_sample", hf_config=hf, batch=batch, prompt=prompt, new_tokens=new_tokens,
-                             steps=steps, dtype=cfg.dtype, temperature=temperature)
+                             steps=steps, dtype=cfg.dtype, temperature=temperature,
+                             samples=jax_kw.get("samples", 1))
     res["load_avg_1m_end"] = load_avg()
     res["jax_over_torch"] = rounded(res["tokens_per_s"] / res["torch"]["tokens_per_s"])
   return res

@@ -91,19 +91,18 @@ class ReinforceTrainer:
     self.sampling = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
                                    top_p=rc.top_p, eos_ids=eos,
                                    stop_sequences=_stop_sequences(self.tokenizer, rc.stop_strings),
-                                   pad_id=self.tokenizer.pad_token_id or 0)
+                                   pad_id=self.tokenizer.pad_token_id or 0, num_samples=rc.samples_per_prompt)
 
   def rollout(self, step: int, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Samples k responses per prompt, scores them, and returns the update batch and metrics."""
     rc = self.cfg.reinforce
     k = rc.samples_per_prompt
-    ids = np.repeat(batch["prompt_ids"], k, axis=0)
-    mask = np.repeat(batch["prompt_mask"], k, axis=0)
-    ids, mask = (np.asarray(a) for a in left_align(jnp.asarray(ids), jnp.asarray(mask)))
+    ids, mask = (np.asarray(a) for a in left_align(jnp.asarray(batch["prompt_ids"]), jnp.asarray(batch["prompt_mask"])))
     key = jax.random.fold_in(jax.random.key(rc.seed), step)  # per-step key: resumes reproduce rollouts
     t0 = time.time()
-    with use_mesh(self.mesh, self.rules):
+    with use_mesh(self.mesh, self.rules):  # one prefill per prompt, k samples from its cache
       out = generate_from_state(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask), key, self.sampling)
+    ids, mask = np.repeat(ids, k, axis=0), np.repeat(mask, k, axis=0)  # row i * k + j: sample j of prompt i
     tokens, lengths, ended = (np.asarray(x) for x in (out.tokens, out.lengths, out.ended))
     sample_time = time.time() - t0
     resp_mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
