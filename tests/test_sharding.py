@@ -37,7 +37,9 @@ lm = random_model("lm", preset("tiny", num_layers=1), 9, 0, trainer.mesh, traine
 ids = np.random.RandomState(0).randint(16, 270, (4, 8))
 with use_mesh(trainer.mesh, trainer.rules):
   out = generate(lm, ids, np.ones_like(ids), max_new_tokens=6, temperature=0.8, seed=1)
-results["generate"] = {"tokens": np.asarray(out.tokens).tolist(), "logprobs": np.asarray(out.logprobs).tolist()}
+  multi = generate(lm, ids, np.ones_like(ids), max_new_tokens=6, temperature=0.8, seed=1, num_samples=2)
+results["generate"] = {"tokens": np.asarray(out.tokens).tolist(), "logprobs": np.asarray(out.logprobs).tolist(),
+                       "samples_tokens": np.asarray(multi.tokens).tolist()}
 # the splash kernel per shard (shard_map over batch and heads) against the reference attention
 import jax.numpy as jnp
 from hs2p_jax.model.attention import reference_attention, segment_causal_mask, splash_attention
@@ -74,6 +76,10 @@ def test_one_device_and_eight_devices_log_the_same_losses(tmp_path):
              "data.validation": pairs},
       "regression": {"data.format": "helpsteer2", "train.objective": "regression", "data.train": ratings,
                      "data.validation": ratings},
+      # each pair as one packed [prompt | chosen | rejected] segment: the same step as "bt"
+      "bt_shared": {"data.format": "pairs", "train.objective": "bt", "train.bt_variant": "scaled", "data.train": pairs,
+                    "data.validation": pairs, "data.packing": True, "data.share_prompt": True,
+                    "data.max_length": 128},
   }
   common = {"train.steps": 3, "train.batch_size": 8, "train.lr": 3e-3, "model.num_layers": 2}
   mesh8 = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
@@ -86,7 +92,9 @@ def test_one_device_and_eight_devices_log_the_same_losses(tmp_path):
     # float reassociation across 8 shards: relative 1e-5
     assert eight[k]["losses"] == pytest.approx(one[k]["losses"], rel=1e-5), k
     assert eight[k]["val_loss"] == pytest.approx(one[k]["val_loss"], rel=1e-5), k
+  assert eight["bt_shared"]["losses"] == pytest.approx(one["bt"]["losses"], rel=1e-4)
   assert eight["generate"]["tokens"] == one["generate"]["tokens"]  # the sampler, sharded, samples the same
+  assert eight["generate"]["samples_tokens"] == one["generate"]["samples_tokens"]
   assert one["splash_max_diff"] < 1e-5 and eight["splash_max_diff"] < 1e-5  # loss and grads vs reference
   np.testing.assert_allclose(eight["generate"]["logprobs"], one["generate"]["logprobs"], atol=1e-4)
   specs = eight["bt"]["specs"]
