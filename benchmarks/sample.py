@@ -28,6 +28,9 @@ KNOBS: dict[str, tuple[dict, dict, dict | None]] = {
     "no_scan": ({"scan_layers": False}, {}, None),
     "attention_xla": ({"attention": "xla"}, {}, None),
     "eigen_dots": ({}, {}, {"xla_cpu_experimental_ynn_fusion_type": ""}),  # XLA's Eigen dots, not YNNPACK
+    # batch / 4 prompts x 4 samples each (one prefill per prompt): the same rows as the others;
+    # PyTorch's cost is the same for 4 distinct or 4 repeated prompts (generate expands them)
+    "samples_4": ({}, {"samples": 4}, None),
     "data_parallel_2": ({}, {"devices": 2}, None),
     "data_parallel_2_no_scan": ({"scan_layers": False}, {"devices": 2}, None),
 }
@@ -45,8 +48,10 @@ def knob_table(args) -> dict:
   runs, compile_s = {}, {}
   for name in names:
     over, kw, opts = KNOBS[name]
-    runs[name] = SampleRun(base.replace(**over), args.batch, args.prompt, args.new_tokens, args.temperature,
-                           compiler_options=opts, **kw)
+    if args.batch % kw.get("samples", 1):
+      raise SystemExit(f"{name}: --batch {args.batch} is not a multiple of {kw['samples']} samples per prompt")
+    runs[name] = SampleRun(base.replace(**over), args.batch // kw.get("samples", 1), args.prompt, args.new_tokens,
+                           args.temperature, compiler_options=opts, **kw)
     print(f"compiled {name}", file=sys.stderr, flush=True)
     compile_s[name] = runs[name].compile_s
   calls = {}
