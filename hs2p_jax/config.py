@@ -114,6 +114,7 @@ class ReinforceConfig(OptimizerConfig):
   kl_estimator: str = "absolute"       # absolute: |logp - ref| (NeMo); k1: logp - ref; k3: (r - 1) - log r
   truncated_as_ended: bool = False     # count samples cut at max_new_tokens in the baseline (NeMo: no)
   updates_per_rollout: int = 1         # optimizer steps per rollout batch (minibatches of it)
+  share_prompt: bool = False           # policy / reference log-probs compute each prompt once for its k samples
   reward_scale: float = 1.0
   lr: float = 1e-6
   warmup_steps: int = 0
@@ -380,6 +381,13 @@ def validate(cfg) -> None:
         raise UserError(f"reinforce.{name}={getattr(rl, name)}: must be positive")
     if (rl.prompts_per_step * rl.samples_per_prompt) % rl.updates_per_rollout:
       raise UserError("reinforce.updates_per_rollout must divide prompts_per_step * samples_per_prompt")
+    if rl.share_prompt and rl.prompts_per_step % rl.updates_per_rollout:
+      raise UserError("reinforce.share_prompt=true: reinforce.updates_per_rollout must divide prompts_per_step "
+                      "(a minibatch holds whole prompts)")
+    policy = getattr(cfg, "policy", None)
+    if rl.share_prompt and isinstance(policy, ModelConfig) and policy.attention == "splash":
+      raise UserError("reinforce.share_prompt=true needs policy.attention reference, xla or cudnn "
+                      "(the splash kernel cannot mask one sample from another)")
     if not 0.0 < rl.top_p <= 1.0 or rl.temperature < 0:
       raise UserError("reinforce.top_p must be in (0, 1] and reinforce.temperature >= 0")
   data = getattr(cfg, "data", None)

@@ -7,7 +7,8 @@ import pytest
 
 from hs2p_jax import config as config_lib
 from hs2p_jax.train.metrics import read_metrics
-from hs2p_jax.train.reinforce import advantages, kl_per_token, reinforce_loss, rloo_baseline
+from hs2p_jax.train.reinforce import (advantages, kl_per_token, reinforce_loss, response_logprobs, rloo_baseline,
+                                      shared_prompt_logprobs)
 from hs2p_jax.train.reinforce_loop import ReinforceTrainer
 
 
@@ -70,6 +71,34 @@ def letter_reward(prompts, responses):
   return np.asarray([sum("a" <= c <= "z" for c in r) / max(len(r), 1) for r in responses], np.float32)
 
 
+def test_shared_prompt_logprobs_and_gradients_equal_per_row_ones():
+  import jax
+  from flax import nnx
+  from conftest import padded_batch
+  from hs2p_jax.model import create, preset
+  graphdef, params = nnx.split(create("lm", preset("tiny", num_layers=2), seed=3))
+  rng = np.random.RandomState(4)
+  k, tr = 3, 5
+  prompts, pmask = padded_batch(rng, [6, 3], 6, "left", vocab=272, low=16)  # left-aligned, as rollouts are
+  ids, mask = np.repeat(prompts, k, axis=0), np.repeat(pmask, k, axis=0)
+  tokens = rng.randint(16, 272, (2 * k, tr))
+  resp = (np.arange(tr)[None] < rng.randint(1, tr + 1, (2 * k, 1))).astype(np.int32)  # rows end early
+  adv = rng.randn(2 * k).astype(np.float32)
+
+  def loss(p, fn):
+    logp = fn(nnx.merge(graphdef, p), ids, mask, tokens, resp)
+    return reinforce_loss(logp, adv, resp), logp
+
+  shared = lambda *a: shared_prompt_logprobs(*a, k)
+  (la, lpa), ga = jax.value_and_grad(loss, has_aux=True)(params, response_logprobs)
+  (lb, lpb), gb = jax.value_and_grad(loss, has_aux=True)(params, shared)
+  on = resp.astype(bool)
+  np.testing.assert_allclose(np.asarray(lpb)[on], np.asarray(lpa)[on], atol=1e-5)
+  assert float(lb) == pytest.approx(float(la), rel=1e-5)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-3, atol=1e-6)
+
+
 def test_reinforce_increases_a_fixed_reward_and_reports_kl(tmp_path):
   cfg = rl_config(tmp_path, **{"reinforce.steps": 30})
   ReinforceTrainer(cfg, str(tmp_path / "run"), scorer=letter_reward).run()
@@ -99,3 +128,25 @@ def test_reinforce_resume_logs_the_same_steps(tmp_path):
   for ra, rb in zip(a, b):
     for key in ("loss", "reward", "kl", "response_length"):
       assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (key, ra, rb)
+
+
+def test_reinforce_with_a_shared_prompt_logs_the_same_steps(tmp_path):
+  runs = []
+  for share in ("false", "true"):
+    cfg = rl_config(tmp_path, **{"reinforce.steps": 3, "reinforce.share_prompt": share,
+                                 "reinforce.updates_per_rollout": 2})
+    ReinforceTrainer(cfg, str(tmp_path / share), scorer=letter_reward).run()
+    runs.append(read_metrics(str(tmp_path / share / "metrics.jsonl")))
+  for ra, rb in zip(*runs):
+    assert ra["response_length"] == rb["response_length"] and ra["reward"] == pytest.approx(rb["reward"], rel=1e-6)
+    for key in ("loss", "kl"):
+      assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-6), (key, ra, rb)
+
+
+def test_shared_prompt_minibatches_must_hold_whole_prompts(tmp_path):
+  from hs2p_jax.errors import UserError
+  with pytest.raises(UserError, match="updates_per_rollout must divide prompts_per_step"):
+    rl_config(tmp_path, **{"reinforce.share_prompt": "true", "reinforce.prompts_per_step": 2,
+                           "reinforce.updates_per_rollout": 4})
+  with pytest.raises(UserError, match="reinforce.share_prompt=true needs policy.attention"):
+    rl_config(tmp_path, **{"reinforce.share_prompt": "true", "policy.attention": "splash"})

@@ -58,6 +58,35 @@ def response_logprobs(lm: LlamaForCausalLM, prompt_ids: jax.Array, prompt_mask: 
   return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
 
 
+def shared_prompt_logprobs(lm: LlamaForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array, tokens: jax.Array,
+                           response_mask: jax.Array, k: int) -> jax.Array:
+  """`response_logprobs` for N = P * k rows ordered prompt-major (rows i * k .. i * k + k - 1 share
+  prompt i), computing each prompt once: one row [prompt | sample 1 | ... | sample k] per prompt,
+  sample j on branch j + 1 (it sees the prompt and itself, `attention.branch_mask`), its positions
+  continuing the prompt's. Same shapes in and out as `response_logprobs`; prompts left-aligned."""
+  n, tp = prompt_ids.shape
+  tr = tokens.shape[1]
+  p = n // k
+  seg = jnp.concatenate([prompt_mask[::k], response_mask.reshape(p, k * tr)], axis=1).astype(jnp.int32)
+  ids = jnp.concatenate([prompt_ids[::k], tokens.reshape(p, k * tr)], axis=1)  # [P, Tp + k * Tr]
+  prompt_len = jnp.sum(prompt_mask[::k] != 0, axis=1, dtype=jnp.int32)[:, None]  # [P, 1]
+  t = jnp.arange(tr, dtype=jnp.int32)
+  positions = jnp.concatenate([jnp.maximum(jnp.cumsum(seg[:, :tp], axis=1) - 1, 0),
+                               jnp.tile(prompt_len + t[None], (1, k))], axis=1)
+  branch = jnp.concatenate([jnp.zeros((tp,), jnp.int32), jnp.repeat(jnp.arange(1, k + 1, dtype=jnp.int32), tr)])
+  hidden = lm.model(ids, segment_ids=seg, positions=positions, branch_ids=jnp.broadcast_to(branch, ids.shape))
+  # sample j's token t is predicted at its token t - 1, or for t = 0 at the prompt's last slot
+  pred = jnp.where(t[None] == 0, tp - 1, tp + jnp.arange(k, dtype=jnp.int32)[:, None] * tr + t[None] - 1)
+  logp = jax.nn.log_softmax(lm.logits(hidden[:, pred.reshape(-1)]), axis=-1)  # [P, k * Tr, V]
+  out = jnp.take_along_axis(logp, tokens.reshape(p, k * tr)[..., None], axis=-1)[..., 0]
+  return out.reshape(n, tr)
+
+
+def _logprobs(lm: LlamaForCausalLM, batch: dict, share_prompt_k: int | None) -> jax.Array:
+  args = (lm, batch["prompt_ids"], batch["prompt_mask"], batch["tokens"], batch["response_mask"])
+  return shared_prompt_logprobs(*args, share_prompt_k) if share_prompt_k else response_logprobs(*args)
+
+
 def reinforce_loss(logp: jax.Array, advantages: jax.Array, mask: jax.Array) -> jax.Array:
   """-masked mean over all response tokens of logp * advantage. logp, mask [N, T]; advantages [N]."""
   return -masked_mean(logp * advantages[:, None], mask)
@@ -71,13 +100,13 @@ def advantages(rm_scores: jax.Array, kl: jax.Array, ended: jax.Array, beta: floa
   return rewards, base, rewards - base
 
 
-def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, share_prompt_k: int | None = None):
   """A pure `step(params, opt_state, batch) -> (params, opt_state, metrics)` on a rollout minibatch
-  (`prompt_ids`, `prompt_mask`, `tokens`, `response_mask`, `advantages`)."""
+  (`prompt_ids`, `prompt_mask`, `tokens`, `response_mask`, `advantages`); with `share_prompt_k`,
+  rows come in groups of k sharing a prompt, computed once (`shared_prompt_logprobs`)."""
 
   def loss_fn(params, batch):
-    lm = nnx.merge(graphdef, params)
-    logp = response_logprobs(lm, batch["prompt_ids"], batch["prompt_mask"], batch["tokens"], batch["response_mask"])
+    logp = _logprobs(nnx.merge(graphdef, params), batch, share_prompt_k)
     return reinforce_loss(logp, batch["advantages"], batch["response_mask"])
 
   def step(params, opt_state, batch):
@@ -89,11 +118,10 @@ def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
   return step
 
 
-def make_logprob_fn(graphdef: nnx.GraphDef):
+def make_logprob_fn(graphdef: nnx.GraphDef, share_prompt_k: int | None = None):
   """A pure `logprobs(params, batch) -> [N, Tr]` under the model `params` describe."""
 
   def fn(params, batch):
-    return response_logprobs(nnx.merge(graphdef, params), batch["prompt_ids"], batch["prompt_mask"],
-                             batch["tokens"], batch["response_mask"])
+    return _logprobs(nnx.merge(graphdef, params), batch, share_prompt_k)
 
   return fn

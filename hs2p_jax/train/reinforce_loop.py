@@ -83,9 +83,10 @@ class ReinforceTrainer:
     self.opt_sh = opt_state_shardings(jax.eval_shape(self.tx.init, self.params), param_sh, self.mesh)
     with use_mesh(self.mesh, self.rules):
       self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(self.params)
-    self._step = jax.jit(make_policy_step(self.graphdef, self.tx), donate_argnums=(0, 1),
+    share = rc.samples_per_prompt if rc.share_prompt else None  # rows come in prompt-major groups of k
+    self._step = jax.jit(make_policy_step(self.graphdef, self.tx, share), donate_argnums=(0, 1),
                          out_shardings=(param_sh, self.opt_sh, None))
-    self._logprobs = jax.jit(make_logprob_fn(self.graphdef))
+    self._logprobs = jax.jit(make_logprob_fn(self.graphdef, share))
     eos = tuple(self.meta.config.eos_ids) or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
     self.eos_ids = eos
     self.sampling = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
