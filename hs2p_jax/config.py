@@ -323,6 +323,7 @@ def load(cls, path: str | None, overrides: list[str] = (), extra: dict[str, Any]
     cfg = build(cls, data)
   except UserError as e:
     raise UserError(f"{path or 'config'}: {e}") from None
+  from hs2p_jax.config_checks import validate  # the checks import the dataclasses above
   validate(cfg)
   return cfg
 
@@ -334,71 +335,3 @@ def _read_with_includes(path: str) -> dict[str, Any]:
     base = _read_with_includes(os.path.join(os.path.dirname(path), inc))
     data = merge(base, data)
   return data
-
-
-_CHOICES = {
-    "model.kind": ("reward", "lm"),
-    "data.format": ("helpsteer2", "helpsteer2-preference", "pairs", "hh", "rewardbench", "prompts"),
-    "data.attributes": ("helpfulness", "all"),
-    "data.template": ("steerlm", "chat"),
-    "data.overlong": ("truncate", "drop"),
-    "train.objective": ("regression", "bt"),
-    "train.bt_variant": ("regular", "margin", "scaled"),
-    "policy.kind": ("lm",),
-    "reinforce.kl_estimator": ("absolute", "k1", "k3"),
-}
-
-
-def validate(cfg) -> None:
-  """Range and choice checks for every known section of a config."""
-  for key, choices in _CHOICES.items():
-    section, name = key.split(".")
-    sec = getattr(cfg, section, None)
-    if sec is not None and hasattr(sec, name) and getattr(sec, name) not in choices:
-      raise UserError(f"{key}={getattr(sec, name)!r}: expected one of {', '.join(choices)}")
-  from hs2p_jax.model.config import ATTENTION_IMPLS, REMAT_POLICIES, WEIGHT_GRADS
-  runtime = {"remat": REMAT_POLICIES, "attention": ATTENTION_IMPLS, "weight_grad": WEIGHT_GRADS,
-             "dtype": ("float32", "bfloat16", "float16")}
-  for field in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else ():
-    model = getattr(cfg, field.name)
-    if isinstance(model, ModelConfig):  # checked here, before any data or weights are read
-      for name, choices in runtime.items():
-        if getattr(model, name) not in choices:
-          raise UserError(f"{field.name}.{name}={getattr(model, name)!r}: expected one of {', '.join(choices)}")
-  train = getattr(cfg, "train", None)
-  if isinstance(train, TrainConfig):
-    for name in ("steps", "batch_size"):
-      if getattr(train, name) <= 0:
-        raise UserError(f"train.{name}={getattr(train, name)}: must be positive")
-    if train.micro_batch_size is not None and (train.micro_batch_size <= 0 or train.batch_size % train.micro_batch_size):
-      raise UserError(f"train.micro_batch_size={train.micro_batch_size} must divide train.batch_size={train.batch_size}")
-    if train.lr < 0 or train.warmup_steps < 0:
-      raise UserError("train.lr and train.warmup_steps must be >= 0")
-  rl = getattr(cfg, "reinforce", None)
-  if isinstance(rl, ReinforceConfig):
-    for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "updates_per_rollout"):
-      if getattr(rl, name) <= 0:
-        raise UserError(f"reinforce.{name}={getattr(rl, name)}: must be positive")
-    if (rl.prompts_per_step * rl.samples_per_prompt) % rl.updates_per_rollout:
-      raise UserError("reinforce.updates_per_rollout must divide prompts_per_step * samples_per_prompt")
-    if rl.share_prompt and rl.prompts_per_step % rl.updates_per_rollout:
-      raise UserError("reinforce.share_prompt=true: reinforce.updates_per_rollout must divide prompts_per_step "
-                      "(a minibatch holds whole prompts)")
-    policy = getattr(cfg, "policy", None)
-    if rl.share_prompt and isinstance(policy, ModelConfig) and policy.attention == "splash":
-      raise UserError("reinforce.share_prompt=true needs policy.attention reference, xla or cudnn "
-                      "(the splash kernel cannot mask one sample from another)")
-    if not 0.0 < rl.top_p <= 1.0 or rl.temperature < 0:
-      raise UserError("reinforce.top_p must be in (0, 1] and reinforce.temperature >= 0")
-  data = getattr(cfg, "data", None)
-  if isinstance(data, DataConfig):
-    if data.max_length < 8:
-      raise UserError(f"data.max_length={data.max_length}: must be >= 8")
-    if data.pad_multiple <= 0 or data.pad_multiple > data.max_length:
-      raise UserError(f"data.pad_multiple={data.pad_multiple}: must be in 1..data.max_length")
-    if data.share_prompt and not data.packing:
-      raise UserError("data.share_prompt=true needs data.packing=true (a shared pair is one packed segment)")
-    model = getattr(cfg, "model", None)
-    if data.share_prompt and isinstance(model, ModelConfig) and model.attention == "splash":
-      raise UserError("data.share_prompt=true needs model.attention reference, xla or cudnn "
-                      "(the splash kernel cannot mask one side of a pair from the other)")
