@@ -21,7 +21,7 @@ _CHOICES = {
 
 
 def validate(cfg) -> None:
-  """Range and choice checks for every known section of a config."""
+  """Range, choice and cross-field checks for every known section of a config; the first failure raises UserError."""
   for key, choices in _CHOICES.items():
     section, name = key.split(".")
     sec = getattr(cfg, section, None)
