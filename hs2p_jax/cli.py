@@ -7,10 +7,14 @@ import os
 import sys
 
 
+def _add_set(p: argparse.ArgumentParser, example: str = "train.steps=6 mesh.data=2") -> None:
+  p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                 help=f"override config keys by dotted path (repeatable), e.g. {example}")
+
+
 def _add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
   p.add_argument("--config", required=True, help="YAML config file")
-  p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                 help="override config keys by dotted path (repeatable), e.g. train.steps=6 mesh.data=2")
+  _add_set(p)
   p.add_argument("--out", required=out_required, help="run directory (metrics.jsonl, checkpoints/, model/)")
 
 
@@ -34,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--max-length", type=int, default=512)
   p.add_argument("--out", required=True, help="output model checkpoint")
+  _add_set(p, "mesh.fsdp=2 model.dtype=bfloat16 data.template=chat")
 
   p = sub.add_parser("eval", help="score a chosen/rejected set (RewardBench sections or plain pairs)")
   p.add_argument("--checkpoint", required=True, help="model checkpoint or run directory")
@@ -43,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--max-length", type=int, default=1024)
   p.add_argument("--out", help="write the JSON report here")
+  _add_set(p, "data.template=chat mesh.fsdp=2 model.dtype=bfloat16")
 
   p = sub.add_parser("reinforce", help="REINFORCE (leave-one-out) against a reward model")
   _add_run_args(p)
@@ -61,6 +67,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--num-attributes", type=int, default=9)
   p.add_argument("--score", nargs=2, metavar=("PROMPT", "RESPONSE"),
                  help="after import, score this prompt/response pair with the model's reward head")
+  _add_set(p, "data.template=chat model.dtype=bfloat16")
 
   p = sub.add_parser("bench", help="throughput benchmarks (JSON)")
   p.add_argument("what", choices=["rm", "sample", "data"])

@@ -139,6 +139,32 @@ class ReinforceRunConfig:
 
 
 @dataclasses.dataclass
+class RuntimeConfig:
+  """`model.*` keys of a command that loads a saved model: how it computes, not its parameters
+  (None keeps the checkpoint's choice)."""
+
+  dtype: Optional[str] = None
+  attention: Optional[str] = None
+  remat: Optional[str] = None
+  scan_layers: Optional[bool] = None
+
+  def fields(self) -> dict[str, Any]:
+    """The keys given, as `load_model(**runtime)` takes them."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass
+class ToolConfig:
+  """`--set` keys of `hs2p expo`, `eval` and `convert`: the mesh, the multi-host start-up, the
+  model's runtime and the data keys the command applies (`load_tool`)."""
+
+  model: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  dist: DistConfig = dataclasses.field(default_factory=DistConfig)
+
+
+@dataclasses.dataclass
 class ExpoStage:
   search: str = "1.0:2.6:0.2"          # LO:HI:STEP factors, scored on `data` (base + f * (tuned - base))
   factor: Optional[float] = None       # a fixed factor instead of the search
@@ -335,3 +361,21 @@ def _read_with_includes(path: str) -> dict[str, Any]:
     base = _read_with_includes(os.path.join(os.path.dirname(path), inc))
     data = merge(base, data)
   return data
+
+
+def load_tool(command: str, overrides: list[str], data: dict[str, Any] | None = None,
+              data_keys: tuple[str, ...] = ()) -> ToolConfig:
+  """The ToolConfig of `hs2p COMMAND --set ...`: `data` are the command's defaults for the data
+  section (from its flags and the checkpoint); `--set data.KEY` is refused unless KEY is in `data_keys`."""
+  given = parse_overrides(list(overrides))
+  for key in sorted(given.get("data", {})):
+    if key not in data_keys:
+      takes = f"it takes data.{', data.'.join(data_keys)}" if data_keys else "it reads no data"
+      raise UserError(f"--set data.{key}: does not apply to hs2p {command} ({takes})")
+  try:
+    cfg = build(ToolConfig, merge({"data": data or {}}, given))
+  except UserError as e:
+    raise UserError(f"--set: {e}") from None
+  from hs2p_jax.config_checks import validate
+  validate(cfg)
+  return cfg

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from hs2p_jax.config import DataConfig, ModelConfig, ReinforceConfig, TrainConfig
+from hs2p_jax.config import DataConfig, ModelConfig, ReinforceConfig, RuntimeConfig, TrainConfig
 from hs2p_jax.errors import UserError
 
 _CHOICES = {
@@ -32,8 +32,10 @@ def validate(cfg) -> None:
              "dtype": ("float32", "bfloat16", "float16")}
   for field in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else ():
     model = getattr(cfg, field.name)
-    if isinstance(model, ModelConfig):  # checked here, before any data or weights are read
+    if isinstance(model, (ModelConfig, RuntimeConfig)):  # checked here, before any data or weights are read
       for name, choices in runtime.items():
+        if not hasattr(model, name) or (isinstance(model, RuntimeConfig) and getattr(model, name) is None):
+          continue
         if getattr(model, name) not in choices:
           raise UserError(f"{field.name}.{name}={getattr(model, name)!r}: expected one of {', '.join(choices)}")
   train = getattr(cfg, "train", None)

@@ -161,8 +161,51 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
     assert needle in report
   stages = {json.loads(l)["stage"] for l in open(tmp_path / "q" / "metrics.jsonl")}
   assert stages == {"regression", "bt", "reinforce"}
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ("report.md", "summary.json", "provenance.json", "rm_curves.png", "regression/config.json",
+               "bt/provenance.json", "reinforce/provenance.json", "eval/scores.json"):
+    assert os.stat(tmp_path / "q" / name).st_mode & 0o777 == 0o666 & ~umask, name
+  prov = json.loads((tmp_path / "q" / "provenance.json").read_text())
+  assert set(prov["data"]) == {"expo_search", "eval"} and len(prov["data"]["eval"]["origin"]["sha256"]) == 64
+  assert json.loads((tmp_path / "q" / "reinforce" / "provenance.json").read_text())["data"]["prompts"]["kept"] > 0
   # a rerun finds every stage done and only rewrites the report
   code, _, err = run_cli(capsys, "pipeline", "--config", os.path.join(root, "configs/quickstart/pipeline.yaml"),
                          "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
                          "expo.search=1.0:1.4:0.2", "data.builtin_size=64")
   assert code == 0 and "stage: regression" not in err
+
+
+def test_eval_and_convert_take_data_keys(trained, tiny_hf_dir, tmp_path, capsys):
+  """`--set data.template=...` (and data.max_length) change how eval reads pairs; convert records
+  the template it is given; keys that do not apply are one-line errors."""
+  data = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(8))
+  reports = {}
+  for name, sets in {"checkpoint's (chat)": [], "steerlm": ["data.template=steerlm", "data.max_length=200"],
+                     "short": ["data.max_length=40"]}.items():
+    out = tmp_path / f"{len(reports)}.json"
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", str(trained / "run"), "--data", data, "--format", "pairs",
+                           "--max-length", "64", "--out", str(out), *(["--set", *sets] if sets else []))
+    assert code == 0, err
+    reports[name] = json.loads(out.read_text())
+  assert [r["template"] for r in reports.values()] == ["chat", "steerlm", "chat"]
+  truncated = {k: int(r["load"].split("truncated ")[1].split(",")[0]) for k, r in reports.items()}
+  # the SteerLM system prompt alone takes 183 bytes; the chat template's far fewer
+  assert truncated == {"checkpoint's (chat)": 0, "steerlm": 8, "short": 8}
+
+  code, _, err = run_cli(capsys, "eval", "--checkpoint", str(trained / "run"), "--data", data, "--format", "pairs",
+                         "--set", "data.train=x.jsonl")
+  assert code == 2 and "data.train" in one_line_error(err) and "hs2p eval" in err
+  code, _, err = run_cli(capsys, "eval", "--checkpoint", str(trained / "run"), "--data", data, "--set",
+                         "data.template=fancy")
+  assert code == 2 and "data.template" in one_line_error(err)
+
+  path, _ = tiny_hf_dir
+  from hs2p_jax.tokenizer import byte_tokenizer
+  byte_tokenizer().save_pretrained(path)
+  code, out, err = run_cli(capsys, "convert", "--hf", path, "--out", str(tmp_path / "ckpt"), "--head", "reward",
+                           "--set", "data.template=chat", "--score", "What is 2+2?", "4")
+  assert code == 0, err
+  assert json.loads((tmp_path / "ckpt" / "hs2p_model.json").read_text())["template"] == "chat"
+  code, _, err = run_cli(capsys, "convert", "--hf", path, "--out", str(tmp_path / "c2"), "--set", "data.max_length=9")
+  assert code == 2 and "data.max_length" in one_line_error(err) and not os.path.exists(tmp_path / "c2")

@@ -12,9 +12,13 @@ from hs2p_jax.errors import UserError
 
 def convert_command(args) -> int:
   from hs2p_jax.checkpoint import ModelMeta, load_model, resolve_model_dir, save_model
+  from hs2p_jax.config import load_tool
   from hs2p_jax.convert import export_hf, load_gguf, load_hf
+  from hs2p_jax.distributed import initialize
   from hs2p_jax.tokenizer import load_tokenizer
 
+  cfg = load_tool("convert", args.overrides, {"template": "steerlm"}, data_keys=("template",))
+  initialize(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id, cfg.dist.local_device_ids)
   if args.checkpoint:
     if not args.to_hf:
       raise UserError("convert --checkpoint needs --to-hf DIR")
@@ -31,7 +35,9 @@ def convert_command(args) -> int:
   else:
     model = load_gguf(args.gguf, head=args.head, num_attributes=args.num_attributes)
     tokenizer = load_tokenizer("gguf:" + args.gguf)
-  meta = ModelMeta(kind=args.head, config=model.cfg, num_attributes=args.num_attributes)
+  runtime = cfg.model.fields()
+  meta = ModelMeta(kind=args.head, config=model.cfg.replace(**runtime) if runtime else model.cfg,
+                   num_attributes=args.num_attributes, template=cfg.data.template)
   save_model(args.out, model, meta, tokenizer, overwrite=True)
   report = {"checkpoint": os.path.abspath(args.out), "kind": args.head, "params": int(model.cfg.num_params()),
             "layers": model.cfg.num_layers}
@@ -46,9 +52,10 @@ def _has_tokenizer(path: str) -> bool:
 
 
 def score_pair(checkpoint: str, prompt: str, response: str) -> dict:
-  """Reward-head outputs for one prompt/response (SteerLM template); an LM checkpoint gets a fresh head."""
+  """Reward-head outputs for one prompt/response in the checkpoint's template; an LM checkpoint gets a fresh head."""
   from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model
-  from hs2p_jax.data.templates import steerlm_text
+  from hs2p_jax.data.encode import encode
+  from hs2p_jax.data.examples import NUM_LABELS, RatingExample
   from hs2p_jax.model.reward import ATTRIBUTES
   from hs2p_jax.train.model_init import as_reward_model
 
@@ -56,7 +63,10 @@ def score_pair(checkpoint: str, prompt: str, response: str) -> dict:
   if meta.kind != "reward":
     model = as_reward_model(model, 9, seed=0)
   tok = load_checkpoint_tokenizer(checkpoint)
-  ids = np.asarray([tok.encode(steerlm_text(prompt, response), add_special_tokens=False)], np.int32)
+  zeros = np.zeros(NUM_LABELS, np.float32)
+  example = RatingExample(prompt, response, zeros, zeros.astype(bool), "--score")
+  enc = encode([example], tok, meta.template, meta.config.max_position_embeddings)  # as training tokenizes it
+  ids = np.asarray([enc.seqs[0][0]], np.int32)
   out = np.asarray(model(ids, np.ones_like(ids)))[0]
   names = ATTRIBUTES if len(out) == len(ATTRIBUTES) else [f"out_{i}" for i in range(len(out))]
   return {n: round(float(v), 5) for n, v in zip(names, out)}

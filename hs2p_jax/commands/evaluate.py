@@ -13,20 +13,29 @@ import numpy as np
 from hs2p_jax.atomic import write_json
 from hs2p_jax.config import DataConfig
 from hs2p_jax.eval.scoring import collect
-from hs2p_jax.sharding import DEFAULT_RULES, use_mesh
+from hs2p_jax.sharding import use_mesh
 from hs2p_jax.train.rm_scorer import RewardScorer
+
+
+# `--set data.KEY` that scoring pairs applies (hs2p eval, and the factor search of hs2p expo).
+PAIR_DATA_KEYS = ("template", "max_length", "overlong", "pad_multiple", "packing", "share_prompt", "skip_invalid",
+                  "num_workers")
 
 
 class PairScorer(RewardScorer):
   """A loaded reward model that scores pair files: chosen and rejected in one forward pass."""
 
-  def __init__(self, checkpoint: str, batch_size: int = 8, max_length: int = 1024, mesh=None, rules=None):
-    super().__init__(checkpoint, mesh, rules or DEFAULT_RULES, max_length=max_length, batch_size=batch_size)
+  def data_config(self, data: str, fmt: str, **keys: Any) -> DataConfig:
+    """The DataConfig that reads `data` in `fmt` the way this model was trained (its template)."""
+    keys = {"template": self.meta.template, "max_length": self.max_length, **keys}
+    keys.setdefault("pad_multiple", min(32, keys["max_length"]))
+    return DataConfig(validation=data, format=fmt, **keys)
 
-  def loader(self, data: str, fmt: str, split: str = "validation", cache_dir: str | None = None):
+  def loader(self, data: str | DataConfig, fmt: str | None = None, split: str = "validation",
+             cache_dir: str | None = None):
+    """Batches of `data` (a DataConfig, or a source read in `fmt` with `data_config`'s defaults)."""
     from hs2p_jax.data.pipeline import make_loader
-    cfg = DataConfig(validation=data, format=fmt, template=self.meta.template, max_length=self.max_length,
-                     pad_multiple=min(32, self.max_length))
+    cfg = data if isinstance(data, DataConfig) else self.data_config(data, fmt)
     return make_loader(cfg, self.tokenizer, split=split, task="pairs", batch_size=self.batch_size, shuffle=False,
                        repeat=False, process_index=jax.process_index(), process_count=jax.process_count(),
                        cache_dir=cache_dir)
@@ -36,6 +45,27 @@ class PairScorer(RewardScorer):
     with use_mesh(self.mesh, self.rules):
       res = collect(self._eval, self.params if params is None else params, loader, self.mesh, self.rules)
     return res["outputs"] @ self.weights, res["magnitude"], res["example_id"]
+
+
+def tool_config(command: str, checkpoint: str, overrides: list[str], data: str | None, fmt: str | None,
+                max_length: int, data_keys: tuple[str, ...] = PAIR_DATA_KEYS):
+  """The `--set` config of a command that scores `data` with `checkpoint`; data keys default to the
+  checkpoint's template and the command's flags. Starts the multi-host runtime; returns (cfg, mesh, rules)."""
+  from hs2p_jax.checkpoint import read_meta
+  from hs2p_jax.config import load_tool, parse_overrides
+  from hs2p_jax.distributed import initialize
+  from hs2p_jax.sharding import make_mesh, rules_from
+
+  given = parse_overrides(list(overrides)).get("data", {})
+  length = given.get("max_length", max_length)
+  defaults = {"validation": data, "template": read_meta(checkpoint).template, "max_length": max_length,
+              "pad_multiple": min(32, length) if isinstance(length, int) and length > 0 else 32}
+  if fmt:
+    defaults["format"] = fmt
+  cfg = load_tool(command, overrides, defaults, data_keys)
+  d = cfg.dist
+  initialize(d.coordinator, d.num_processes, d.process_id, d.local_device_ids)
+  return cfg, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
 
 
 def pair_report(rewards: np.ndarray, magnitude: np.ndarray, ids: np.ndarray, examples: list, fmt: str) -> dict[str, Any]:
@@ -71,12 +101,16 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def eval_command(args) -> int:
-  scorer = PairScorer(args.checkpoint, args.batch_size, args.max_length)
+  cfg, mesh, rules = tool_config("eval", args.checkpoint, args.overrides, args.data, args.format, args.max_length)
+  scorer = PairScorer.load(args.checkpoint, mesh, rules, cfg.model.fields(), batch_size=args.batch_size,
+                           max_length=cfg.data.max_length)
   cache = os.path.join(os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd(), ".hs2p_data")
-  loader = scorer.loader(args.data, args.format, args.split, cache_dir=cache)
+  loader = scorer.loader(cfg.data, split=args.split, cache_dir=cache)
   rewards, magnitude, ids = scorer.rewards(loader)
   report = {"checkpoint": os.path.abspath(args.checkpoint), "data": args.data, "format": args.format,
-            **pair_report(rewards, magnitude, ids, loader.examples, args.format), "load": loader.report.summary()}
+            "template": cfg.data.template,
+            **pair_report(rewards, magnitude, ids, loader.examples, args.format), "load": loader.report.summary(),
+            "origin": loader.report.origin}
   print(format_table(report), file=sys.stderr)
   if args.out and jax.process_index() == 0:
     write_json(args.out, report)

@@ -14,14 +14,18 @@ from flax import nnx
 from hs2p_jax.errors import UserError
 
 
-def load_pair(base: str, tuned: str):
-  """(graphdef, base params, tuned params, tuned meta, tokenizer) after checking they match."""
-  from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model
-  base_model, base_meta = load_model(base)
-  tuned_model, tuned_meta = load_model(tuned)
+def load_pair(base: str, tuned: str, mesh=None, rules=None, runtime: dict | None = None):
+  """(graphdef, base params, tuned params, tuned meta, tokenizer) after checking they match; the
+  params are loaded onto `mesh` (sharded by `rules`), one copy of each."""
+  from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model, read_meta
+  from hs2p_jax.sharding import DEFAULT_RULES
+  base_meta, tuned_meta = read_meta(base), read_meta(tuned)
   if (base_meta.kind, base_meta.num_attributes) != (tuned_meta.kind, tuned_meta.num_attributes) or \
       _shape_fields(base_meta.config) != _shape_fields(tuned_meta.config):
     raise UserError(f"expo: {base} and {tuned} are different architectures")
+  rules = rules or DEFAULT_RULES
+  base_model, _ = load_model(base, mesh, rules, **(runtime or {}))
+  tuned_model, tuned_meta = load_model(tuned, mesh, rules, **(runtime or {}))
   graphdef, base_params = nnx.split(base_model)
   _, tuned_params = nnx.split(tuned_model)
   return graphdef, base_params, tuned_params, tuned_meta, load_checkpoint_tokenizer(tuned)
@@ -57,16 +61,21 @@ def plot_search(table: list[dict], best: float) -> bytes:
 
 def run_expo(base: str, tuned: str, out: str, factor: float | None = None, search: str | None = None,
              data: str | None = None, fmt: str = "helpsteer2-preference", split: str = "validation",
-             batch_size: int = 8, max_length: int = 512, cache_dir: str | None = None) -> dict:
-  """Writes the extrapolated checkpoint to `out`; returns {"factor", "table"?}."""
+             batch_size: int = 8, max_length: int = 512, cache_dir: str | None = None,
+             data_keys: dict | None = None, mesh=None, rules=None, runtime: dict | None = None) -> dict:
+  """Writes the extrapolated checkpoint to `out`; returns {"factor", "table"?, "origin"?}.
+
+  Base and tuned are loaded once onto `mesh`; the search scores each factor's mix with those
+  params (a scorer over the tuned model's graph, no copy of its own), and the final mix is computed
+  shard by shard into the tuned params' buffers (donated)."""
   from hs2p_jax.checkpoint import save_model
   from hs2p_jax.commands.evaluate import PairScorer
   from hs2p_jax.eval.scoring import pair_metrics
   from hs2p_jax.expo import extrapolate, factor_grid, search_factor
+  from hs2p_jax.sharding import DEFAULT_RULES, use_mesh
 
-  graphdef, base_params, tuned_params, meta, tokenizer = load_pair(base, tuned)
-  mix = jax.jit(extrapolate)
-  extra, result = {}, {}
+  rules = rules or DEFAULT_RULES
+  grid = None
   if factor is None:
     if not data:
       raise UserError("expo --search needs --data (the pairs to score factors on)")
@@ -74,20 +83,33 @@ def run_expo(base: str, tuned: str, out: str, factor: float | None = None, searc
       grid = factor_grid(search)
     except ValueError as e:
       raise UserError(str(e)) from None
-    scorer = PairScorer(tuned, batch_size, max_length)
-    loader = scorer.loader(data, fmt, split, cache_dir=cache_dir)
+  graphdef, base_params, tuned_params, meta, tokenizer = load_pair(base, tuned, mesh, rules, runtime)
+  shardings = jax.tree.map(lambda a: a.sharding, tuned_params)
+  mix = jax.jit(extrapolate, out_shardings=shardings)
+  extra, result = {}, {}
+  if grid is not None:
+    scorer = PairScorer(graphdef, tuned_params, meta, tokenizer, mesh, rules, batch_size=batch_size,
+                        max_length=max_length)
+    loader = scorer.loader(scorer.data_config(data, fmt, **(data_keys or {})), split=split, cache_dir=cache_dir)
 
     def score(f):
-      rewards, _, _ = scorer.rewards(loader, mix(base_params, tuned_params, f))
+      with use_mesh(mesh, rules):
+        params = mix(base_params, tuned_params, f)
+      rewards, _, _ = scorer.rewards(loader, params)
+      del params
       m = pair_metrics(rewards)
       print(f"expo factor {f:g}: accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}", file=sys.stderr)
       return m["accuracy"], m["loss"]
 
     factor, table = search_factor(score, grid)
     result["table"] = table
-    extra["expo_search.json"] = json.dumps({"best": factor, "table": table, "data": data}, indent=2).encode()
+    result["origin"] = loader.report.origin
+    extra["expo_search.json"] = json.dumps({"best": factor, "table": table, "data": data,
+                                            "origin": loader.report.origin}, indent=2).encode()
     extra["expo_search.png"] = plot_search(table, factor)
-  params = mix(base_params, tuned_params, factor)
+  with use_mesh(mesh, rules):
+    params = jax.jit(extrapolate, out_shardings=shardings, donate_argnums=(1,))(base_params, tuned_params, factor)
+  del tuned_params
   extra["expo.json"] = json.dumps({"base": os.path.abspath(base), "tuned": os.path.abspath(tuned),
                                    "factor": factor, "formula": "base + factor * (tuned - base)"}).encode()
   save_model(out, nnx.merge(graphdef, params), meta, tokenizer, overwrite=True, extra_files=extra)
@@ -96,8 +118,12 @@ def run_expo(base: str, tuned: str, out: str, factor: float | None = None, searc
 
 
 def expo_command(args) -> int:
+  from hs2p_jax.commands.evaluate import PAIR_DATA_KEYS, tool_config
+  cfg, mesh, rules = tool_config("expo", args.tuned, args.overrides, args.data, args.format, args.max_length)
+  given = {k: getattr(cfg.data, k) for k in PAIR_DATA_KEYS}
   res = run_expo(args.base, args.tuned, args.out, factor=args.factor, search=args.search, data=args.data,
-                 fmt=args.format, split=args.split, batch_size=args.batch_size, max_length=args.max_length,
-                 cache_dir=os.path.join(os.path.dirname(os.path.abspath(args.out)), ".hs2p_data"))
+                 fmt=args.format, split=args.split, batch_size=args.batch_size, max_length=cfg.data.max_length,
+                 cache_dir=os.path.join(os.path.dirname(os.path.abspath(args.out)), ".hs2p_data"),
+                 data_keys=given, mesh=mesh, rules=rules, runtime=cfg.model.fields())
   print(json.dumps({"factor": res["factor"], "out": os.path.abspath(args.out)}))
   return 0

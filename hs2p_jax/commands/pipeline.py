@@ -100,9 +100,34 @@ class Pipeline:
       os.remove(os.path.join(self.out, "metrics.jsonl"))
     reg = self.stage_config(config_lib.RunConfig, "regression", self.cfg.regression)
     initialize(reg.dist.coordinator, reg.dist.num_processes, reg.dist.process_id, reg.dist.local_device_ids)
+    self.mesh_cfg = reg.mesh  # the expo and eval stages run on the training stages' mesh
     for stage in self.cfg.stages:
       getattr(self, f"_{stage}")()
+    self._record_provenance()
     return self.report()
+
+  def _record_provenance(self) -> None:
+    """provenance.json of the whole pipeline: environment, and the data the expo and eval stages
+    read (each training stage has its own beside its config.json)."""
+    from hs2p_jax import provenance
+    data = {}
+    expo = self._done_info("expo")
+    if expo.get("origin"):
+      data["expo_search"] = {"source": self.cfg.expo.data, "origin": expo["origin"]}
+    if "eval_data" in self.results:
+      data["eval"] = self.results["eval_data"]
+    provenance.write(self.out, self._mesh()[0], data, stages=list(self.cfg.stages))
+
+  def _done_info(self, stage: str) -> dict[str, Any]:
+    path = os.path.join(self._dir(stage), "DONE")
+    if not os.path.isfile(path):
+      return {}
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+
+  def _mesh(self):
+    from hs2p_jax.sharding import make_mesh, rules_from
+    return make_mesh(self.mesh_cfg), rules_from(self.mesh_cfg.rules)
 
   def _regression(self) -> None:
     from hs2p_jax.train.rm_loop import train_rm
@@ -133,13 +158,15 @@ class Pipeline:
       return
     self._announce("expo")
     e = self.cfg.expo
+    mesh, rules = self._mesh()
     res = run_expo(os.path.join(self._dir("regression"), "model"), os.path.join(self._dir("bt"), "model"),
                    os.path.join(self._dir("expo"), "model"), factor=e.factor, search=None if e.factor else e.search,
                    data=e.data, fmt=e.format, split=e.split, batch_size=e.batch_size, max_length=e.max_length,
-                   cache_dir=os.path.join(self.out, "data"))
+                   cache_dir=os.path.join(self.out, "data"), mesh=mesh, rules=rules)
     self._finish("expo", res)
 
   def _eval(self) -> None:
+    from hs2p_jax import provenance
     from hs2p_jax.commands.evaluate import PairScorer, pair_report
     self._announce("eval")
     e = self.cfg.eval
@@ -148,10 +175,11 @@ class Pipeline:
       ckpt = os.path.join(self._dir(stage), "model")
       if not os.path.isdir(ckpt):
         continue
-      scorer = PairScorer(ckpt, e.batch_size, e.max_length)
+      scorer = PairScorer.load(ckpt, *self._mesh(), batch_size=e.batch_size, max_length=e.max_length)
       loader = scorer.loader(e.data, e.format, e.split, cache_dir=os.path.join(self.out, "data"))
       rewards, mag, ids = scorer.rewards(loader)
       out[stage] = pair_report(rewards, mag, ids, loader.examples, e.format)
+      self.results["eval_data"] = provenance.data_entry(loader)
     os.makedirs(self._dir("eval"), exist_ok=True)
     write_json(os.path.join(self._dir("eval"), "scores.json"), out)
     self.results["eval"] = out
@@ -176,9 +204,7 @@ class Pipeline:
       path = os.path.join(self._dir(stage), "metrics.jsonl")
       return read_metrics(path) if os.path.isfile(path) else []
 
-    def done_info(stage):
-      path = os.path.join(self._dir(stage), "DONE")
-      return json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+    done_info = self._done_info
 
     scores = self.results.get("eval") or {}
     reg_attr = done_info("regression").get("attributes", "helpfulness")

@@ -60,6 +60,7 @@ class LoadReport:
   truncated: int = 0          # kept examples cut to data.max_length
   dropped_overlong: int = 0   # examples dropped for exceeding data.max_length (overlong=drop)
   first_invalid: Optional[str] = None
+  origin: dict = dataclasses.field(default_factory=dict)  # what was read (records.file_origin / hub_origin)
 
   def drop(self, reason: str, count: int = 1) -> None:
     self.dropped[reason] = self.dropped.get(reason, 0) + count

@@ -74,7 +74,8 @@ def load_ratings(source: str, split: Optional[str] = None, attributes: str = "he
                  skip_invalid: bool = False) -> tuple[list[RatingExample], LoadReport]:
   """All rating examples of `source` (a file holds one split; `split` picks the hub split)."""
   report = LoadReport(source)
-  records = read_records(source, split, on_invalid=invalid_line_counter(report) if skip_invalid else None)
+  records = read_records(source, split, on_invalid=invalid_line_counter(report) if skip_invalid else None,
+                         origin=report.origin)
   examples = collect(records, lambda w, r: rating_example(w, r, attributes), report, skip_invalid)
   return examples, report
 
@@ -86,6 +87,7 @@ def load_preferences(source: str, split: Optional[str] = None,
   if split is not None and split not in SPLITS:
     raise UserError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
   report = LoadReport(source)
-  records = read_records(source, "train", on_invalid=invalid_line_counter(report) if skip_invalid else None)
+  records = read_records(source, "train", on_invalid=invalid_line_counter(report) if skip_invalid else None,
+                         origin=report.origin)
   examples = collect(records, lambda w, r: preference_example(w, r, split), report, skip_invalid)
   return examples, report

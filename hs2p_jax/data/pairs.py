@@ -78,5 +78,6 @@ def load_pairs(source: str, fmt: str = "pairs", split: Optional[str] = None,
   convert = _CONVERTERS[fmt]
   report = LoadReport(source)
   records = read_records(source, _HUB_SPLITS.get(fmt, split),
-                         on_invalid=invalid_line_counter(report) if skip_invalid else None)
+                         on_invalid=invalid_line_counter(report) if skip_invalid else None,
+                         origin=report.origin)
   return collect(records, convert, report, skip_invalid), report

@@ -19,7 +19,8 @@ def load_prompts(source: str, split: Optional[str] = None,
                  skip_invalid: bool = False) -> tuple[list[PromptExample], LoadReport]:
   """The prompts of a `{prompt}` file (duplicates kept)."""
   report = LoadReport(source)
-  records = read_records(source, split, on_invalid=invalid_line_counter(report) if skip_invalid else None)
+  records = read_records(source, split, on_invalid=invalid_line_counter(report) if skip_invalid else None,
+                         origin=report.origin)
   return collect(records, prompt_example, report, skip_invalid), report
 
 

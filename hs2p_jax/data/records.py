@@ -7,6 +7,7 @@ Sources: a local `.jsonl`, `.jsonl.gz` or `.parquet` file, or `hf:NAME[:DATA_DIR
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import zlib
@@ -19,21 +20,46 @@ LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 
 
 def read_records(source: str, split: Optional[str] = None, *,
-                 on_invalid: Optional[Callable[[str], None]] = None) -> Iterator[Record]:
+                 on_invalid: Optional[Callable[[str], None]] = None,
+                 origin: Optional[dict[str, Any]] = None) -> Iterator[Record]:
   """Yields `(where, record)` for every record of `source`.
 
   A line that is not a UTF-8 JSON object raises `UserError("FILE:LINE: ...")`, or, when `on_invalid`
   is given, is passed to it as that message and skipped. File-level damage (missing file, corrupt
-  or truncated gzip, unreadable parquet, hub failure) always raises.
+  or truncated gzip, unreadable parquet, hub failure) always raises. `origin`, when given, is
+  filled with what identifies the data read (`file_origin` / `hub_origin`).
   """
   if source.startswith("hf:"):
-    yield from _read_hub(source, split)
-  elif source.endswith(".jsonl") or source.endswith(".jsonl.gz"):
-    yield from _read_jsonl(source, on_invalid)
-  elif source.endswith(".parquet"):
-    yield from _read_parquet(source)
-  else:
+    yield from _read_hub(source, split, origin)
+    return
+  if not (source.endswith(".jsonl") or source.endswith(".jsonl.gz") or source.endswith(".parquet")):
     raise UserError(f"{source}: unsupported data source (expected {', '.join(LOCAL_SUFFIXES)} or hf:NAME[:DATA_DIR])")
+  if not os.path.isfile(source):
+    raise UserError(f"{source}: no such file")
+  if origin is not None:
+    origin.update(file_origin(source))
+  yield from _read_parquet(source) if source.endswith(".parquet") else _read_jsonl(source, on_invalid)
+
+
+def file_origin(path: str) -> dict[str, Any]:
+  """{"path", "bytes", "sha256"} of a local file."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def hub_origin(source: str, split: str, ds: Any) -> dict[str, Any]:
+  """What identifies a hub dataset read through `datasets`: name, data dir, split, rows, and the
+  revision datasets resolved (its cache directory's hash) and its content fingerprint, if known."""
+  name, data_dir, _ = parse_hub_spec(source)
+  out: dict[str, Any] = {"dataset": name, "data_dir": data_dir, "split": split, "rows": len(ds),
+                         "fingerprint": getattr(ds, "_fingerprint", None), "revision": None}
+  files = getattr(ds, "cache_files", None) or []
+  if files and isinstance(files[0], dict) and files[0].get("filename"):
+    out["revision"] = os.path.basename(os.path.dirname(files[0]["filename"]))
+  return out
 
 
 def parse_hub_spec(source: str) -> tuple[str, Optional[str], Optional[str]]:
@@ -46,23 +72,29 @@ def parse_hub_spec(source: str) -> tuple[str, Optional[str], Optional[str]]:
   return name, data_dir or None, split or None
 
 
-def _read_hub(source: str, split: Optional[str]) -> Iterator[Record]:
+def load_hub(source: str, split: Optional[str]) -> tuple[Any, str]:
+  """(`datasets.Dataset`, the split read) of an `hf:` source; any failure is one UserError line."""
   name, data_dir, spec_split = parse_hub_spec(source)
   split = spec_split or split or "train"
   try:
     import datasets
-    ds = datasets.load_dataset(name, data_dir=data_dir, split=split)
+    return datasets.load_dataset(name, data_dir=data_dir, split=split), split
   except Exception as e:  # noqa: BLE001 - hub, network and file errors all become one line
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(f"{source}: cannot load split {split!r} ({msg})") from None
+
+
+def _read_hub(source: str, split: Optional[str], origin: Optional[dict[str, Any]]) -> Iterator[Record]:
+  name, data_dir, _ = parse_hub_spec(source)
+  ds, split = load_hub(source, split)
+  if origin is not None:
+    origin.update(hub_origin(source, split, ds))
   label = f"hf:{name}" + (f":{data_dir}" if data_dir else "")
   for i, row in enumerate(ds):
     yield f"{label} split={split} row={i}", dict(row)
 
 
 def _read_jsonl(path: str, on_invalid: Optional[Callable[[str], None]]) -> Iterator[Record]:
-  if not os.path.isfile(path):
-    raise UserError(f"{path}: no such file")
   opener = gzip.open if path.endswith(".gz") else open
   line_no = 0
   with opener(path, "rb") as f:
@@ -104,8 +136,6 @@ def _parse_line(raw: bytes, where: str) -> Optional[dict[str, Any]]:
 
 
 def _read_parquet(path: str) -> Iterator[Record]:
-  if not os.path.isfile(path):
-    raise UserError(f"{path}: no such file")
   import pyarrow.parquet as pq
 
   try:

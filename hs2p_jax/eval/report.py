@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
-from hs2p_jax.atomic import write_text
+from hs2p_jax.atomic import write_bytes, write_text
 
 SECTIONS = ("Overall", "Chat", "Chat Hard", "Safety", "Reasoning")
 
@@ -47,10 +48,10 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], keys: list[str], path: st
     ax.legend(fontsize=7)
   fig.suptitle(title)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=90)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=90)
   plt.close(fig)
-  os.replace(tmp, path)
+  write_bytes(path, buf.getvalue())
   return True
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hs2p_jax import provenance
 from hs2p_jax.atomic import write_json
 from hs2p_jax.checkpoint import ModelMeta, RunCheckpoints, abstract_like, resolve_model_dir, save_model
 from hs2p_jax.config import ReinforceRunConfig, to_dict
@@ -76,8 +78,8 @@ class ReinforceTrainer:
       raise UserError("reinforce: policy.kind must be lm")
     self.graphdef, self.params = nnx.split(policy)
     self.ref_params = jax.tree.map(jnp.copy, self.params)  # the frozen reference: the initial policy
-    self.scorer = scorer or RewardScorer(cfg.reward_model, self.mesh, self.rules,
-                                         max_length=cfg.data.max_length + rc.max_new_tokens)
+    self.scorer = scorer or RewardScorer.load(cfg.reward_model, self.mesh, self.rules,
+                                              max_length=cfg.data.max_length + rc.max_new_tokens)
     self.tx = optimizer_from(rc)
     param_sh = state_shardings(self.params, self.mesh, self.rules)
     self.opt_sh = opt_state_shardings(jax.eval_shape(self.tx.init, self.params), param_sh, self.mesh)
@@ -152,6 +154,12 @@ class ReinforceTrainer:
     os.makedirs(self.out_dir, exist_ok=True)
     if jax.process_index() == 0:
       write_json(os.path.join(self.out_dir, "config.json"), to_dict(cfg))
+    data = {"prompts": provenance.data_entry(self.loader, rc.steps, rc.prompts_per_step)}
+    if jax.process_index() == 0:
+      print(provenance.describe("prompts", data["prompts"]), file=sys.stderr, flush=True)
+    provenance.write(self.out_dir, self.mesh, data,
+                     model={"source": cfg.policy.source, "init_from": cfg.policy.init_from,
+                            "reward_model": os.path.abspath(cfg.reward_model) if cfg.reward_model else None})
     ckpts = RunCheckpoints(self.out_dir, rc.keep_checkpoints)
     start = ckpts.latest_step() or 0
     if start:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from hs2p_jax import provenance
 from hs2p_jax.checkpoint import RunCheckpoints, abstract_like, save_model
 from hs2p_jax.config import RunConfig, to_dict
 from hs2p_jax.data.pipeline import make_loader
@@ -99,6 +101,20 @@ class RMTrainer:
 
   # -- training ---------------------------------------------------------------------------------
 
+  def _record_provenance(self) -> None:
+    """provenance.json, and one line per data set at the start: kept/dropped/truncated, epochs."""
+    tc = self.cfg.train
+    data = {"train": provenance.data_entry(self.loader, tc.steps, tc.batch_size)}
+    if self.val_loader is not None:
+      data["validation"] = provenance.data_entry(self.val_loader)
+    if self.pair_loader is not None:
+      data["eval_pairs"] = provenance.data_entry(self.pair_loader)
+    if jax.process_index() == 0:
+      for name, entry in data.items():
+        print(provenance.describe(name, entry), file=sys.stderr, flush=True)
+    m = self.cfg.model
+    provenance.write(self.out_dir, self.mesh, data, model={"source": m.source, "init_from": m.init_from})
+
   def _restore(self, ckpts: RunCheckpoints) -> int:
     step = ckpts.latest_step()
     if step is None:
@@ -114,6 +130,7 @@ class RMTrainer:
     os.makedirs(self.out_dir, exist_ok=True)
     if jax.process_index() == 0:
       write_json(os.path.join(self.out_dir, "config.json"), to_dict(cfg))
+    self._record_provenance()
     ckpts = RunCheckpoints(self.out_dir, tc.keep_checkpoints, tc.async_checkpoint)
     start = self._restore(ckpts)
     writer = MetricsWriter(self.out_dir, tc.steps, start, stage=cfg.name)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model
+from hs2p_jax.checkpoint import ModelMeta, load_checkpoint_tokenizer, load_model, read_meta
 from hs2p_jax.data.batching import bucket_length, pad_right
 from hs2p_jax.data.encode import encode
 from hs2p_jax.data.examples import NUM_LABELS, RatingExample
@@ -21,20 +21,31 @@ from hs2p_jax.train.rm import make_eval_step
 
 
 class RewardScorer:
-  """`scorer(prompts, responses) -> [N]` scalar rewards (weights @ head outputs at the last token)."""
+  """`scorer(prompts, responses) -> [N]` scalar rewards (weights @ head outputs at the last token).
 
-  def __init__(self, checkpoint: str, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
-               max_length: int = 1024, batch_size: int = 16):
-    model, self.meta = load_model(checkpoint, mesh, rules)
-    if self.meta.kind != "reward":
-      raise UserError(f"{checkpoint}: a {self.meta.kind} checkpoint, not a reward model")
-    self.graphdef, self.params = nnx.split(model)
-    self.tokenizer = load_checkpoint_tokenizer(checkpoint)
-    self.weights = attribute_weights(self.meta.reward_weights, self.meta.num_attributes)
+  Holds a reward model split as (graphdef, params) on `mesh`; `RewardScorer.load` reads a checkpoint."""
+
+  def __init__(self, graphdef: Any, params: Any, meta: ModelMeta, tokenizer: Any, mesh: Mesh | None = None,
+               rules: Rules = DEFAULT_RULES, max_length: int = 1024, batch_size: int = 16):
+    if meta.kind != "reward":
+      raise UserError(f"a {meta.kind} model, not a reward model")
+    self.graphdef, self.params, self.meta, self.tokenizer = graphdef, params, meta, tokenizer
+    self.weights = attribute_weights(meta.reward_weights, meta.num_attributes)
     self.mesh, self.rules = mesh, rules
     self.max_length, self.batch_size = max_length, batch_size
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else None
     self._eval = jax.jit(make_eval_step(self.graphdef), out_shardings=replicated)
+
+  @classmethod
+  def load(cls, checkpoint: str, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+           runtime: dict[str, Any] | None = None, **kwargs: Any):
+    """A scorer over the reward-model checkpoint (or run dir) `checkpoint`, loaded onto `mesh`;
+    `runtime` changes how it computes (dtype, attention, ...), not its parameters."""
+    if read_meta(checkpoint).kind != "reward":
+      raise UserError(f"{checkpoint}: a {read_meta(checkpoint).kind} checkpoint, not a reward model")
+    model, meta = load_model(checkpoint, mesh, rules, **(runtime or {}))
+    graphdef, params = nnx.split(model)
+    return cls(graphdef, params, meta, load_checkpoint_tokenizer(checkpoint), mesh, rules, **kwargs)
 
   def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
     zeros = np.zeros(NUM_LABELS, np.float32)
