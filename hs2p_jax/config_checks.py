@@ -38,6 +38,9 @@ def validate(cfg) -> None:
           continue
         if getattr(model, name) not in choices:
           raise UserError(f"{field.name}.{name}={getattr(model, name)!r}: expected one of {', '.join(choices)}")
+      if getattr(model, "attention", None) == "cudnn" and getattr(model, "dtype", None) == "float32":
+        raise UserError(f"{field.name}.attention=cudnn needs {field.name}.dtype bfloat16 or float16 (cuDNN flash "
+                        "attention has no float32 kernel); attention auto picks xla for float32 on GPU")
   train = getattr(cfg, "train", None)
   if isinstance(train, TrainConfig):
     for name in ("steps", "batch_size"):

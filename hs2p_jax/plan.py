@@ -19,9 +19,10 @@ dtype bytes b, L layers.
     none                  dots + r*h*T*T*b + r*T*(2d + (h + g)*e + 2f)*b   + softmax, norms, RoPE, SwiGLU
   transient, once (one layer's recomputed forward and its backward):
     attention             r*h*T*T*(4 + 4 + b)  logits and their gradient (float32), probabilities:
-                          the "reference" and "xla" kernels materialise [r, h, T, T]; "cudnn" is fused (0)
+                          the "reference" and "xla" kernels materialise [r, h, T, T]; "splash" is
+                          fused (0); "cudnn" is fused but for its head-shared mask bias, r*T*T*b
     MLP                   3*r*T*f*b
-    mask                  r*T*T (bool)
+    mask                  r*T*T (bool; none with "splash", which masks by segment ids)
     FSDP gather           one layer's weights gathered over the batch axes, in b bytes, plus their
                           float32 gradient before the reduce-scatter
 """
@@ -43,7 +44,7 @@ from hs2p_jax.errors import UserError
 from hs2p_jax.model import create
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.model.reward import attribute_weights
-from hs2p_jax.sharding import MESH_AXES, MeshConfig, Rules, logical_to_spec, mesh_shape, state_shardings
+from hs2p_jax.sharding import MESH_AXES, MeshConfig, Rules, batch_split, logical_to_spec, mesh_shape, state_shardings
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.rm import Objective
 
@@ -149,18 +150,21 @@ def _with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def batch_layout(cfg: RunConfig) -> dict[str, int]:
-  """Worst-case micro-batch shape: N examples or pairs, R rows of T tokens, k micro-batches a step."""
+def batch_layout(cfg: RunConfig, split: int = 1) -> dict[str, int]:
+  """Worst-case micro-batch shape: N examples or pairs, R rows of T tokens (`real_rows` of them
+  sequences, the rest padding so that R divides the `split` devices of the batch axes, as the data
+  loader pads them), k micro-batches a step."""
   tc = cfg.train
   n = tc.micro_batch_size or tc.batch_size
-  return {"examples": n, "rows": n if tc.objective == "regression" else 2 * n, "seq_len": cfg.data.max_length,
+  real = n if tc.objective == "regression" else 2 * n
+  return {"examples": n, "rows": -(-real // split) * split, "real_rows": real, "seq_len": cfg.data.max_length,
           "micro_batches": tc.batch_size // n}
 
 
 def abstract_batch(cfg: RunConfig, num_attributes: int, mesh, rules: Rules) -> dict[str, jax.ShapeDtypeStruct]:
   """The stacked batch `hs2p_jax.train.rm` steps take, sharded as `train.feed.put_batch` places it:
   input_ids, segment_ids [k, R, T] split over the batch axes; the rest [k, N, ...] replicated."""
-  lay = batch_layout(cfg)
+  lay = batch_layout(cfg, batch_split(mesh, rules))
   k, n, r, t = lay["micro_batches"], lay["examples"], lay["rows"], lay["seq_len"]
   rows = NamedSharding(mesh, logical_to_spec((None, "act_batch", None), (k, r, t), mesh, rules))
   rep = NamedSharding(mesh, P())
@@ -263,16 +267,24 @@ def activations(model_cfg: LlamaConfig, layout: dict[str, int], params: Any, mes
       "rows_per_device": r,
       "saved_per_layer": per_layer,
       "saved": per_layer * c.num_layers,
-      "attention_transient": 0 if c.attention == "cudnn" else logits * (8 + b),
+      "attention_transient": {"splash": 0, "cudnn": r * t * t * b}.get(c.attention, logits * (8 + b)),
       "mlp_transient": 3 * tok * f * b,
-      "mask": r * t * t,
+      "mask": 0 if c.attention == "splash" else r * t * t,
       "fsdp_gathered_layer": gathered + (gathered // b) * 4,
   }
 
 
+def model_flops(cfg: RunConfig, model_cfg: LlamaConfig) -> float:
+  """Model FLOPs of one optimizer step over its real rows (`bench.flops.train_flops`: 6N per token
+  plus attention; padding rows, remat recomputation and the head not counted)."""
+  from hs2p_jax.bench.flops import train_flops
+  lay = batch_layout(cfg)
+  return train_flops(model_cfg, lay["real_rows"] * lay["micro_batches"], lay["seq_len"])
+
+
 def analytic(cfg: RunConfig, model_cfg: LlamaConfig, inputs: StepInputs, mesh, rules: Rules) -> dict[str, Any]:
   """Per-device bytes of params, optimizer state, gradients, batch and activations (module docstring)."""
-  layout = batch_layout(cfg)
+  layout = batch_layout(cfg, batch_split(mesh, rules))
   params = device_bytes(inputs.params)
   grads = params * (2 if layout["micro_batches"] > 1 else 1)
   act = activations(model_cfg, layout, inputs.params, mesh, rules)
@@ -286,13 +298,14 @@ def analytic(cfg: RunConfig, model_cfg: LlamaConfig, inputs: StepInputs, mesh, r
 
 def warnings_for(cfg: RunConfig, target: Target, analytic: dict[str, Any], rules: Rules) -> list[str]:
   """Lines worth reading: a batch the batch axes cannot split, state too big for the devices, GPU preallocation."""
-  out, act = [], analytic["activation_terms"]
+  out = []
   sizes = dict(zip(MESH_AXES, target.mesh))
   split = math.prod(sizes[a] for a in _batch_axes(rules))
-  rows = batch_layout(cfg)["rows"]
-  if rows % split:
-    out.append(f"micro-batch rows ({rows}) do not divide over the batch axes data*fsdp ({split} devices): each "
-               f"device computes {act['rows_per_device']} of them; make train.micro_batch_size fit data*fsdp")
+  lay = batch_layout(cfg, split)
+  if lay["rows"] != lay["real_rows"]:
+    out.append(f"micro-batch rows ({lay['real_rows']}) are padded to {lay['rows']} to split over the batch axes "
+               f"data*fsdp ({split} devices): {1 - lay['real_rows'] / lay['rows']:.0%} of the step computes padding; "
+               f"make train.micro_batch_size a multiple of {split // math.gcd(split, 2) if cfg.train.objective == 'bt' else split}")
   hbm = target.hbm_bytes
   state = analytic["params"] + analytic["optimizer"] + analytic["gradients"]
   if hbm and state > hbm:
@@ -361,13 +374,16 @@ def render(report: dict[str, Any]) -> str:
       _row("FSDP-gathered weights + grads (one layer)", act["fsdp_gathered_layer"], 4),
       _row("total", a["total"]),
   ]
+  step = f"{a['step_seconds_at_50_mfu']:.2f} s" if a.get("step_seconds_at_50_mfu") else "- (no peak known)"
+  lines += ["", f"  model FLOPs per device and step: {a['model_flops_per_device']:.4g}; step time at 50% MFU: {step}"]
   c = report["compiled"]
   if c["status"] == "ok":
     lines += ["", f"  per device (compiled: {c['compiler']}, {c['note']})",
               _row("arguments (params, optimizer, batch)", c["argument"]),
               _row("outputs (aliased to donated arguments)", c["output"] - c["alias"]),
               _row("temporaries", c["temp"]),
-              _row(f"peak ({c['verdict']})" if t["hbm"] else "peak", c["peak"])]
+              _row(f"peak ({c['verdict']})" if t["hbm"] else "peak", c["peak"]),
+              f"  compiled FLOPs per device: {c['flops_per_device']:.4g} ({c.get('flops_ratio', 0):.2f}x the model's)"]
   else:
     lines += ["", f"  compiled: {c['status']}: {c['note']}"]
   v = report["verdict"]

@@ -27,7 +27,7 @@ Rules = tuple[tuple[str, Any], ...]
 
 # Logical name -> mesh axis (or tuple of axes, or None = replicated). FSDP shards the `embed` side
 # of every matrix; tensor parallelism splits heads, MLP and vocabulary; the batch is split over
-# data x fsdp. A mesh axis is dropped from a dimension it does not divide.
+# data x fsdp. A mesh axis is dropped from a dimension it does not divide, but for the batch.
 DEFAULT_RULES: Rules = (
     ("layers", None),
     ("vocab", "tensor"),
@@ -132,9 +132,24 @@ def current_mesh() -> Mesh | None:
   return _ctx.mesh
 
 
+# Logical axes that must split over their mesh axes: the batch is never silently replicated (every
+# device would compute all of it). Data loaders pad rows to `batch_split`; anything else is an error.
+STRICT_AXES = ("act_batch", "cache_batch")
+
+
+def batch_split(mesh: Mesh | None, rules: Rules = DEFAULT_RULES, name: str = "act_batch") -> int:
+  """Devices the batch (rows) of logical axis `name` is split over: the product of its mesh axes."""
+  if mesh is None:
+    return 1
+  target = dict(rules).get(name)
+  targets = target if isinstance(target, tuple) else ((target,) if target else ())
+  return math.prod(mesh.shape[t] for t in targets if t in mesh.shape)
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
                     mesh: Mesh | None = None, rules: Rules | None = None) -> P:
-  """Maps logical axis names to a PartitionSpec; mesh axes that do not divide a dim are dropped."""
+  """Maps logical axis names to a PartitionSpec. A mesh axis that does not divide a dimension is
+  dropped (that dimension is replicated over it), except for STRICT_AXES, where it is a UserError."""
   mesh = mesh if mesh is not None else _ctx.mesh
   table = dict(rules if rules is not None else _ctx.rules)
   used: set[str] = set()
@@ -149,6 +164,11 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
         continue
       n = mesh.shape[t]
       if shape is not None and shape[i] % (size * n):
+        if name in STRICT_AXES and n > 1:
+          split = "*".join(f"{a}={mesh.shape[a]}" for a in targets if a in mesh.shape)
+          raise UserError(f"{name}: {shape[i]} rows do not split over the mesh's batch axes ({split}); make the "
+                          f"batch (train.micro_batch_size, rows per step) a multiple of "
+                          f"{math.prod(mesh.shape[a] for a in targets if a in mesh.shape)}")
         continue
       keep.append(t)
       size *= n

@@ -8,6 +8,10 @@ import os
 import numpy as np
 import pytest
 
+# The suite runs on the CPU: with libtpu installed (the [tpu] extra, for the ahead-of-time tests),
+# JAX would otherwise also try to start a TPU backend in every process, warning on stderr.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 HH_FILE = os.path.join(SHARED_DATA, "hh-rlhf-harmless-base-test.jsonl.gz")
 

@@ -60,7 +60,7 @@ def test_packed_rows_equal_separate_rows(lm):
 @pytest.mark.parametrize("changes", [dict(scan_layers=False), dict(remat="full"), dict(remat="dots"),
                                      dict(attention="xla"), dict(scan_layers=False, remat="save_attention_out"),
                                      dict(weight_grad="autodiff"), dict(weight_grad="autodiff", remat="dots_no_batch"),
-                                     dict(attention="splash")])
+                                     dict(attention="splash"), dict(attention="auto")])
 def test_runtime_variants_compute_the_same_function(lm, reference, changes):
   (v_ref, g_ref), ref = reference
   (v_other, g_other), out = value_grads_logits(variant(lm, **changes))
@@ -89,6 +89,44 @@ def test_xla_attention_kernel_equals_reference_with_gqa_and_masks():
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   np.testing.assert_allclose(np.asarray(ref), np.einsum("bhqk,bkhd->bqhd", p, vn), atol=1e-5)
+
+
+def test_flash_attention_call_equals_reference_with_packing_branches_and_padding():
+  """The cuDNN path's call (is_causal + a head-shared [B, 1, T, S] segment mask), run by XLA here."""
+  from hs2p_jax.model.attention import branch_mask, flash_attention, segment_causal_mask
+  rng = np.random.RandomState(4)
+  q, k, v = (jnp.asarray(rng.randn(3, 10, h, 8), jnp.float32) for h in (4, 2, 2))
+  seg = jnp.asarray([[1] * 4 + [2] * 5 + [0], [0, 0] + [1] * 8, [1] * 10], jnp.int32)  # packed, left pad, full
+  branch = jnp.asarray([[0] * 10, [0] * 10, [0] * 4 + [1] * 3 + [2] * 3], jnp.int32)  # row 2: a shared prompt
+  slots = jnp.arange(10)
+  mask = segment_causal_mask(slots, slots, seg, seg) & branch_mask(branch, branch)
+  real = np.asarray(seg)[..., None, None] != 0
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.where(real, f(q, k, v), 0.0) ** 2)
+  got = jax.value_and_grad(loss(lambda q, k, v: flash_attention(q, k, v, mask, "xla")), (0, 1, 2))(q, k, v)
+  want = jax.value_and_grad(loss(lambda q, k, v: reference_attention(q, k, v, mask)), (0, 1, 2))(q, k, v)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("platform, dtype, branches, cache, want", [
+    ("tpu", "bfloat16", False, False, "splash"), ("tpu", "bfloat16", True, False, "xla"),
+    ("tpu", "bfloat16", False, True, "xla"), ("gpu", "bfloat16", False, False, "cudnn"),
+    ("gpu", "bfloat16", True, False, "cudnn"), ("gpu", "float32", False, False, "xla"),
+    ("gpu", "float16", False, True, "xla"), ("cpu", "bfloat16", False, False, "reference"),
+    ("cpu", "float32", True, True, "reference")])
+def test_auto_attention_picks_the_kernel_by_platform(platform, dtype, branches, cache, want):
+  from hs2p_jax.model.attention import choose
+  assert choose("auto", platform, dtype, branches=branches, cache=cache) == want
+  assert choose("xla", platform, dtype, branches=branches, cache=cache) == "xla"  # explicit choices stand
+
+
+def test_auto_attention_follows_the_mesh_devices_platform():
+  from jax.sharding import Mesh
+  from hs2p_jax.model.attention import platform
+  from hs2p_jax.sharding import use_mesh
+  assert platform() == jax.default_backend()
+  with use_mesh(Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))):
+    assert platform() == jax.devices()[0].platform
 
 
 def test_incremental_decoding_with_cache_equals_full_forward(lm):

@@ -53,3 +53,54 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
                        env=env, check=True, capture_output=True, text=True)
   m, s = json.loads(res.stdout.strip().splitlines()[-1])
   np.testing.assert_allclose(m, s, rtol=1e-4, atol=1e-5)
+
+
+def _run_two(cmd: list[str], env: dict) -> list[str]:
+  """`cmd` on two processes joined by jax.distributed; returns their stdouts (asserting exit 0)."""
+  port = free_port()
+  procs = [subprocess.Popen(cmd + [f"dist.coordinator=127.0.0.1:{port}", "dist.num_processes=2",
+                                   f"dist.process_id={i}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return [o for o, _ in outs]
+
+
+@pytest.mark.slow
+def test_expo_search_and_eval_on_two_processes_equal_one_process_with_two_devices(tmp_path):
+  """FSDP over 2 devices: on one process, and on two (one device each) through jax.distributed."""
+  data = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(12))
+  cfg = tmp_path / "c.yaml"
+  cfg.write_text("name: mp\n")
+  env1 = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
+  for name, steps in (("base", 1), ("tuned", 4)):
+    sets = tiny_overrides(tmp_path, **{"data.train": data, "data.format": "pairs", "train.objective": "bt",
+                                       "train.steps": steps, "train.batch_size": 4, "train.lr": 3e-3})
+    subprocess.run([sys.executable, "-m", "hs2p_jax", "train-rm", "--config", str(cfg), "--out",
+                    str(tmp_path / name), "--set", *sets], env=env1, check=True, capture_output=True)
+  mesh = ["mesh.data=1", "mesh.fsdp=2"]
+  expo = [sys.executable, "-m", "hs2p_jax", "expo", "--base", str(tmp_path / "base"), "--tuned",
+          str(tmp_path / "tuned"), "--search", "0.5:2.0:0.5", "--data", data, "--format", "pairs",
+          "--max-length", "64", "--batch-size", "4"]
+  evaluate = [sys.executable, "-m", "hs2p_jax", "eval", "--data", data, "--format", "pairs", "--max-length", "64",
+              "--batch-size", "4"]
+  env2 = {**env1, "JAX_NUM_CPU_DEVICES": "2"}
+  results = {}
+  for name in ("one", "two"):
+    out = tmp_path / name
+    if name == "one":
+      subprocess.run(expo + ["--out", str(out / "expo"), "--set", *mesh], env=env2, check=True, capture_output=True)
+      subprocess.run(evaluate + ["--checkpoint", str(out / "expo"), "--out", str(out / "eval.json"), "--set", *mesh],
+                     env=env2, check=True, capture_output=True)
+    else:
+      _run_two(expo + ["--out", str(out / "expo"), "--set", *mesh], env1)
+      _run_two(evaluate + ["--checkpoint", str(out / "expo"), "--out", str(out / "eval.json"), "--set", *mesh], env1)
+    search = json.loads((out / "expo" / "expo_search.json").read_text())
+    results[name] = (search, json.loads((out / "eval.json").read_text()))
+  (s1, e1), (s2, e2) = results["one"], results["two"]
+  assert s2["best"] == s1["best"] and [r["factor"] for r in s2["table"]] == [0.5, 1.0, 1.5, 2.0]
+  for a, b in zip(s1["table"], s2["table"]):
+    assert b["accuracy"] == a["accuracy"] and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+  assert e2["pairs"] == e1["pairs"] == 12 and e2["accuracy"] == e1["accuracy"]
+  assert e2["loss"] == pytest.approx(e1["loss"], rel=1e-5)

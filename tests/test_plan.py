@@ -95,10 +95,30 @@ def test_tensor_parallel_splits_heads_and_mlp():
   assert act_m["mlp_transient"] == act_f["mlp_transient"]
 
 
-def test_a_micro_batch_the_mesh_cannot_split_is_reported():
+def test_a_micro_batch_the_mesh_cannot_split_is_padded_and_reported():
   r = report_for(LLAMA_70B + ["mesh.data=1", "mesh.fsdp=128", "train.micro_batch_size=8"], "v5p", 128)
-  assert r["analytic"]["activation_terms"]["rows_per_device"] == 8  # replicated: 8 rows on every device
-  assert any("do not divide" in w for w in r["warnings"])
+  # 8 rows padded to 128 (as the loader pads them): one row per device, never all 8 on every device
+  assert r["analytic"]["activation_terms"]["rows_per_device"] == 1
+  assert (r["batch"]["rows"], r["batch"]["real_rows"]) == (128, 8)
+  assert any("padded to 128" in w and "94%" in w and "multiple of 128" in w for w in r["warnings"])
+
+
+def test_model_flops_per_device_and_step_time():
+  from hs2p_jax.bench.flops import train_flops
+  c = PRESETS["llama-3.1-70b"]
+  r = report_for(LLAMA_70B + ["mesh.data=1", "mesh.fsdp=128", "train.micro_batch_size=128"], "v5p", 128)
+  a = r["analytic"]
+  n = c.num_layers * (c.hidden_size * c.head_dim * 2 * (c.num_heads + c.num_kv_heads) + 3 * c.hidden_size * c.intermediate_size)
+  by_hand = 6 * n * 128 * 4096 + 12 * c.num_layers * 4096 ** 2 * c.num_heads * c.head_dim * 128
+  assert a["model_flops"] == pytest.approx(by_hand) == train_flops(c.replace(dtype="bfloat16"), 128, 4096)
+  assert a["model_flops_per_device"] == pytest.approx(by_hand / 128)
+  assert a["step_seconds_at_50_mfu"] == pytest.approx(by_hand / 128 / (0.5 * 459e12))
+  assert r["model"]["attention"] == "reference" and r["model"]["attention_config"] == "reference"
+  auto = report_for(LLAMA_70B + ["mesh.data=1", "mesh.fsdp=128", "model.attention=auto"], "v5p", 128)
+  assert auto["model"]["attention"] == "splash" and auto["analytic"]["activation_terms"]["attention_transient"] == 0
+  gpu = report_for(LLAMA_70B + ["mesh.data=1", "mesh.fsdp=8", "model.attention=auto"], "h100", 8)
+  assert gpu["model"]["attention"] == "cudnn"
+  assert gpu["analytic"]["activation_terms"]["attention_transient"] == 16 * 4096 * 4096 * 2  # the mask's bias
 
 
 def test_the_architecture_comes_from_a_hugging_face_config(tmp_path):
@@ -172,6 +192,9 @@ def test_cli_compiles_the_tiny_step_on_2_cpu_devices(tmp_path):
   assert abs(c["argument"] - (a["params"] + a["optimizer"] + a["batch"])) <= 0.01 * c["argument"]
   assert c["alias"] > a["params"] + a["optimizer"] - 1024  # params and optimizer state are donated
   assert c["temp"] > a["gradients"]
+  # the compiled FLOPs of the step (remat none: forward + backward) against the model's share
+  assert c["flops_layers_compiled"] == [2] and 0.8 < c["flops_ratio"] < 2.5
+  assert a["model_flops_per_device"] == pytest.approx(a["model_flops"] / 2)
   assert report["verdict"]["verdict"] == "fits" and report["target"]["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
   for line in ("params (float32)", "optimizer (AdamW", "activations (estimate)", "per device (compiled: host CPU",
                "FITS (analytic)"):

@@ -81,11 +81,13 @@ def test_one_device_and_eight_devices_log_the_same_losses(tmp_path):
                     "data.validation": pairs, "data.packing": True, "data.share_prompt": True,
                     "data.max_length": 128},
   }
+  # 3 pairs = 6 rows: on data*fsdp = 4 devices the loader pads them to 8 rows (the batch still splits)
+  objectives["bt_3_pairs"] = {**objectives["bt"], "train.batch_size": 3}
   common = {"train.steps": 3, "train.batch_size": 8, "train.lr": 3e-3, "model.num_layers": 2}
   mesh8 = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
-  one = run_in_subprocess(1, [(k, str(tmp_path / f"one_{k}"), tiny_overrides(tmp_path, **common, **v))
+  one = run_in_subprocess(1, [(k, str(tmp_path / f"one_{k}"), tiny_overrides(tmp_path, **{**common, **v}))
                               for k, v in objectives.items()])
-  eight = run_in_subprocess(8, [(k, str(tmp_path / f"eight_{k}"), tiny_overrides(tmp_path, **common, **v, **mesh8))
+  eight = run_in_subprocess(8, [(k, str(tmp_path / f"eight_{k}"), tiny_overrides(tmp_path, **{**common, **v, **mesh8}))
                                 for k, v in objectives.items()])
   for k in objectives:
     assert one[k]["devices"] == 1 and eight[k]["devices"] == 8
@@ -97,6 +99,8 @@ def test_one_device_and_eight_devices_log_the_same_losses(tmp_path):
   assert eight["generate"]["samples_tokens"] == one["generate"]["samples_tokens"]
   assert one["splash_max_diff"] < 1e-5 and eight["splash_max_diff"] < 1e-5  # loss and grads vs reference
   np.testing.assert_allclose(eight["generate"]["logprobs"], one["generate"]["logprobs"], atol=1e-4)
+  prov = json.load(open(tmp_path / "eight_bt_3_pairs" / "provenance.json"))
+  assert prov["batch"] == {"micro_batch_rows": 6, "batch_split": 4, "micro_batches": 1, "padded_rows": 8}
   specs = eight["bt"]["specs"]
   assert specs["model/layers/mlp/gate/value"] == [None, "fsdp", "tensor"]
   assert specs["model/layers/attn/wq/value"] == [None, "fsdp", "tensor", None]
@@ -121,6 +125,19 @@ def test_logical_to_spec_drops_axes_that_do_not_divide():
   mesh = Mesh(devices, ("data", "fsdp", "tensor"))
   spec = logical_to_spec(("act_batch", None), (4, 3), mesh)
   assert tuple(spec) == (("data", "fsdp"), None)
+
+
+def test_the_batch_axis_is_never_dropped_silently():
+  from jax.sharding import AbstractMesh
+  from hs2p_jax.sharding import MESH_AXES, batch_split
+  mesh = AbstractMesh((2, 2, 2), MESH_AXES)
+  assert batch_split(mesh) == 4
+  assert tuple(logical_to_spec(("act_batch", None), (8, 3), mesh)) == (("data", "fsdp"), None)
+  for shape in ((6, 3), (2, 3)):
+    with pytest.raises(UserError, match=r"act_batch: \d+ rows do not split .*data=2\*fsdp=2.*multiple of 4"):
+      logical_to_spec(("act_batch", None), shape, mesh)
+  # parameters and other activations still replicate over an axis that does not divide them
+  assert tuple(logical_to_spec(("embed", "act_heads"), (6, 3), mesh)) == ("fsdp", None)
 
 
 def test_mesh_that_does_not_divide_devices_is_a_one_line_cli_error(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 from hs2p_jax.atomic import write_json
 from hs2p_jax.config import DataConfig
 from hs2p_jax.eval.scoring import collect
-from hs2p_jax.sharding import use_mesh
+from hs2p_jax.sharding import batch_split, use_mesh
 from hs2p_jax.train.rm_scorer import RewardScorer
 
 
@@ -38,7 +38,7 @@ class PairScorer(RewardScorer):
     cfg = data if isinstance(data, DataConfig) else self.data_config(data, fmt)
     return make_loader(cfg, self.tokenizer, split=split, task="pairs", batch_size=self.batch_size, shuffle=False,
                        repeat=False, process_index=jax.process_index(), process_count=jax.process_count(),
-                       cache_dir=cache_dir)
+                       cache_dir=cache_dir, row_multiple=batch_split(self.mesh, self.rules))
 
   def rewards(self, loader, params=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """([N, 2] rewards, [N] magnitudes, [N] example ids) of every pair of `loader`."""

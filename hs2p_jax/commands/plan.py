@@ -14,6 +14,7 @@ to the full depth. The verdict uses the TPU compiler's peak when there is one, e
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -125,6 +126,21 @@ def _memory(compiled) -> dict[str, int]:
   return {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
 
 
+def _flops(compiled) -> float:
+  """FLOPs per device of a compiled (SPMD-partitioned) step, by XLA's cost analysis."""
+  ca = compiled.cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  return float((ca or {}).get("flops", 0.0))
+
+
+def _linear(values: list, layers: list[int], depth: int):
+  """The figure at `depth` from figures at two depths (exact when each layer adds the same)."""
+  if len(values) == 1:
+    return values[0]
+  (l1, l2), (v1, v2) = layers, values
+  return v1 + (depth - l1) * (v2 - v1) / (l2 - l1)
+
+
 def compile_step(cfg: RunConfig, model_cfg: LlamaConfig, target: plan.Target, rules: Rules, mode: str) -> dict:
   """Per-device bytes from the compiled train step (module docstring); status "ok", "skipped" or "failed"."""
   if mode == "none":
@@ -140,43 +156,61 @@ def compile_step(cfg: RunConfig, model_cfg: LlamaConfig, target: plan.Target, ru
   print(f"hs2p plan: compiling the train step at {' and '.join(map(str, layers))} layer(s) for {compiler} ...",
         file=sys.stderr, flush=True)
   options = _HOST_OPTIONS if mode == "host" else None
+  # XLA's cost analysis counts a loop's body once: FLOPs come from one micro-batch (times their
+  # number) with the layers unrolled (at 1 and 2 layers, extrapolated); memory from the step as it runs.
+  flop_layers = [depth] if depth <= 2 else [1, 2]
+  micro = cfg.train.micro_batch_size or cfg.train.batch_size
+  one_micro = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=micro))
   try:
-    lowered = [_lower(cfg, model_cfg.replace(num_layers=n), mesh, rules) for n in layers]
-    mems = [_memory(low.compile(options)) for low in lowered]
+    compiled = [_lower(cfg, model_cfg.replace(num_layers=n), mesh, rules).compile(options) for n in layers]
+    mems = [_memory(c) for c in compiled]
+    flops = [_flops(_lower(one_micro, model_cfg.replace(num_layers=n, scan_layers=False), mesh, rules).compile(options))
+             * (cfg.train.batch_size // micro) for n in flop_layers]
   except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED from a TPU compile: a finding
     return {"status": "failed", "compiler": compiler, "note": str(e).splitlines()[0][:300]}
-  if len(mems) == 1:
-    out, note = mems[0], f"all {depth} layers"
-  else:
-    (l1, l2), (m1, m2) = layers, mems
-    out = {k: m1[k] + (depth - l1) * (m2[k] - m1[k]) // (l2 - l1) for k in m1}
-    note = f"{l1} and {l2} layers extrapolated linearly to {depth}"
+  out = {k: int(_linear([m[k] for m in mems], layers, depth)) for k in mems[0]}
+  note = f"all {depth} layers" if len(layers) == 1 else f"{layers[0]} and {layers[1]} layers extrapolated linearly to {depth}"
   out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   out["verdict"] = plan.verdict(out["peak"], target.hbm_bytes)["verdict"]
+  out["flops_per_device"] = _linear(flops, flop_layers, depth)
   return {"status": "ok", "compiler": compiler, "note": note, "layers_compiled": layers, "per_depth": mems, **out,
-          "seconds": round(time.time() - t0, 1)}
+          "flops_layers_compiled": flop_layers, "seconds": round(time.time() - t0, 1)}
 
 
 def build_report(cfg: RunConfig, config_path: str, target: plan.Target, mode: str) -> dict[str, Any]:
   """The plan as one JSON-serialisable dict (what `hs2p plan` prints and writes)."""
+  from hs2p_jax.bench.flops import PEAK_FLOPS
+  from hs2p_jax.model.attention import choose
+
   model_cfg, source = architecture(cfg.model)
   rules = rules_from(cfg.mesh.rules)
   amesh = AbstractMesh(target.mesh, MESH_AXES)
-  inputs = plan.step_inputs(cfg, model_cfg, amesh, rules)
-  analytic = plan.analytic(cfg, model_cfg, inputs, amesh, rules)
+  # the kernel `attention: auto` picks on the target (the compiled step picks by its devices)
+  on_target = model_cfg.replace(attention=choose(model_cfg.attention, target.chip.kind if target.chip else "cpu",
+                                                 model_cfg.dtype, branches=cfg.data.share_prompt))
+  inputs = plan.step_inputs(cfg, on_target, amesh, rules)
+  analytic = plan.analytic(cfg, on_target, inputs, amesh, rules)
+  analytic["model_flops"] = plan.model_flops(cfg, model_cfg)
+  analytic["model_flops_per_device"] = analytic["model_flops"] / target.devices
+  peak = PEAK_FLOPS.get(target.chip.name, {}).get(model_cfg.dtype) if target.chip else None
+  analytic["peak_flops_per_device"] = peak
+  analytic["step_seconds_at_50_mfu"] = analytic["model_flops_per_device"] / (0.5 * peak) if peak else None
   compiled = compile_step(cfg, model_cfg, target, rules, mode)
+  if compiled["status"] == "ok" and analytic["model_flops_per_device"]:
+    compiled["flops_ratio"] = round(compiled["flops_per_device"] / analytic["model_flops_per_device"], 3)
   on_chip = compiled["status"] == "ok" and compiled["compiler"].startswith("tpu")
   verdict = plan.verdict(compiled["peak"] if on_chip else analytic["total"], target.hbm_bytes)
   verdict["basis"] = "compiled for the chip" if on_chip else "analytic"
   return {
       "config": config_path,
       "model": {"name": source, "params": plan.num_params(inputs.params), "layers": model_cfg.num_layers,
-                "dtype": model_cfg.dtype, "remat": model_cfg.remat, "attention": model_cfg.attention},
+                "dtype": model_cfg.dtype, "remat": model_cfg.remat, "attention": on_target.attention,
+                "attention_config": model_cfg.attention},
       "objective": cfg.train.objective if cfg.train.objective == "regression" else f"bt ({cfg.train.bt_variant})",
       "target": {"chip": target.chip.name if target.chip else None, "devices": target.devices,
                  "slice": target.slice_name, "hbm": target.hbm_bytes, "hbm_source": plan.HBM_SOURCE,
                  "mesh": dict(zip(MESH_AXES, target.mesh))},
-      "batch": plan.batch_layout(cfg),
+      "batch": plan.batch_layout(cfg, plan.batch_split(amesh, rules)),
       "analytic": analytic,
       "compiled": compiled,
       "verdict": verdict,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from hs2p_jax.convert.state import TensorSource, fill_model, head_init
+from hs2p_jax.convert.state import ReadStats, TensorSource, fill_model, head_init
 from hs2p_jax.errors import UserError
 from hs2p_jax.model import LlamaForCausalLM, RewardModel, create
 from hs2p_jax.model.config import LlamaConfig
@@ -86,10 +87,50 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def gguf_source(path: str, cfg: LlamaConfig) -> TensorSource:
-  """Lazy loaders for every tensor of a GGUF file, dequantised to float32 under Hugging Face names."""
-  import gguf
+@dataclasses.dataclass
+class GGUFTensor:
+  """One GGUF tensor under its Hugging Face layout [rows, cols] (llama.cpp's Q/K row order undone),
+  read region by region: quantised blocks are dequantised only for the rows and blocks asked for."""
 
+  tensor: Any          # gguf.ReaderTensor (its `data` is a memory map)
+  n_head: int          # Q/K: heads whose rows llama.cpp reordered; 0 for any other tensor
+  head_dim: int
+  stats: ReadStats
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(int(n) for n in reversed(self.tensor.shape))
+
+  def read(self, index) -> np.ndarray:
+    if len(self.shape) == 1:
+      region = np.asarray(self.tensor.data[index[0]])
+      self.stats.add(region.nbytes)
+      return region.astype(np.float32)
+    rows, cols = index
+    if not self.n_head:
+      return self._rows(rows, cols)
+    h0, h1 = rows.start // self.head_dim, -(-rows.stop // self.head_dim)  # whole heads: the reorder is per head
+    block = _unpermute(self._rows(slice(h0 * self.head_dim, h1 * self.head_dim), cols), h1 - h0)
+    return block[rows.start - h0 * self.head_dim:rows.stop - h0 * self.head_dim]
+
+  def _rows(self, rows: slice, cols: slice) -> np.ndarray:
+    import gguf
+    t = self.tensor
+    size, nbytes = gguf.GGML_QUANT_SIZES[t.tensor_type]
+    if size == 1:  # unquantised: plain elements
+      region = np.asarray(t.data[rows, cols])
+      self.stats.add(region.nbytes)
+      return region.astype(np.float32)
+    b0, b1 = cols.start // size, -(-cols.stop // size)  # the quantisation blocks holding these columns
+    raw = np.asarray(t.data[rows, b0 * nbytes:b1 * nbytes])
+    self.stats.add(raw.nbytes)
+    values = gguf.quants.dequantize(raw, t.tensor_type).astype(np.float32).reshape(raw.shape[0], -1)
+    return values[:, cols.start - b0 * size:cols.stop - b0 * size]
+
+
+def gguf_source(path: str, cfg: LlamaConfig, stats: ReadStats | None = None) -> TensorSource:
+  """Every tensor of a GGUF file under its Hugging Face name, readable by region (float32)."""
+  stats = stats if stats is not None else ReadStats()
   r = _reader(path)
   out = {}
   for t in r.tensors:
@@ -101,23 +142,17 @@ def gguf_source(path: str, cfg: LlamaConfig) -> TensorSource:
     else:
       continue
     n_head = cfg.num_heads if parts[-2] == "attn_q" else cfg.num_kv_heads if parts[-2] == "attn_k" else 0
-
-    def load(t=t, n_head=n_head) -> np.ndarray:
-      w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-      w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
-      return _unpermute(w, n_head) if n_head else w
-
-    out[hf] = load
+    out[hf] = GGUFTensor(t, n_head, cfg.head_dim, stats)
   return out
 
 
 def load_gguf(path: str, *, head: str = "lm", num_attributes: int = 9, dtype: str = "float32",
-              mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, seed: int = 0,
+              mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, seed: int = 0, stats: ReadStats | None = None,
               **config_overrides: Any) -> LlamaForCausalLM | RewardModel:
   """A GGUF Llama file (or "smollm2") -> our model, as `load_hf` does for a Hugging Face directory."""
   path = resolve(path)
   cfg = gguf_config(path, dtype=dtype, **config_overrides)
   init_missing = {("head_kernel",): head_init(seed), ("head_bias",): np.zeros} if head == "reward" else {}
   kind = "lm" if head == "lm" else "reward"
-  return fill_model(lambda: create(kind, cfg, num_attributes, seed), cfg, gguf_source(path, cfg), path,
+  return fill_model(lambda: create(kind, cfg, num_attributes, seed), cfg, gguf_source(path, cfg, stats), path,
                     init_missing=init_missing, mesh=mesh, rules=rules)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from jax.sharding import Mesh
 
 from hs2p_jax.atomic import atomic_dir, write_json
 from hs2p_jax.convert.mapping import ours_to_hf
-from hs2p_jax.convert.state import TensorSource, fill_model, head_init
+from hs2p_jax.convert.state import ReadStats, TensorSource, fill_model, head_init
 from hs2p_jax.errors import UserError
 from hs2p_jax.model import LlamaForCausalLM, RewardModel, create, from_hf_config, to_hf_config
 from hs2p_jax.sharding import DEFAULT_RULES, Rules
@@ -36,74 +37,88 @@ def read_config(path: str) -> dict[str, Any]:
     raise UserError(f"{cfg_file}: invalid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def safetensors_source(path: str) -> TensorSource:
-  """Lazy loaders for every tensor of a directory's `model.safetensors` or sharded index."""
-  from safetensors import safe_open
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8"}
 
+
+@dataclasses.dataclass
+class SafetensorsTensor:
+  """One tensor of a safetensors file, read region by region through a memory map."""
+
+  file: str
+  name: str
+  dtype: str
+  shape: tuple[int, ...]
+  offset: int          # of the tensor's first byte in the file
+  stats: ReadStats
+
+  def read(self, index) -> np.ndarray:
+    import ml_dtypes
+    dtype = ml_dtypes.bfloat16 if self.dtype == "bfloat16" else np.dtype(self.dtype)
+    arr = np.memmap(self.file, dtype=dtype, mode="r", offset=self.offset, shape=self.shape)
+    region = np.array(arr[tuple(index)])  # copies just this region out of the mapping
+    self.stats.add(region.nbytes)
+    return region.astype(np.float32)
+
+
+def _header(file: str) -> tuple[dict[str, Any], int]:
+  """(tensor entries, data start) of a safetensors file; a damaged header is one line naming it."""
+  try:
+    with open(file, "rb") as f:
+      n = int.from_bytes(f.read(8), "little")
+      header = json.loads(f.read(n))
+  except (OSError, ValueError, UnicodeDecodeError) as e:
+    raise UserError(f"{file}: not a readable safetensors file ({e})") from None
+  header.pop("__metadata__", None)
+  return header, 8 + n
+
+
+def safetensors_source(path: str, stats: ReadStats | None = None) -> TensorSource:
+  """Every tensor of a directory's `model.safetensors` (or sharded index), readable by region."""
+  stats = stats if stats is not None else ReadStats()
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index):
     with open(index, encoding="utf-8") as f:
-      weight_map = json.load(f)["weight_map"]
+      files = sorted(set(json.load(f)["weight_map"].values()))
   else:
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f != HEAD_BIAS_FILE)
     if not files:
       raise UserError(f"{path}: no *.safetensors weights (PyTorch .bin checkpoints are not supported)")
-    weight_map = {}
-    for fname in files:
-      with safe_open(os.path.join(path, fname), framework="numpy") as f:
-        weight_map.update({k: fname for k in f.keys()})
-  extra = os.path.join(path, HEAD_BIAS_FILE)
-  if os.path.isfile(extra):
-    weight_map["score.bias"] = HEAD_BIAS_FILE
-
-  def loader(name: str, fname: str):
-    def load() -> np.ndarray:
-      file = os.path.join(path, fname)
-      try:
-        with safe_open(file, framework="numpy") as f:
-          return f.get_tensor(name)
-      except TypeError:  # bfloat16 has no numpy dtype in safetensors' numpy reader: go through torch-free ml_dtypes
-        return _read_bf16(file, name)
-    return load
-
-  return {name: loader(name, fname) for name, fname in weight_map.items()}
-
-
-def _read_bf16(file: str, name: str) -> np.ndarray:
-  """Reads one tensor of any dtype by parsing the safetensors header (handles BF16 without torch)."""
-  import ml_dtypes
-
-  with open(file, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
-    meta = header[name]
-    start, end = meta["data_offsets"]
-    f.seek(8 + n + start)
-    raw = f.read(end - start)
-  dtype = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64}[meta["dtype"]]
-  return np.frombuffer(raw, dtype=dtype).reshape(meta["shape"]).astype(np.float32)
+  if os.path.isfile(os.path.join(path, HEAD_BIAS_FILE)):
+    files.append(HEAD_BIAS_FILE)
+  out: dict[str, SafetensorsTensor] = {}
+  for fname in files:
+    file = os.path.join(path, fname)
+    header, data_start = _header(file)
+    for name, meta in header.items():
+      if meta["dtype"] not in _ST_DTYPES:
+        raise UserError(f"{file}: tensor {name} has dtype {meta['dtype']}, which is not supported")
+      out[name] = SafetensorsTensor(file, name, _ST_DTYPES[meta["dtype"]], tuple(meta["shape"]),
+                                    data_start + meta["data_offsets"][0], stats)
+  return out
 
 
 def load_hf(path: str, *, head: str = "lm", num_attributes: int = 9, dtype: str = "float32",
-            mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, seed: int = 0,
+            mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, seed: int = 0, stats: ReadStats | None = None,
             **config_overrides: Any) -> LlamaForCausalLM | RewardModel:
   """A Hugging Face Llama directory -> `LlamaForCausalLM` (head="lm") or `RewardModel` (head="reward").
 
   A reward model reads the directory's `score` head when it has one of `num_attributes` outputs,
   else starts a fresh head (normal(0.02) kernel, zero bias, seeded). `dtype` is the compute dtype;
-  parameters are float32. With `mesh`, every parameter is placed sharded by `rules`.
+  parameters are float32. With `mesh`, every parameter is placed sharded by `rules`, and each
+  process reads from the files only the regions its devices hold (`stats` counts the bytes).
   """
   if head not in ("lm", "reward"):
     raise UserError(f"load_hf: head={head!r}, expected 'lm' or 'reward'")
   hf = read_config(path)
   cfg = from_hf_config(hf, dtype=dtype, **config_overrides)
-  source = safetensors_source(path)
+  source = safetensors_source(path, stats)
   if head == "lm" and not cfg.tie_word_embeddings and "lm_head.weight" not in source:
     raise UserError(f"{path}: untied model without lm_head.weight")
   init_missing = {}
   if head == "reward":
     if "score.weight" in source:
-      shape = source["score.weight"]().shape
+      shape = source["score.weight"].shape
       if shape[0] != num_attributes:
         raise UserError(f"{path}: score.weight has {shape[0]} outputs, num_attributes={num_attributes}")
     init_missing = {("head_kernel",): head_init(seed), ("head_bias",): np.zeros}

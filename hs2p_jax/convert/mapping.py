@@ -40,6 +40,48 @@ def _same(w, c):
   return w
 
 
+# Region readers: (source tensor, region of ours, cfg) -> that region, reading only what it needs
+# from the HF-layout tensor. `index` has one concrete slice(start, stop) per dimension of ours.
+
+def _read_same(t, index, c):
+  return t.read(index)
+
+
+def _read_t(t, index, c):  # ours [a, b] = hf[b, a]
+  return t.read(index[::-1]).T
+
+
+def _head_rows(sh: slice, dh: int) -> slice:
+  return slice(sh.start * dh, sh.stop * dh)
+
+
+def _read_q_in(t, index, c):  # ours [D, H, Dh] <- hf [H*Dh, D]: whole heads' rows, our D's columns
+  sd, sh, se = index
+  block = t.read((_head_rows(sh, c.head_dim), sd))  # [h*Dh, d]
+  return block.T.reshape(sd.stop - sd.start, sh.stop - sh.start, c.head_dim)[:, :, se]
+
+
+def _read_o_in(t, index, c):  # ours [H, Dh, D] <- hf [D, H*Dh]
+  sh, se, sd = index
+  block = t.read((sd, _head_rows(sh, c.head_dim)))  # [d, h*Dh]
+  return block.T.reshape(sh.stop - sh.start, c.head_dim, sd.stop - sd.start)[:, se, :]
+
+
+REGIONS: dict[Transform, Callable] = {_same: _read_same, _t: _read_t, _q_in: _read_q_in, _kv_in: _read_q_in,
+                                      _o_in: _read_o_in}
+
+
+def hf_shape(to_ours: Transform, ours: tuple[int, ...], c: LlamaConfig) -> tuple[int, ...]:
+  """The HF tensor shape that `to_ours` turns into our `ours` shape."""
+  if to_ours is _t:
+    return tuple(reversed(ours))
+  if to_ours in (_q_in, _kv_in):
+    return (ours[1] * ours[2], ours[0])
+  if to_ours is _o_in:
+    return (ours[2], ours[0] * ours[1])
+  return tuple(ours)
+
+
 # (our path under the stacked layer, HF name under `model.layers.{i}.`, HF -> ours, ours -> HF)
 LAYER_TENSORS: tuple[tuple[Path, str, Transform, Transform], ...] = (
     (("attn", "wq"), "self_attn.q_proj.weight", _q_in, _qkv_out),

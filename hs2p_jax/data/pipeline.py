@@ -6,14 +6,16 @@ Batch layout (local to this process; N = batch_size // process_count examples or
     int32 [N] (index into `loader.examples`, -1 for fillers).
   pairs: score_row, score_index int32 [N, 2] (row / token index of the last token of the chosen
     (column 0) and rejected (column 1) sequence), magnitude float32 [N] (0 for fillers).
-    Unpacked: R = 2N, row 2i = chosen i, row 2i+1 = rejected i.
+    Unpacked: R = 2N (+ padding rows), row 2i = chosen i, row 2i+1 = rejected i.
   regression: score_row, score_index int32 [N], labels float32 [N, 9], label_mask bool [N, 9]
-    (all False for fillers). Unpacked: R = N.
+    (all False for fillers). Unpacked: R = N (+ padding rows).
   prompts: prompt_ids, prompt_mask int32 [N, T] left-padded generation prompts (template up to the
     assistant turn; never packed), valid, example_id; no input_ids / segment_ids.
 Unpacked rows are right-padded to T = the step's longest sequence rounded up to data.pad_multiple,
 capped at data.max_length. Packed rows (data.packing) have T = data.max_length and R = the rows
-first-fit packing needs, rounded up to a multiple of 2. With data.share_prompt, a pair is packed as
+first-fit packing needs, rounded up to a multiple of 2. With `row_multiple`, rows of padding
+(segment 0 throughout, scored by nothing) make the global rows a multiple of the mesh's batch
+axes, so that the batch always splits over them. With data.share_prompt, a pair is packed as
 one segment [shared prefix | chosen suffix | rejected suffix] (`batching.shared_pair`), and the
 batch adds positions, branch_ids int32 [R, T]. T and R are computed over the whole global
 step (every process's share), so all processes of a multi-host run build arrays of the same shape.
@@ -24,6 +26,7 @@ a repeat=False pass yields each of them exactly once; `padding_fraction(batch)` 
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Iterator, Optional
 
@@ -49,9 +52,10 @@ class _Batches:
   """Step index -> this process's batch dict (picklable, so grain workers can run it)."""
 
   def __init__(self, task: str, seqs: list[tuple[np.ndarray, ...]], extras: dict[str, np.ndarray], order: Order,
-               process_index: int, cfg: DataConfig, pad_id: int):
+               process_index: int, cfg: DataConfig, pad_id: int, row_multiple: int = 1):
     self.task, self.seqs, self.extras, self.order = task, seqs, extras, order
     self.process_index, self.pad_id = process_index, pad_id
+    self.row_multiple = row_multiple  # local rows: a multiple of this (the global rows divide the batch axes)
     self.max_length, self.pad_multiple = cfg.max_length, cfg.pad_multiple
     self.packing = cfg.packing and task != "prompts"
     self.share_prompt = self.packing and cfg.share_prompt and task == "pairs"
@@ -83,7 +87,7 @@ class _Batches:
                         self.max_length)
       out["prompt_ids"], out["prompt_mask"] = pad_left(seqs, t, self.pad_id)
     elif self.packing:
-      rows = round_up(max(self._packed_rows(i) for i in ids_all), PACKED_ROW_MULTIPLE)
+      rows = round_up(max(self._packed_rows(i) for i in ids_all), math.lcm(PACKED_ROW_MULTIPLE, self.row_multiple))
       packed, out["score_row"], out["score_index"] = pack_units([u for i in src for u in self.units(i)],
                                                                 self.max_length, rows, self.pad_id)
       keys = ("input_ids", "segment_ids") + (("positions", "branch_ids") if self.share_prompt else ())
@@ -91,7 +95,8 @@ class _Batches:
     else:
       t = bucket_length(max(int(self.lengths[np.maximum(i, 0)].max()) for i in ids_all), self.pad_multiple,
                         self.max_length)
-      out["input_ids"], out["segment_ids"] = pad_right(seqs, t, self.pad_id)
+      filler_rows = [seqs[0][:0]] * (round_up(len(seqs), self.row_multiple) - len(seqs))  # all padding
+      out["input_ids"], out["segment_ids"] = pad_right(seqs + filler_rows, t, self.pad_id)
       out["score_row"] = np.arange(len(seqs), dtype=np.int32)
       out["score_index"] = np.array([len(s) - 1 for s in seqs], np.int32)
     if self.task == "pairs":
@@ -215,9 +220,11 @@ def default_cache_dir() -> str:
 
 def make_loader(cfg: DataConfig, tokenizer: Any, *, split: str, task: str, batch_size: int, seed: int = 0,
                 shuffle: bool = True, repeat: bool = True, process_index: int = 0, process_count: int = 1,
-                cache_dir: Optional[str] = None) -> Loader:
+                cache_dir: Optional[str] = None, row_multiple: int = 1) -> Loader:
   """A Loader over `cfg.train` or `cfg.validation` (None or "builtin" = generated data) for `task`
-  ("regression" | "pairs" | "prompts"); `batch_size` is global (examples, or pairs for "pairs")."""
+  ("regression" | "pairs" | "prompts"); `batch_size` is global (examples, or pairs for "pairs").
+  The global rows of every training batch (all processes') are a multiple of `row_multiple` (the
+  mesh's batch-axis size: `sharding.batch_split`), made so with rows of padding."""
   if split not in SPLITS:
     raise UserError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
   if not 0 <= process_index < process_count:
@@ -235,7 +242,8 @@ def make_loader(cfg: DataConfig, tokenizer: Any, *, split: str, task: str, batch
     raise UserError(f"{source}: no {split} examples left ({report.summary()})")
   order = Order(len(examples), batch_size, process_count, seed=seed, shuffle=shuffle, repeat=repeat)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  batches = _Batches(task, encoded.seqs, _extras(task, examples), order, process_index, cfg, pad_id)
+  local_multiple = row_multiple // math.gcd(row_multiple, process_count)  # P * local rows divide row_multiple
+  batches = _Batches(task, encoded.seqs, _extras(task, examples), order, process_index, cfg, pad_id, local_multiple)
   fingerprint = {"examples": len(examples), "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
                  "repeat": repeat, "process": [process_index, process_count], "task": task}
   return Loader(batches, examples, report, fingerprint, cfg.num_workers)

@@ -89,12 +89,51 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
                        out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
 
 
+def platform() -> str:
+  """The platform the current computation is placed on: the installed mesh's devices (which may be
+  compile-only TPU devices on a CPU host), else JAX's default backend ("cpu", "gpu", "tpu")."""
+  mesh = current_mesh()
+  devices = getattr(mesh, "devices", None)
+  if devices is not None and getattr(devices, "size", 0):
+    return devices.flat[0].platform
+  return jax.default_backend()
+
+
+def choose(impl: str, platform_name: str, dtype: str, *, branches: bool = False, cache: bool = False) -> str:
+  """The kernel `impl` means here. "auto": the Pallas splash kernel on TPU (XLA's where pairs share a
+  prompt: splash masks by segment only), cuDNN flash attention on GPU in bfloat16/float16 (XLA's in
+  float32, which cuDNN does not take), the reference einsum on CPU; decoding with a KV cache (one
+  query row against the cache) uses XLA's kernel, or the reference on CPU."""
+  if impl != "auto":
+    return impl
+  if cache:
+    return "reference" if platform_name == "cpu" else "xla"
+  if platform_name == "tpu":
+    return "xla" if branches else "splash"
+  if platform_name in ("gpu", "cuda", "rocm"):
+    return "cudnn" if dtype in ("bfloat16", "float16") else "xla"
+  return "reference"
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "cudnn") -> jax.Array:
+  """Causal attention through `jax.nn.dot_product_attention` with `is_causal` (the kernel skips the
+  blocks above the diagonal) and the segment / padding / branch part of `mask` [B, T, S] as one
+  boolean [B, 1, T, S] shared by every head: no [B, H, T, S] logits, probabilities or bias.
+  implementation "cudnn" on GPU; "xla" runs the same call anywhere (the tests)."""
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, implementation=implementation)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "reference",
               segment_ids: jax.Array | None = None) -> jax.Array:
-  """Grouped-query attention by `impl`: "reference" (einsum), "xla" or "cudnn" (jax.nn.dot_product_attention),
-  "splash" (Pallas TPU kernel; needs `segment_ids` and no KV cache, else the reference runs)."""
+  """Grouped-query attention by `impl` (resolved by `choose`): "reference" (einsum), "xla"
+  (jax.nn.dot_product_attention with the full mask), "cudnn" (`flash_attention`; needs no KV cache:
+  queries are the sequence itself), "splash" (Pallas TPU kernel; needs `segment_ids`). `mask`
+  [B, Tq, Tk] is the full mask (causal included); with a KV cache, `segment_ids` is None and
+  "cudnn" and "splash" run XLA's kernel and the reference."""
   if impl == "splash" and segment_ids is not None:
     return splash_attention(q, k, v, segment_ids)
+  if impl == "cudnn" and segment_ids is not None:
+    return flash_attention(q, k, v, mask, "cudnn")
   if impl in ("reference", "splash"):
     return reference_attention(q, k, v, mask)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")

@@ -8,7 +8,7 @@ from typing import Any
 from hs2p_jax.errors import UserError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
-ATTENTION_IMPLS = ("reference", "xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "splash")  # see model/attention.py `choose`
 WEIGHT_GRADS = ("flat", "autodiff")  # see hs2p_jax/model/linear.py
 
 

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from hs2p_jax.model.attention import attention, branch_mask, segment_causal_mask
+from hs2p_jax.model.attention import attention, branch_mask, platform, segment_causal_mask
+from hs2p_jax.model.attention import choose as choose_attention
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.model.linear import project
 from hs2p_jax.model.rope import apply_rope, inverse_frequencies
@@ -86,9 +87,10 @@ class Attention(nnx.Module):
     self.wv = param(rngs, (d, hkv, dh), ("embed", "kv_heads", "head_dim"), stack)
     self.wo = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), stack)
 
-  def __call__(self, x, positions, mask, kv=None, slot=None, segments=None):
+  def __call__(self, x, positions, mask, kv=None, slot=None, segments=None, impl=None):
     """x [B, T, D]; positions [B, T]; mask [B, T, S]; kv: (k, v) [B, S, Hkv, Dh] cache or None;
-    segments [B, T] segment ids (no cache; for kernels that build the mask themselves) or None."""
+    segments [B, T] segment ids (no cache; for kernels that build the mask themselves) or None;
+    impl: the attention kernel (`attention.choose`), default cfg.attention."""
     dt = x.dtype
     inv_freq = inverse_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling_dict)
     wg = self.cfg.weight_grad
@@ -103,7 +105,7 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), slot, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, axis=1)
       kv = (k, v)
-    out = attention(q, k, v, mask, self.cfg.attention, segments)
+    out = attention(q, k, v, mask, impl or self.cfg.attention, segments)
     out = checkpoint_name(out, "attn_out")
     return project(out, self.wo[...].astype(dt), 2, wg), kv
 
@@ -133,8 +135,8 @@ class DecoderLayer(nnx.Module):
     self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, stack=stack)
     self.mlp = MLP(cfg, rngs=rngs, stack=stack)
 
-  def __call__(self, x, positions, mask, kv=None, slot=None, segments=None):
-    h, kv = self.attn(self.input_norm(x), positions, mask, kv, slot, segments)
+  def __call__(self, x, positions, mask, kv=None, slot=None, segments=None, impl=None):
+    h, kv = self.attn(self.input_norm(x), positions, mask, kv, slot, segments, impl)
     x = constrain(x + h, BTD)
     x = constrain(x + self.mlp(self.post_attn_norm(x)), BTD)
     return x, kv
@@ -183,7 +185,9 @@ class Llama(nnx.Module):
     if segment_ids is None:
       segment_ids = (jnp.ones((b, t), jnp.int32) if attention_mask is None
                      else (jnp.asarray(attention_mask) != 0).astype(jnp.int32))
-    if branch_ids is not None and (cache is not None or positions is None or cfg.attention == "splash"):
+    impl = choose_attention(cfg.attention, platform(), cfg.dtype, branches=branch_ids is not None,
+                            cache=cache is not None)
+    if branch_ids is not None and (cache is not None or positions is None or impl == "splash"):
       raise ValueError("branch_ids need explicit positions, no KV cache, and attention other than splash "
                        "(the splash kernel masks by segment only)")
     if cache is None:
@@ -205,7 +209,7 @@ class Llama(nnx.Module):
     x = constrain(x, BTD)
     kv = None if cache is None else (cache.k, cache.v)
     slot = None if cache is None else cache.index
-    x, kv = self._layers(x, positions, mask, kv, slot, segment_ids if cache is None else None)
+    x, kv = self._layers(x, positions, mask, kv, slot, segment_ids if cache is None else None, impl)
     x = self.norm(x)
     if cache is None:
       return x
@@ -213,13 +217,13 @@ class Llama(nnx.Module):
                         cache.index + t)
     return x, new_cache
 
-  def _layers(self, x, positions, mask, kv, slot, segments):
+  def _layers(self, x, positions, mask, kv, slot, segments, impl):
     cfg = self.cfg
     graphdef, state = nnx.split(self.layers)
 
     def body(x, xs):
       layer_state, layer_kv = xs
-      return nnx.merge(graphdef, layer_state)(x, positions, mask, layer_kv, slot, segments)
+      return nnx.merge(graphdef, layer_state)(x, positions, mask, layer_kv, slot, segments, impl)
 
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)

@@ -18,7 +18,7 @@ from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.eval.scoring import collect, pair_metrics, regression_metrics
 from hs2p_jax.atomic import write_json
 from hs2p_jax.model.reward import attribute_weights
-from hs2p_jax.sharding import make_mesh, opt_state_shardings, rules_from, state_shardings, use_mesh
+from hs2p_jax.sharding import batch_split, make_mesh, opt_state_shardings, rules_from, state_shardings, use_mesh
 from hs2p_jax.train.feed import gather_processes, put_batch
 from hs2p_jax.train.metrics import MetricsWriter
 from hs2p_jax.errors import UserError
@@ -72,7 +72,8 @@ class RMTrainer:
     train = split == "train"
     return make_loader(data, tokenizer, split=split, task=task, batch_size=self.micro,
                        seed=self.cfg.train.seed if train else 0, shuffle=train, repeat=train,
-                       process_index=jax.process_index(), process_count=jax.process_count(), cache_dir=self.cache_dir)
+                       process_index=jax.process_index(), process_count=jax.process_count(), cache_dir=self.cache_dir,
+                       row_multiple=batch_split(self.mesh, self.rules))
 
   # -- evaluation -------------------------------------------------------------------------------
 
@@ -109,11 +110,21 @@ class RMTrainer:
       data["validation"] = provenance.data_entry(self.val_loader)
     if self.pair_loader is not None:
       data["eval_pairs"] = provenance.data_entry(self.pair_loader)
+    split = batch_split(self.mesh, self.rules)
+    rows = self.micro * (1 if self.task == "regression" else 2)
+    batch = {"micro_batch_rows": rows, "batch_split": split, "micro_batches": self.accum}
+    lines = [provenance.describe(name, entry) for name, entry in data.items()]
+    if not self.cfg.data.packing and rows % split:
+      padded = -(-rows // split) * split
+      batch["padded_rows"] = padded
+      lines.append(f"train.micro_batch_size={self.micro}: {rows} rows per micro-batch, padded to {padded} to split "
+                   f"over the mesh's batch axes ({split} devices): {1 - rows / padded:.0%} of the rows are padding")
     if jax.process_index() == 0:
-      for name, entry in data.items():
-        print(provenance.describe(name, entry), file=sys.stderr, flush=True)
+      for line in lines:
+        print(line, file=sys.stderr, flush=True)
     m = self.cfg.model
-    provenance.write(self.out_dir, self.mesh, data, model={"source": m.source, "init_from": m.init_from})
+    provenance.write(self.out_dir, self.mesh, data, batch=batch,
+                     model={"source": m.source, "init_from": m.init_from})
 
   def _restore(self, ckpts: RunCheckpoints) -> int:
     step = ckpts.latest_step()

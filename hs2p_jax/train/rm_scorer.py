@@ -10,12 +10,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hs2p_jax.checkpoint import ModelMeta, load_checkpoint_tokenizer, load_model, read_meta
-from hs2p_jax.data.batching import bucket_length, pad_right
+from hs2p_jax.data.batching import bucket_length, pad_right, round_up
 from hs2p_jax.data.encode import encode
 from hs2p_jax.data.examples import NUM_LABELS, RatingExample
 from hs2p_jax.errors import UserError
 from hs2p_jax.model.reward import attribute_weights
-from hs2p_jax.sharding import DEFAULT_RULES, Rules, use_mesh
+from hs2p_jax.sharding import DEFAULT_RULES, Rules, batch_split, use_mesh
 from hs2p_jax.train.feed import put_batch
 from hs2p_jax.train.rm import make_eval_step
 
@@ -55,10 +55,11 @@ class RewardScorer:
     seqs = [s[0] for s in enc.seqs]
     out = np.zeros(len(seqs), np.float32)
     pad_id = self.tokenizer.pad_token_id or 0
+    rows = round_up(self.batch_size, batch_split(self.mesh, self.rules))  # rows that split over the batch axes
     for start in range(0, len(seqs), self.batch_size):
       chunk = seqs[start:start + self.batch_size]
       n = len(chunk)
-      chunk = chunk + [chunk[-1]] * (self.batch_size - n)  # fixed shapes: one compile per bucket
+      chunk = chunk + [chunk[-1]] * (rows - n)  # fixed shapes: one compile per bucket
       t = bucket_length(max(len(s) for s in chunk), 32, self.max_length)
       ids, seg = pad_right(chunk, t, pad_id)
       batch = {"input_ids": ids, "segment_ids": seg, "score_row": np.arange(len(chunk), dtype=np.int32),
