@@ -274,12 +274,14 @@ def activations(model_cfg: LlamaConfig, layout: dict[str, int], params: Any, mes
   }
 
 
-def model_flops(cfg: RunConfig, model_cfg: LlamaConfig) -> float:
+def model_flops(cfg: RunConfig, model_cfg: LlamaConfig, attention_only: bool = False) -> float:
   """Model FLOPs of one optimizer step over its real rows (`bench.flops.train_flops`: 6N per token
-  plus attention; padding rows, remat recomputation and the head not counted)."""
-  from hs2p_jax.bench.flops import train_flops
+  plus attention; padding rows, remat recomputation and the head not counted); `attention_only`:
+  the attention term alone (12 L T^2 H Dh per row)."""
+  from hs2p_jax.bench.flops import attention_flops, train_flops
   lay = batch_layout(cfg)
-  return train_flops(model_cfg, lay["real_rows"] * lay["micro_batches"], lay["seq_len"])
+  rows, t = lay["real_rows"] * lay["micro_batches"], lay["seq_len"]
+  return attention_flops(model_cfg, rows, t) if attention_only else train_flops(model_cfg, rows, t)
 
 
 def analytic(cfg: RunConfig, model_cfg: LlamaConfig, inputs: StepInputs, mesh, rules: Rules) -> dict[str, Any]:
@@ -383,7 +385,9 @@ def render(report: dict[str, Any]) -> str:
               _row("outputs (aliased to donated arguments)", c["output"] - c["alias"]),
               _row("temporaries", c["temp"]),
               _row(f"peak ({c['verdict']})" if t["hbm"] else "peak", c["peak"]),
-              f"  compiled FLOPs per device: {c['flops_per_device']:.4g} ({c.get('flops_ratio', 0):.2f}x the model's)"]
+              f"  compiled FLOPs per device: {c['flops_per_device']:.4g}"
+              + (f" + {c['kernel_flops_per_device']:.4g} in the splash kernel" if c.get("kernel_flops_per_device") else "")
+              + f" ({c.get('flops_ratio', 0):.2f}x the model's)"]
   else:
     lines += ["", f"  compiled: {c['status']}: {c['note']}"]
   v = report["verdict"]

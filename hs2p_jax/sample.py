@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from hs2p_jax.model.llama import KVCache, LlamaForCausalLM
-from hs2p_jax.sharding import constrain
+from hs2p_jax.sharding import batch_split, constrain, current_mesh, current_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +93,16 @@ def generate_from_state(graphdef: nnx.GraphDef, state, input_ids: jax.Array, att
   ids, mask = left_align(input_ids, attention_mask)
   b, t = ids.shape
   n = cfg.max_new_tokens
+  share = cfg.num_samples > 1
+  if share and b % batch_split(current_mesh(), current_rules(), "cache_batch"):
+    # the prompts do not split over the mesh's batch axes, their samples may: prefill each sample's
+    # copy of its prompt (the same rows, logits and samples as the shared prefill, more compute)
+    ids, mask, b, share = jnp.repeat(ids, cfg.num_samples, axis=0), jnp.repeat(mask, cfg.num_samples, axis=0), \
+        b * cfg.num_samples, False
   cache = _constrain_cache(KVCache.init(lm.cfg, b, t + n))
   hidden, cache = lm.model(ids, mask, cache=cache)
   logits = lm.logits(hidden[:, -1:])[:, 0]  # [B, V]
-  if cfg.num_samples > 1:  # the prompts' caches and next-token logits serve all their samples
+  if share:  # the prompts' caches and next-token logits serve all their samples
     k = cfg.num_samples
     cache = _constrain_cache(KVCache(jnp.repeat(cache.k, k, axis=1), jnp.repeat(cache.v, k, axis=1),
                                      jnp.repeat(cache.valid, k, axis=0), jnp.repeat(cache.next_pos, k, axis=0),

@@ -132,6 +132,11 @@ def current_mesh() -> Mesh | None:
   return _ctx.mesh
 
 
+def current_rules() -> Rules:
+  """The rules installed by `use_mesh` (DEFAULT_RULES outside one)."""
+  return _ctx.rules
+
+
 # Logical axes that must split over their mesh axes: the batch is never silently replicated (every
 # device would compute all of it). Data loaders pad rows to `batch_split`; anything else is an error.
 STRICT_AXES = ("act_batch", "cache_batch")

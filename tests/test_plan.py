@@ -149,7 +149,7 @@ def test_user_errors_exit_2(tmp_path, capsys):
   path = tmp_path / "lm.yaml"
   path.write_text("model:\n  preset: tiny\n  kind: lm\n")
   assert cli.main(["plan", "--config", str(path)]) == 2
-  assert "hs2p plan covers the reward-model train step" in capsys.readouterr().err
+  assert "hs2p plan covers reward-model (model.kind=reward) and REINFORCE" in capsys.readouterr().err
   path.write_text("model:\n  preset: tiny\n")
   assert cli.main(["plan", "--config", str(path), "--chip", "v9"]) == 2
 
@@ -215,3 +215,36 @@ def test_tpu_aot_compile_on_a_v5e_topology(tmp_path):
   report = json.loads(proc.stdout)
   assert report["compiled"]["compiler"].startswith("tpu (v5e:2x2")
   assert report["verdict"]["basis"] == "compiled for the chip"
+
+
+def test_cli_plans_a_reinforce_step_phase_by_phase():
+  """Every phase of the quickstart REINFORCE step compiled on 2 CPU devices (data parallel)."""
+  proc = _run_plan(["--config", os.path.join(REPO, "configs/quickstart/reinforce.yaml"), "--devices", "2",
+                    "--chip", "h100", "--set", "mesh.data=2", "reinforce.share_prompt=false"])
+  assert proc.returncode == 0, proc.stderr
+  r = json.loads(proc.stdout)
+  c, a, b = r["compiled"], r["analytic"], r["batch"]
+  assert r["kind"] == "reinforce" and c["status"] == "ok" and set(c["phases"]) == {"generate", "logprobs", "score",
+                                                                                   "update"}
+  res = a["resident"]
+  cfg = PRESETS["tiny"]
+  assert res["policy"] == res["reference"] == 4 * r["model"]["params"]["policy"]  # replicated float32
+  assert abs(res["optimizer"] - 2 * res["policy"]) <= 64  # AdamW mu, nu (+ step counts)
+  taken = {"generate": {"policy"}, "logprobs": {"policy"}, "score": {"reward_model"}, "update": {"policy", "optimizer"}}
+  for name, p in c["phases"].items():
+    others = sum(v for k, v in res.items() if k not in taken[name])
+    assert p["peak"] == p["argument"] + p["output"] - p["alias"] + p["temp"] + others
+  assert c["peak"] == max(p["peak"] for p in c["phases"].values())
+  # model FLOPs by hand: 2N per token forward, attention 4 L T^2 H Dh per row, LM head 2 D V per scored token
+  n = cfg.num_layers * (cfg.hidden_size * cfg.head_dim * 2 * (cfg.num_heads + cfg.num_kv_heads)
+                        + 3 * cfg.hidden_size * cfg.intermediate_size)
+  rows, tp, tr, t = b["rollouts"], b["prompt_len"], b["new_tokens"], b["prompt_len"] + b["new_tokens"]
+  attn = lambda rows, t: 4 * cfg.num_layers * t * t * cfg.num_heads * cfg.head_dim * rows  # noqa: E731
+  fwd = 2 * n * rows * t + attn(rows, t) + 2 * cfg.hidden_size * cfg.vocab_size * rows * tr
+  f = a["model_flops"]
+  assert f["logprobs"] == pytest.approx(2 * fwd) and f["update"] == pytest.approx(3 * fwd)
+  assert f["score"] == pytest.approx(2 * n * rows * t + attn(rows, t))  # the RM: the policy's shapes, no LM head
+  assert f["total"] == pytest.approx(sum(v for k, v in f.items() if k != "total"))
+  assert a["model_flops_per_device"] == pytest.approx(f["total"] / 2)
+  assert 0.8 < c["flops_ratio"] < 1.25  # the decode loop counted once per new token
+  assert "per device and phase" in proc.stderr and r["verdict"]["fits"]

@@ -38,8 +38,11 @@ ids = np.random.RandomState(0).randint(16, 270, (4, 8))
 with use_mesh(trainer.mesh, trainer.rules):
   out = generate(lm, ids, np.ones_like(ids), max_new_tokens=6, temperature=0.8, seed=1)
   multi = generate(lm, ids, np.ones_like(ids), max_new_tokens=6, temperature=0.8, seed=1, num_samples=2)
+  # 2 prompts do not split over data*fsdp = 4 devices, their 4 samples do: each sample prefills its own copy
+  two = generate(lm, ids[:2], np.ones_like(ids[:2]), max_new_tokens=6, temperature=0.8, seed=2, num_samples=2)
 results["generate"] = {"tokens": np.asarray(out.tokens).tolist(), "logprobs": np.asarray(out.logprobs).tolist(),
-                       "samples_tokens": np.asarray(multi.tokens).tolist()}
+                       "samples_tokens": np.asarray(multi.tokens).tolist(),
+                       "two_tokens": np.asarray(two.tokens).tolist(), "two_logprobs": np.asarray(two.logprobs).tolist()}
 # the splash kernel per shard (shard_map over batch and heads) against the reference attention
 import jax.numpy as jnp
 from hs2p_jax.model.attention import reference_attention, segment_causal_mask, splash_attention
@@ -97,6 +100,8 @@ def test_one_device_and_eight_devices_log_the_same_losses(tmp_path):
   assert eight["bt_shared"]["losses"] == pytest.approx(one["bt"]["losses"], rel=1e-4)
   assert eight["generate"]["tokens"] == one["generate"]["tokens"]  # the sampler, sharded, samples the same
   assert eight["generate"]["samples_tokens"] == one["generate"]["samples_tokens"]
+  assert eight["generate"]["two_tokens"] == one["generate"]["two_tokens"]  # repeated prefill = shared prefill
+  np.testing.assert_allclose(eight["generate"]["two_logprobs"], one["generate"]["two_logprobs"], atol=1e-4)
   assert one["splash_max_diff"] < 1e-5 and eight["splash_max_diff"] < 1e-5  # loss and grads vs reference
   np.testing.assert_allclose(eight["generate"]["logprobs"], one["generate"]["logprobs"], atol=1e-4)
   prov = json.load(open(tmp_path / "eight_bt_3_pairs" / "provenance.json"))

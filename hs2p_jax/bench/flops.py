@@ -48,10 +48,35 @@ def decoder_matmul_params(cfg) -> int:
   return cfg.num_layers * (attn + 3 * d * cfg.intermediate_size)
 
 
+def attention_flops(cfg, rows: int, seq: int) -> float:
+  """The attention term of `train_flops`: 12 * L * T^2 * (H * Dh) per row (forward and backward)."""
+  return float(12 * cfg.num_layers * seq * seq * cfg.num_heads * cfg.head_dim * rows)
+
+
+def attention_forward_flops(cfg, rows: int, seq: int) -> float:
+  """Attention's two matrix products in a forward pass: 4 * L * T^2 * (H * Dh) per row."""
+  return float(4 * cfg.num_layers * seq * seq * cfg.num_heads * cfg.head_dim * rows)
+
+
+def forward_flops(cfg, rows: int, seq: int, head_tokens: int = 0) -> float:
+  """Model FLOPs of a forward pass over `rows` sequences of `seq` tokens: 2N per token, attention
+  (`attention_forward_flops`), and the LM head (2 * D * V) at `head_tokens` positions."""
+  return float(2 * decoder_matmul_params(cfg) * rows * seq + attention_forward_flops(cfg, rows, seq)
+               + 2 * cfg.hidden_size * cfg.vocab_size * head_tokens)
+
+
+def decode_flops(cfg, rows: int, new_tokens: int, prompt_len: int) -> float:
+  """Model FLOPs of decoding `new_tokens` tokens for `rows` rows after a `prompt_len` prefill: per
+  token 2N, the LM head, and attention over the context so far (its mean, prompt_len + new_tokens / 2)."""
+  context = prompt_len + new_tokens / 2
+  per_token = (2 * decoder_matmul_params(cfg) + 2 * cfg.hidden_size * cfg.vocab_size
+               + 4 * cfg.num_layers * context * cfg.num_heads * cfg.head_dim)
+  return float(per_token * rows * new_tokens)
+
+
 def train_flops(cfg, rows: int, seq: int) -> float:
   """Model FLOPs of one training step on `rows` sequences of `seq` tokens (see module docstring)."""
-  attn = 12 * cfg.num_layers * seq * seq * cfg.num_heads * cfg.head_dim
-  return float(6 * decoder_matmul_params(cfg) * rows * seq + attn * rows)
+  return float(6 * decoder_matmul_params(cfg) * rows * seq) + attention_flops(cfg, rows, seq)
 
 
 

@@ -10,7 +10,8 @@ from hs2p_jax.convert.state import place
 from hs2p_jax.sharding import DEFAULT_RULES, Rules, logical_to_spec
 
 # Arrays whose first (row) axis is the batch; everything else is small and replicated.
-ROW_ARRAYS = ("input_ids", "segment_ids", "positions", "branch_ids", "prompt_ids", "prompt_mask")
+ROW_ARRAYS = ("input_ids", "segment_ids", "positions", "branch_ids", "prompt_ids", "prompt_mask", "tokens",
+              "response_mask")
 # Arrays holding row numbers of the global batch: offset when local batches are concatenated.
 ROW_POINTERS = ("score_row",)
 
@@ -42,10 +43,14 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh | None, rules: Rules = DE
     if mesh is None:
       out[k] = jax.numpy.asarray(v)
       continue
-    if k in ROW_ARRAYS:
-      axes = ((None,) if stacked else ()) + ("act_batch",) + (None,) * (v.ndim - 1 - int(stacked))
-      spec = logical_to_spec(axes, v.shape, mesh, rules)
-    else:
-      spec = P()
-    out[k] = place(v, NamedSharding(mesh, spec))
+    out[k] = place(v, batch_sharding(k, v.shape, mesh, rules, stacked))
   return out
+
+
+def batch_sharding(key: str, shape: tuple[int, ...], mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                   stacked: bool = False) -> NamedSharding:
+  """Where `put_batch` places batch array `key` of `shape`: rows over the batch axes, or replicated."""
+  if key not in ROW_ARRAYS:
+    return NamedSharding(mesh, P())
+  axes = ((None,) if stacked else ()) + ("act_batch",) + (None,) * (len(shape) - 1 - int(stacked))
+  return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))

@@ -56,8 +56,8 @@ class RewardScorer:
     out = np.zeros(len(seqs), np.float32)
     pad_id = self.tokenizer.pad_token_id or 0
     rows = round_up(self.batch_size, batch_split(self.mesh, self.rules))  # rows that split over the batch axes
-    for start in range(0, len(seqs), self.batch_size):
-      chunk = seqs[start:start + self.batch_size]
+    for start in range(0, len(seqs), rows):
+      chunk = seqs[start:start + rows]
       n = len(chunk)
       chunk = chunk + [chunk[-1]] * (rows - n)  # fixed shapes: one compile per bucket
       t = bucket_length(max(len(s) for s in chunk), 32, self.max_length)
