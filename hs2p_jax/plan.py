@@ -385,15 +385,24 @@ def render(report: dict[str, Any]) -> str:
               _row("outputs (aliased to donated arguments)", c["output"] - c["alias"]),
               _row("temporaries", c["temp"]),
               _row(f"peak ({c['verdict']})" if t["hbm"] else "peak", c["peak"]),
-              f"  compiled FLOPs per device: {c['flops_per_device']:.4g}"
-              + (f" + {c['kernel_flops_per_device']:.4g} in the splash kernel" if c.get("kernel_flops_per_device") else "")
-              + f" ({c.get('flops_ratio', 0):.2f}x the model's)"]
+              flops_line(c)]
   else:
     lines += ["", f"  compiled: {c['status']}: {c['note']}"]
-  v = report["verdict"]
-  head = "no verdict: pass --chip to compare with a chip's HBM"
-  if v["hbm"] is not None:
-    head = (f"{v['verdict'].upper()} ({v['basis']}): {_size(v['peak'])} of {_size(v['hbm'])}, "
-            f"headroom {_size(v['headroom'])} ({v['headroom_fraction']:.0%})")
-  lines += ["", head, *[f"note: {w}" for w in report["warnings"]], f"HBM per chip: {HBM_SOURCE}"]
+  lines += ["", verdict_line(report["verdict"]), *[f"note: {w}" for w in report["warnings"]],
+            f"HBM per chip: {HBM_SOURCE}"]
   return "\n".join(lines) + "\n"
+
+
+def flops_line(c: dict[str, Any]) -> str:
+  """Compiled FLOPs per device (and the splash kernel's) against the model's share."""
+  return (f"  compiled FLOPs per device: {c['flops_per_device']:.4g}"
+          + (f" + {c['kernel_flops_per_device']:.4g} in the splash kernel" if c.get("kernel_flops_per_device") else "")
+          + f" ({c.get('flops_ratio', 0):.2f}x the model's)")
+
+
+def verdict_line(v: dict[str, Any]) -> str:
+  """The verdict against the chip's HBM, in one line."""
+  if v["hbm"] is None:
+    return "no verdict: pass --chip to compare with a chip's HBM"
+  return (f"{v['verdict'].upper()} ({v['basis']}): {_size(v['peak'])} of {_size(v['hbm'])}, "
+          f"headroom {_size(v['headroom'])} ({v['headroom_fraction']:.0%})")

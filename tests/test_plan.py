@@ -203,18 +203,18 @@ def test_cli_compiles_the_tiny_step_on_2_cpu_devices(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="TPU AOT compilation needs libtpu")
-def test_tpu_aot_compile_on_a_v5e_topology(tmp_path):
+def test_tpu_aot_compile_on_a_v5p_topology(tmp_path):
+  """The tiny step compiled by libtpu for 4 compile-only v5p chips (v5p:2x2x1), attention auto -> splash."""
   cfg = tmp_path / "tiny.yaml"
-  cfg.write_text(TINY)
-  code = ("import argparse, sys; from hs2p_jax.commands.plan import plan_command; "
-          f"sys.exit(plan_command(argparse.Namespace(config={str(cfg)!r}, overrides=[], chip='v5e-4', "
-          "devices=None, out=None, compile='tpu')))")
-  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+  cfg.write_text(TINY.replace("  num_layers: 2\n", "  num_layers: 2\n  attention: auto\n"))
+  proc = _run_plan(["--config", str(cfg), "--chip", "v5p-8", "--compile", "tpu", "--set", "data.max_length=256"])
   assert proc.returncode == 0, proc.stderr
   report = json.loads(proc.stdout)
-  assert report["compiled"]["compiler"].startswith("tpu (v5e:2x2")
-  assert report["verdict"]["basis"] == "compiled for the chip"
+  c = report["compiled"]
+  assert c["status"] == "ok" and c["compiler"].startswith("tpu (v5p:2x2x1")
+  assert report["verdict"]["basis"] == "compiled for the chip" and report["verdict"]["fits"]
+  assert report["model"]["attention"] == "splash" and c["kernel_flops_per_device"] > 0
+  assert 0.8 < c["flops_ratio"] < 2.5 and report["warnings"] == []
 
 
 def test_cli_plans_a_reinforce_step_phase_by_phase():
@@ -238,7 +238,7 @@ def test_cli_plans_a_reinforce_step_phase_by_phase():
   # model FLOPs by hand: 2N per token forward, attention 4 L T^2 H Dh per row, LM head 2 D V per scored token
   n = cfg.num_layers * (cfg.hidden_size * cfg.head_dim * 2 * (cfg.num_heads + cfg.num_kv_heads)
                         + 3 * cfg.hidden_size * cfg.intermediate_size)
-  rows, tp, tr, t = b["rollouts"], b["prompt_len"], b["new_tokens"], b["prompt_len"] + b["new_tokens"]
+  rows, tr, t = b["rollouts"], b["new_tokens"], b["prompt_len"] + b["new_tokens"]
   attn = lambda rows, t: 4 * cfg.num_layers * t * t * cfg.num_heads * cfg.head_dim * rows  # noqa: E731
   fwd = 2 * n * rows * t + attn(rows, t) + 2 * cfg.hidden_size * cfg.vocab_size * rows * tr
   f = a["model_flops"]

@@ -10,7 +10,6 @@ import os
 import subprocess
 
 import jax
-import numpy as np
 import pytest
 
 from conftest import separable_pairs, tiny_overrides, write_jsonl

@@ -109,7 +109,6 @@ def run_expo(base: str, tuned: str, out: str, factor: float | None = None, searc
     extra["expo_search.png"] = plot_search(table, factor)
   with use_mesh(mesh, rules):
     params = jax.jit(extrapolate, out_shardings=shardings, donate_argnums=(1,))(base_params, tuned_params, factor)
-  del tuned_params
   extra["expo.json"] = json.dumps({"base": os.path.abspath(base), "tuned": os.path.abspath(tuned),
                                    "factor": factor, "formula": "base + factor * (tuned - base)"}).encode()
   save_model(out, nnx.merge(graphdef, params), meta, tokenizer, overwrite=True, extra_files=extra)

@@ -92,7 +92,8 @@ def _devices(mode: str, target: plan.Target) -> tuple[list, str]:
       raise _Unavailable(f"no known {target.chip.name} slice topology for {target.devices} chips")
     from jax.experimental import topologies
     for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", target.slice_name),
-                       ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0")):
+                       ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"),
+                       ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):  # compile-only devices hold no chip: plans may run side by side
       os.environ.setdefault(key, value)  # no TPU VM metadata to read: compile-only devices
     config = "megacore" if target.chip.cores_per_chip == 2 else "default"
     try:
@@ -141,15 +142,23 @@ def _linear(values: list, layers: list[int], depth: int):
   return v1 + (depth - l1) * (v2 - v1) / (l2 - l1)
 
 
-def compile_step(cfg: RunConfig, model_cfg: LlamaConfig, target: plan.Target, rules: Rules, mode: str) -> dict:
-  """Per-device bytes from the compiled train step (module docstring); status "ok", "skipped" or "failed"."""
+def start_compile(mode: str, target: plan.Target) -> tuple[list, str] | dict:
+  """(devices, compiler name) to compile on, or the "skipped" report saying why there are none."""
   if mode == "none":
     return {"status": "skipped", "note": "--compile none"}
-  t0 = time.time()
   try:
-    devices, compiler = _devices(mode, target)
+    return _devices(mode, target)
   except _Unavailable as e:
     return {"status": "skipped", "note": str(e)}
+
+
+def compile_step(cfg: RunConfig, model_cfg: LlamaConfig, target: plan.Target, rules: Rules, mode: str) -> dict:
+  """Per-device bytes from the compiled train step (module docstring); status "ok", "skipped" or "failed"."""
+  t0 = time.time()
+  started = start_compile(mode, target)
+  if isinstance(started, dict):
+    return started
+  devices, compiler = started
   mesh = make_mesh(cfg.mesh, devices)
   depth = model_cfg.num_layers
   layers = [depth] if depth <= REDUCED_LAYERS[-1] else list(REDUCED_LAYERS)

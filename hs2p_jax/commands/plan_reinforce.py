@@ -19,8 +19,7 @@ from jax.sharding import AbstractMesh
 
 from hs2p_jax import plan
 from hs2p_jax import plan_reinforce as rl
-from hs2p_jax.commands.plan import (REDUCED_LAYERS, _HOST_OPTIONS, _Unavailable, _devices, _flops, _linear, _memory,
-                                    architecture)
+from hs2p_jax.commands.plan import REDUCED_LAYERS, _HOST_OPTIONS, _flops, _linear, _memory, architecture, start_compile
 from hs2p_jax.config import ReinforceRunConfig
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.sharding import MESH_AXES, Rules, make_mesh, rules_from, use_mesh
@@ -61,13 +60,11 @@ def _decode_step(x: dict[str, Any], s: rl.Shapes, rules: Rules):
 def compile_phases(cfg: ReinforceRunConfig, policy: LlamaConfig, rm: LlamaConfig, num_attributes: int,
                    target: plan.Target, rules: Rules, mode: str) -> dict[str, Any]:
   """Compiled per-device memory of each phase and FLOPs of the step; status ok / skipped / failed."""
-  if mode == "none":
-    return {"status": "skipped", "note": "--compile none"}
   t0 = time.time()
-  try:
-    devices, compiler = _devices(mode, target)
-  except _Unavailable as e:
-    return {"status": "skipped", "note": str(e)}
+  started = start_compile(mode, target)
+  if isinstance(started, dict):
+    return started
+  devices, compiler = started
   mesh = make_mesh(cfg.mesh, devices)
   s = rl.shapes(cfg)
   depth, rm_depth = policy.num_layers, rm.num_layers
@@ -161,7 +158,6 @@ def build_report(cfg: ReinforceRunConfig, config_path: str, target: plan.Target,
 
 def render(r: dict[str, Any]) -> str:
   """The REINFORCE plan as a table."""
-  size = plan._size
   t, a, b, c = r["target"], r["analytic"], r["batch"], r["compiled"]
   lines = [f"plan: {r['config']} (REINFORCE)",
            f"policy: {r['model']['policy']}; reward model: {r['model']['reward_model']}; {r['model']['layers']} layers, "
@@ -177,15 +173,8 @@ def render(r: dict[str, Any]) -> str:
   if c["status"] == "ok":
     lines += ["", f"  per device and phase (compiled: {c['compiler']}, {c['note']}): peak with the resident arrays"]
     lines += [plan._row(ph, p["peak"]) for ph, p in c["phases"].items()]
-    lines.append(f"  compiled FLOPs per device: {c['flops_per_device']:.4g}"
-                 + (f" + {c['kernel_flops_per_device']:.4g} in the splash kernel" if c["kernel_flops_per_device"] else "")
-                 + f" ({c['flops_ratio']:.2f}x the model's)")
+    lines.append(plan.flops_line(c))
   else:
     lines += ["", f"  compiled: {c['status']}: {c['note']}"]
-  v = r["verdict"]
-  head = "no verdict: pass --chip to compare with a chip's HBM"
-  if v["hbm"] is not None:
-    head = (f"{v['verdict'].upper()} ({v['basis']}): {size(v['peak'])} of {size(v['hbm'])}, "
-            f"headroom {size(v['headroom'])} ({v['headroom_fraction']:.0%})")
-  lines += ["", head, *[f"note: {w}" for w in r["warnings"]]]
+  lines += ["", plan.verdict_line(r["verdict"]), *[f"note: {w}" for w in r["warnings"]]]
   return "\n".join(lines) + "\n"
