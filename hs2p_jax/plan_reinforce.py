@@ -184,15 +184,25 @@ def prefill_rows(cfg: ReinforceRunConfig, mesh, rules: Rules) -> int:
 
 
 def warnings_for(cfg: ReinforceRunConfig, target: Target, mesh, rules: Rules) -> list[str]:
+  """Problems: rollout or minibatch rows the batch axes cannot split; GPU preallocation."""
   s, out = shapes(cfg), []
   split = batch_split(mesh, rules)
   for name, rows in (("rollouts (prompts_per_step * samples_per_prompt)", s.rollouts),
                      ("update minibatch rows", s.minibatch)):
     if rows % split:
       out.append(f"{name} = {rows} do not divide over the batch axes data*fsdp ({split} devices)")
-  if prefill_rows(cfg, mesh, rules) != s.prompts:
-    out.append(f"reinforce.prompts_per_step={s.prompts} does not split over the {split} devices of the batch axes: "
-               f"the sampler prefills each of the {s.rollouts} samples' prompt copy ({s.samples}x the prefill)")
   if target.chip and target.chip.kind == "gpu":
     out.append("JAX preallocates 75% of GPU memory by default; set XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. 0.95)")
+  return out
+
+
+def notes_for(cfg: ReinforceRunConfig, mesh, rules: Rules) -> list[str]:
+  """What is worth knowing but not a problem: how the prefill runs, what the step time means."""
+  s, split = shapes(cfg), batch_split(mesh, rules, "cache_batch")
+  out = []
+  if prefill_rows(cfg, mesh, rules) != s.prompts:
+    out.append(f"reinforce.prompts_per_step={s.prompts} does not split over the {split} devices of the batch axes, "
+               f"its {s.rollouts} samples do: the sampler prefills each sample's prompt copy ({s.samples}x the prefill)")
+  out.append("the step time at 50% MFU is a lower bound: decoding reads every weight per token and is bound by memory "
+             "bandwidth, not FLOPs")
   return out

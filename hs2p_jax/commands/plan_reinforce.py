@@ -152,7 +152,7 @@ def build_report(cfg: ReinforceRunConfig, config_path: str, target: plan.Target,
       "batch": {"prompts": s.prompts, "samples": s.samples, "rollouts": s.rollouts, "prompt_len": s.prompt_len,
                 "new_tokens": s.new_tokens, "minibatch": s.minibatch},
       "analytic": analytic, "compiled": compiled, "verdict": verdict,
-      "warnings": rl.warnings_for(cfg, target, amesh, rules),
+      "warnings": rl.warnings_for(cfg, target, amesh, rules), "notes": rl.notes_for(cfg, amesh, rules),
   }
 
 
@@ -176,5 +176,6 @@ def render(r: dict[str, Any]) -> str:
     lines.append(plan.flops_line(c))
   else:
     lines += ["", f"  compiled: {c['status']}: {c['note']}"]
-  lines += ["", plan.verdict_line(r["verdict"]), *[f"note: {w}" for w in r["warnings"]]]
+  lines += ["", plan.verdict_line(r["verdict"]), *[f"warning: {w}" for w in r["warnings"]],
+            *[f"note: {n}" for n in r["notes"]]]
   return "\n".join(lines) + "\n"
