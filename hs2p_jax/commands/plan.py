@@ -142,24 +142,25 @@ def _linear(values: list, layers: list[int], depth: int):
   return v1 + (depth - l1) * (v2 - v1) / (l2 - l1)
 
 
-def start_compile(mode: str, target: plan.Target) -> tuple[list, str] | dict:
-  """(devices, compiler name) to compile on, or the "skipped" report saying why there are none."""
+def start_compile(mode: str, target: plan.Target, mesh_cfg) -> tuple[Any, str] | dict:
+  """(the mesh of `mesh_cfg` over the devices to compile on, compiler name), or the "skipped"
+  report saying why there are none."""
   if mode == "none":
     return {"status": "skipped", "note": "--compile none"}
   try:
-    return _devices(mode, target)
+    devices, compiler = _devices(mode, target)
   except _Unavailable as e:
     return {"status": "skipped", "note": str(e)}
+  return make_mesh(mesh_cfg, devices), compiler
 
 
 def compile_step(cfg: RunConfig, model_cfg: LlamaConfig, target: plan.Target, rules: Rules, mode: str) -> dict:
   """Per-device bytes from the compiled train step (module docstring); status "ok", "skipped" or "failed"."""
   t0 = time.time()
-  started = start_compile(mode, target)
+  started = start_compile(mode, target, cfg.mesh)
   if isinstance(started, dict):
     return started
-  devices, compiler = started
-  mesh = make_mesh(cfg.mesh, devices)
+  mesh, compiler = started
   depth = model_cfg.num_layers
   layers = [depth] if depth <= REDUCED_LAYERS[-1] else list(REDUCED_LAYERS)
   print(f"hs2p plan: compiling the train step at {' and '.join(map(str, layers))} layer(s) for {compiler} ...",

@@ -22,7 +22,7 @@ from hs2p_jax import plan_reinforce as rl
 from hs2p_jax.commands.plan import REDUCED_LAYERS, _HOST_OPTIONS, _flops, _linear, _memory, architecture, start_compile
 from hs2p_jax.config import ReinforceRunConfig
 from hs2p_jax.model.config import LlamaConfig
-from hs2p_jax.sharding import MESH_AXES, Rules, make_mesh, rules_from, use_mesh
+from hs2p_jax.sharding import MESH_AXES, Rules, rules_from, use_mesh
 from hs2p_jax.train.feed import batch_sharding
 
 
@@ -61,11 +61,10 @@ def compile_phases(cfg: ReinforceRunConfig, policy: LlamaConfig, rm: LlamaConfig
                    target: plan.Target, rules: Rules, mode: str) -> dict[str, Any]:
   """Compiled per-device memory of each phase and FLOPs of the step; status ok / skipped / failed."""
   t0 = time.time()
-  started = start_compile(mode, target)
+  started = start_compile(mode, target, cfg.mesh)
   if isinstance(started, dict):
     return started
-  devices, compiler = started
-  mesh = make_mesh(cfg.mesh, devices)
+  mesh, compiler = started
   s = rl.shapes(cfg)
   depth, rm_depth = policy.num_layers, rm.num_layers
   layers = [depth] if depth <= REDUCED_LAYERS[-1] else list(REDUCED_LAYERS)
