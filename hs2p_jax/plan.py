@@ -44,6 +44,7 @@ from hs2p_jax.errors import UserError
 from hs2p_jax.model import create
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.model.reward import attribute_weights
+from hs2p_jax.plan_table import size
 from hs2p_jax.sharding import MESH_AXES, MeshConfig, Rules, batch_split, logical_to_spec, mesh_shape, state_shardings
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.rm import Objective
@@ -311,7 +312,7 @@ def warnings_for(cfg: RunConfig, target: Target, analytic: dict[str, Any], rules
   hbm = target.hbm_bytes
   state = analytic["params"] + analytic["optimizer"] + analytic["gradients"]
   if hbm and state > hbm:
-    out.append(f"params, AdamW state and gradients alone take {_size(state)} per device: sharded further (mesh.fsdp) "
+    out.append(f"params, AdamW state and gradients alone take {size(state)} per device: sharded further (mesh.fsdp) "
                f"they need at least {math.ceil(state * target.devices / hbm)} x {target.chip.name}, before activations")
   if target.chip and target.chip.kind == "gpu":
     out.append(f"JAX preallocates {GPU_DEFAULT_MEM_FRACTION:.0%} of GPU memory by default; set "
@@ -327,82 +328,3 @@ def verdict(peak: int, hbm: int | None) -> dict[str, Any]:
   word = "does not fit" if headroom < 0 else ("tight" if headroom < 0.1 * hbm else "fits")
   return {"fits": headroom >= 0, "verdict": word, "peak": peak, "hbm": hbm, "headroom": headroom,
           "headroom_fraction": round(headroom / hbm, 4)}
-
-
-# ---------------------------------------------------------------------------------------------
-# The table
-
-
-def _size(n: int | None) -> str:
-  """Bytes in the largest binary unit under which they are at least 1."""
-  if n is None:
-    return "-"
-  for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-    if abs(n) >= size:
-      return f"{n / size:,.2f} {unit}"
-  return f"{n} B"
-
-
-def _row(label: str, n: int, indent: int = 2) -> str:
-  return f"{' ' * indent}{label:<{46 - indent}}{_size(n):>14}"
-
-
-def render(report: dict[str, Any]) -> str:
-  """The human-readable plan (the JSON report, as a table)."""
-  m, t, a, lay = report["model"], report["target"], report["analytic"], report["batch"]
-  act = a["activation_terms"]
-  chip = f"{t['devices']} device(s), no --chip"
-  if t["chip"]:
-    chip = f"{t['devices']} x {t['chip']}" + (f" ({t['slice']})" if t["slice"] else "")
-    chip += f", {_size(t['hbm'])} HBM each"
-  mesh = " ".join(f"{k}={v}" for k, v in t["mesh"].items())
-  lines = [
-      f"plan: {report['config']}",
-      f"model: {m['name']} reward model, {m['params'] / 1e9:.3f} B params, {m['layers']} layers, "
-      f"compute {m['dtype']}, remat={m['remat']}, attention={m['attention']}",
-      f"target: {chip}; mesh {mesh}",
-      f"batch: {report['objective']}, {lay['micro_batches']} micro-batch(es) of {lay['rows']} rows x "
-      f"{lay['seq_len']} tokens; {act['rows_per_device']} row(s) per device",
-      "",
-      "  per device (analytic)",
-      _row("params (float32)", a["params"]),
-      _row("optimizer (AdamW mu + nu, float32)", a["optimizer"]),
-      _row("gradients (float32)", a["gradients"]),
-      _row("batch", a["batch"]),
-      _row("activations (estimate)", a["activations"]),
-      _row(f"saved: {_size(act['saved_per_layer'])} per layer x {m['layers']}", act["saved"], 4),
-      _row("attention logits (one layer)", act["attention_transient"], 4),
-      _row("MLP intermediates (one layer)", act["mlp_transient"], 4),
-      _row("FSDP-gathered weights + grads (one layer)", act["fsdp_gathered_layer"], 4),
-      _row("total", a["total"]),
-  ]
-  step = f"{a['step_seconds_at_50_mfu']:.2f} s" if a.get("step_seconds_at_50_mfu") else "- (no peak known)"
-  lines += ["", f"  model FLOPs per device and step: {a['model_flops_per_device']:.4g}; step time at 50% MFU: {step}"]
-  c = report["compiled"]
-  if c["status"] == "ok":
-    lines += ["", f"  per device (compiled: {c['compiler']}, {c['note']})",
-              _row("arguments (params, optimizer, batch)", c["argument"]),
-              _row("outputs (aliased to donated arguments)", c["output"] - c["alias"]),
-              _row("temporaries", c["temp"]),
-              _row(f"peak ({c['verdict']})" if t["hbm"] else "peak", c["peak"]),
-              flops_line(c)]
-  else:
-    lines += ["", f"  compiled: {c['status']}: {c['note']}"]
-  lines += ["", verdict_line(report["verdict"]), *[f"note: {w}" for w in report["warnings"]],
-            f"HBM per chip: {HBM_SOURCE}"]
-  return "\n".join(lines) + "\n"
-
-
-def flops_line(c: dict[str, Any]) -> str:
-  """Compiled FLOPs per device (and the splash kernel's) against the model's share."""
-  return (f"  compiled FLOPs per device: {c['flops_per_device']:.4g}"
-          + (f" + {c['kernel_flops_per_device']:.4g} in the splash kernel" if c.get("kernel_flops_per_device") else "")
-          + f" ({c.get('flops_ratio', 0):.2f}x the model's)")
-
-
-def verdict_line(v: dict[str, Any]) -> str:
-  """The verdict against the chip's HBM, in one line."""
-  if v["hbm"] is None:
-    return "no verdict: pass --chip to compare with a chip's HBM"
-  return (f"{v['verdict'].upper()} ({v['basis']}): {_size(v['peak'])} of {_size(v['hbm'])}, "
-          f"headroom {_size(v['headroom'])} ({v['headroom_fraction']:.0%})")

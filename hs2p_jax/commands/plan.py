@@ -26,7 +26,7 @@ import jax
 from jax.sharding import AbstractMesh
 
 from hs2p_jax import config as config_lib
-from hs2p_jax import plan
+from hs2p_jax import plan, plan_table
 from hs2p_jax.atomic import write_json
 from hs2p_jax.config import ModelConfig, ReinforceRunConfig, RunConfig
 from hs2p_jax.errors import UserError
@@ -255,7 +255,7 @@ def plan_command(args) -> int:
     sys.stderr.write(plan_reinforce.render(report))
   else:
     report = build_report(cfg, args.config, target, mode)
-    sys.stderr.write(plan.render(report))
+    sys.stderr.write(plan_table.render(report))
   print(json.dumps(report, indent=2))
   if args.out:
     write_json(os.path.join(args.out, "plan.json"), report)

@@ -17,7 +17,7 @@ import jax
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from hs2p_jax import plan
+from hs2p_jax import plan, plan_table
 from hs2p_jax import plan_reinforce as rl
 from hs2p_jax.commands.plan import REDUCED_LAYERS, _HOST_OPTIONS, _flops, _linear, _memory, architecture, start_compile
 from hs2p_jax.config import ReinforceRunConfig
@@ -165,16 +165,16 @@ def render(r: dict[str, Any]) -> str:
            + f"; mesh {' '.join(f'{k}={v}' for k, v in t['mesh'].items())}",
            f"step: {b['prompts']} prompts x {b['samples']} samples, {b['prompt_len']} + {b['new_tokens']} tokens; "
            f"updates on {b['minibatch']} rollouts", "", "  resident per device (float32)"]
-  lines += [plan._row(k.replace("_", " "), v) for k, v in a["resident"].items()]
-  lines.append(plan._row("total", a["resident_total"]))
+  lines += [plan_table.row(k.replace("_", " "), v) for k, v in a["resident"].items()]
+  lines.append(plan_table.row("total", a["resident_total"]))
   step = f"{a['step_seconds_at_50_mfu']:.1f} s" if a.get("step_seconds_at_50_mfu") else "- (no peak known)"
   lines += ["", f"  model FLOPs per device and step: {a['model_flops_per_device']:.4g}; step time at 50% MFU: {step}"]
   if c["status"] == "ok":
     lines += ["", f"  per device and phase (compiled: {c['compiler']}, {c['note']}): peak with the resident arrays"]
-    lines += [plan._row(ph, p["peak"]) for ph, p in c["phases"].items()]
-    lines.append(plan.flops_line(c))
+    lines += [plan_table.row(ph, p["peak"]) for ph, p in c["phases"].items()]
+    lines.append(plan_table.flops_line(c))
   else:
     lines += ["", f"  compiled: {c['status']}: {c['note']}"]
-  lines += ["", plan.verdict_line(r["verdict"]), *[f"warning: {w}" for w in r["warnings"]],
+  lines += ["", plan_table.verdict_line(r["verdict"]), *[f"warning: {w}" for w in r["warnings"]],
             *[f"note: {n}" for n in r["notes"]]]
   return "\n".join(lines) + "\n"

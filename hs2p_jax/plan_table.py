@@ -1,0 +1,83 @@
+"""The plans as tables for people: `hs2p plan`'s report before its JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+GiB = 1 << 30
+
+
+def size(n: int | None) -> str:
+  """Bytes in the largest binary unit under which they are at least 1."""
+  if n is None:
+    return "-"
+  for unit, scale in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    if abs(n) >= scale:
+      return f"{n / scale:,.2f} {unit}"
+  return f"{n} B"
+
+
+def row(label: str, n: int, indent: int = 2) -> str:
+  return f"{' ' * indent}{label:<{46 - indent}}{size(n):>14}"
+
+
+def render(report: dict[str, Any]) -> str:
+  """The human-readable plan of a reward-model step (the JSON report, as a table)."""
+  from hs2p_jax.plan import HBM_SOURCE
+  m, t, a, lay = report["model"], report["target"], report["analytic"], report["batch"]
+  act = a["activation_terms"]
+  chip = f"{t['devices']} device(s), no --chip"
+  if t["chip"]:
+    chip = f"{t['devices']} x {t['chip']}" + (f" ({t['slice']})" if t["slice"] else "")
+    chip += f", {size(t['hbm'])} HBM each"
+  mesh = " ".join(f"{k}={v}" for k, v in t["mesh"].items())
+  lines = [
+      f"plan: {report['config']}",
+      f"model: {m['name']} reward model, {m['params'] / 1e9:.3f} B params, {m['layers']} layers, "
+      f"compute {m['dtype']}, remat={m['remat']}, attention={m['attention']}",
+      f"target: {chip}; mesh {mesh}",
+      f"batch: {report['objective']}, {lay['micro_batches']} micro-batch(es) of {lay['rows']} rows x "
+      f"{lay['seq_len']} tokens; {act['rows_per_device']} row(s) per device",
+      "",
+      "  per device (analytic)",
+      row("params (float32)", a["params"]),
+      row("optimizer (AdamW mu + nu, float32)", a["optimizer"]),
+      row("gradients (float32)", a["gradients"]),
+      row("batch", a["batch"]),
+      row("activations (estimate)", a["activations"]),
+      row(f"saved: {size(act['saved_per_layer'])} per layer x {m['layers']}", act["saved"], 4),
+      row("attention logits (one layer)", act["attention_transient"], 4),
+      row("MLP intermediates (one layer)", act["mlp_transient"], 4),
+      row("FSDP-gathered weights + grads (one layer)", act["fsdp_gathered_layer"], 4),
+      row("total", a["total"]),
+  ]
+  step = f"{a['step_seconds_at_50_mfu']:.2f} s" if a.get("step_seconds_at_50_mfu") else "- (no peak known)"
+  lines += ["", f"  model FLOPs per device and step: {a['model_flops_per_device']:.4g}; step time at 50% MFU: {step}"]
+  c = report["compiled"]
+  if c["status"] == "ok":
+    lines += ["", f"  per device (compiled: {c['compiler']}, {c['note']})",
+              row("arguments (params, optimizer, batch)", c["argument"]),
+              row("outputs (aliased to donated arguments)", c["output"] - c["alias"]),
+              row("temporaries", c["temp"]),
+              row(f"peak ({c['verdict']})" if t["hbm"] else "peak", c["peak"]),
+              flops_line(c)]
+  else:
+    lines += ["", f"  compiled: {c['status']}: {c['note']}"]
+  lines += ["", verdict_line(report["verdict"]), *[f"note: {w}" for w in report["warnings"]],
+            f"HBM per chip: {HBM_SOURCE}"]
+  return "\n".join(lines) + "\n"
+
+
+def flops_line(c: dict[str, Any]) -> str:
+  """Compiled FLOPs per device (and the splash kernel's) against the model's share."""
+  return (f"  compiled FLOPs per device: {c['flops_per_device']:.4g}"
+          + (f" + {c['kernel_flops_per_device']:.4g} in the splash kernel" if c.get("kernel_flops_per_device") else "")
+          + f" ({c.get('flops_ratio', 0):.2f}x the model's)")
+
+
+def verdict_line(v: dict[str, Any]) -> str:
+  """The verdict against the chip's HBM, in one line."""
+  if v["hbm"] is None:
+    return "no verdict: pass --chip to compare with a chip's HBM"
+  return (f"{v['verdict'].upper()} ({v['basis']}): {size(v['peak'])} of {size(v['hbm'])}, "
+          f"headroom {size(v['headroom'])} ({v['headroom_fraction']:.0%})")
