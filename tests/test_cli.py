@@ -209,3 +209,24 @@ def test_eval_and_convert_take_data_keys(trained, tiny_hf_dir, tmp_path, capsys)
   assert json.loads((tmp_path / "ckpt" / "hs2p_model.json").read_text())["template"] == "chat"
   code, _, err = run_cli(capsys, "convert", "--hf", path, "--out", str(tmp_path / "c2"), "--set", "data.max_length=9")
   assert code == 2 and "data.max_length" in one_line_error(err) and not os.path.exists(tmp_path / "c2")
+
+
+def test_a_run_that_turns_nan_stops_at_that_step_without_saving_it(tmp_path, capsys):
+  data = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(8))
+  cfg = tmp_path / "c.yaml"
+  cfg.write_text("name: nan\n")
+  sets = tiny_overrides(tmp_path, **{"data.train": data, "data.format": "pairs", "train.objective": "bt",
+                                     "train.steps": 6, "train.batch_size": 4, "train.lr": 1e12, "train.grad_clip": 0,
+                                     "train.warmup_steps": 0, "train.save_every": 1})
+  code, _, err = run_cli(capsys, "train-rm", "--config", str(cfg), "--out", str(tmp_path / "run"), "--set", *sets)
+  lines = [l for l in err.splitlines() if "error:" in l]  # after the progress lines of the good steps
+  assert code == 2 and len(lines) == 1 and "not finite" in lines[0] and "Traceback" not in err
+  line = lines[0]
+  bad = int(line.split("step ")[1].split(":")[0])
+  assert 1 < bad <= 6
+  saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
+  assert saved and max(saved) == bad - 1 and f"step {bad - 1}" in line  # the last good one, nothing after
+  assert not os.path.exists(tmp_path / "run" / "model")
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert steps == list(range(1, bad))  # every logged step is finite
+  assert all(np.isfinite(json.loads(l)["loss"]) for l in open(tmp_path / "run" / "metrics.jsonl"))

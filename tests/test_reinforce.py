@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -150,3 +152,43 @@ def test_shared_prompt_minibatches_must_hold_whole_prompts(tmp_path):
                            "reinforce.updates_per_rollout": 4})
   with pytest.raises(UserError, match="reinforce.share_prompt=true needs policy.attention"):
     rl_config(tmp_path, **{"reinforce.share_prompt": "true", "policy.attention": "splash"})
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 64])
+def test_chunked_token_logprobs_equal_a_whole_log_softmax(chunk):
+  """Values and gradients (wrt params and hidden states) of the chunked LM-head log-probs."""
+  from flax import nnx
+  from hs2p_jax.model import create, preset
+  from hs2p_jax.train.reinforce import token_logprobs
+  lm = create("lm", preset("tiny", num_layers=1), seed=0)
+  graphdef, params = nnx.split(lm)
+  rng = np.random.RandomState(0)
+  hidden = jnp.asarray(rng.randn(2, 7, lm.cfg.hidden_size), jnp.float32)
+  tokens = jnp.asarray(rng.randint(0, lm.cfg.vocab_size, (2, 7)), jnp.int32)
+  weights = jnp.asarray(rng.randn(2, 7), jnp.float32)
+
+  def whole(params, hidden):
+    m = nnx.merge(graphdef, params)
+    logp = jax.nn.log_softmax(m.logits(hidden), axis=-1)
+    return jnp.sum(weights * jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0])
+
+  def chunked(params, hidden):
+    return jnp.sum(weights * token_logprobs(nnx.merge(graphdef, params), hidden, tokens, chunk))
+
+  want, want_g = jax.value_and_grad(whole, (0, 1))(params, hidden)
+  got, got_g = jax.jit(jax.value_and_grad(chunked, (0, 1)))(params, hidden)
+  assert float(got) == pytest.approx(float(want), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_reinforce_stops_at_a_non_finite_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  from hs2p_jax.errors import UserError
+  cfg = rl_config(tmp_path, **{"reinforce.steps": 6, "reinforce.lr": 1e12, "reinforce.grad_clip": 0.0,
+                               "reinforce.save_every": 1})
+  with pytest.raises(UserError, match=r"step (\d+): the loss or gradient norm is not finite") as e:
+    ReinforceTrainer(cfg, str(tmp_path / "run"), scorer=lambda p, r: np.full(len(r), 1e30, np.float32)).run()
+  bad = int(str(e.value).split("step ")[1].split(":")[0])
+  import os
+  saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
+  assert (max(saved) if saved else 0) == bad - 1 and not os.path.exists(tmp_path / "run" / "model")

@@ -45,17 +45,39 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis: Any = None) -> jax.Array:
   return jnp.sum(x * m, axis=axis) / jnp.maximum(jnp.sum(m, axis=axis), 1.0)
 
 
+LOGPROB_CHUNK = 256  # positions whose [N, chunk, V] logits exist at a time (forward and backward)
+
+
+def token_logprobs(lm: LlamaForCausalLM, hidden: jax.Array, tokens: jax.Array, chunk: int = LOGPROB_CHUNK) -> jax.Array:
+  """log p(tokens[:, t] | hidden[:, t]) [N, T] float32 from hidden states [N, T, D], the LM head and
+  log-sum-exp run `chunk` positions at a time (a checkpointed scan): the float32 [N, T, V] logits
+  and their log-softmax never exist whole, in the forward pass or the backward."""
+  n, t, d = hidden.shape
+  c = max(1, min(chunk, t))
+  pad = -t % c
+  h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(n, (t + pad) // c, c, d).swapaxes(0, 1)
+  tok = jnp.pad(tokens, ((0, 0), (0, pad))).reshape(n, (t + pad) // c, c).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(h_c, tok_c):  # [N, c, D], [N, c] -> [N, c]
+    logits = lm.logits(h_c)
+    picked = jnp.take_along_axis(logits, tok_c[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+  _, out = jax.lax.scan(lambda carry, xs: (carry, one(*xs)), None, (h, tok))
+  return out.swapaxes(0, 1).reshape(n, t + pad)[:, :t]
+
+
 def response_logprobs(lm: LlamaForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array, tokens: jax.Array,
                       response_mask: jax.Array) -> jax.Array:
   """Log-probs of each response token given what precedes it. prompt_* [N, Tp] (left-padded),
-  tokens / response_mask [N, Tr] -> [N, Tr] float32 (the LM head runs on response positions only)."""
+  tokens / response_mask [N, Tr] -> [N, Tr] float32 (the LM head runs on response positions only,
+  in chunks: `token_logprobs`)."""
   ids = jnp.concatenate([prompt_ids, tokens], axis=1)
   mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
   hidden = lm.model(ids, mask)  # [N, Tp + Tr, D]
   tp, tr = prompt_ids.shape[1], tokens.shape[1]
-  logits = lm.logits(hidden[:, tp - 1:tp - 1 + tr])  # position t predicts token t + 1
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+  return token_logprobs(lm, hidden[:, tp - 1:tp - 1 + tr], tokens)  # position t predicts token t + 1
 
 
 def shared_prompt_logprobs(lm: LlamaForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array, tokens: jax.Array,
@@ -77,8 +99,7 @@ def shared_prompt_logprobs(lm: LlamaForCausalLM, prompt_ids: jax.Array, prompt_m
   hidden = lm.model(ids, segment_ids=seg, positions=positions, branch_ids=jnp.broadcast_to(branch, ids.shape))
   # sample j's token t is predicted at its token t - 1, or for t = 0 at the prompt's last slot
   pred = jnp.where(t[None] == 0, tp - 1, tp + jnp.arange(k, dtype=jnp.int32)[:, None] * tr + t[None] - 1)
-  logp = jax.nn.log_softmax(lm.logits(hidden[:, pred.reshape(-1)]), axis=-1)  # [P, k * Tr, V]
-  out = jnp.take_along_axis(logp, tokens.reshape(p, k * tr)[..., None], axis=-1)[..., 0]
+  out = token_logprobs(lm, hidden[:, pred.reshape(-1)], tokens.reshape(p, k * tr))  # [P, k * Tr]
   return out.reshape(n, tr)
 
 

@@ -22,6 +22,7 @@ from hs2p_jax.errors import UserError
 from hs2p_jax.sample import SamplingConfig, generate_from_state, left_align
 from hs2p_jax.sharding import make_mesh, rules_from, state_shardings, use_mesh
 from hs2p_jax.train.feed import put_batch
+from hs2p_jax.train.guard import FiniteGuard
 from hs2p_jax.train.metrics import MetricsWriter, truncate_jsonl_after
 from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train.model_init import build_model, tokenizer_spec
@@ -173,12 +174,15 @@ class ReinforceTrainer:
       truncate_jsonl_after(samples_path, start)
     it = iter(self.loader)
     last: dict[str, Any] = {}
+    guard = FiniteGuard(self.out_dir, start or None)
     try:
       for step in range(start + 1, rc.steps + 1):
         batch = next(it)
         upd, roll = self.rollout(step, batch)
         samples = roll.pop("_samples")
         roll.update(self.update(upd))
+        guard.update(step, roll)
+        guard.check()  # the rollout's numbers are on the host already: no extra sync
         if step % rc.log_every == 0 or step == rc.steps:
           roll["tokens_per_s"] = roll["sample_tokens_per_s"]
           last = writer.log(step, roll)
@@ -189,6 +193,7 @@ class ReinforceTrainer:
         if step % rc.save_every == 0 or step == rc.steps:
           ckpts.save(step, {"params": self.params, "opt_state": self.opt_state}, {"loader": self.loader.get_state()},
                      force=step == rc.steps)
+          guard.saved(step)
       ckpts.wait()
       save_model(os.path.join(self.out_dir, "model"), nnx.merge(self.graphdef, self.params),
                  ModelMeta(kind="lm", config=self.meta.config, template=cfg.data.template), self.tokenizer,

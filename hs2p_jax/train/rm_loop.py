@@ -20,6 +20,7 @@ from hs2p_jax.atomic import write_json
 from hs2p_jax.model.reward import attribute_weights
 from hs2p_jax.sharding import batch_split, make_mesh, opt_state_shardings, rules_from, state_shardings, use_mesh
 from hs2p_jax.train.feed import gather_processes, put_batch
+from hs2p_jax.train.guard import FiniteGuard
 from hs2p_jax.train.metrics import MetricsWriter
 from hs2p_jax.errors import UserError
 from hs2p_jax.tokenizer import load_tokenizer
@@ -148,6 +149,7 @@ class RMTrainer:
     it = iter(self.loader)
     last: dict[str, Any] = {}
     t0, tokens = time.time(), 0
+    guard = FiniteGuard(self.out_dir, start or None)
     try:
       for step in range(start + 1, tc.steps + 1):
         micro = [gather_processes(next(it)) for _ in range(self.accum)]
@@ -155,8 +157,10 @@ class RMTrainer:
         batch = put_batch(stack_micro_batches(micro), self.mesh, self.rules, stacked=True)
         with use_mesh(self.mesh, self.rules):
           self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch)
+        guard.update(step, metrics)
         evaluate = step == tc.steps or bool(tc.eval_every and step % tc.eval_every == 0)
         if step % tc.log_every == 0 or step == tc.steps or evaluate:
+          guard.check()
           rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
           elapsed = time.time() - t0
           rec.update(lr=float(self.lr_at(step - 1)), tokens_per_s=tokens / max(elapsed, 1e-9))
@@ -165,8 +169,11 @@ class RMTrainer:
           last = writer.log(step, rec)
           t0, tokens = time.time(), 0
         if step % tc.save_every == 0 and step != tc.steps:
+          guard.check()
           ckpts.save(step, {"params": self.params, "opt_state": self.opt_state},
                      {"loader": self.loader.get_state()})
+          guard.saved(step)
+      guard.check()
       if start < tc.steps:
         ckpts.save(tc.steps, {"params": self.params, "opt_state": self.opt_state},
                    {"loader": self.loader.get_state()}, force=True)
