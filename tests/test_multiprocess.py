@@ -104,3 +104,28 @@ def test_expo_search_and_eval_on_two_processes_equal_one_process_with_two_device
     assert b["accuracy"] == a["accuracy"] and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
   assert e2["pairs"] == e1["pairs"] == 12 and e2["accuracy"] == e1["accuracy"]
   assert e2["loss"] == pytest.approx(e1["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_reinforce_on_two_processes_equals_one_process_with_two_devices(tmp_path):
+  data = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(8))
+  cfg = tmp_path / "c.yaml"
+  cfg.write_text("name: rm\n")
+  env1 = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
+  sets = tiny_overrides(tmp_path, **{"data.train": data, "data.format": "pairs", "train.objective": "bt",
+                                     "train.steps": 1, "train.batch_size": 4})
+  subprocess.run([sys.executable, "-m", "hs2p_jax", "train-rm", "--config", str(cfg), "--out", str(tmp_path / "rm"),
+                  "--set", *sets], env=env1, check=True, capture_output=True)
+  root = os.path.join(os.path.dirname(__file__), "..")
+  cmd = [sys.executable, "-m", "hs2p_jax", "reinforce", "--config", os.path.join(root, "configs/quickstart/reinforce.yaml")]
+  common = ["reinforce.steps=2", f"reward_model={tmp_path / 'rm' / 'model'}", "data.builtin_size=32",
+            "reinforce.max_new_tokens=8", "policy.num_layers=1", "mesh.data=2"]
+  subprocess.run(cmd + ["--out", str(tmp_path / "one"), "--set", *common], check=True, capture_output=True,
+                 env={**env1, "JAX_NUM_CPU_DEVICES": "2"})
+  _run_two(cmd + ["--out", str(tmp_path / "two"), "--set", *common], env1)
+  one, two = (read_metrics(os.path.join(tmp_path, d, "metrics.jsonl")) for d in ("one", "two"))
+  assert [r["step"] for r in two] == [1, 2]
+  for a, b in zip(one, two):
+    for key in ("loss", "reward", "kl"):
+      assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+  assert os.path.isfile(tmp_path / "two" / "model" / "hs2p_model.json")

@@ -54,3 +54,12 @@ def batch_sharding(key: str, shape: tuple[int, ...], mesh: Mesh, rules: Rules = 
     return NamedSharding(mesh, P())
   axes = ((None,) if stacked else ()) + ("act_batch",) + (None,) * (len(shape) - 1 - int(stacked))
   return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+def host_global(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-process) array on this host: gathered from the processes that
+  hold its shards where this one does not hold them all."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

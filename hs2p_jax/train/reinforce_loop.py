@@ -21,7 +21,7 @@ from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.errors import UserError
 from hs2p_jax.sample import SamplingConfig, generate_from_state, left_align
 from hs2p_jax.sharding import make_mesh, rules_from, state_shardings, use_mesh
-from hs2p_jax.train.feed import put_batch
+from hs2p_jax.train.feed import gather_processes, host_global, put_batch
 from hs2p_jax.train.guard import FiniteGuard
 from hs2p_jax.train.metrics import MetricsWriter, truncate_jsonl_after
 from hs2p_jax.tokenizer import load_tokenizer
@@ -90,6 +90,8 @@ class ReinforceTrainer:
     self._step = jax.jit(make_policy_step(self.graphdef, self.tx, share), donate_argnums=(0, 1),
                          out_shardings=(param_sh, self.opt_sh, None))
     self._logprobs = jax.jit(make_logprob_fn(self.graphdef, share))
+    self._kl = jax.jit(lambda lp, ref, m: masked_mean(kl_per_token(lp, ref, rc.kl_estimator), m, axis=1),
+                       out_shardings=jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
     eos = tuple(self.meta.config.eos_ids) or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
     self.eos_ids = eos
     self.sampling = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
@@ -105,9 +107,10 @@ class ReinforceTrainer:
     key = jax.random.fold_in(jax.random.key(rc.seed), step)  # per-step key: resumes reproduce rollouts
     t0 = time.time()
     with use_mesh(self.mesh, self.rules):  # one prefill per prompt, k samples from its cache
-      out = generate_from_state(self.graphdef, self.params, jnp.asarray(ids), jnp.asarray(mask), key, self.sampling)
+      # host arrays, the same on every process: the global prompts, each device sampling its rows
+      out = generate_from_state(self.graphdef, self.params, ids, mask, key, self.sampling)
     ids, mask = np.repeat(ids, k, axis=0), np.repeat(mask, k, axis=0)  # row i * k + j: sample j of prompt i
-    tokens, lengths, ended = (np.asarray(x) for x in (out.tokens, out.lengths, out.ended))
+    tokens, lengths, ended = (host_global(x) for x in (out.tokens, out.lengths, out.ended))
     sample_time = time.time() - t0
     resp_mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
     upd = {"prompt_ids": ids, "prompt_mask": mask, "tokens": tokens, "response_mask": resp_mask}
@@ -115,7 +118,7 @@ class ReinforceTrainer:
     with use_mesh(self.mesh, self.rules):
       logp = self._logprobs(self.params, dev)
       ref_logp = self._logprobs(self.ref_params, dev)
-    kl = np.asarray(masked_mean(kl_per_token(logp, ref_logp, rc.kl_estimator), dev["response_mask"], axis=1))
+    kl = host_global(self._kl(logp, ref_logp, dev["response_mask"]))
     prompts = [self.loader.examples[int(i)].prompt for i in np.repeat(batch["example_id"], k)]
     responses = [response_text(self.tokenizer, tokens[i], int(lengths[i]), rc.stop_strings, self.eos_ids)
                  for i in range(len(tokens))]
@@ -177,7 +180,7 @@ class ReinforceTrainer:
     guard = FiniteGuard(self.out_dir, start or None)
     try:
       for step in range(start + 1, rc.steps + 1):
-        batch = next(it)
+        batch = gather_processes(next(it))  # every process holds the step's global prompts
         upd, roll = self.rollout(step, batch)
         samples = roll.pop("_samples")
         roll.update(self.update(upd))
