@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -180,12 +181,32 @@ def restore_tree(path: str, target: Any, where: str) -> Any:
   try:
     return ckptr.restore(path, target)
   except (ValueError, KeyError) as e:
-    raise UserError(f"{where}: checkpoint does not match the model ({str(e).splitlines()[0][:200]})") from None
+    raise UserError(f"{where}: checkpoint does not match the model ({_first_line(e)})") from None
+  except Exception as e:  # noqa: BLE001 - a truncated or damaged file: Orbax/TensorStore raise many kinds
+    raise UserError(f"{where}: cannot read the checkpoint's arrays ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def _names(path) -> str:
   parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
   return ".".join(p for p in parts if p != "value")
+
+
+def _check_common_shapes(saved: Any, target: Any, where: str) -> None:
+  """A UserError for the first array both trees name with different shapes (others are left to Orbax)."""
+  try:
+    flat_saved = {_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  except Exception:  # noqa: BLE001 - metadata layouts differ across Orbax versions
+    return
+  for p, v in jax.tree_util.tree_flatten_with_path(target)[0]:
+    s = flat_saved.get(_names(p))
+    if s is not None and hasattr(s, "shape") and tuple(s.shape) != tuple(v.shape):
+      raise UserError(f"{where}: array {_names(p)} has shape {tuple(s.shape)} in the checkpoint, this config's "
+                      f"model has {tuple(v.shape)}")
 
 
 def _check_shapes(saved: Any, target: Any, where: str) -> None:
@@ -197,6 +218,10 @@ def _check_shapes(saved: Any, target: Any, where: str) -> None:
       raise UserError(f"{where}: checkpoint has no array {key}")
     if hasattr(s, "shape") and tuple(s.shape) != tuple(v.shape):
       raise UserError(f"{where}: array {key} has shape {tuple(s.shape)} in the checkpoint, model expects {tuple(v.shape)}")
+
+
+class Unreadable(UserError):
+  """A checkpoint whose files cannot be read (truncated, damaged)."""
 
 
 class RunCheckpoints:
@@ -216,13 +241,40 @@ class RunCheckpoints:
                                                     data=ocp.args.JsonSave(data_state)), force=force)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """(state, data state) of checkpoint `step`. A checkpoint whose arrays do not fit `abstract_state`
+    is a UserError (the config changed); one that cannot be read raises `Unreadable`."""
+    where = f"{self.dir}/{step}"
+    try:
+      meta = self.manager.item_metadata(step)
+      saved = meta["state"] if isinstance(meta, dict) or hasattr(meta, "__getitem__") else None
+    except Exception as e:  # noqa: BLE001
+      raise Unreadable(f"{where}: unreadable ({_first_line(e)})") from None
+    if saved is not None:
+      _check_common_shapes(getattr(saved, "tree", saved), abstract_state, f"{where}: cannot resume")
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                data=ocp.args.JsonRestore()))
     except (ValueError, KeyError) as e:
-      raise UserError(f"{self.dir}/{step}: cannot resume, checkpoint does not match this config "
-                      f"({str(e).splitlines()[0][:200]})") from None
+      raise UserError(f"{where}: cannot resume, checkpoint does not match this config ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - truncated or damaged files
+      raise Unreadable(f"{where}: unreadable ({_first_line(e)})") from None
     return out.state, out.data
+
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any] | None]:
+    """(step, state, data state) of the newest readable checkpoint, saying on stderr which ones it
+    skips as unreadable; (0, None, None) when there is none."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        state, data = self.restore(step, abstract_state)
+      except Unreadable as e:
+        if jax.process_index() == 0:
+          print(f"resume: {e}; trying the previous checkpoint", file=sys.stderr, flush=True)
+        continue
+      return step, state, data
+    if steps:
+      raise UserError(f"{self.dir}: no readable checkpoint among steps {', '.join(map(str, sorted(steps)))}")
+    return 0, None, None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -230,3 +230,39 @@ def test_a_run_that_turns_nan_stops_at_that_step_without_saving_it(tmp_path, cap
   steps = [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")]
   assert steps == list(range(1, bad))  # every logged step is finite
   assert all(np.isfinite(json.loads(l)["loss"]) for l in open(tmp_path / "run" / "metrics.jsonl"))
+
+
+def _truncate_largest(root) -> str:
+  files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+  big = max(files, key=os.path.getsize)
+  with open(big, "r+b") as f:
+    f.truncate(os.path.getsize(big) // 2)
+  return big
+
+
+def test_an_unreadable_checkpoint_is_one_line_and_resume_falls_back_to_the_previous(tmp_path, capsys):
+  data = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(8))
+  cfg = tmp_path / "c.yaml"
+  cfg.write_text("name: ckpt\n")
+  base = tiny_overrides(tmp_path, **{"data.train": data, "data.format": "pairs", "train.objective": "bt",
+                                     "train.batch_size": 4, "train.save_every": 2, "train.keep_checkpoints": 3,
+                                     "train.lr": 3e-3})
+  runs = {}
+  for name, steps in (("straight", 8), ("damaged", 6)):
+    assert run_cli(capsys, "train-rm", "--config", str(cfg), "--out", str(tmp_path / name), "--set", *base,
+                   f"train.steps={steps}")[0] == 0
+  _truncate_largest(tmp_path / "damaged" / "checkpoints" / "6" / "state")
+  code, _, err = run_cli(capsys, "train-rm", "--config", str(cfg), "--out", str(tmp_path / "damaged"), "--set",
+                         *base, "train.steps=8")
+  assert code == 0, err
+  assert "checkpoints/6: unreadable" in err and "trying the previous checkpoint" in err
+  for name in ("straight", "damaged"):
+    runs[name] = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
+  assert [r["step"] for r in runs["damaged"]] == list(range(1, 9))  # each step once, 5..8 from checkpoint 4
+  assert [r["loss"] for r in runs["damaged"]] == pytest.approx([r["loss"] for r in runs["straight"]], rel=1e-6)
+  # a model checkpoint with a damaged file: one line naming it, no traceback
+  _truncate_largest(tmp_path / "straight" / "model" / "params")
+  code, _, err = run_cli(capsys, "eval", "--checkpoint", str(tmp_path / "straight"), "--data", data, "--format",
+                         "pairs", "--max-length", "64")
+  line = one_line_error(err)
+  assert code == 2 and "straight/model" in line and "cannot read" in line

@@ -165,10 +165,9 @@ class ReinforceTrainer:
                      model={"source": cfg.policy.source, "init_from": cfg.policy.init_from,
                             "reward_model": os.path.abspath(cfg.reward_model) if cfg.reward_model else None})
     ckpts = RunCheckpoints(self.out_dir, rc.keep_checkpoints)
-    start = ckpts.latest_step() or 0
+    start, state, data_state = ckpts.restore_latest({"params": abstract_like(self.params),
+                                                     "opt_state": abstract_like(self.opt_state)})
     if start:
-      state, data_state = ckpts.restore(start, {"params": abstract_like(self.params),
-                                                "opt_state": abstract_like(self.opt_state)})
       self.params, self.opt_state = state["params"], state["opt_state"]
       self.loader.set_state(data_state["loader"])
     writer = MetricsWriter(self.out_dir, rc.steps, start, stage=cfg.name)

@@ -128,11 +128,10 @@ class RMTrainer:
                      model={"source": m.source, "init_from": m.init_from})
 
   def _restore(self, ckpts: RunCheckpoints) -> int:
-    step = ckpts.latest_step()
-    if step is None:
-      return 0
     target = {"params": abstract_like(self.params), "opt_state": abstract_like(self.opt_state)}
-    state, data_state = ckpts.restore(step, target)
+    step, state, data_state = ckpts.restore_latest(target)
+    if not step:
+      return 0
     self.params, self.opt_state = state["params"], state["opt_state"]
     self.loader.set_state(data_state["loader"])
     return step
