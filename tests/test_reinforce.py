@@ -192,3 +192,28 @@ def test_reinforce_stops_at_a_non_finite_step_and_keeps_the_last_good_checkpoint
   import os
   saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
   assert (max(saved) if saved else 0) == bad - 1 and not os.path.exists(tmp_path / "run" / "model")
+
+
+def test_the_objective_reads_log_probs_under_the_sampling_distribution():
+  """At temperature 0.7 the loss's log-probs of the sampled tokens are the sampler's own, and equal
+  a numpy log-softmax of the full forward's logits / 0.7."""
+  from hs2p_jax.model import create, preset
+  from hs2p_jax.sample import generate, left_align
+  from hs2p_jax.train.reinforce import objective_temperature
+  lm = create("lm", preset("tiny", num_layers=2), seed=3)
+  rng = np.random.RandomState(1)
+  ids = rng.randint(16, 270, (3, 7)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[0, :2] = 0  # a left-padded prompt
+  t = objective_temperature(0.7)
+  out = generate(lm, ids, mask, max_new_tokens=6, temperature=0.7, seed=0, eos_ids=())
+  pids, pmask = (np.asarray(a) for a in left_align(jnp.asarray(ids), jnp.asarray(mask)))
+  tokens = np.asarray(out.tokens)
+  resp = np.ones_like(tokens)
+  got = np.asarray(response_logprobs(lm, pids, pmask, tokens, resp, temperature=t))
+  np.testing.assert_allclose(got, np.asarray(out.logprobs), atol=1e-4)
+  logits = np.asarray(lm(np.concatenate([pids, tokens], 1), np.concatenate([pmask, resp], 1)), np.float64) / 0.7
+  logits = logits[:, pids.shape[1] - 1:-1]
+  want = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+  np.testing.assert_allclose(got, np.take_along_axis(want, tokens[..., None], -1)[..., 0], atol=1e-4)
+  assert objective_temperature(0.0) == 1.0  # greedy: the model's own distribution, as the sampler reports

@@ -48,10 +48,12 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis: Any = None) -> jax.Array:
 LOGPROB_CHUNK = 256  # positions whose [N, chunk, V] logits exist at a time (forward and backward)
 
 
-def token_logprobs(lm: LlamaForCausalLM, hidden: jax.Array, tokens: jax.Array, chunk: int = LOGPROB_CHUNK) -> jax.Array:
-  """log p(tokens[:, t] | hidden[:, t]) [N, T] float32 from hidden states [N, T, D], the LM head and
-  log-sum-exp run `chunk` positions at a time (a checkpointed scan): the float32 [N, T, V] logits
-  and their log-softmax never exist whole, in the forward pass or the backward."""
+def token_logprobs(lm: LlamaForCausalLM, hidden: jax.Array, tokens: jax.Array, chunk: int = LOGPROB_CHUNK,
+                   temperature: float = 1.0) -> jax.Array:
+  """log p(tokens[:, t] | hidden[:, t]) [N, T] float32 under softmax(logits / temperature), from
+  hidden states [N, T, D]; the LM head and log-sum-exp run `chunk` positions at a time (a
+  checkpointed scan): the float32 [N, T, V] logits and their log-softmax never exist whole, in the
+  forward pass or the backward."""
   n, t, d = hidden.shape
   c = max(1, min(chunk, t))
   pad = -t % c
@@ -61,6 +63,8 @@ def token_logprobs(lm: LlamaForCausalLM, hidden: jax.Array, tokens: jax.Array, c
   @jax.checkpoint
   def one(h_c, tok_c):  # [N, c, D], [N, c] -> [N, c]
     logits = lm.logits(h_c)
+    if temperature != 1.0:
+      logits = logits / temperature
     picked = jnp.take_along_axis(logits, tok_c[..., None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
@@ -69,7 +73,7 @@ def token_logprobs(lm: LlamaForCausalLM, hidden: jax.Array, tokens: jax.Array, c
 
 
 def response_logprobs(lm: LlamaForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array, tokens: jax.Array,
-                      response_mask: jax.Array) -> jax.Array:
+                      response_mask: jax.Array, temperature: float = 1.0) -> jax.Array:
   """Log-probs of each response token given what precedes it. prompt_* [N, Tp] (left-padded),
   tokens / response_mask [N, Tr] -> [N, Tr] float32 (the LM head runs on response positions only,
   in chunks: `token_logprobs`)."""
@@ -77,11 +81,11 @@ def response_logprobs(lm: LlamaForCausalLM, prompt_ids: jax.Array, prompt_mask: 
   mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
   hidden = lm.model(ids, mask)  # [N, Tp + Tr, D]
   tp, tr = prompt_ids.shape[1], tokens.shape[1]
-  return token_logprobs(lm, hidden[:, tp - 1:tp - 1 + tr], tokens)  # position t predicts token t + 1
+  return token_logprobs(lm, hidden[:, tp - 1:tp - 1 + tr], tokens, temperature=temperature)  # t predicts t + 1
 
 
 def shared_prompt_logprobs(lm: LlamaForCausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array, tokens: jax.Array,
-                           response_mask: jax.Array, k: int) -> jax.Array:
+                           response_mask: jax.Array, k: int, temperature: float = 1.0) -> jax.Array:
   """`response_logprobs` for N = P * k rows ordered prompt-major (rows i * k .. i * k + k - 1 share
   prompt i), computing each prompt once: one row [prompt | sample 1 | ... | sample k] per prompt,
   sample j on branch j + 1 (it sees the prompt and itself, `attention.branch_mask`), its positions
@@ -99,13 +103,26 @@ def shared_prompt_logprobs(lm: LlamaForCausalLM, prompt_ids: jax.Array, prompt_m
   hidden = lm.model(ids, segment_ids=seg, positions=positions, branch_ids=jnp.broadcast_to(branch, ids.shape))
   # sample j's token t is predicted at its token t - 1, or for t = 0 at the prompt's last slot
   pred = jnp.where(t[None] == 0, tp - 1, tp + jnp.arange(k, dtype=jnp.int32)[:, None] * tr + t[None] - 1)
-  out = token_logprobs(lm, hidden[:, pred.reshape(-1)], tokens.reshape(p, k * tr))  # [P, k * Tr]
+  out = token_logprobs(lm, hidden[:, pred.reshape(-1)], tokens.reshape(p, k * tr), temperature=temperature)
   return out.reshape(n, tr)
 
 
-def _logprobs(lm: LlamaForCausalLM, batch: dict, share_prompt_k: int | None) -> jax.Array:
+def _logprobs(lm: LlamaForCausalLM, batch: dict, share_prompt_k: int | None, temperature: float) -> jax.Array:
   args = (lm, batch["prompt_ids"], batch["prompt_mask"], batch["tokens"], batch["response_mask"])
-  return shared_prompt_logprobs(*args, share_prompt_k) if share_prompt_k else response_logprobs(*args)
+  if share_prompt_k:
+    return shared_prompt_logprobs(*args, share_prompt_k, temperature=temperature)
+  return response_logprobs(*args, temperature=temperature)
+
+
+def objective_temperature(sampling_temperature: float) -> float:
+  """The temperature of the distribution the loss and KL read log-probs under: the sampler's
+  (greedy decoding reports, and is scored under, the model's own distribution: 1).
+
+  Top-k and top-p are not applied to them: under the reference model's own truncation, or after a
+  first minibatch update, a sampled token can fall outside the kept set, giving a -inf log-prob and
+  an infinite KL. With top_k=0 and top_p=1 (the paper configs) the objective's distribution is
+  exactly the sampler's."""
+  return sampling_temperature if sampling_temperature > 0 else 1.0
 
 
 def reinforce_loss(logp: jax.Array, advantages: jax.Array, mask: jax.Array) -> jax.Array:
@@ -121,13 +138,15 @@ def advantages(rm_scores: jax.Array, kl: jax.Array, ended: jax.Array, beta: floa
   return rewards, base, rewards - base
 
 
-def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, share_prompt_k: int | None = None):
+def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, share_prompt_k: int | None = None,
+                     temperature: float = 1.0):
   """A pure `step(params, opt_state, batch) -> (params, opt_state, metrics)` on a rollout minibatch
   (`prompt_ids`, `prompt_mask`, `tokens`, `response_mask`, `advantages`); with `share_prompt_k`,
-  rows come in groups of k sharing a prompt, computed once (`shared_prompt_logprobs`)."""
+  rows come in groups of k sharing a prompt, computed once (`shared_prompt_logprobs`). Log-probs
+  under softmax(logits / temperature) (`objective_temperature`)."""
 
   def loss_fn(params, batch):
-    logp = _logprobs(nnx.merge(graphdef, params), batch, share_prompt_k)
+    logp = _logprobs(nnx.merge(graphdef, params), batch, share_prompt_k, temperature)
     return reinforce_loss(logp, batch["advantages"], batch["response_mask"])
 
   def step(params, opt_state, batch):
@@ -139,10 +158,10 @@ def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, s
   return step
 
 
-def make_logprob_fn(graphdef: nnx.GraphDef, share_prompt_k: int | None = None):
-  """A pure `logprobs(params, batch) -> [N, Tr]` under the model `params` describe."""
+def make_logprob_fn(graphdef: nnx.GraphDef, share_prompt_k: int | None = None, temperature: float = 1.0):
+  """A pure `logprobs(params, batch) -> [N, Tr]` under the model `params` describe, at `temperature`."""
 
   def fn(params, batch):
-    return _logprobs(nnx.merge(graphdef, params), batch, share_prompt_k)
+    return _logprobs(nnx.merge(graphdef, params), batch, share_prompt_k, temperature)
 
   return fn

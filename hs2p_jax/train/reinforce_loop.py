@@ -27,7 +27,8 @@ from hs2p_jax.train.metrics import MetricsWriter, truncate_jsonl_after
 from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train.model_init import build_model, tokenizer_spec
 from hs2p_jax.train.optim import optimizer_from
-from hs2p_jax.train.reinforce import advantages, kl_per_token, make_logprob_fn, make_policy_step, masked_mean
+from hs2p_jax.train.reinforce import (advantages, kl_per_token, make_logprob_fn, make_policy_step, masked_mean,
+                                      objective_temperature)
 from hs2p_jax.sharding import opt_state_shardings
 from hs2p_jax.train.rm_scorer import RewardScorer
 
@@ -87,9 +88,10 @@ class ReinforceTrainer:
     with use_mesh(self.mesh, self.rules):
       self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(self.params)
     share = rc.samples_per_prompt if rc.share_prompt else None  # rows come in prompt-major groups of k
-    self._step = jax.jit(make_policy_step(self.graphdef, self.tx, share), donate_argnums=(0, 1),
+    temp = objective_temperature(rc.temperature)  # the loss and KL read the sampler's distribution
+    self._step = jax.jit(make_policy_step(self.graphdef, self.tx, share, temp), donate_argnums=(0, 1),
                          out_shardings=(param_sh, self.opt_sh, None))
-    self._logprobs = jax.jit(make_logprob_fn(self.graphdef, share))
+    self._logprobs = jax.jit(make_logprob_fn(self.graphdef, share, temp))
     self._kl = jax.jit(lambda lp, ref, m: masked_mean(kl_per_token(lp, ref, rc.kl_estimator), m, axis=1),
                        out_shardings=jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
     eos = tuple(self.meta.config.eos_ids) or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
