@@ -4,7 +4,8 @@ Prompts may be padded on either side (rows are re-aligned to the left internally
 greedy (temperature 0) or from the temperature-scaled distribution truncated by top-k / top-p.
 `logprobs` are the log-probabilities of the emitted tokens under the distribution they were drawn
 from (for greedy decoding: under the model's untruncated, temperature-1 distribution). A row stops
-after an EOS token or a stop sequence (both included in its length); later slots hold `pad_id`.
+after an EOS token, a stop sequence of token ids or a stop string in its decoded text (all
+included in its length); later slots hold `pad_id`.
 Several samples per prompt (`num_samples`) share one prefill of that prompt.
 """
 
@@ -87,8 +88,9 @@ def _constrain_cache(cache: KVCache) -> KVCache:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
 def generate_from_state(graphdef: nnx.GraphDef, state, input_ids: jax.Array, attention_mask: jax.Array,
-                        key: jax.Array, cfg: SamplingConfig) -> GenerateOutput:
-  """`generate` on a split model (graphdef, state): the jit-compiled core."""
+                        key: jax.Array, cfg: SamplingConfig, stops=None) -> GenerateOutput:
+  """`generate` on a split model (graphdef, state): the jit-compiled core. `stops`: the
+  (table, accept) of `stops.automaton` for stop strings matched on the decoded text, or None."""
   lm: LlamaForCausalLM = nnx.merge(graphdef, state)
   ids, mask = left_align(input_ids, attention_mask)
   b, t = ids.shape
@@ -109,9 +111,10 @@ def generate_from_state(graphdef: nnx.GraphDef, state, input_ids: jax.Array, att
                                      cache.index))
     logits, b = jnp.repeat(logits, k, axis=0), b * k
   eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
+  table, accept = (jnp.asarray(stops[0]), jnp.asarray(stops[1])) if stops is not None else (None, None)
 
   def body(carry):
-    i, cache, logits, tokens, logps, lengths, done, ended, key = carry
+    i, cache, logits, tokens, logps, lengths, done, ended, key, text_state = carry
     key, sub = jax.random.split(key)
     logp_all = process_logits(logits, cfg)
     if cfg.temperature <= 0.0:
@@ -125,29 +128,36 @@ def generate_from_state(graphdef: nnx.GraphDef, state, input_ids: jax.Array, att
     logps = logps.at[:, i].set(logp)
     lengths = lengths + (~done).astype(jnp.int32)
     stop = jnp.isin(tok, eos) | _stop_hit(tokens, i, cfg.stop_sequences)
+    if table is not None:  # [B, S]: how much of each stop string the decoded text now ends with
+      text_state = table[jnp.arange(table.shape[0])[None, :], text_state, tok[:, None]]
+      stop |= jnp.any(text_state == accept[None, :], axis=1) & ~done
     ended = ended | (~done & stop)
     done = done | stop
     hidden, cache = lm.model(tok[:, None], (~done | stop)[:, None].astype(jnp.int32), cache=cache)
     logits = lm.logits(hidden)[:, 0]
-    return i + 1, cache, logits, tokens, logps, lengths, done, ended, key
+    return i + 1, cache, logits, tokens, logps, lengths, done, ended, key, text_state
 
   def cond(carry):
     i, done = carry[0], carry[6]
     return (i < n) & ~jnp.all(done)
 
+  text_state = jnp.zeros((b, 0 if table is None else table.shape[0]), jnp.int32)
   init = (jnp.int32(0), cache, logits, jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
-          jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), bool), key)
-  _, _, _, tokens, logps, lengths, _, ended, _ = jax.lax.while_loop(cond, body, init)
+          jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), bool), key, text_state)
+  _, _, _, tokens, logps, lengths, _, ended, _, _ = jax.lax.while_loop(cond, body, init)
   return GenerateOutput(tokens, logps, lengths, ended)
 
 
 def generate(lm: LlamaForCausalLM, input_ids, attention_mask=None, max_new_tokens: int = 32,
              temperature: float = 0.0, seed: int | jax.Array = 0, *, top_k: int = 0, top_p: float = 1.0,
              eos_ids: Sequence[int] | None = None, stop_sequences: Sequence[Sequence[int]] = (),
+             stop_strings: Sequence[str] = (), tokenizer=None,
              pad_id: int | None = None, num_samples: int = 1) -> GenerateOutput:
   """Samples `max_new_tokens` continuations of `input_ids` [B, T] (see module docstring).
 
   eos_ids default to the model config's; `seed` is an int or a PRNG key (same seed, same output).
+  `stop_sequences` end a row on those token ids; `stop_strings` (with `tokenizer`) on that text
+  appearing in the decoded output, however the tokens spell it (`hs2p_jax.stops`).
   `num_samples` = k continuations per prompt from one prefill: output rows [B * k], row i * k + j
   the j-th sample of prompt i (the rows of `np.repeat(input_ids, k, axis=0)`).
   """
@@ -162,5 +172,11 @@ def generate(lm: LlamaForCausalLM, input_ids, attention_mask=None, max_new_token
       pad_id=int(pad_id if pad_id is not None else (lm.cfg.pad_token_id if lm.cfg.pad_token_id is not None else 0)),
       num_samples=int(num_samples))
   key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+  stops = None
+  if stop_strings:
+    if tokenizer is None:
+      raise ValueError("stop_strings need the tokenizer whose tokens spell them")
+    from hs2p_jax.stops import stop_automaton
+    stops = stop_automaton(tokenizer, stop_strings, lm.cfg.vocab_size)
   graphdef, state = nnx.split(lm)
-  return generate_from_state(graphdef, state, input_ids, attention_mask, key, cfg)
+  return generate_from_state(graphdef, state, input_ids, attention_mask, key, cfg, stops)

@@ -20,6 +20,7 @@ from hs2p_jax.config import ReinforceRunConfig, to_dict
 from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.errors import UserError
 from hs2p_jax.sample import SamplingConfig, generate_from_state, left_align
+from hs2p_jax.stops import cut_at_stop, stop_automaton
 from hs2p_jax.sharding import make_mesh, rules_from, state_shardings, use_mesh
 from hs2p_jax.train.feed import gather_processes, host_global, put_batch
 from hs2p_jax.train.guard import FiniteGuard
@@ -33,24 +34,12 @@ from hs2p_jax.sharding import opt_state_shardings
 from hs2p_jax.train.rm_scorer import RewardScorer
 
 
-def _stop_sequences(tokenizer, strings: list[str]) -> tuple[tuple[int, ...], ...]:
-  out = []
-  for s in strings:
-    ids = tokenizer.encode(s, add_special_tokens=False)
-    if ids:
-      out.append(tuple(int(i) for i in ids))
-  return tuple(out)
-
-
 def response_text(tokenizer, tokens: np.ndarray, length: int, stop_strings: list[str], eos_ids) -> str:
   """The decoded response without its stopping token or stop string."""
   toks = [int(t) for t in tokens[:length]]
   if toks and toks[-1] in eos_ids:
     toks = toks[:-1]
-  text = tokenizer.decode(toks, skip_special_tokens=False)
-  for s in stop_strings:
-    if s and text.endswith(s):
-      text = text[:-len(s)]
+  text = cut_at_stop(tokenizer.decode(toks, skip_special_tokens=False), stop_strings)
   for special in (tokenizer.pad_token, tokenizer.eos_token):
     if special:
       text = text.replace(special, "")
@@ -96,9 +85,9 @@ class ReinforceTrainer:
                        out_shardings=jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
     eos = tuple(self.meta.config.eos_ids) or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
     self.eos_ids = eos
+    self.stops = stop_automaton(self.tokenizer, rc.stop_strings, self.meta.config.vocab_size)
     self.sampling = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
                                    top_p=rc.top_p, eos_ids=eos,
-                                   stop_sequences=_stop_sequences(self.tokenizer, rc.stop_strings),
                                    pad_id=self.tokenizer.pad_token_id or 0, num_samples=rc.samples_per_prompt)
 
   def rollout(self, step: int, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -110,7 +99,7 @@ class ReinforceTrainer:
     t0 = time.time()
     with use_mesh(self.mesh, self.rules):  # one prefill per prompt, k samples from its cache
       # host arrays, the same on every process: the global prompts, each device sampling its rows
-      out = generate_from_state(self.graphdef, self.params, ids, mask, key, self.sampling)
+      out = generate_from_state(self.graphdef, self.params, ids, mask, key, self.sampling, self.stops)
     ids, mask = np.repeat(ids, k, axis=0), np.repeat(mask, k, axis=0)  # row i * k + j: sample j of prompt i
     tokens, lengths, ended = (host_global(x) for x in (out.tokens, out.lengths, out.ended))
     sample_time = time.time() - t0
