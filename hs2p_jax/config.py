@@ -42,6 +42,7 @@ class DataConfig:
   max_length: int = 256
   overlong: str = "truncate"           # "truncate" (keep the end of the prompt) or "drop"
   pad_multiple: int = 32               # pad batches to a multiple of this (bucketing); <= max_length
+  buckets: Any = "multiple"            # "multiple" (of pad_multiple), "pow2" (fewer compiled shapes) or [lengths]
   packing: bool = False
   share_prompt: bool = False           # pairs, packed: chosen and rejected share their common prefix in one segment
   skip_invalid: bool = False
@@ -131,7 +132,8 @@ class ReinforceRunConfig:
 
   policy: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(kind="lm"))
   reward_model: Optional[str] = None   # model checkpoint (kind reward); its own tokenizer and template
-  data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(format="prompts", template="chat"))
+  data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(format="prompts", template="chat",
+                                                                         buckets="pow2"))
   reinforce: ReinforceConfig = dataclasses.field(default_factory=ReinforceConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   dist: DistConfig = dataclasses.field(default_factory=DistConfig)

@@ -72,6 +72,9 @@ def validate(cfg) -> None:
       raise UserError(f"data.max_length={data.max_length}: must be >= 8")
     if data.pad_multiple <= 0 or data.pad_multiple > data.max_length:
       raise UserError(f"data.pad_multiple={data.pad_multiple}: must be in 1..data.max_length")
+    b = data.buckets
+    if not (b in ("multiple", "pow2") or (isinstance(b, list) and b and all(isinstance(x, int) and x > 0 for x in b))):
+      raise UserError(f"data.buckets={b!r}: expected multiple, pow2 or a list of positive lengths")
     if data.share_prompt and not data.packing:
       raise UserError("data.share_prompt=true needs data.packing=true (a shared pair is one packed segment)")
     model = getattr(cfg, "model", None)

@@ -232,3 +232,10 @@ def test_worker_processes_give_the_same_batches_and_restorable_state(pairs_path)
     again = _take(iter(resumed), 3)
     resumed.close()
     assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(rest, again))
+
+
+def test_bucket_lengths_by_multiple_power_of_two_or_list():
+  from hs2p_jax.data.batching import bucket_length
+  assert [bucket_length(n, 32, 512) for n in (1, 32, 33, 300, 600)] == [32, 32, 64, 320, 512]
+  assert [bucket_length(n, 32, 512, "pow2") for n in (1, 32, 33, 65, 300, 600)] == [32, 32, 64, 128, 512, 512]
+  assert [bucket_length(n, 32, 512, [100, 256]) for n in (1, 100, 101, 300)] == [100, 100, 256, 512]

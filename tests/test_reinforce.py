@@ -217,3 +217,23 @@ def test_the_objective_reads_log_probs_under_the_sampling_distribution():
   want = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
   np.testing.assert_allclose(got, np.take_along_axis(want, tokens[..., None], -1)[..., 0], atol=1e-4)
   assert objective_temperature(0.0) == 1.0  # greedy: the model's own distribution, as the sampler reports
+
+
+def test_prompt_buckets_bound_the_compiled_shapes(tmp_path):
+  """Prompts of 8 different lengths: with power-of-two buckets the sampler compiles once per
+  bucket the steps meet (4 powers of two here, not one per multiple of pad_multiple: 8)."""
+  from hs2p_jax.data.batching import bucket_length
+  from hs2p_jax.sample import generate_from_state
+  prompts = tmp_path / "varied.jsonl"
+  prompts.write_text("".join('{"prompt": "%s"}\n' % ("w" * n) for n in (3, 20, 37, 51, 66, 80, 95, 110)))
+  cfg = rl_config(tmp_path, **{"data.train": str(prompts), "data.max_length": 256, "reinforce.prompts_per_step": 1,
+                               "reinforce.samples_per_prompt": 2, "reinforce.steps": 8, "reinforce.max_new_tokens": 4,
+                               "reinforce.log_every": 1})
+  assert cfg.data.buckets == "pow2"  # REINFORCE's default
+  trainer = ReinforceTrainer(cfg, str(tmp_path / "run"), scorer=letter_reward)
+  lengths = [int(trainer.loader._batches.lengths[i].max()) for i in range(8)]  # one prompt a step: all 8 seen
+  buckets = {bucket_length(n, 16, 256, "pow2") for n in lengths}
+  multiples = {bucket_length(n, 16, 256, "multiple") for n in lengths}
+  before = generate_from_state._cache_size()
+  trainer.run()
+  assert generate_from_state._cache_size() - before == len(buckets) == 4 and len(multiples) == 8

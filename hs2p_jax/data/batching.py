@@ -14,9 +14,19 @@ def round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def bucket_length(longest: int, pad_multiple: int, max_length: int) -> int:
-  """T for a batch whose longest sequence has `longest` tokens: rounded up to `pad_multiple`, capped."""
-  return min(round_up(max(longest, 1), pad_multiple), max_length)
+def bucket_length(longest: int, pad_multiple: int, max_length: int, buckets="multiple") -> int:
+  """T for a batch whose longest sequence has `longest` tokens, capped at `max_length`, by `buckets`:
+  "multiple" rounds up to `pad_multiple` (least padding; up to max_length / pad_multiple shapes),
+  "pow2" to the next power of two of at least `pad_multiple` (log2 shapes: fewer compilations),
+  a list of lengths to the first one that holds it."""
+  n = max(longest, 1)
+  if buckets == "multiple":
+    t = round_up(n, pad_multiple)
+  elif buckets == "pow2":
+    t = max(pad_multiple, 1 << (n - 1).bit_length())
+  else:
+    t = next((b for b in sorted(buckets) if b >= n), max_length)
+  return min(t, max_length)
 
 
 def pad_right(seqs: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

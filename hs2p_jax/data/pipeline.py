@@ -56,7 +56,7 @@ class _Batches:
     self.task, self.seqs, self.extras, self.order = task, seqs, extras, order
     self.process_index, self.pad_id = process_index, pad_id
     self.row_multiple = row_multiple  # local rows: a multiple of this (the global rows divide the batch axes)
-    self.max_length, self.pad_multiple = cfg.max_length, cfg.pad_multiple
+    self.max_length, self.pad_multiple, self.buckets = cfg.max_length, cfg.pad_multiple, cfg.buckets
     self.packing = cfg.packing and task != "prompts"
     self.share_prompt = self.packing and cfg.share_prompt and task == "pairs"
     self.lengths = np.array([[len(s) for s in sides] for sides in seqs], np.int64)  # [E, 1 or 2]
@@ -84,7 +84,7 @@ class _Batches:
     out: dict[str, np.ndarray] = {}
     if self.task == "prompts":
       t = bucket_length(max(int(self.lengths[np.maximum(i, 0)].max()) for i in ids_all), self.pad_multiple,
-                        self.max_length)
+                        self.max_length, self.buckets)
       out["prompt_ids"], out["prompt_mask"] = pad_left(seqs, t, self.pad_id)
     elif self.packing:
       rows = round_up(max(self._packed_rows(i) for i in ids_all), math.lcm(PACKED_ROW_MULTIPLE, self.row_multiple))
@@ -94,7 +94,7 @@ class _Batches:
       out.update({k: packed[k] for k in keys})
     else:
       t = bucket_length(max(int(self.lengths[np.maximum(i, 0)].max()) for i in ids_all), self.pad_multiple,
-                        self.max_length)
+                        self.max_length, self.buckets)
       filler_rows = [seqs[0][:0]] * (round_up(len(seqs), self.row_multiple) - len(seqs))  # all padding
       out["input_ids"], out["segment_ids"] = pad_right(seqs + filler_rows, t, self.pad_id)
       out["score_row"] = np.arange(len(seqs), dtype=np.int32)

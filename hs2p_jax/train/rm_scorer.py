@@ -60,7 +60,7 @@ class RewardScorer:
       chunk = seqs[start:start + rows]
       n = len(chunk)
       chunk = chunk + [chunk[-1]] * (rows - n)  # fixed shapes: one compile per bucket
-      t = bucket_length(max(len(s) for s in chunk), 32, self.max_length)
+      t = bucket_length(max(len(s) for s in chunk), 32, self.max_length, "pow2")  # few compiled shapes
       ids, seg = pad_right(chunk, t, pad_id)
       batch = {"input_ids": ids, "segment_ids": seg, "score_row": np.arange(len(chunk), dtype=np.int32),
                "score_index": np.asarray([len(s) - 1 for s in chunk], np.int32)}
