@@ -115,6 +115,7 @@ class ReinforceConfig(OptimizerConfig):
   kl_estimator: str = "absolute"       # absolute: |logp - ref| (NeMo); k1: logp - ref; k3: (r - 1) - log r
   truncated_as_ended: bool = False     # count samples cut at max_new_tokens in the baseline (NeMo: no)
   updates_per_rollout: int = 1         # optimizer steps per rollout batch (minibatches of it)
+  micro_batches: int = 1               # each minibatch through the model in this many slices (grads accumulated)
   share_prompt: bool = False           # policy / reference log-probs compute each prompt once for its k samples
   reward_scale: float = 1.0
   lr: float = 1e-6

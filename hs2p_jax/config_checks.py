@@ -60,6 +60,11 @@ def validate(cfg) -> None:
     if rl.share_prompt and rl.prompts_per_step % rl.updates_per_rollout:
       raise UserError("reinforce.share_prompt=true: reinforce.updates_per_rollout must divide prompts_per_step "
                       "(a minibatch holds whole prompts)")
+    minibatch = rl.prompts_per_step * rl.samples_per_prompt // rl.updates_per_rollout
+    if rl.micro_batches <= 0 or minibatch % rl.micro_batches or \
+        (rl.share_prompt and (minibatch // rl.micro_batches) % rl.samples_per_prompt):
+      raise UserError(f"reinforce.micro_batches={rl.micro_batches} must divide the {minibatch} rollouts of an update"
+                      + (" into whole prompts (share_prompt)" if rl.share_prompt else ""))
     policy = getattr(cfg, "policy", None)
     if rl.share_prompt and isinstance(policy, ModelConfig) and policy.attention == "splash":
       raise UserError("reinforce.share_prompt=true needs policy.attention reference, xla or cudnn "

@@ -105,8 +105,10 @@ def sampling(cfg: ReinforceRunConfig, eos: tuple[int, ...], new_tokens: int | No
                         top_p=rc.top_p, eos_ids=eos, num_samples=rc.samples_per_prompt)
 
 
-def lower(phase: str, cfg: ReinforceRunConfig, x: dict[str, Any], new_tokens: int | None = None):
-  """The jitted function of `phase` lowered on the abstract inputs `x` (run under `use_mesh`)."""
+def lower(phase: str, cfg: ReinforceRunConfig, x: dict[str, Any], new_tokens: int | None = None,
+          micro_batches: int | None = None):
+  """The jitted function of `phase` lowered on the abstract inputs `x` (run under `use_mesh`);
+  `micro_batches` overrides the update's (1 for a FLOP count: a scanned body is counted once)."""
   from hs2p_jax.sample import generate_from_state
   from hs2p_jax.train.reinforce import make_logprob_fn, make_policy_step
   from hs2p_jax.train.rm import make_eval_step
@@ -126,7 +128,8 @@ def lower(phase: str, cfg: ReinforceRunConfig, x: dict[str, Any], new_tokens: in
         x["rm_params"], x["score"])
   if phase == "update":
     shard = lambda t: jax.tree.map(lambda a: a.sharding, t)  # noqa: E731
-    step = jax.jit(make_policy_step(x["graphdef"], x["tx"], share), donate_argnums=(0, 1),
+    m = cfg.reinforce.micro_batches if micro_batches is None else micro_batches
+    step = jax.jit(make_policy_step(x["graphdef"], x["tx"], share, micro_batches=m), donate_argnums=(0, 1),
                    out_shardings=(shard(params), shard(x["opt_state"]), None))
     return step.lower(params, x["opt_state"], x["update"])
   raise ValueError(phase)

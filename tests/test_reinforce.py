@@ -237,3 +237,33 @@ def test_prompt_buckets_bound_the_compiled_shapes(tmp_path):
   before = generate_from_state._cache_size()
   trainer.run()
   assert generate_from_state._cache_size() - before == len(buckets) == 4 and len(multiples) == 8
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_micro_batched_policy_updates_equal_the_one_pass_update(share):
+  import optax
+  from flax import nnx
+  from conftest import padded_batch
+  from hs2p_jax.model import create, preset
+  from hs2p_jax.train.reinforce import interleave, make_policy_step
+  assert interleave(jnp.arange(12), 3, 2).tolist() == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10, 11]]
+  graphdef, params = nnx.split(create("lm", preset("tiny", num_layers=1), seed=5))
+  rng = np.random.RandomState(2)
+  k = 2
+  pids, pmask = padded_batch(rng, [5, 5, 3, 3, 6, 6, 4, 4], 6, "left")
+  if share:  # the samples of a prompt share it: rows come in groups of k with equal prompts
+    pids, pmask = np.repeat(pids[::k], k, 0), np.repeat(pmask[::k], k, 0)
+  tokens = rng.randint(16, 270, (8, 5)).astype(np.int32)
+  resp = (np.arange(5)[None] < rng.randint(1, 6, 8)[:, None]).astype(np.int32)
+  batch = {"prompt_ids": pids.astype(np.int32), "prompt_mask": pmask.astype(np.int32), "tokens": tokens,
+           "response_mask": resp, "advantages": rng.randn(8).astype(np.float32)}
+  tx = optax.sgd(1.0)  # (Adam would amplify float noise on near-zero gradients)
+  out = {}
+  for m in (1, 2, 4):
+    step = jax.jit(make_policy_step(graphdef, tx, k if share else None, 0.9, micro_batches=m))
+    p, _, metrics = step(params, tx.init(params), batch)
+    out[m] = (float(metrics["loss"]), float(metrics["grad_norm"]), p)
+  for m in (2, 4):
+    assert out[m][0] == pytest.approx(out[1][0], rel=1e-5) and out[m][1] == pytest.approx(out[1][1], rel=1e-4)
+    for a, b in zip(jax.tree.leaves(out[m][2]), jax.tree.leaves(out[1][2])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

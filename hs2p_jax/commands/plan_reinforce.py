@@ -82,8 +82,8 @@ def compile_phases(cfg: ReinforceRunConfig, policy: LlamaConfig, rm: LlamaConfig
   try:
     with use_mesh(mesh, rules):
       mems = {ph: [_memory(rl.lower(ph, cfg, at(n)).compile(options)) for n in layers] for ph in rl.PHASES}
-      flops = {ph: [_flops(rl.lower(ph, cfg, at(n, scan=False), new_tokens=1 if ph == "generate" else None)
-                           .compile(options)) for n in flop_layers] for ph in rl.PHASES}
+      flops = {ph: [_flops(rl.lower(ph, cfg, at(n, scan=False), new_tokens=1 if ph == "generate" else None,
+                                    micro_batches=1).compile(options)) for n in flop_layers] for ph in rl.PHASES}
       decode = [_flops(_decode_step(at(n, scan=False), s, rules).compile(options)) for n in flop_layers]
   except jax.errors.JaxRuntimeError as e:
     return {"status": "failed", "compiler": compiler, "note": str(e).splitlines()[0][:300]}

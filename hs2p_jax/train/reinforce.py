@@ -138,22 +138,48 @@ def advantages(rm_scores: jax.Array, kl: jax.Array, ended: jax.Array, beta: floa
   return rewards, base, rewards - base
 
 
+def interleave(a: jax.Array, m: int, group: int = 1) -> jax.Array:
+  """[N, ...] rows -> [m, N / m, ...] micro-batches taking every m-th group of `group` rows, so that
+  each device's shard of the rows (a contiguous block) holds its part of every micro-batch."""
+  n = a.shape[0]
+  x = a.reshape(n // (group * m), m, group, *a.shape[1:])
+  return jnp.swapaxes(x, 0, 1).reshape(m, n // m, *a.shape[1:])
+
+
 def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, share_prompt_k: int | None = None,
-                     temperature: float = 1.0):
+                     temperature: float = 1.0, micro_batches: int = 1):
   """A pure `step(params, opt_state, batch) -> (params, opt_state, metrics)` on a rollout minibatch
   (`prompt_ids`, `prompt_mask`, `tokens`, `response_mask`, `advantages`); with `share_prompt_k`,
   rows come in groups of k sharing a prompt, computed once (`shared_prompt_logprobs`). Log-probs
-  under softmax(logits / temperature) (`objective_temperature`)."""
+  under softmax(logits / temperature) (`objective_temperature`). With `micro_batches` m, the rows
+  go through the model m slices at a time and the gradient of the summed loss is accumulated, so
+  the step equals the one-pass step (the loss is one masked mean over all the minibatch's tokens)."""
 
-  def loss_fn(params, batch):
+  def sum_loss(params, batch):  # (sum over response tokens of -logp * advantage, token count)
     logp = _logprobs(nnx.merge(graphdef, params), batch, share_prompt_k, temperature)
-    return reinforce_loss(logp, batch["advantages"], batch["response_mask"])
+    m = batch["response_mask"].astype(jnp.float32)
+    return -jnp.sum(logp * batch["advantages"][:, None] * m), jnp.sum(m)
+
+  grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    if micro_batches == 1:
+      (total, count), grads = grad_fn(params, batch)
+    else:
+      stacked = jax.tree.map(lambda a: interleave(a, micro_batches, share_prompt_k or 1), batch)
+
+      def micro(carry, mb):
+        g_acc, t_acc, c_acc = carry
+        (t, c), g = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), t_acc + t, c_acc + c), None
+
+      init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
+      (grads, total, count), _ = jax.lax.scan(micro, init, stacked)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": grad_norm}
+    return optax.apply_updates(params, updates), opt_state, {"loss": total / denom, "grad_norm": grad_norm}
 
   return step
 

@@ -78,7 +78,7 @@ class ReinforceTrainer:
       self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(self.params)
     share = rc.samples_per_prompt if rc.share_prompt else None  # rows come in prompt-major groups of k
     temp = objective_temperature(rc.temperature)  # the loss and KL read the sampler's distribution
-    self._step = jax.jit(make_policy_step(self.graphdef, self.tx, share, temp), donate_argnums=(0, 1),
+    self._step = jax.jit(make_policy_step(self.graphdef, self.tx, share, temp, rc.micro_batches), donate_argnums=(0, 1),
                          out_shardings=(param_sh, self.opt_sh, None))
     self._logprobs = jax.jit(make_logprob_fn(self.graphdef, share, temp))
     self._kl = jax.jit(lambda lp, ref, m: masked_mean(kl_per_token(lp, ref, rc.kl_estimator), m, axis=1),
