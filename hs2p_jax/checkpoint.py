@@ -254,6 +254,8 @@ class RunCheckpoints:
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                                data=ocp.args.JsonRestore()))
+    except json.JSONDecodeError as e:  # a truncated metadata file
+      raise Unreadable(f"{where}: unreadable ({_first_line(e)})") from None
     except (ValueError, KeyError) as e:
       raise UserError(f"{where}: cannot resume, checkpoint does not match this config ({_first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - truncated or damaged files

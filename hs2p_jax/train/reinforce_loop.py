@@ -1,4 +1,4 @@
-"""`hs2p reinforce`: rollouts from the KV-cache sampler, reward-model scores, leave-one-out REINFORCE updates."""
+"""`hs2p reinforce`: rollouts from the KV-cache sampler, reward-model scores, leave-one-out REINFORCE updates, on the shared loop (`train.loop`)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import numpy as np
 from flax import nnx
 
 from hs2p_jax import provenance
-from hs2p_jax.atomic import write_json
-from hs2p_jax.checkpoint import ModelMeta, RunCheckpoints, abstract_like, resolve_model_dir, save_model
+from hs2p_jax.checkpoint import ModelMeta, resolve_model_dir, save_model
 from hs2p_jax.config import ReinforceRunConfig, to_dict
 from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.errors import UserError
@@ -23,8 +22,8 @@ from hs2p_jax.sample import SamplingConfig, generate_from_state, left_align
 from hs2p_jax.stops import cut_at_stop, stop_automaton
 from hs2p_jax.sharding import make_mesh, rules_from, state_shardings, use_mesh
 from hs2p_jax.train.feed import gather_processes, host_global, put_batch
-from hs2p_jax.train.guard import FiniteGuard
-from hs2p_jax.train.metrics import MetricsWriter, truncate_jsonl_after
+from hs2p_jax.train.loop import LoopConfig, run as run_loop
+from hs2p_jax.train.metrics import truncate_jsonl_after
 from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train.model_init import build_model, tokenizer_spec
 from hs2p_jax.train.optim import optimizer_from
@@ -144,57 +143,51 @@ class ReinforceTrainer:
     return {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)),
             "train_tokens_per_s": tokens / max(time.time() - t0, 1e-9)}
 
-  def run(self) -> dict[str, Any]:
+  def provenance(self) -> None:
     cfg, rc = self.cfg, self.cfg.reinforce
-    os.makedirs(self.out_dir, exist_ok=True)
-    if jax.process_index() == 0:
-      write_json(os.path.join(self.out_dir, "config.json"), to_dict(cfg))
     data = {"prompts": provenance.data_entry(self.loader, rc.steps, rc.prompts_per_step)}
     if jax.process_index() == 0:
       print(provenance.describe("prompts", data["prompts"]), file=sys.stderr, flush=True)
     provenance.write(self.out_dir, self.mesh, data,
                      model={"source": cfg.policy.source, "init_from": cfg.policy.init_from,
                             "reward_model": os.path.abspath(cfg.reward_model) if cfg.reward_model else None})
-    ckpts = RunCheckpoints(self.out_dir, rc.keep_checkpoints)
-    start, state, data_state = ckpts.restore_latest({"params": abstract_like(self.params),
-                                                     "opt_state": abstract_like(self.opt_state)})
-    if start:
-      self.params, self.opt_state = state["params"], state["opt_state"]
-      self.loader.set_state(data_state["loader"])
-    writer = MetricsWriter(self.out_dir, rc.steps, start, stage=cfg.name)
-    samples_path = os.path.join(self.out_dir, "samples.jsonl")
+
+  def begin(self, start: int) -> None:
+    self._samples_path = os.path.join(self.out_dir, "samples.jsonl")
     if jax.process_index() == 0:
-      truncate_jsonl_after(samples_path, start)
-    it = iter(self.loader)
-    last: dict[str, Any] = {}
-    guard = FiniteGuard(self.out_dir, start or None)
-    try:
-      for step in range(start + 1, rc.steps + 1):
-        batch = gather_processes(next(it))  # every process holds the step's global prompts
-        upd, roll = self.rollout(step, batch)
-        samples = roll.pop("_samples")
-        roll.update(self.update(upd))
-        guard.update(step, roll)
-        guard.check()  # the rollout's numbers are on the host already: no extra sync
-        if step % rc.log_every == 0 or step == rc.steps:
-          roll["tokens_per_s"] = roll["sample_tokens_per_s"]
-          last = writer.log(step, roll)
-        if rc.sample_every and (step % rc.sample_every == 0 or step == rc.steps) and jax.process_index() == 0:
-          with open(samples_path, "a", encoding="utf-8") as f:
-            for s in samples:
-              f.write(json.dumps({"step": step, **s}) + "\n")
-        if step % rc.save_every == 0 or step == rc.steps:
-          ckpts.save(step, {"params": self.params, "opt_state": self.opt_state}, {"loader": self.loader.get_state()},
-                     force=step == rc.steps)
-          guard.saved(step)
-      ckpts.wait()
-      save_model(os.path.join(self.out_dir, "model"), nnx.merge(self.graphdef, self.params),
-                 ModelMeta(kind="lm", config=self.meta.config, template=cfg.data.template), self.tokenizer,
-                 overwrite=True)
-    finally:
-      ckpts.close()
-      writer.close()
-    return last
+      truncate_jsonl_after(self._samples_path, start)
+    self._it = iter(self.loader)
+
+  def step(self, step: int) -> dict[str, Any]:
+    batch = gather_processes(next(self._it))  # every process holds the step's global prompts
+    upd, roll = self.rollout(step, batch)
+    self._samples = roll.pop("_samples")
+    roll.update(self.update(upd))
+    roll["tokens_per_s"] = roll["sample_tokens_per_s"]
+    return roll  # host numbers already: the loop's checks cost no extra sync
+
+  def log_now(self, step: int) -> bool:
+    return False
+
+  def record(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    return metrics
+
+  def after_step(self, step: int) -> None:
+    rc = self.cfg.reinforce
+    if rc.sample_every and (step % rc.sample_every == 0 or step == rc.steps) and jax.process_index() == 0:
+      with open(self._samples_path, "a", encoding="utf-8") as f:
+        for s in self._samples:
+          f.write(json.dumps({"step": step, **s}) + "\n")
+
+  def save_final(self) -> None:
+    save_model(os.path.join(self.out_dir, "model"), nnx.merge(self.graphdef, self.params),
+               ModelMeta(kind="lm", config=self.meta.config, template=self.cfg.data.template), self.tokenizer,
+               overwrite=True)
+
+  def run(self) -> dict[str, Any]:
+    rc = self.cfg.reinforce
+    loop = LoopConfig(rc.steps, rc.log_every, rc.save_every, rc.keep_checkpoints, False, self.cfg.name)
+    return run_loop(self, loop, self.out_dir, to_dict(self.cfg))
 
 
 def train_reinforce(cfg: ReinforceRunConfig, out_dir: str) -> dict[str, Any]:

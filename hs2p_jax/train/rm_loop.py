@@ -1,4 +1,4 @@
-"""`hs2p train-rm`: the reward-model training loop (data, steps, evaluation, checkpoints, logging)."""
+"""`hs2p train-rm`: the reward-model trainer (data, jitted steps, evaluation) on the shared loop (`train.loop`)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,14 @@ import numpy as np
 from flax import nnx
 
 from hs2p_jax import provenance
-from hs2p_jax.checkpoint import RunCheckpoints, abstract_like, save_model
+from hs2p_jax.checkpoint import save_model
 from hs2p_jax.config import RunConfig, to_dict
 from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.eval.scoring import collect, pair_metrics, regression_metrics
-from hs2p_jax.atomic import write_json
 from hs2p_jax.model.reward import attribute_weights
 from hs2p_jax.sharding import batch_split, make_mesh, opt_state_shardings, rules_from, state_shardings, use_mesh
 from hs2p_jax.train.feed import gather_processes, put_batch
-from hs2p_jax.train.guard import FiniteGuard
-from hs2p_jax.train.metrics import MetricsWriter
+from hs2p_jax.train.loop import LoopConfig, run as run_loop
 from hs2p_jax.errors import UserError
 from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train.model_init import build_model, tokenizer_spec, with_template
@@ -103,7 +101,7 @@ class RMTrainer:
 
   # -- training ---------------------------------------------------------------------------------
 
-  def _record_provenance(self) -> None:
+  def provenance(self) -> None:
     """provenance.json, and one line per data set at the start: kept/dropped/truncated, epochs."""
     tc = self.cfg.train
     data = {"train": provenance.data_entry(self.loader, tc.steps, tc.batch_size)}
@@ -127,62 +125,44 @@ class RMTrainer:
     provenance.write(self.out_dir, self.mesh, data, batch=batch,
                      model={"source": m.source, "init_from": m.init_from})
 
-  def _restore(self, ckpts: RunCheckpoints) -> int:
-    target = {"params": abstract_like(self.params), "opt_state": abstract_like(self.opt_state)}
-    step, state, data_state = ckpts.restore_latest(target)
-    if not step:
-      return 0
-    self.params, self.opt_state = state["params"], state["opt_state"]
-    self.loader.set_state(data_state["loader"])
-    return step
+  def begin(self, start: int) -> None:
+    self._it = iter(self.loader)
+    self._t0, self._tokens = time.time(), 0
+
+  def step(self, step: int) -> dict[str, Any]:
+    micro = [gather_processes(next(self._it)) for _ in range(self.accum)]
+    self._tokens += sum(int(np.count_nonzero(b["segment_ids"])) for b in micro)
+    batch = put_batch(stack_micro_batches(micro), self.mesh, self.rules, stacked=True)
+    with use_mesh(self.mesh, self.rules):
+      self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch)
+    return metrics
+
+  def _evaluates(self, step: int) -> bool:
+    tc = self.cfg.train
+    return step == tc.steps or bool(tc.eval_every and step % tc.eval_every == 0)
+
+  def log_now(self, step: int) -> bool:
+    return self._evaluates(step)
+
+  def record(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    rec.update(lr=float(self.lr_at(step - 1)), tokens_per_s=self._tokens / max(time.time() - self._t0, 1e-9))
+    if self._evaluates(step):
+      rec.update(self.evaluate())
+    self._t0, self._tokens = time.time(), 0
+    return rec
+
+  def after_step(self, step: int) -> None:
+    pass
+
+  def save_final(self) -> None:
+    save_model(os.path.join(self.out_dir, "model"), nnx.merge(self.graphdef, self.params), self.meta, self.tokenizer,
+               overwrite=True)
 
   def run(self) -> dict[str, Any]:
-    cfg, tc = self.cfg, self.cfg.train
-    os.makedirs(self.out_dir, exist_ok=True)
-    if jax.process_index() == 0:
-      write_json(os.path.join(self.out_dir, "config.json"), to_dict(cfg))
-    self._record_provenance()
-    ckpts = RunCheckpoints(self.out_dir, tc.keep_checkpoints, tc.async_checkpoint)
-    start = self._restore(ckpts)
-    writer = MetricsWriter(self.out_dir, tc.steps, start, stage=cfg.name)
-    it = iter(self.loader)
-    last: dict[str, Any] = {}
-    t0, tokens = time.time(), 0
-    guard = FiniteGuard(self.out_dir, start or None)
-    try:
-      for step in range(start + 1, tc.steps + 1):
-        micro = [gather_processes(next(it)) for _ in range(self.accum)]
-        tokens += sum(int(np.count_nonzero(b["segment_ids"])) for b in micro)
-        batch = put_batch(stack_micro_batches(micro), self.mesh, self.rules, stacked=True)
-        with use_mesh(self.mesh, self.rules):
-          self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch)
-        guard.update(step, metrics)
-        evaluate = step == tc.steps or bool(tc.eval_every and step % tc.eval_every == 0)
-        if step % tc.log_every == 0 or step == tc.steps or evaluate:
-          guard.check()
-          rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          elapsed = time.time() - t0
-          rec.update(lr=float(self.lr_at(step - 1)), tokens_per_s=tokens / max(elapsed, 1e-9))
-          if evaluate:
-            rec.update(self.evaluate())
-          last = writer.log(step, rec)
-          t0, tokens = time.time(), 0
-        if step % tc.save_every == 0 and step != tc.steps:
-          guard.check()
-          ckpts.save(step, {"params": self.params, "opt_state": self.opt_state},
-                     {"loader": self.loader.get_state()})
-          guard.saved(step)
-      guard.check()
-      if start < tc.steps:
-        ckpts.save(tc.steps, {"params": self.params, "opt_state": self.opt_state},
-                   {"loader": self.loader.get_state()}, force=True)
-      ckpts.wait()
-      model_dir = os.path.join(self.out_dir, "model")
-      save_model(model_dir, nnx.merge(self.graphdef, self.params), self.meta, self.tokenizer, overwrite=True)
-    finally:
-      ckpts.close()
-      writer.close()
-    return last
+    tc = self.cfg.train
+    loop = LoopConfig(tc.steps, tc.log_every, tc.save_every, tc.keep_checkpoints, tc.async_checkpoint, self.cfg.name)
+    return run_loop(self, loop, self.out_dir, to_dict(self.cfg))
 
 
 def train_rm(cfg: RunConfig, out_dir: str) -> dict[str, Any]:
