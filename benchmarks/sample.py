@@ -33,6 +33,12 @@ KNOBS: dict[str, tuple[dict, dict, dict | None]] = {
     "samples_4": ({}, {"samples": 4}, None),
     "data_parallel_2": ({}, {"devices": 2}, None),
     "data_parallel_2_no_scan": ({"scan_layers": False}, {"devices": 2}, None),
+    # REINFORCE's policy is FSDP-sharded for training: sampling from that layout gathers every weight
+    # at every token; the rollout layout copies it once per call (the copy is timed with the call)
+    "fsdp_2": ({}, {"devices": 2, "layout": "fsdp"}, None),
+    "rollout_2": ({}, {"devices": 2, "layout": "rollout"}, None),
+    "fsdp_2_bfloat16": ({"dtype": "bfloat16"}, {"devices": 2, "layout": "fsdp"}, None),
+    "rollout_2_bfloat16": ({"dtype": "bfloat16"}, {"devices": 2, "layout": "rollout"}, None),
 }
 
 

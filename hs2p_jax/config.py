@@ -117,6 +117,11 @@ class ReinforceConfig(OptimizerConfig):
   updates_per_rollout: int = 1         # optimizer steps per rollout batch (minibatches of it)
   micro_batches: int = 1               # each minibatch through the model in this many slices (grads accumulated)
   share_prompt: bool = False           # policy / reference log-probs compute each prompt once for its k samples
+  rollout_copy: bool = True            # sample from a copy in the rollout layout (`hs2p_jax.rollout`); false:
+                                       # from the training params and layout
+  rollout_tensor: int = 0              # the copy's tensor-parallel degree (0: the smallest that fits half a
+                                       # device's memory; 1: replicated on every device)
+  rollout_dtype: str = "auto"          # the copy's dtype (auto: policy.dtype, the compute dtype)
   reward_scale: float = 1.0
   lr: float = 1e-6
   warmup_steps: int = 0

@@ -17,6 +17,7 @@ _CHOICES = {
     "train.bt_variant": ("regular", "margin", "scaled"),
     "policy.kind": ("lm",),
     "reinforce.kl_estimator": ("absolute", "k1", "k3"),
+    "reinforce.rollout_dtype": ("auto", "float32", "bfloat16", "float16"),
 }
 
 
@@ -69,6 +70,8 @@ def validate(cfg) -> None:
     if rl.share_prompt and isinstance(policy, ModelConfig) and policy.attention == "splash":
       raise UserError("reinforce.share_prompt=true needs policy.attention reference, xla or cudnn "
                       "(the splash kernel cannot mask one sample from another)")
+    if rl.rollout_tensor < 0:
+      raise UserError(f"reinforce.rollout_tensor={rl.rollout_tensor}: must be >= 0 (0 chooses)")
     if not 0.0 < rl.top_p <= 1.0 or rl.temperature < 0:
       raise UserError("reinforce.top_p must be in (0, 1] and reinforce.temperature >= 0")
   data = getattr(cfg, "data", None)

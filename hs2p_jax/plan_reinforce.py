@@ -3,7 +3,9 @@
 Resident for the whole run (float32, sharded by the rules): the policy, its AdamW state, the frozen
 reference and the reward model. One step runs four phases one after another, each a compiled
 function of some of the resident arrays and its own inputs:
-  generate   prefill of the P prompts (or of their P*k copies where P does not split over the
+  copy       the policy cast and resharded into the rollout layout (`hs2p_jax.rollout`), unless
+             reinforce.rollout_copy is off
+  generate   (from that copy, on its mesh) prefill of the P prompts (or of their P*k copies where P does not split over the
              batch axes) and the decode loop with its KV cache, k samples per prompt
   logprobs   policy and reference log-probs of the N = P*k rollouts ([N, Tp + Tr] rows)
   score      the reward model on the N rollouts ([N, Tp + Tr] rows)
@@ -29,11 +31,18 @@ from hs2p_jax.config import ReinforceRunConfig
 from hs2p_jax.model import create
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.plan import Target, device_bytes, num_params
-from hs2p_jax.sharding import Rules, batch_split, opt_state_shardings, state_shardings
+from hs2p_jax.rollout import layout_for
+from hs2p_jax.sharding import (Rules, batch_split, current_mesh, current_rules, opt_state_shardings,
+                               state_shardings, use_mesh)
 from hs2p_jax.train.feed import batch_sharding
 from hs2p_jax.train.optim import optimizer_from
 
-PHASES = ("generate", "logprobs", "score", "update")
+PHASES = ("copy", "generate", "logprobs", "score", "update")
+
+
+def phases(cfg: ReinforceRunConfig) -> tuple[str, ...]:
+  """The phases a step of `cfg` runs: `copy` (the policy into the rollout layout) where it has one."""
+  return PHASES if cfg.reinforce.rollout_copy else PHASES[1:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +79,9 @@ def _rows(mesh, rules: Rules, **arrays: tuple[tuple[int, ...], Any]) -> dict[str
 
 
 def inputs(cfg: ReinforceRunConfig, policy_cfg: LlamaConfig, rm_cfg: LlamaConfig, num_attributes: int, mesh,
-           rules: Rules) -> dict[str, Any]:
-  """Abstract, sharded arguments of every phase (module docstring)."""
+           rules: Rules, memory: int | None = None) -> dict[str, Any]:
+  """Abstract, sharded arguments of every phase (module docstring); `memory`: bytes per device,
+  for the rollout layout's choice."""
   s = shapes(cfg)
   graphdef, params = _abstract("lm", policy_cfg, 9, mesh, rules)
   rm_graphdef, rm_params = _abstract("reward", rm_cfg, num_attributes, mesh, rules)
@@ -93,9 +103,20 @@ def inputs(cfg: ReinforceRunConfig, policy_cfg: LlamaConfig, rm_cfg: LlamaConfig
   score.update(score_row=jax.ShapeDtypeStruct((rows_rm,), i32, sharding=rep),
                score_index=jax.ShapeDtypeStruct((rows_rm,), i32, sharding=rep))
   prompts = {k: jax.ShapeDtypeStruct((s.prompts, s.prompt_len), i32, sharding=rep) for k in ("ids", "mask")}
+  rc = cfg.reinforce
+  layout = layout_for(params, policy_cfg, mesh, rules, tensor=rc.rollout_tensor, dtype=rc.rollout_dtype,
+                      rows=s.rollouts, memory=memory) if rc.rollout_copy else None
   return {"graphdef": graphdef, "params": params, "opt_state": opt, "tx": tx, "rm_graphdef": rm_graphdef,
           "rm_params": rm_params, "rollout": rollout(s.rollouts), "update": update, "score": score,
-          "prompts": prompts, "rm_rows": rows_rm}
+          "prompts": prompts, "rm_rows": rows_rm, "layout": layout}
+
+
+def sampler_state(x: dict[str, Any]) -> tuple[Any, Any, Any]:
+  """(mesh or None, graphdef, abstract params) the sampler runs with: the rollout copy's, or the policy's."""
+  lay = x["layout"]
+  if lay is None:
+    return None, x["graphdef"], x["params"]
+  return lay.mesh, lay.graphdef, lay.abstract(x["params"])
 
 
 def sampling(cfg: ReinforceRunConfig, eos: tuple[int, ...], new_tokens: int | None = None):
@@ -115,11 +136,15 @@ def lower(phase: str, cfg: ReinforceRunConfig, x: dict[str, Any], new_tokens: in
 
   share = cfg.reinforce.samples_per_prompt if cfg.reinforce.share_prompt else None
   params = x["params"]
+  if phase == "copy":
+    return x["layout"]._copy.lower(params)
   if phase == "generate":
     key = jax.eval_shape(lambda: jax.random.key(0))
     eos = (2,)
-    return generate_from_state.lower(x["graphdef"], params, x["prompts"]["ids"], x["prompts"]["mask"], key,
-                                     sampling(cfg, eos, new_tokens))
+    mesh, graphdef, state = sampler_state(x)
+    with use_mesh(mesh or current_mesh(), x["layout"].rules if mesh is not None else current_rules()):
+      return generate_from_state.lower(graphdef, state, x["prompts"]["ids"], x["prompts"]["mask"], key,
+                                       sampling(cfg, eos, new_tokens))
   if phase == "logprobs":
     return jax.jit(make_logprob_fn(x["graphdef"], share)).lower(params, x["rollout"])
   if phase == "score":
@@ -137,7 +162,7 @@ def lower(phase: str, cfg: ReinforceRunConfig, x: dict[str, Any], new_tokens: in
 
 def phase_arguments(phase: str, x: dict[str, Any]) -> list[str]:
   """The resident trees each phase takes as arguments."""
-  return {"generate": ["params"], "logprobs": ["params"], "score": ["rm_params"],
+  return {"copy": ["params"], "generate": ["params"], "logprobs": ["params"], "score": ["rm_params"],
           "update": ["params", "opt_state"]}[phase]
 
 
@@ -148,10 +173,11 @@ def resident(x: dict[str, Any]) -> dict[str, int]:
           "reward_model": device_bytes(x["rm_params"])}
 
 
-def phase_peak(phase: str, mem: dict[str, int], res: dict[str, int]) -> int:
-  """The device's peak while `phase` runs: its compiled peak plus the resident arrays it does not take."""
-  taken = {"generate": ("policy",), "logprobs": ("policy",), "score": ("reward_model",),
-           "update": ("policy", "optimizer")}[phase]
+def phase_peak(phase: str, mem: dict[str, int], res: dict[str, int], copy: bool = True) -> int:
+  """The device's peak while `phase` runs: its compiled peak plus the resident arrays it does not
+  take (with the rollout `copy`, the sampler takes the copy, and the policy stays resident)."""
+  taken = {"copy": ("policy",), "generate": () if copy else ("policy",), "logprobs": ("policy",),
+           "score": ("reward_model",), "update": ("policy", "optimizer")}[phase]
   others = sum(v for k, v in res.items() if k not in taken)
   return mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + others
 
@@ -166,7 +192,7 @@ def model_flops(cfg: ReinforceRunConfig, policy_cfg: LlamaConfig, rm_cfg: LlamaC
                         head_tokens=s.rollouts * s.new_tokens)
   else:
     fwd = forward_flops(policy_cfg, s.rollouts, t, head_tokens=s.rollouts * s.new_tokens)
-  out = {"generate": forward_flops(policy_cfg, prefill_rows, s.prompt_len, head_tokens=prefill_rows)
+  out = {"copy": 0, "generate": forward_flops(policy_cfg, prefill_rows, s.prompt_len, head_tokens=prefill_rows)
          + decode_flops(policy_cfg, s.rollouts, s.new_tokens, s.prompt_len),
          "logprobs": 2 * fwd,                       # policy and reference
          "score": forward_flops(rm_cfg, s.rollouts, t, head_tokens=0),
@@ -179,10 +205,11 @@ def params_count(x: dict[str, Any]) -> dict[str, int]:
   return {"policy": num_params(x["params"]), "reward_model": num_params(x["rm_params"])}
 
 
-def prefill_rows(cfg: ReinforceRunConfig, mesh, rules: Rules) -> int:
-  """Rows the sampler prefills: the prompts, or their P*k copies where the prompts do not split."""
+def prefill_rows(cfg: ReinforceRunConfig, mesh, rules: Rules, layout=None) -> int:
+  """Rows the sampler prefills: the prompts, or their P*k copies where the prompts do not split
+  (over the rollout layout's mesh where there is one)."""
   s = shapes(cfg)
-  split = batch_split(mesh, rules, "cache_batch")
+  split = batch_split(layout.mesh if layout is not None else mesh, rules, "cache_batch")
   return s.prompts if s.samples == 1 or s.prompts % split == 0 else s.rollouts
 
 
@@ -199,11 +226,11 @@ def warnings_for(cfg: ReinforceRunConfig, target: Target, mesh, rules: Rules) ->
   return out
 
 
-def notes_for(cfg: ReinforceRunConfig, mesh, rules: Rules) -> list[str]:
+def notes_for(cfg: ReinforceRunConfig, mesh, rules: Rules, layout=None) -> list[str]:
   """What is worth knowing but not a problem: how the prefill runs, what the step time means."""
-  s, split = shapes(cfg), batch_split(mesh, rules, "cache_batch")
+  s, split = shapes(cfg), batch_split(layout.mesh if layout is not None else mesh, rules, "cache_batch")
   out = []
-  if prefill_rows(cfg, mesh, rules) != s.prompts:
+  if prefill_rows(cfg, mesh, rules, layout) != s.prompts:
     out.append(f"reinforce.prompts_per_step={s.prompts} does not split over the {split} devices of the batch axes, "
                f"its {s.rollouts} samples do: the sampler prefills each sample's prompt copy ({s.samples}x the prefill)")
   out.append("the step time at 50% MFU is a lower bound: decoding reads every weight per token and is bound by memory "

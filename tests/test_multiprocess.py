@@ -67,18 +67,27 @@ def _run_two(cmd: list[str], env: dict) -> list[str]:
   return [o for o, _ in outs]
 
 
+def _one_device() -> dict[str, str]:
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
+
+
+def _train_bt(tmp_path, data: str, out, steps: int, **extra) -> None:
+  """A tiny BT reward model trained on `data` into `out` on one device."""
+  cfg = tmp_path / "c.yaml"
+  cfg.write_text("name: rm\n")
+  sets = tiny_overrides(tmp_path, **{"data.train": data, "data.format": "pairs", "train.objective": "bt",
+                                     "train.steps": steps, "train.batch_size": 4, **extra})
+  subprocess.run([sys.executable, "-m", "hs2p_jax", "train-rm", "--config", str(cfg), "--out", str(out),
+                  "--set", *sets], env=_one_device(), check=True, capture_output=True)
+
+
 @pytest.mark.slow
 def test_expo_search_and_eval_on_two_processes_equal_one_process_with_two_devices(tmp_path):
   """FSDP over 2 devices: on one process, and on two (one device each) through jax.distributed."""
   data = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(12))
-  cfg = tmp_path / "c.yaml"
-  cfg.write_text("name: mp\n")
-  env1 = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
+  env1 = _one_device()
   for name, steps in (("base", 1), ("tuned", 4)):
-    sets = tiny_overrides(tmp_path, **{"data.train": data, "data.format": "pairs", "train.objective": "bt",
-                                       "train.steps": steps, "train.batch_size": 4, "train.lr": 3e-3})
-    subprocess.run([sys.executable, "-m", "hs2p_jax", "train-rm", "--config", str(cfg), "--out",
-                    str(tmp_path / name), "--set", *sets], env=env1, check=True, capture_output=True)
+    _train_bt(tmp_path, data, tmp_path / name, steps, **{"train.lr": 3e-3})
   mesh = ["mesh.data=1", "mesh.fsdp=2"]
   expo = [sys.executable, "-m", "hs2p_jax", "expo", "--base", str(tmp_path / "base"), "--tuned",
           str(tmp_path / "tuned"), "--search", "0.5:2.0:0.5", "--data", data, "--format", "pairs",
@@ -108,21 +117,17 @@ def test_expo_search_and_eval_on_two_processes_equal_one_process_with_two_device
 
 @pytest.mark.slow
 def test_reinforce_on_two_processes_equals_one_process_with_two_devices(tmp_path):
-  data = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(8))
-  cfg = tmp_path / "c.yaml"
-  cfg.write_text("name: rm\n")
-  env1 = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
-  sets = tiny_overrides(tmp_path, **{"data.train": data, "data.format": "pairs", "train.objective": "bt",
-                                     "train.steps": 1, "train.batch_size": 4})
-  subprocess.run([sys.executable, "-m", "hs2p_jax", "train-rm", "--config", str(cfg), "--out", str(tmp_path / "rm"),
-                  "--set", *sets], env=env1, check=True, capture_output=True)
+  env1 = _one_device()
+  _train_bt(tmp_path, write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(8)), tmp_path / "rm", 1)
   root = os.path.join(os.path.dirname(__file__), "..")
   cmd = [sys.executable, "-m", "hs2p_jax", "reinforce", "--config", os.path.join(root, "configs/quickstart/reinforce.yaml")]
   common = ["reinforce.steps=2", f"reward_model={tmp_path / 'rm' / 'model'}", "data.builtin_size=32",
-            "reinforce.max_new_tokens=8", "policy.num_layers=1", "mesh.data=2"]
-  subprocess.run(cmd + ["--out", str(tmp_path / "one"), "--set", *common], check=True, capture_output=True,
-                 env={**env1, "JAX_NUM_CPU_DEVICES": "2"})
-  _run_two(cmd + ["--out", str(tmp_path / "two"), "--set", *common], env1)
+            "reinforce.max_new_tokens=8", "policy.num_layers=1"]
+  # one process: data parallel, sampling from the training params; two: FSDP over the processes,
+  # sampling from the rollout copy (replicated: resharded across the processes before decoding)
+  subprocess.run(cmd + ["--out", str(tmp_path / "one"), "--set", *common, "mesh.data=2", "reinforce.rollout_copy=false"],
+                 check=True, capture_output=True, env={**env1, "JAX_NUM_CPU_DEVICES": "2"})
+  _run_two(cmd + ["--out", str(tmp_path / "two"), "--set", *common, "mesh.data=1", "mesh.fsdp=2"], env1)
   one, two = (read_metrics(os.path.join(tmp_path, d, "metrics.jsonl")) for d in ("one", "two"))
   assert [r["step"] for r in two] == [1, 2]
   for a, b in zip(one, two):

@@ -224,13 +224,24 @@ def test_cli_plans_a_reinforce_step_phase_by_phase():
   assert proc.returncode == 0, proc.stderr
   r = json.loads(proc.stdout)
   c, a, b = r["compiled"], r["analytic"], r["batch"]
-  assert r["kind"] == "reinforce" and c["status"] == "ok" and set(c["phases"]) == {"generate", "logprobs", "score",
-                                                                                   "update"}
+  assert r["kind"] == "reinforce" and c["status"] == "ok" and set(c["phases"]) == {"copy", "generate", "logprobs",
+                                                                                   "score", "update"}
+  # the sampler's copy: float32 (the compute dtype), replicated on both devices (a tiny model on an H100)
+  assert r["rollout"]["copy"] and r["rollout"]["tensor"] == 1 and r["rollout"]["mesh"] == {"data": 2, "fsdp": 1,
+                                                                                           "tensor": 1}
+  assert r["rollout"]["bytes_per_device"] == a["resident"]["policy"]
+  assert c["phases"]["generate"]["argument"] >= r["rollout"]["bytes_per_device"]  # the sampler takes the copy
+  tiny, b = PRESETS["tiny"], r["batch"]
+  kv = 2 * tiny.num_layers * (b["rollouts"] / 2) * (b["prompt_len"] + b["new_tokens"] / 2) * tiny.num_kv_heads \
+      * tiny.head_dim * 4
+  assert r["rollout"]["decode_bytes_per_step"] == int(r["rollout"]["bytes_per_device"] + kv)
+  assert r["rollout"]["generate_seconds_at_peak_bandwidth"] == round(
+      r["rollout"]["decode_bytes_per_step"] * b["new_tokens"] / 3.35e12, 2)
   res = a["resident"]
   cfg = PRESETS["tiny"]
   assert res["policy"] == res["reference"] == 4 * r["model"]["params"]["policy"]  # replicated float32
   assert abs(res["optimizer"] - 2 * res["policy"]) <= 64  # AdamW mu, nu (+ step counts)
-  taken = {"generate": {"policy"}, "logprobs": {"policy"}, "score": {"reward_model"}, "update": {"policy", "optimizer"}}
+  taken = {"copy": {"policy"}, "generate": set(), "logprobs": {"policy"}, "score": {"reward_model"}, "update": {"policy", "optimizer"}}
   for name, p in c["phases"].items():
     others = sum(v for k, v in res.items() if k not in taken[name])
     assert p["peak"] == p["argument"] + p["output"] - p["alias"] + p["temp"] + others

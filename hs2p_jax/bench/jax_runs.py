@@ -177,17 +177,24 @@ class SampleRun:
   one config and fixed random prompts; variants of one preset share the parameter state."""
 
   def __init__(self, cfg, batch: int, prompt: int, new_tokens: int, temperature: float = 0.0,
-               devices: int | None = None, compiler_options: dict | None = None, samples: int = 1):
+               devices: int | None = None, compiler_options: dict | None = None, samples: int = 1,
+               layout: str = "data"):
+    """layout (several devices): `data` (replicated params, rows split), `fsdp` (the training
+    layout: params sharded over fsdp, gathered at every token) or `rollout` (the same FSDP params
+    copied into the rollout layout before each call, the copy timed with it, as REINFORCE does)."""
     import jax
     import numpy as np
     from flax import nnx
     from hs2p_jax.model import create
+    from hs2p_jax.rollout import layout_for
     from hs2p_jax.sample import SamplingConfig, generate_from_state
-    from hs2p_jax.sharding import state_shardings, use_mesh
+    from hs2p_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh, state_shardings, use_mesh
     from hs2p_jax.train.feed import put_batch
 
     self.cfg, self.batch, self.new_tokens, self.rows = cfg, batch, new_tokens, batch * samples
     self.mesh = data_mesh(devices)
+    if layout != "data" and self.mesh is not None:
+      self.mesh = make_mesh(MeshConfig(data=1, fsdp=-1), list(self.mesh.devices.flat))
     self.num_devices = 1 if self.mesh is None else self.mesh.size
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create("lm", cfg)))
     self.sharding = (jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
@@ -199,13 +206,20 @@ class SampleRun:
     abs_state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract,
                              self.sharding)
 
+    self.copy, mesh, gen_graphdef, gen_state = None, self.mesh, graphdef, abs_state
+    if layout == "rollout" and self.mesh is not None:
+      lay = layout_for(abs_state, cfg, self.mesh, DEFAULT_RULES, rows=self.rows)
+      mesh, gen_graphdef, gen_state = lay.mesh, lay.graphdef, lay.abstract(abs_state)
+
     def compile_for(n: int):
       scfg = SamplingConfig(max_new_tokens=n, temperature=temperature, eos_ids=(), pad_id=0, num_samples=samples)
-      with use_mesh(self.mesh):
-        return generate_from_state.lower(graphdef, abs_state, *self.args, scfg).compile(compiler_options)
+      with use_mesh(mesh):
+        return generate_from_state.lower(gen_graphdef, gen_state, *self.args, scfg).compile(compiler_options)
 
     t0 = time.perf_counter()
     self.full = compile_for(new_tokens)
+    if gen_state is not abs_state:
+      self.copy = lay._copy.lower(abs_state).compile(compiler_options)
     self.compile_s = time.perf_counter() - t0
     self.one = compile_for(1)
 
@@ -219,6 +233,8 @@ class SampleRun:
   def __call__(self, state, one_token: bool = False):
     """Generates (synchronised) and returns the output; `one_token`: a single new token."""
     import jax
+    if self.copy is not None:
+      state = self.copy(state)
     out = (self.one if one_token else self.full)(state, *self.args)
     jax.block_until_ready(out.tokens)
     return out

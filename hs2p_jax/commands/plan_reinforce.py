@@ -7,6 +7,7 @@ body, which XLA's cost analysis counts once, is compiled on its own and counted 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -14,6 +15,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh
 
@@ -44,7 +46,8 @@ def _decode_step(x: dict[str, Any], s: rl.Shapes, rules: Rules):
   from hs2p_jax.sample import _constrain_cache
   import jax.numpy as jnp
 
-  graphdef = x["graphdef"]
+  mesh, graphdef, params = rl.sampler_state(x)
+  mesh = mesh or x["rollout"]["tokens"].sharding.mesh
 
   def step(params, tok):
     lm = nnx.merge(graphdef, params)
@@ -52,9 +55,9 @@ def _decode_step(x: dict[str, Any], s: rl.Shapes, rules: Rules):
     hidden, cache = lm.model(tok[:, None], jnp.ones_like(tok)[:, None], cache=cache)
     return lm.logits(hidden)[:, 0], cache
 
-  mesh = x["rollout"]["tokens"].sharding.mesh
   tok = jax.ShapeDtypeStruct((s.rollouts,), jnp.int32, sharding=batch_sharding("tokens", (s.rollouts,), mesh, rules))
-  return jax.jit(step).lower(x["params"], tok)
+  with use_mesh(mesh, rules):
+    return jax.jit(step).lower(params, tok)
 
 
 def compile_phases(cfg: ReinforceRunConfig, policy: LlamaConfig, rm: LlamaConfig, num_attributes: int,
@@ -75,27 +78,31 @@ def compile_phases(cfg: ReinforceRunConfig, policy: LlamaConfig, rm: LlamaConfig
 
   def at(n: int, scan: bool = True):
     return rl.inputs(cfg, policy.replace(num_layers=n, scan_layers=scan and policy.scan_layers),
-                     rm.replace(num_layers=n, scan_layers=scan and rm.scan_layers), num_attributes, mesh, rules)
+                     rm.replace(num_layers=n, scan_layers=scan and rm.scan_layers), num_attributes, mesh, rules,
+                     memory=target.hbm_bytes)
 
-  full = rl.inputs(cfg, policy, rm, num_attributes, AbstractMesh(target.mesh, MESH_AXES), rules)
+  full = rl.inputs(cfg, policy, rm, num_attributes, AbstractMesh(target.mesh, MESH_AXES), rules, target.hbm_bytes)
+  if full["layout"] is not None:  # the reduced-depth inputs take the full model's degree
+    cfg = dataclasses.replace(cfg, reinforce=dataclasses.replace(cfg.reinforce, rollout_tensor=full["layout"].tensor))
+  phase_names = rl.phases(cfg)
   resident = rl.resident(full)
   try:
     with use_mesh(mesh, rules):
-      mems = {ph: [_memory(rl.lower(ph, cfg, at(n)).compile(options)) for n in layers] for ph in rl.PHASES}
+      mems = {ph: [_memory(rl.lower(ph, cfg, at(n)).compile(options)) for n in layers] for ph in phase_names}
       flops = {ph: [_flops(rl.lower(ph, cfg, at(n, scan=False), new_tokens=1 if ph == "generate" else None,
-                                    micro_batches=1).compile(options)) for n in flop_layers] for ph in rl.PHASES}
+                                    micro_batches=1).compile(options)) for n in flop_layers] for ph in phase_names}
       decode = [_flops(_decode_step(at(n, scan=False), s, rules).compile(options)) for n in flop_layers]
   except jax.errors.JaxRuntimeError as e:
     return {"status": "failed", "compiler": compiler, "note": str(e).splitlines()[0][:300]}
   phases = {}
-  for ph in rl.PHASES:
+  for ph in phase_names:
     d = rm_depth if ph == "score" else depth
     mem = {k: int(_linear([m[k] for m in mems[ph]], layers, d)) for k in mems[ph][0]}
-    phases[ph] = {**mem, "peak": rl.phase_peak(ph, mem, resident), "per_depth": mems[ph]}
-  f = {ph: _linear(flops[ph], flop_layers, rm_depth if ph == "score" else depth) for ph in rl.PHASES}
-  calls = {"generate": 1, "logprobs": 2, "score": math.ceil(s.rollouts / full["rm_rows"]),
+    phases[ph] = {**mem, "peak": rl.phase_peak(ph, mem, resident, cfg.reinforce.rollout_copy), "per_depth": mems[ph]}
+  f = {ph: _linear(flops[ph], flop_layers, rm_depth if ph == "score" else depth) for ph in phase_names}
+  calls = {"copy": 1, "generate": 1, "logprobs": 2, "score": math.ceil(s.rollouts / full["rm_rows"]),
            "update": cfg.reinforce.updates_per_rollout}
-  f_phase = {ph: f[ph] * calls[ph] for ph in rl.PHASES}
+  f_phase = {ph: f[ph] * calls[ph] for ph in phase_names}
   f_phase["generate"] += (s.new_tokens - 1) * _linear(decode, flop_layers, depth)  # the loop body, per new token
   peak = max(p["peak"] for p in phases.values())
   note = f"all {depth} layers" if len(layers) == 1 else f"{layers[0]} and {layers[1]} layers extrapolated linearly"
@@ -114,10 +121,23 @@ def build_report(cfg: ReinforceRunConfig, config_path: str, target: plan.Target,
   rm, n_attr, rm_source = reward_architecture(cfg, policy)
   rules = rules_from(cfg.mesh.rules)
   amesh = AbstractMesh(target.mesh, MESH_AXES)
-  x = rl.inputs(cfg, policy, rm, n_attr, amesh, rules)
+  x = rl.inputs(cfg, policy, rm, n_attr, amesh, rules, target.hbm_bytes)
   resident = rl.resident(x)
   s = rl.shapes(cfg)
-  prefill = rl.prefill_rows(cfg, amesh, rules)
+  lay = x["layout"]
+  prefill = rl.prefill_rows(cfg, amesh, rules, lay)
+  rollout = ({"copy": False, "note": "sampling from the training params and layout (reinforce.rollout_copy=false)"}
+             if lay is None else {"copy": True, "dtype": lay.dtype, "tensor": lay.tensor, "mesh": dict(lay.mesh.shape),
+                                  "bytes_per_device": lay.bytes_per_device(x["params"]), "note": lay.describe()})
+  if lay is not None:  # a decode step reads the device's share of the copy and of the KV cache
+    from hs2p_jax.bench.flops import PEAK_BANDWIDTH
+    rows = s.rollouts / lay.mesh.shape["data"]
+    kv = 2 * policy.num_layers * rows * (s.prompt_len + s.new_tokens / 2) * policy.num_kv_heads / lay.tensor \
+        * policy.head_dim * jnp.dtype(lay.dtype).itemsize
+    step_bytes = int(rollout["bytes_per_device"] + kv)
+    bw = PEAK_BANDWIDTH.get(target.chip.name) if target.chip else None
+    rollout.update(decode_bytes_per_step=step_bytes,
+                   generate_seconds_at_peak_bandwidth=round(step_bytes * s.new_tokens / bw, 2) if bw else None)
   mf = rl.model_flops(cfg, policy, rm, prefill)
   peak_rate = PEAK_FLOPS.get(target.chip.name, {}).get(policy.dtype) if target.chip else None
   per_device = mf["total"] / target.devices
@@ -148,10 +168,11 @@ def build_report(cfg: ReinforceRunConfig, config_path: str, target: plan.Target,
       "target": {"chip": target.chip.name if target.chip else None, "devices": target.devices,
                  "slice": target.slice_name, "hbm": target.hbm_bytes, "hbm_source": plan.HBM_SOURCE,
                  "mesh": dict(zip(MESH_AXES, target.mesh))},
+      "rollout": rollout,
       "batch": {"prompts": s.prompts, "samples": s.samples, "rollouts": s.rollouts, "prompt_len": s.prompt_len,
                 "new_tokens": s.new_tokens, "minibatch": s.minibatch},
       "analytic": analytic, "compiled": compiled, "verdict": verdict,
-      "warnings": rl.warnings_for(cfg, target, amesh, rules), "notes": rl.notes_for(cfg, amesh, rules),
+      "warnings": rl.warnings_for(cfg, target, amesh, rules), "notes": rl.notes_for(cfg, amesh, rules, lay),
   }
 
 
@@ -164,7 +185,13 @@ def render(r: dict[str, Any]) -> str:
            f"target: {t['devices']} x {t['chip']}" + (f" ({t['slice']})" if t["slice"] else "")
            + f"; mesh {' '.join(f'{k}={v}' for k, v in t['mesh'].items())}",
            f"step: {b['prompts']} prompts x {b['samples']} samples, {b['prompt_len']} + {b['new_tokens']} tokens; "
-           f"updates on {b['minibatch']} rollouts", "", "  resident per device (float32)"]
+           f"updates on {b['minibatch']} rollouts",
+           f"sampler: {r['rollout']['note']}" + (f", {plan_table.size(r['rollout']['bytes_per_device'])} per device"
+                                                 if r["rollout"]["copy"] else ""),
+           *([f"  decoding reads {plan_table.size(r['rollout']['decode_bytes_per_step'])} per device and token: "
+              f"{r['rollout']['generate_seconds_at_peak_bandwidth']} s for the {b['new_tokens']} tokens at peak HBM bandwidth"]
+             if r["rollout"].get("generate_seconds_at_peak_bandwidth") else []),
+           "", "  resident per device (float32)"]
   lines += [plan_table.row(k.replace("_", " "), v) for k, v in a["resident"].items()]
   lines.append(plan_table.row("total", a["resident_total"]))
   step = f"{a['step_seconds_at_50_mfu']:.1f} s" if a.get("step_seconds_at_50_mfu") else "- (no peak known)"

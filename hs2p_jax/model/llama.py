@@ -67,6 +67,11 @@ class KVCache:
                jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32))
 
 
+def _constrain_cache(c: jax.Array) -> jax.Array:
+  """[L, B, S, Hkv, Dh] keys or values on the cache's logical axes."""
+  return constrain(c, (None, "cache_batch", "cache_seq", "cache_kv_heads", None))
+
+
 class RMSNorm(nnx.Module):
   def __init__(self, dim: int, eps: float, *, stack: int | None = None):
     self.eps = eps
@@ -87,10 +92,12 @@ class Attention(nnx.Module):
     self.wv = param(rngs, (d, hkv, dh), ("embed", "kv_heads", "head_dim"), stack)
     self.wo = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), stack)
 
-  def __call__(self, x, positions, mask, kv=None, slot=None, segments=None, impl=None):
-    """x [B, T, D]; positions [B, T]; mask [B, T, S]; kv: (k, v) [B, S, Hkv, Dh] cache or None;
+  def __call__(self, x, positions, mask, kv=None, slot=None, segments=None, impl=None, layer=None):
+    """x [B, T, D]; positions [B, T]; mask [B, T, S]; kv: (k, v) [L, B, S, Hkv, Dh], all layers'
+    cache, of which this layer's slots [slot, slot + T) are written in place, or None;
     segments [B, T] segment ids (no cache; for kernels that build the mask themselves) or None;
-    impl: the attention kernel (`attention.choose`), default cfg.attention."""
+    impl: the attention kernel (`attention.choose`), default cfg.attention; layer: [] this layer's
+    index into the cache."""
     dt = x.dtype
     inv_freq = inverse_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling_dict)
     wg = self.cfg.weight_grad
@@ -100,11 +107,12 @@ class Attention(nnx.Module):
     q = constrain(apply_rope(q, positions, inv_freq), ("act_batch", "act_seq", "act_heads", None))
     k = constrain(apply_rope(k, positions, inv_freq), ("act_batch", "act_seq", "act_kv_heads", None))
     v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
-    if kv is not None:
-      k_cache, v_cache = kv
-      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), slot, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), slot, axis=1)
-      kv = (k, v)
+    if kv is not None:  # write the T new slots of this layer, then attend over its whole cache
+      zero = jnp.zeros((), jnp.int32)
+      at = (layer, zero, slot, zero, zero)
+      kv = tuple(_constrain_cache(jax.lax.dynamic_update_slice(c, n.astype(c.dtype)[None], at))
+                 for c, n in zip(kv, (k, v)))
+      k, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False) for c in kv)
     out = attention(q, k, v, mask, impl or self.cfg.attention, segments)
     out = checkpoint_name(out, "attn_out")
     return project(out, self.wo[...].astype(dt), 2, wg), kv
@@ -135,8 +143,8 @@ class DecoderLayer(nnx.Module):
     self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, stack=stack)
     self.mlp = MLP(cfg, rngs=rngs, stack=stack)
 
-  def __call__(self, x, positions, mask, kv=None, slot=None, segments=None, impl=None):
-    h, kv = self.attn(self.input_norm(x), positions, mask, kv, slot, segments, impl)
+  def __call__(self, x, positions, mask, kv=None, slot=None, segments=None, impl=None, layer=None):
+    h, kv = self.attn(self.input_norm(x), positions, mask, kv, slot, segments, impl, layer)
     x = constrain(x + h, BTD)
     x = constrain(x + self.mlp(self.post_attn_norm(x)), BTD)
     return x, kv
@@ -221,21 +229,22 @@ class Llama(nnx.Module):
     cfg = self.cfg
     graphdef, state = nnx.split(self.layers)
 
-    def body(x, xs):
-      layer_state, layer_kv = xs
-      return nnx.merge(graphdef, layer_state)(x, positions, mask, layer_kv, slot, segments, impl)
+    # the cache [L, ...] rides in the carry and each layer writes its new slots in place (no
+    # per-layer slices stacked again into a new cache)
+    def body(carry, xs):
+      x, kv = carry
+      layer_state, layer = xs
+      return nnx.merge(graphdef, layer_state)(x, positions, mask, kv, slot, segments, impl, layer), None
 
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     if cfg.scan_layers:
-      return jax.lax.scan(body, x, (state, kv))
-    outs = []
+      return jax.lax.scan(body, (x, kv), (state, layers))[0]
+    carry = (x, kv)
     for i in range(cfg.num_layers):
-      x, layer_kv = body(x, jax.tree.map(lambda a: a[i], (state, kv)))
-      outs.append(layer_kv)
-    if kv is None:
-      return x, None
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+      carry, _ = body(carry, jax.tree.map(lambda a: a[i], (state, layers)))
+    return carry
 
 
 class LlamaForCausalLM(nnx.Module):

@@ -18,6 +18,7 @@ from hs2p_jax.checkpoint import ModelMeta, resolve_model_dir, save_model
 from hs2p_jax.config import ReinforceRunConfig, to_dict
 from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.errors import UserError
+from hs2p_jax.rollout import layout_for
 from hs2p_jax.sample import SamplingConfig, generate_from_state, left_align
 from hs2p_jax.stops import cut_at_stop, stop_automaton
 from hs2p_jax.sharding import make_mesh, rules_from, state_shardings, use_mesh
@@ -85,6 +86,12 @@ class ReinforceTrainer:
     eos = tuple(self.meta.config.eos_ids) or ((self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ())
     self.eos_ids = eos
     self.stops = stop_automaton(self.tokenizer, rc.stop_strings, self.meta.config.vocab_size)
+    self.layout = None  # sample from the training params where rollout_copy is off
+    if rc.rollout_copy:
+      self.layout = layout_for(self.params, self.meta.config, self.mesh, self.rules, tensor=rc.rollout_tensor,
+                               dtype=rc.rollout_dtype, rows=rc.prompts_per_step * rc.samples_per_prompt)
+      if jax.process_index() == 0:
+        print(self.layout.describe(), file=sys.stderr, flush=True)
     self.sampling = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
                                    top_p=rc.top_p, eos_ids=eos,
                                    pad_id=self.tokenizer.pad_token_id or 0, num_samples=rc.samples_per_prompt)
@@ -96,9 +103,15 @@ class ReinforceTrainer:
     ids, mask = (np.asarray(a) for a in left_align(jnp.asarray(batch["prompt_ids"]), jnp.asarray(batch["prompt_mask"])))
     key = jax.random.fold_in(jax.random.key(rc.seed), step)  # per-step key: resumes reproduce rollouts
     t0 = time.time()
-    with use_mesh(self.mesh, self.rules):  # one prefill per prompt, k samples from its cache
+    if self.layout is not None:  # cast and resharded once, not at every token
+      mesh, rules, graphdef, params = self.layout.mesh, self.layout.rules, self.layout.graphdef, \
+          self.layout.copy(self.params)
+    else:
+      mesh, rules, graphdef, params = self.mesh, self.rules, self.graphdef, self.params
+    with use_mesh(mesh, rules):  # one prefill per prompt, k samples from its cache
       # host arrays, the same on every process: the global prompts, each device sampling its rows
-      out = generate_from_state(self.graphdef, self.params, ids, mask, key, self.sampling, self.stops)
+      out = generate_from_state(graphdef, params, ids, mask, key, self.sampling, self.stops)
+    del params  # the decode copy lives for the sampling only
     ids, mask = np.repeat(ids, k, axis=0), np.repeat(mask, k, axis=0)  # row i * k + j: sample j of prompt i
     tokens, lengths, ended = (host_global(x) for x in (out.tokens, out.lengths, out.ended))
     sample_time = time.time() - t0

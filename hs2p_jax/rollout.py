@@ -1,0 +1,142 @@
+"""The rollout layout: the policy's copy for decoding, cast and resharded once before sampling.
+
+Training keeps float32 parameters sharded over `fsdp` (and `tensor`). Decoding from that layout
+would all-gather every weight and convert it to the compute dtype at every new token. Before each
+rollout the policy is instead copied once (one jitted cast + reshard) onto a mesh of the same
+devices reshaped to `(data = n / t, fsdp = 1, tensor = t)`: tensor-parallel over groups of `t`
+consecutive devices, replicated across the groups, the batch split over the groups. A decode step
+then moves no weights between devices (activations only, within a group). `t` is the smallest
+divisor of the device count (and of the attention heads) whose share of the copy fits in half a
+device's memory; `t = 1` is a replicated copy, one model per device. The copy is in the compute
+dtype by default, so the sampler computes exactly what it computed from the training layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
+
+from hs2p_jax.errors import UserError
+from hs2p_jax.model import create
+from hs2p_jax.model.config import LlamaConfig
+from hs2p_jax.sharding import MESH_AXES, Rules, batch_split, state_shardings
+
+COPY_FRACTION = 0.5  # of a device's memory, at most, for its share of the decode copy
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutLayout:
+  """Where and how the sampler's copy of the policy lives (module docstring)."""
+
+  mesh: Mesh
+  rules: Rules
+  graphdef: nnx.GraphDef   # the policy computing in `dtype`
+  shardings: Any           # NamedShardings of the copy, on `mesh`
+  dtype: str
+  tensor: int
+  _copy: Any = dataclasses.field(repr=False, compare=False, default=None)
+
+  def copy(self, params: Any) -> Any:
+    """The decode copy of training `params` (cast to `dtype`, placed on `mesh`); one compiled call."""
+    return self._copy(params)
+
+  def abstract(self, params: Any) -> Any:
+    """ShapeDtypeStructs of the copy of `params` (for `hs2p plan`)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, _cast_dtype(a.dtype, self.dtype), sharding=s),
+                        params, self.shardings)
+
+  def bytes_per_device(self, params: Any) -> int:
+    """Bytes of the copy of `params` on each device."""
+    return sum(int(np.prod(s.shard_shape(a.shape))) * jnp.dtype(_cast_dtype(a.dtype, self.dtype)).itemsize
+               for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(self.shardings)))
+
+  def describe(self) -> str:
+    d, t = self.mesh.shape["data"], self.tensor
+    kind = "replicated on every device" if t == 1 else f"tensor-parallel over {t} devices, {d} groups"
+    return f"rollout copy: {self.dtype}, {kind} (mesh data={d} fsdp=1 tensor={t})"
+
+
+def _cast_dtype(dtype, target: str):
+  return jnp.dtype(target) if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
+def decode_mesh(train_mesh: Mesh | AbstractMesh, tensor: int) -> Mesh | AbstractMesh:
+  """The training mesh's devices, in their order, as (data = n / tensor, fsdp = 1, tensor)."""
+  shape = (train_mesh.size // tensor, 1, tensor)
+  if isinstance(train_mesh, AbstractMesh):  # `hs2p plan` without devices
+    return AbstractMesh(shape, MESH_AXES)
+  return Mesh(np.asarray(train_mesh.devices).reshape(shape), MESH_AXES)
+
+
+def device_memory(device: jax.Device) -> int | None:
+  """Bytes a device can hold (None where the runtime does not say, e.g. CPU)."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001 - backends without memory stats
+    return None
+  return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def choose_tensor(copy_bytes: int, devices: int, cfg: LlamaConfig, rows: int, memory: int | None) -> int:
+  """The smallest tensor-parallel degree t (module docstring) for a copy of `copy_bytes` in all,
+  whose `rows` decode rows split over the devices / t groups; 1 where `memory` is unknown."""
+  ok = [t for t in range(1, devices + 1)
+        if devices % t == 0 and cfg.num_heads % t == 0 and cfg.num_kv_heads % t == 0 and rows % (devices // t) == 0]
+  if not ok:
+    return 0
+  if memory is None:
+    return ok[0]
+  for t in ok:
+    if copy_bytes / t <= COPY_FRACTION * memory:
+      return t
+  return ok[-1]
+
+
+def layout_for(abstract_params: Any, cfg: LlamaConfig, train_mesh: Mesh, rules: Rules, *, tensor: int = 0,
+               dtype: str = "auto", rows: int, memory: int | None = None) -> RolloutLayout:
+  """The rollout layout of a policy (`abstract_params`: its state, concrete or abstract) trained
+  on `train_mesh`: `tensor` 0 chooses the degree (`choose_tensor`, with `memory` bytes per device,
+  default the first device's), `dtype` "auto" is the compute dtype; `rows` decode at once."""
+  dtype = cfg.dtype if dtype == "auto" else dtype
+  n = train_mesh.size
+  if tensor == 0:
+    mem = memory
+    if mem is None and isinstance(train_mesh, Mesh):
+      mem = device_memory(np.asarray(train_mesh.devices).flat[0])
+    size = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_params)) * jnp.dtype(dtype).itemsize
+    tensor = choose_tensor(size, n, cfg, rows, mem)
+    if tensor == 0:
+      raise UserError(f"reinforce.rollout_tensor: no tensor-parallel degree splits {rows} decode rows and "
+                      f"{cfg.num_kv_heads} KV heads over {n} devices; set reinforce.rollout_copy=false")
+  elif n % tensor:
+    raise UserError(f"reinforce.rollout_tensor={tensor} does not divide the {n} devices")
+  mesh = decode_mesh(train_mesh, tensor)
+  split = batch_split(mesh, rules, "cache_batch")
+  if rows % split:
+    raise UserError(f"reinforce.rollout_tensor={tensor}: {rows} decode rows do not split over its {split} groups")
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create("lm", cfg.replace(dtype=dtype))))
+  shardings = state_shardings(abstract, mesh, rules)
+  stacked = jax.tree.map(lambda v: v.replace((v.get_metadata().get("axes") or (None,))[0] == "layers"), abstract,
+                         is_leaf=lambda v: isinstance(v, nnx.Variable))
+  return RolloutLayout(mesh, rules, graphdef, shardings, dtype, tensor,
+                       jax.jit(functools.partial(_cast_and_move, dtype, shardings, stacked), out_shardings=shardings))
+
+
+def _cast_and_move(dtype: str, shardings: Any, stacked: Any, params: Any) -> Any:
+  """Casts `params` to `dtype` and moves them to `shardings`, a layer at a time for stacked
+  parameters: XLA moves between these layouts by gathering a whole array, so this bounds the
+  transient to one layer of one matrix instead of the largest stacked tensor."""
+  def one(a, sh, is_stacked):
+    a = a.astype(_cast_dtype(a.dtype, dtype))
+    if not is_stacked:
+      return a
+    layer = NamedSharding(sh.mesh, P(*sh.spec[1:]))
+    return jax.lax.map(lambda w: jax.lax.with_sharding_constraint(w, layer), a)
+  return jax.tree.map(one, params, shardings, stacked)
