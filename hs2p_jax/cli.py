@@ -53,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
   p = sub.add_parser("reinforce", help="REINFORCE (leave-one-out) against a reward model")
   _add_run_args(p)
 
+  p = sub.add_parser("train-dpo", help="DPO (regular, margin or scaled) on preference pairs")
+  _add_run_args(p)
+
   p = sub.add_parser("pipeline", help="regression -> scaled BT -> ExPO -> eval -> REINFORCE, with a report")
   _add_run_args(p)
 
@@ -113,6 +116,9 @@ def _dispatch(args) -> int:
   if args.command == "reinforce":
     from hs2p_jax.commands.train import reinforce_command
     return reinforce_command(args.config, args.overrides, args.out)
+  if args.command == "train-dpo":
+    from hs2p_jax.commands.train import train_dpo_command
+    return train_dpo_command(args.config, args.overrides, args.out)
   if args.command == "pipeline":
     from hs2p_jax.commands.pipeline import pipeline_command
     return pipeline_command(args.config, args.overrides, args.out)

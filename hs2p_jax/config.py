@@ -147,6 +147,35 @@ class ReinforceRunConfig:
 
 
 @dataclasses.dataclass
+class DPOConfig(OptimizerConfig):
+  variant: str = "regular"             # regular | margin | scaled (the BT variants on DPO's implicit reward)
+  beta: float = 0.1
+  steps: int = 100
+  batch_size: int = 8                  # pairs per optimizer step (global)
+  micro_batch_size: Optional[int] = None
+  seed: int = 0
+  log_every: int = 1
+  eval_every: int = 0                  # 0 = only at the end
+  eval_batches: int = 0                # 0 = the whole validation set
+  save_every: int = 50
+  keep_checkpoints: int = 2
+  async_checkpoint: bool = False
+
+
+@dataclasses.dataclass
+class DPORunConfig:
+  """`hs2p train-dpo` configuration: a policy (its reference is a frozen copy) and preference pairs."""
+
+  policy: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(kind="lm"))
+  data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(format="helpsteer2-preference",
+                                                                         template="chat"))
+  dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  dist: DistConfig = dataclasses.field(default_factory=DistConfig)
+  name: str = "dpo"
+
+
+@dataclasses.dataclass
 class RuntimeConfig:
   """`model.*` keys of a command that loads a saved model: how it computes, not its parameters
   (None keeps the checkpoint's choice)."""

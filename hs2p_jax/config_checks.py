@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from hs2p_jax.config import DataConfig, ModelConfig, ReinforceConfig, RuntimeConfig, TrainConfig
+from hs2p_jax.config import DataConfig, DPOConfig, ModelConfig, ReinforceConfig, RuntimeConfig, TrainConfig
 from hs2p_jax.errors import UserError
 
 _CHOICES = {
@@ -18,6 +18,7 @@ _CHOICES = {
     "policy.kind": ("lm",),
     "reinforce.kl_estimator": ("absolute", "k1", "k3"),
     "reinforce.rollout_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "dpo.variant": ("regular", "margin", "scaled"),
 }
 
 
@@ -51,6 +52,15 @@ def validate(cfg) -> None:
       raise UserError(f"train.micro_batch_size={train.micro_batch_size} must divide train.batch_size={train.batch_size}")
     if train.lr < 0 or train.warmup_steps < 0:
       raise UserError("train.lr and train.warmup_steps must be >= 0")
+  dpo = getattr(cfg, "dpo", None)
+  if isinstance(dpo, DPOConfig):
+    for name in ("steps", "batch_size"):
+      if getattr(dpo, name) <= 0:
+        raise UserError(f"dpo.{name}={getattr(dpo, name)}: must be positive")
+    if dpo.micro_batch_size is not None and (dpo.micro_batch_size <= 0 or dpo.batch_size % dpo.micro_batch_size):
+      raise UserError(f"dpo.micro_batch_size={dpo.micro_batch_size} must divide dpo.batch_size={dpo.batch_size}")
+    if dpo.beta <= 0:
+      raise UserError(f"dpo.beta={dpo.beta}: must be positive")
   rl = getattr(cfg, "reinforce", None)
   if isinstance(rl, ReinforceConfig):
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "updates_per_rollout"):

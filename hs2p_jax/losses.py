@@ -1,4 +1,4 @@
-"""Reward-model objectives: SteerLM regression and Bradley-Terry (regular, margin, scaled), plus accuracy.
+"""Objectives: SteerLM regression, Bradley-Terry (regular, margin, scaled) with accuracy, and DPO in the same three variants.
 
 All are pure jit-compatible functions of arrays; they compute in float32 whatever the input dtype.
 """
@@ -64,3 +64,28 @@ def pairwise_accuracy(r_chosen: jax.Array, r_rejected: jax.Array, *, mask: jax.A
   """Fraction of pairs with chosen strictly above rejected (a tie counts as wrong). [B] -> []."""
   _check_same_1d(r_chosen=r_chosen, r_rejected=r_rejected)
   return _masked_mean((jnp.asarray(r_chosen) > jnp.asarray(r_rejected)).astype(jnp.float32), mask)
+
+
+def dpo_rewards(pi_chosen: jax.Array, pi_rejected: jax.Array, ref_chosen: jax.Array, ref_rejected: jax.Array,
+                beta: float) -> jax.Array:
+  """DPO's implicit reward difference z = beta * ((pi_c - ref_c) - (pi_r - ref_r)). [B] each -> [B]."""
+  _check_same_1d(pi_chosen=pi_chosen, pi_rejected=pi_rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+  f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  return beta * ((f(pi_chosen) - f(ref_chosen)) - (f(pi_rejected) - f(ref_rejected)))
+
+
+def dpo_losses(pi_chosen: jax.Array, pi_rejected: jax.Array, ref_chosen: jax.Array, ref_rejected: jax.Array,
+               magnitude: jax.Array, variant: str, beta: float) -> jax.Array:
+  """Per-pair DPO losses [B] (see `dpo_loss`): the Bradley-Terry variants on the implicit rewards."""
+  z = dpo_rewards(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta)
+  return bt_losses(z, jnp.zeros_like(z), magnitude, variant)
+
+
+def dpo_loss(pi_chosen: jax.Array, pi_rejected: jax.Array, ref_chosen: jax.Array, ref_rejected: jax.Array,
+             magnitude: jax.Array, variant: str, beta: float, *, mask: jax.Array | None = None) -> jax.Array:
+  """DPO loss, mean over pairs; sequence log-probs (summed over response tokens) [B] each -> [].
+
+  z = beta * ((pi_c - ref_c) - (pi_r - ref_r)); regular: -log sigmoid(z); margin:
+  -log sigmoid(z - m); scaled: m * -log sigmoid(z), with m = magnitude (|preference strength|).
+  """
+  return _masked_mean(dpo_losses(pi_chosen, pi_rejected, ref_chosen, ref_rejected, magnitude, variant, beta), mask)

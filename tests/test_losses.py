@@ -115,3 +115,37 @@ def test_mask_excludes_filler_pairs_and_accuracy_counts_ties_wrong():
   r = np.array([0.0, 2.0, 4.0, 0.0], np.float32)
   assert float(pairwise_accuracy(c, r)) == 0.5  # the tie (2.0 vs 2.0) is wrong
   assert float(pairwise_accuracy(c, r, mask=np.array([1, 1, 0, 0]))) == 0.5
+
+
+def np_dpo(pc, pr, rc, rr, m, variant, beta):
+  z = beta * ((np.float64(pc) - np.float64(rc)) - (np.float64(pr) - np.float64(rr)))
+  m = np.asarray(m, np.float64)
+  per = {"regular": -np_log_sigmoid(z), "margin": -np_log_sigmoid(z - m), "scaled": m * -np_log_sigmoid(z)}[variant]
+  return np.mean(per)
+
+
+@pytest.mark.parametrize("variant", ["regular", "margin", "scaled"])
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_dpo_loss_matches_numpy(variant, beta):
+  from hs2p_jax.losses import dpo_loss
+  rng = np.random.RandomState(7)
+  pc, pr, rc, rr = (rng.randn(16).astype(np.float32) * 20 - 60 for _ in range(4))  # sequence log-probs
+  want = np_dpo(pc, pr, rc, rr, M, variant, beta)
+  assert float(dpo_loss(pc, pr, rc, rr, M, variant, beta)) == pytest.approx(want, rel=1e-5)
+  jitted = jax.jit(dpo_loss, static_argnums=(5, 6))
+  assert float(jitted(pc, pr, rc, rr, M, variant, beta)) == pytest.approx(want, rel=1e-5)
+  # gradient in pi_chosen: -beta * sigmoid(-(z - margin)) / B (times m for scaled)
+  z = beta * ((pc - rc) - (pr - rr)).astype(np.float64)
+  shift = M if variant == "margin" else 0.0
+  scale = M if variant == "scaled" else 1.0
+  g = jax.grad(dpo_loss)(pc, pr, rc, rr, M, variant, beta)
+  np.testing.assert_allclose(np.asarray(g), -beta * scale * np_sigmoid(-(z - shift)) / 16, rtol=1e-4, atol=1e-7)
+
+
+def test_dpo_at_the_reference_is_log2_and_refuses_broadcasting():
+  from hs2p_jax.losses import dpo_loss
+  lp = RNG.randn(8).astype(np.float32) * 10
+  other = RNG.randn(8).astype(np.float32) * 10
+  assert float(dpo_loss(lp, other, lp, other, np.ones(8, np.float32), "regular", 0.1)) == pytest.approx(np.log(2))
+  with pytest.raises(ValueError, match="1-D arrays of one shape"):
+    dpo_loss(lp[:, None], other[:, None], lp[:, None], other[:, None], np.ones(8, np.float32), "regular", 0.1)

@@ -159,7 +159,7 @@ def test_chunked_token_logprobs_equal_a_whole_log_softmax(chunk):
   """Values and gradients (wrt params and hidden states) of the chunked LM-head log-probs."""
   from flax import nnx
   from hs2p_jax.model import create, preset
-  from hs2p_jax.train.reinforce import token_logprobs
+  from hs2p_jax.train.logprobs import token_logprobs
   lm = create("lm", preset("tiny", num_layers=1), seed=0)
   graphdef, params = nnx.split(lm)
   rng = np.random.RandomState(0)

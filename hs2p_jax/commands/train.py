@@ -1,4 +1,4 @@
-"""`hs2p train-rm` and `hs2p reinforce`."""
+"""`hs2p train-rm`, `hs2p reinforce` and `hs2p train-dpo`."""
 
 from __future__ import annotations
 
@@ -24,4 +24,12 @@ def reinforce_command(config: str, overrides: list[str], out: str) -> int:
   _start(cfg)
   from hs2p_jax.train.reinforce_loop import train_reinforce
   train_reinforce(cfg, out)
+  return 0
+
+
+def train_dpo_command(config: str, overrides: list[str], out: str) -> int:
+  cfg = config_lib.load(config_lib.DPORunConfig, config, overrides)
+  _start(cfg)
+  from hs2p_jax.train.dpo_loop import train_dpo
+  train_dpo(cfg, out)
   return 0

@@ -81,44 +81,82 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
   return int(diff[0]) if diff.size else n
 
 
+CHOSEN, REJECTED = 1, 2  # target bits: a response token of the chosen / rejected side (both where shared)
+
+
 @dataclasses.dataclass(frozen=True)
 class Unit:
   """A run of tokens placed whole in one packed row, as one segment: ids, positions, branch ids
-  int32 [L] and the offsets of the tokens whose rewards are read."""
+  int32 [L] and the offsets of the tokens whose rewards are read. For log-prob targets (DPO):
+  `pred` [L] the offset of the token whose logits predict each token (-1: none) and `side` [L]
+  its target bits (CHOSEN | REJECTED: a response token of that side; 0: not a target)."""
 
   ids: np.ndarray
   positions: np.ndarray
   branch: np.ndarray
   scores: tuple[int, ...]
+  pred: np.ndarray | None = None
+  side: np.ndarray | None = None
 
   @classmethod
-  def sequence(cls, ids: np.ndarray) -> "Unit":
+  def sequence(cls, ids: np.ndarray, start: int | None = None, bit: int = 0) -> "Unit":
+    """One sequence; with `start`, its tokens from `start` on are targets with `bit`."""
     n = len(ids)
-    return cls(ids, np.arange(n, dtype=np.int32), np.zeros(n, np.int32), (n - 1,))
+    idx = np.arange(n, dtype=np.int32)
+    side = None if start is None else np.where((idx >= max(start, 1)), bit, 0).astype(np.int32)
+    return cls(ids, idx, np.zeros(n, np.int32), (n - 1,), idx - 1, side)
 
 
-def shared_pair(chosen: np.ndarray, rejected: np.ndarray, capacity: int) -> list[Unit]:
+def shared_pair(chosen: np.ndarray, rejected: np.ndarray, capacity: int,
+                starts: tuple[int, int] | None = None) -> list[Unit]:
   """A pair as [prefix | chosen suffix | rejected suffix] with branch ids 0 / 1 / 2 and each suffix's
   positions following the prefix: one unit whose two scores are the suffixes' last tokens, attention
   masked so that a branch sees the prefix and itself only (see `branch_mask`). A pair whose shared
-  layout exceeds `capacity` stays two sequences."""
+  layout exceeds `capacity` stays two sequences. `starts` (each side's first response token) marks
+  the log-prob targets: a response token in the prefix is a target of both sides."""
   p = common_prefix(chosen, rejected)
   c, r = len(chosen), len(rejected)
   if c + r - p > capacity:
-    return [Unit.sequence(chosen), Unit.sequence(rejected)]
+    if starts is None:
+      return [Unit.sequence(chosen), Unit.sequence(rejected)]
+    return [Unit.sequence(chosen, starts[0], CHOSEN), Unit.sequence(rejected, starts[1], REJECTED)]
   ids = np.concatenate([chosen, rejected[p:]]).astype(np.int32)
   positions = np.concatenate([np.arange(c), np.arange(p, r)]).astype(np.int32)
   branch = np.concatenate([np.zeros(p), np.ones(c - p), np.full(r - p, 2)]).astype(np.int32)
-  return [Unit(ids, positions, branch, (c - 1, c + r - p - 1))]
+  pred = side = None
+  if starts is not None:
+    q = np.arange(p, r)  # the rejected suffix's positions; its token q follows position q - 1
+    pred = np.concatenate([np.arange(c) - 1, np.where(q - 1 < p, q - 1, c + q - 1 - p)]).astype(np.int32)
+    j = np.arange(c)
+    side = np.concatenate([np.where(j >= max(starts[0], 1), CHOSEN, 0)
+                           | np.where((j < p) & (j >= max(starts[1], 1)), REJECTED, 0),
+                           np.where(q >= max(starts[1], 1), REJECTED, 0)]).astype(np.int32)
+  return [Unit(ids, positions, branch, (c - 1, c + r - p - 1), pred, side)]
 
 
-def pack_units(units: Sequence[Unit], capacity: int, num_rows: int,
-               pad_id: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+def unit_targets(units: Sequence[Unit], placement: Sequence[tuple[int, int]], pair_of: Sequence[int],
+                 shape: tuple[int, int]) -> dict[str, np.ndarray]:
+  """Log-prob targets of placed units (row, start each): `target_pred` int32 [R, T] the row index
+  of each target token's predicting position (-1: not a target), `chosen_pair` / `rejected_pair`
+  int32 [R, T] the pair whose chosen / rejected response the token belongs to (-1: none)."""
+  out = {k: np.full(shape, -1, np.int32) for k in ("target_pred", "chosen_pair", "rejected_pair")}
+  for u, (row, start), pair in zip(units, placement, pair_of):
+    span = slice(start, start + len(u.ids))
+    target = u.side != 0
+    out["target_pred"][row, span] = np.where(target, start + u.pred, -1)
+    out["chosen_pair"][row, span] = np.where(u.side & CHOSEN, pair, -1)
+    out["rejected_pair"][row, span] = np.where(u.side & REJECTED, pair, -1)
+  return out
+
+
+def pack_units(units: Sequence[Unit], capacity: int, num_rows: int, pad_id: int,
+               placement: list | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
   """First-fit packs `units` into `num_rows` rows of `capacity` tokens.
 
   Returns the rows (input_ids, segment_ids, positions, branch_ids int32 [num_rows, capacity];
   segments 1..k per row in placement order, 0 = pad) and, for every score of every unit in order,
-  its row and token index, int32 [sum of len(unit.scores)]."""
+  its row and token index, int32 [sum of len(unit.scores)]. A `placement` list is filled with
+  each unit's (row, start)."""
   rows = first_fit([len(u.ids) for u in units], capacity)
   if rows and max(rows) >= num_rows:
     raise ValueError(f"{max(rows) + 1} rows needed, {num_rows} given")
@@ -139,6 +177,8 @@ def pack_units(units: Sequence[Unit], capacity: int, num_rows: int,
     fill[r] += len(u.ids)
   score_row = np.array([rows[i] for i, u in enumerate(units) for _ in u.scores], np.int32)
   score_index = np.array([start[i] + o for i, u in enumerate(units) for o in u.scores], np.int32)
+  if placement is not None:
+    placement[:] = [(rows[i], int(start[i])) for i in range(len(units))]
   return out, score_row, score_index
 
 

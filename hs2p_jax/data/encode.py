@@ -30,6 +30,7 @@ class Encoded:
   seqs: list[tuple[np.ndarray, ...]]     # per kept example: int32 [L] token arrays
   truncated: int                         # kept examples that were cut
   dropped: int                           # examples dropped as over-long
+  starts: list[tuple[int, ...]] = dataclasses.field(default_factory=list)  # per sequence: its response's first token
 
 
 def fit_lengths(pieces: Sequence[Sequence[int]], max_length: int, prompt_cut: int | None = None) -> tuple[int, int]:
@@ -80,7 +81,7 @@ def encode(examples: Sequence[Example], tokenizer: Any, template: str, max_lengt
     raise UserError(f"data.overlong={overlong!r}: expected one of {', '.join(OVERLONG)}")
   rendered = [_renders(ex, template, tokenizer) for ex in examples]
   table = tokenize_all(tokenizer, [piece for sides in rendered for p in sides for piece in p])
-  keep, seqs, truncated = [], [], 0
+  keep, seqs, starts, truncated = [], [], [], 0
   for i, sides in enumerate(rendered):
     toks = [[table[piece] for piece in p] for p in sides]
     cut = max(fit_lengths(t, max_length)[0] for t in toks)
@@ -91,4 +92,5 @@ def encode(examples: Sequence[Example], tokenizer: Any, template: str, max_lengt
     truncated += cut_any
     keep.append(i)
     seqs.append(tuple(assemble(t, c, r) for (c, r), t in zip(fits, toks)))
-  return Encoded(keep, seqs, truncated, len(examples) - len(keep))
+    starts.append(tuple(len(t[0]) + len(t[1]) - c + len(t[2]) for (c, _), t in zip(fits, toks)))
+  return Encoded(keep, seqs, truncated, len(examples) - len(keep), starts)

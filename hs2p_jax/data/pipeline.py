@@ -34,8 +34,8 @@ import grain
 import numpy as np
 
 from hs2p_jax.config import DataConfig
-from hs2p_jax.data.batching import (Unit, bucket_length, num_packed_rows, pack_units, pad_left, pad_right, round_up,
-                                    shared_pair)
+from hs2p_jax.data.batching import (CHOSEN, REJECTED, Unit, bucket_length, num_packed_rows, pack_units, pad_left,
+                                    pad_right, round_up, shared_pair, unit_targets)
 from hs2p_jax.data.encode import encode
 from hs2p_jax.data.examples import LoadReport
 from hs2p_jax.data.load import load_examples
@@ -52,8 +52,10 @@ class _Batches:
   """Step index -> this process's batch dict (picklable, so grain workers can run it)."""
 
   def __init__(self, task: str, seqs: list[tuple[np.ndarray, ...]], extras: dict[str, np.ndarray], order: Order,
-               process_index: int, cfg: DataConfig, pad_id: int, row_multiple: int = 1):
+               process_index: int, cfg: DataConfig, pad_id: int, row_multiple: int = 1,
+               starts: list[tuple[int, ...]] | None = None):
     self.task, self.seqs, self.extras, self.order = task, seqs, extras, order
+    self.starts = starts  # pairs with log-prob targets (DPO): each side's first response token
     self.process_index, self.pad_id = process_index, pad_id
     self.row_multiple = row_multiple  # local rows: a multiple of this (the global rows divide the batch axes)
     self.max_length, self.pad_multiple, self.buckets = cfg.max_length, cfg.pad_multiple, cfg.buckets
@@ -64,9 +66,12 @@ class _Batches:
     self.unit_lengths = [[len(u.ids) for u in self.units(i)] for i in range(len(seqs))] if self.share_prompt else None
 
   def units(self, i: int) -> list[Unit]:
+    starts = self.starts[i] if self.starts is not None else None
     if self.share_prompt:
-      return shared_pair(*self.seqs[i], self.max_length)
-    return [Unit.sequence(s) for s in self.seqs[i]]
+      return shared_pair(*self.seqs[i], self.max_length, starts)
+    if starts is None:
+      return [Unit.sequence(s) for s in self.seqs[i]]
+    return [Unit.sequence(s, st, bit) for s, st, bit in zip(self.seqs[i], starts, (CHOSEN, REJECTED))]
 
   def _packed_rows(self, ids: np.ndarray) -> int:
     ids = np.maximum(ids, 0)
@@ -88,10 +93,15 @@ class _Batches:
       out["prompt_ids"], out["prompt_mask"] = pad_left(seqs, t, self.pad_id)
     elif self.packing:
       rows = round_up(max(self._packed_rows(i) for i in ids_all), math.lcm(PACKED_ROW_MULTIPLE, self.row_multiple))
-      packed, out["score_row"], out["score_index"] = pack_units([u for i in src for u in self.units(i)],
-                                                                self.max_length, rows, self.pad_id)
+      per_example = [self.units(i) for i in src]
+      units = [u for us in per_example for u in us]
+      placement: list = []
+      packed, out["score_row"], out["score_index"] = pack_units(units, self.max_length, rows, self.pad_id, placement)
       keys = ("input_ids", "segment_ids") + (("positions", "branch_ids") if self.share_prompt else ())
       out.update({k: packed[k] for k in keys})
+      if self.starts is not None:
+        pair_of = [k for k, us in enumerate(per_example) for _ in us]
+        out.update(unit_targets(units, placement, pair_of, packed["input_ids"].shape))
     else:
       t = bucket_length(max(int(self.lengths[np.maximum(i, 0)].max()) for i in ids_all), self.pad_multiple,
                         self.max_length, self.buckets)
@@ -99,6 +109,10 @@ class _Batches:
       out["input_ids"], out["segment_ids"] = pad_right(seqs + filler_rows, t, self.pad_id)
       out["score_row"] = np.arange(len(seqs), dtype=np.int32)
       out["score_index"] = np.array([len(s) - 1 for s in seqs], np.int32)
+      if self.starts is not None:  # row 2k: chosen of pair k, row 2k + 1: its rejected
+        units = [u for i in src for u in self.units(i)]
+        out.update(unit_targets(units, [(r, 0) for r in range(len(units))], [r // 2 for r in range(len(units))],
+                                out["input_ids"].shape))
     if self.task == "pairs":
       out["score_row"] = out["score_row"].reshape(-1, 2)
       out["score_index"] = out["score_index"].reshape(-1, 2)
@@ -220,11 +234,12 @@ def default_cache_dir() -> str:
 
 def make_loader(cfg: DataConfig, tokenizer: Any, *, split: str, task: str, batch_size: int, seed: int = 0,
                 shuffle: bool = True, repeat: bool = True, process_index: int = 0, process_count: int = 1,
-                cache_dir: Optional[str] = None, row_multiple: int = 1) -> Loader:
+                cache_dir: Optional[str] = None, row_multiple: int = 1, targets: bool = False) -> Loader:
   """A Loader over `cfg.train` or `cfg.validation` (None or "builtin" = generated data) for `task`
   ("regression" | "pairs" | "prompts"); `batch_size` is global (examples, or pairs for "pairs").
   The global rows of every training batch (all processes') are a multiple of `row_multiple` (the
-  mesh's batch-axis size: `sharding.batch_split`), made so with rows of padding."""
+  mesh's batch-axis size: `sharding.batch_split`), made so with rows of padding. `targets` (pairs):
+  batches also carry the response tokens' log-prob targets (`batching.unit_targets`), for DPO."""
   if split not in SPLITS:
     raise UserError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
   if not 0 <= process_index < process_count:
@@ -243,7 +258,10 @@ def make_loader(cfg: DataConfig, tokenizer: Any, *, split: str, task: str, batch
   order = Order(len(examples), batch_size, process_count, seed=seed, shuffle=shuffle, repeat=repeat)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   local_multiple = row_multiple // math.gcd(row_multiple, process_count)  # P * local rows divide row_multiple
-  batches = _Batches(task, encoded.seqs, _extras(task, examples), order, process_index, cfg, pad_id, local_multiple)
+  if targets and task != "pairs":
+    raise ValueError("log-prob targets are for pairs")
+  batches = _Batches(task, encoded.seqs, _extras(task, examples), order, process_index, cfg, pad_id, local_multiple,
+                     encoded.starts if targets else None)
   fingerprint = {"examples": len(examples), "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
-                 "repeat": repeat, "process": [process_index, process_count], "task": task}
+                 "repeat": repeat, "process": [process_index, process_count], "task": task + ("+targets" * targets)}
   return Loader(batches, examples, report, fingerprint, cfg.num_workers)

@@ -11,9 +11,11 @@ from hs2p_jax.sharding import DEFAULT_RULES, Rules, logical_to_spec
 
 # Arrays whose first (row) axis is the batch; everything else is small and replicated.
 ROW_ARRAYS = ("input_ids", "segment_ids", "positions", "branch_ids", "prompt_ids", "prompt_mask", "tokens",
-              "response_mask")
+              "response_mask", "target_pred", "chosen_pair", "rejected_pair")
 # Arrays holding row numbers of the global batch: offset when local batches are concatenated.
 ROW_POINTERS = ("score_row",)
+# Arrays holding pair numbers (-1: none), offset likewise by the pairs of the processes before.
+PAIR_POINTERS = ("chosen_pair", "rejected_pair")
 
 
 def gather_processes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -26,11 +28,16 @@ def gather_processes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   out = {}
   for k, v in batch.items():
     shape = np.max(multihost_utils.process_allgather(np.asarray(v.shape)), axis=0)
-    out[k] = np.pad(v, [(0, int(m) - s) for m, s in zip(shape, v.shape)])
+    fill = -1 if k in PAIR_POINTERS or k == "target_pred" else 0  # padding is no target
+    out[k] = np.pad(v, [(0, int(m) - s) for m, s in zip(shape, v.shape)], constant_values=fill)
   rows = max((out[k].shape[0] for k in ROW_ARRAYS if k in out), default=0)
   for k in ROW_POINTERS:
     if k in out:
       out[k] = out[k] + jax.process_index() * rows
+  pairs = out["magnitude"].shape[0] if "magnitude" in out else 0
+  for k in PAIR_POINTERS:
+    if k in out:
+      out[k] = np.where(out[k] >= 0, out[k] + jax.process_index() * pairs, -1).astype(out[k].dtype)
   return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in out.items()}
 
 

@@ -1,0 +1,120 @@
+"""DPO (regular, margin, scaled): sequence log-probs of both responses of a pair under the policy
+and a frozen reference, and the pure train and eval steps.
+
+Batches are pair batches with log-prob targets (`data.pipeline.make_loader(..., targets=True)`):
+`input_ids`, `segment_ids` [R, T] (and `positions`, `branch_ids` where the two sides share their
+prompt in one packed segment), `target_pred` [R, T] (the row position whose logits predict each
+response token; -1 elsewhere), `chosen_pair` / `rejected_pair` [R, T] (the pair each response token
+belongs to, -1 elsewhere), `magnitude`, `valid` [P]. Chosen and rejected go through the model in one
+forward; a sequence's log-prob is the sum over its response tokens (the end marker included).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from hs2p_jax.losses import dpo_losses, dpo_rewards
+from hs2p_jax.model.llama import LlamaForCausalLM
+from hs2p_jax.train.logprobs import token_logprobs
+
+Batch = dict[str, jax.Array]
+
+
+def pair_logprobs(lm: LlamaForCausalLM, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """(sequence log-probs, response token counts), each [P, 2] (chosen, rejected) float32."""
+  hidden = lm.model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch.get("positions"),
+                    branch_ids=batch.get("branch_ids"))  # [R, T, D]
+  pred = batch["target_pred"]
+  h = jnp.take_along_axis(hidden, jnp.maximum(pred, 0)[..., None], axis=1)  # the predicting positions' states
+  lp = jnp.where(pred >= 0, token_logprobs(lm, h, batch["input_ids"]), 0.0)  # [R, T]
+  p = batch["magnitude"].shape[0]
+
+  def per_pair(owner):  # [R, T] pair ids (-1: none) -> [P] sums of lp, [P] token counts
+    idx = jnp.where(owner >= 0, owner, p).reshape(-1)  # index p is dropped
+    sums = jnp.zeros((p,), jnp.float32).at[idx].add(lp.reshape(-1), mode="drop")
+    counts = jnp.zeros((p,), jnp.float32).at[idx].add(jnp.ones_like(lp).reshape(-1), mode="drop")
+    return sums, counts
+
+  (c, nc), (r, nr) = per_pair(batch["chosen_pair"]), per_pair(batch["rejected_pair"])
+  return jnp.stack([c, r], axis=1), jnp.stack([nc, nr], axis=1)
+
+
+def _sums(logp: jax.Array, ref: jax.Array, counts: jax.Array, batch: Batch, variant: str, beta: float) -> dict:
+  """Per-batch sums of the step's metrics (divided by their counts after all micro-batches)."""
+  valid = batch["valid"].astype(jnp.float32)
+  losses = dpo_losses(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], batch["magnitude"], variant, beta)
+  z = dpo_rewards(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta)
+  tokens = jnp.sum(counts, axis=1) * valid
+  return {"loss": jnp.sum(losses * valid), "pairs": jnp.sum(valid), "correct": jnp.sum((z > 0) * valid),
+          "margin": jnp.sum(z * valid), "chosen_reward": jnp.sum(beta * (logp[:, 0] - ref[:, 0]) * valid),
+          "rejected_reward": jnp.sum(beta * (logp[:, 1] - ref[:, 1]) * valid),
+          "drift": jnp.sum(jnp.sum(logp - ref, axis=1) * valid), "tokens": jnp.sum(tokens)}
+
+
+def make_dpo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, variant: str, beta: float):
+  """A pure `step(params, opt_state, ref_params, batches) -> (params, opt_state, metrics)`: the mean
+  DPO loss over the valid pairs of k stacked micro-batches ([k, R, T], ...), gradients accumulated;
+  the reference's log-probs are computed in the same step (forward only)."""
+
+  def sum_loss(params, ref_params, batch):
+    logp, counts = pair_logprobs(nnx.merge(graphdef, params), batch)
+    ref, _ = pair_logprobs(nnx.merge(graphdef, ref_params), batch)
+    sums = _sums(logp, jax.lax.stop_gradient(ref), counts, batch, variant, beta)
+    return sums["loss"], sums
+
+  grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
+
+  def step(params, opt_state, ref_params, batches):
+    def micro(carry, batch):
+      g_acc, s_acc = carry
+      (_, sums), grads = grad_fn(params, ref_params, batch)
+      return (jax.tree.map(jnp.add, g_acc, grads), jax.tree.map(jnp.add, s_acc, sums)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    sums0 = {k: jnp.zeros(()) for k in SUM_KEYS}
+    (grads, sums), _ = jax.lax.scan(micro, (zeros, sums0), batches)
+    pairs = jnp.maximum(sums["pairs"], 1.0)
+    grads = jax.tree.map(lambda g: g / pairs, grads)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"grad_norm": grad_norm, **metrics_of(sums)}
+
+  return step
+
+
+SUM_KEYS = ("loss", "pairs", "correct", "margin", "chosen_reward", "rejected_reward", "drift", "tokens")
+
+
+def metrics_of(sums: dict[str, Any]) -> dict[str, Any]:
+  """Means from summed metrics: loss, accuracy (z > 0), margin (mean z), chosen / rejected
+  implicit rewards, drift (mean logp_pi - logp_ref per response token)."""
+  pairs = jnp.maximum(sums["pairs"], 1.0)
+  return {"loss": sums["loss"] / pairs, "accuracy": sums["correct"] / pairs, "margin": sums["margin"] / pairs,
+          "chosen_reward": sums["chosen_reward"] / pairs, "rejected_reward": sums["rejected_reward"] / pairs,
+          "drift": sums["drift"] / jnp.maximum(sums["tokens"], 1.0), "pairs": sums["pairs"]}
+
+
+def make_dpo_eval(graphdef: nnx.GraphDef) -> Callable:
+  """A pure `eval(params, ref_params, batch) -> [P, 6]`: policy log-probs (chosen, rejected),
+  reference log-probs (chosen, rejected), response token counts (chosen, rejected)."""
+
+  def evaluate(params, ref_params, batch):
+    logp, counts = pair_logprobs(nnx.merge(graphdef, params), batch)
+    ref, _ = pair_logprobs(nnx.merge(graphdef, ref_params), batch)
+    return jnp.concatenate([logp, ref, counts], axis=1)
+
+  return evaluate
+
+
+def eval_metrics(out: Any, magnitude: Any, variant: str, beta: float) -> dict[str, float]:
+  """`metrics_of` over the valid pairs' eval outputs [N, 6] (`make_dpo_eval`) and magnitudes [N]."""
+  out = jnp.asarray(out, jnp.float32)
+  batch = {"valid": jnp.ones(out.shape[0]), "magnitude": jnp.asarray(magnitude, jnp.float32)}
+  m = metrics_of(_sums(out[:, 0:2], out[:, 2:4], out[:, 4:6], batch, variant, beta))
+  return {k: float(v) for k, v in m.items()}

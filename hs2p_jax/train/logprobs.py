@@ -1,0 +1,34 @@
+"""Log-probs of given tokens from hidden states, the LM head run a chunk of positions at a time."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hs2p_jax.model.llama import LlamaForCausalLM
+
+LOGPROB_CHUNK = 256  # positions whose [N, chunk, V] logits exist at a time (forward and backward)
+
+
+def token_logprobs(lm: LlamaForCausalLM, hidden: jax.Array, tokens: jax.Array, chunk: int = LOGPROB_CHUNK,
+                   temperature: float = 1.0) -> jax.Array:
+  """log p(tokens[:, t] | hidden[:, t]) [N, T] float32 under softmax(logits / temperature), from
+  hidden states [N, T, D]; the LM head and log-sum-exp run `chunk` positions at a time (a
+  checkpointed scan): the float32 [N, T, V] logits and their log-softmax never exist whole, in the
+  forward pass or the backward."""
+  n, t, d = hidden.shape
+  c = max(1, min(chunk, t))
+  pad = -t % c
+  h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(n, (t + pad) // c, c, d).swapaxes(0, 1)
+  tok = jnp.pad(tokens, ((0, 0), (0, pad))).reshape(n, (t + pad) // c, c).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(h_c, tok_c):  # [N, c, D], [N, c] -> [N, c]
+    logits = lm.logits(h_c)
+    if temperature != 1.0:
+      logits = logits / temperature
+    picked = jnp.take_along_axis(logits, tok_c[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+  _, out = jax.lax.scan(lambda carry, xs: (carry, one(*xs)), None, (h, tok))
+  return out.swapaxes(0, 1).reshape(n, t + pad)[:, :t]
