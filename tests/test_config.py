@@ -61,6 +61,8 @@ def test_every_shipped_config_loads():
       cls = config_lib.PipelineConfig
     elif name == "reinforce.yaml":
       cls = config_lib.ReinforceRunConfig
+    elif name.startswith("dpo"):
+      cls = config_lib.DPORunConfig
     else:
       cls = config_lib.RunConfig
     cfg = config_lib.load(cls, path)
@@ -68,6 +70,8 @@ def test_every_shipped_config_loads():
       assert cfg.model.init_from and cfg.train.objective == "bt"
     if name.startswith("bt_") and name.endswith("scratch.yaml"):
       assert cfg.model.init_from is None
+    if name.startswith("dpo_"):
+      assert cfg.dpo.variant == name[4:-5] and cfg.policy.kind == "lm"
 
 
 def test_pipeline_override_routing():

@@ -259,3 +259,27 @@ def test_cli_plans_a_reinforce_step_phase_by_phase():
   assert a["model_flops_per_device"] == pytest.approx(f["total"] / 2)
   assert 0.8 < c["flops_ratio"] < 1.25  # the decode loop counted once per new token
   assert "per device and phase" in proc.stderr and r["verdict"]["fits"]
+
+
+def test_cli_plans_a_dpo_step():
+  """The quickstart DPO step compiled on 2 CPU devices; model FLOPs by hand."""
+  proc = _run_plan(["--config", os.path.join(REPO, "configs/quickstart/dpo.yaml"), "--devices", "2",
+                    "--chip", "h100", "--set", "mesh.data=2"])
+  assert proc.returncode == 0, proc.stderr
+  r = json.loads(proc.stdout)
+  c, a, b = r["compiled"], r["analytic"], r["batch"]
+  assert r["kind"] == "dpo" and c["status"] == "ok" and r["objective"] == "dpo (scaled, beta 0.1)"
+  res = a["resident"]
+  assert res["policy"] == res["reference"] == 4 * r["model"]["params"]  # replicated float32
+  cfg = PRESETS["tiny"]
+  n = cfg.num_layers * (cfg.hidden_size * cfg.head_dim * 2 * (cfg.num_heads + cfg.num_kv_heads)
+                        + 3 * cfg.hidden_size * cfg.intermediate_size)
+  rows, t = b["real_rows"] * b["micro_batches"], b["seq_len"]
+  attn = 4 * cfg.num_layers * t * t * cfg.num_heads * cfg.head_dim * rows
+  head = 2 * cfg.hidden_size * cfg.vocab_size * rows * t
+  f = a["model_flops"]
+  assert f["policy"] == pytest.approx(6 * n * rows * t + 3 * attn + 3 * head)
+  assert f["reference"] == pytest.approx(2 * n * rows * t + attn + head)
+  assert a["model_flops_per_device"] == pytest.approx(f["total"] / 2)
+  assert 0.8 < c["flops_ratio"] < 1.25 and c["peak"] > a["resident_total"]
+  assert "compiling the DPO step" in proc.stderr and r["verdict"]["fits"]

@@ -1,4 +1,5 @@
-"""`hs2p plan`: per-device memory of a config's reward-model train step on a mesh and chip.
+"""`hs2p plan`: per-device memory of a config's reward-model train step on a mesh and chip (REINFORCE:
+`commands.plan_reinforce`; DPO: `commands.plan_dpo`).
 
 The analytic breakdown (`hs2p_jax.plan`) is always there. Compiled numbers come from lowering and
 compiling the real train step ahead of time on abstract sharded inputs and reading
@@ -28,7 +29,7 @@ from jax.sharding import AbstractMesh
 from hs2p_jax import config as config_lib
 from hs2p_jax import plan, plan_table
 from hs2p_jax.atomic import write_json
-from hs2p_jax.config import ModelConfig, ReinforceRunConfig, RunConfig
+from hs2p_jax.config import DPORunConfig, ModelConfig, ReinforceRunConfig, RunConfig
 from hs2p_jax.errors import UserError
 from hs2p_jax.model.config import LlamaConfig, from_hf_config, preset
 from hs2p_jax.sharding import MESH_AXES, Rules, make_mesh, rules_from, use_mesh
@@ -235,24 +236,29 @@ def build_report(cfg: RunConfig, config_path: str, target: plan.Target, mode: st
   }
 
 
-def _is_reinforce(path: str) -> bool:
+def _kind(path: str) -> str:
+  """"dpo", "reinforce" or "rm": which trainer a config is for."""
   data = config_lib.read_yaml(path)
-  return "policy" in data or "reinforce" in data
+  if "dpo" in data:
+    return "dpo"
+  return "reinforce" if "policy" in data or "reinforce" in data else "rm"
 
 
 def plan_command(args) -> int:
-  reinforce = _is_reinforce(args.config)
-  cfg = config_lib.load(ReinforceRunConfig if reinforce else RunConfig, args.config, args.overrides)
-  if not reinforce and cfg.model.kind != "reward":
-    raise UserError(f"{args.config}: model.kind={cfg.model.kind!r}: hs2p plan covers reward-model (model.kind=reward) "
-                    "and REINFORCE (policy:, reinforce:) configs")
+  kind = _kind(args.config)
+  cfg = config_lib.load({"dpo": DPORunConfig, "reinforce": ReinforceRunConfig, "rm": RunConfig}[kind], args.config,
+                        args.overrides)
+  if kind == "rm" and cfg.model.kind != "reward":
+    raise UserError(f"{args.config}: model.kind={cfg.model.kind!r}: hs2p plan covers reward-model (model.kind=reward), "
+                    "REINFORCE (policy:, reinforce:) and DPO (policy:, dpo:) configs")
   target = plan.resolve_target(args.chip, args.devices, cfg.mesh)
   mode = _compile_mode(getattr(args, "compile", None), target)
   _start_backend(mode, target.devices)
-  if reinforce:
-    from hs2p_jax.commands import plan_reinforce
-    report = plan_reinforce.build_report(cfg, args.config, target, mode)
-    sys.stderr.write(plan_reinforce.render(report))
+  if kind != "rm":
+    from hs2p_jax.commands import plan_dpo, plan_reinforce
+    module = plan_dpo if kind == "dpo" else plan_reinforce
+    report = module.build_report(cfg, args.config, target, mode)
+    sys.stderr.write(module.render(report))
   else:
     report = build_report(cfg, args.config, target, mode)
     sys.stderr.write(plan_table.render(report))
