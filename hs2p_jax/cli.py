@@ -48,12 +48,19 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--max-length", type=int, default=1024)
   p.add_argument("--out", help="write the JSON report here")
+  p.add_argument("--judge", default="reward", choices=["reward", "generative"],
+                 help="reward: a reward model scores both responses; generative: an LM checkpoint (the Pairwise "
+                      "Justifier) states which is better, in both orders")
+  p.add_argument("--max-new-tokens", type=int, default=128, help="with --judge generative: tokens per answer")
   _add_set(p, "data.template=chat mesh.fsdp=2 model.dtype=bfloat16")
 
   p = sub.add_parser("reinforce", help="REINFORCE (leave-one-out) against a reward model")
   _add_run_args(p)
 
   p = sub.add_parser("train-dpo", help="DPO (regular, margin or scaled) on preference pairs")
+  _add_run_args(p)
+
+  p = sub.add_parser("train-sft", help="supervised fine-tuning on responses (e.g. the Pairwise Justifier)")
   _add_run_args(p)
 
   p = sub.add_parser("pipeline", help="regression -> scaled BT -> ExPO -> eval -> REINFORCE, with a report")
@@ -119,6 +126,9 @@ def _dispatch(args) -> int:
   if args.command == "train-dpo":
     from hs2p_jax.commands.train import train_dpo_command
     return train_dpo_command(args.config, args.overrides, args.out)
+  if args.command == "train-sft":
+    from hs2p_jax.commands.train import train_sft_command
+    return train_sft_command(args.config, args.overrides, args.out)
   if args.command == "pipeline":
     from hs2p_jax.commands.pipeline import pipeline_command
     return pipeline_command(args.config, args.overrides, args.out)

@@ -147,9 +147,9 @@ class ReinforceRunConfig:
 
 
 @dataclasses.dataclass
-class DPOConfig(OptimizerConfig):
-  variant: str = "regular"             # regular | margin | scaled (the BT variants on DPO's implicit reward)
-  beta: float = 0.1
+class LMTrainConfig(OptimizerConfig):
+  """The shared keys of the policy trainers (`dpo:`, `sft:`)."""
+
   steps: int = 100
   batch_size: int = 8                  # pairs per optimizer step (global)
   micro_batch_size: Optional[int] = None
@@ -163,6 +163,17 @@ class DPOConfig(OptimizerConfig):
 
 
 @dataclasses.dataclass
+class DPOConfig(LMTrainConfig):
+  variant: str = "regular"             # regular | margin | scaled (the BT variants on DPO's implicit reward)
+  beta: float = 0.1
+
+
+@dataclasses.dataclass
+class SFTConfig(LMTrainConfig):
+  pass
+
+
+@dataclasses.dataclass
 class DPORunConfig:
   """`hs2p train-dpo` configuration: a policy (its reference is a frozen copy) and preference pairs."""
 
@@ -173,6 +184,19 @@ class DPORunConfig:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   dist: DistConfig = dataclasses.field(default_factory=DistConfig)
   name: str = "dpo"
+
+
+@dataclasses.dataclass
+class SFTRunConfig:
+  """`hs2p train-sft` configuration: a policy and (prompt, response) examples (`data.format` sft,
+  justifier, or the chosen side of pairs)."""
+
+  policy: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(kind="lm"))
+  data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(format="sft", template="chat"))
+  sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  dist: DistConfig = dataclasses.field(default_factory=DistConfig)
+  name: str = "sft"
 
 
 @dataclasses.dataclass

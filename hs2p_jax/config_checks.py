@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from hs2p_jax.config import DataConfig, DPOConfig, ModelConfig, ReinforceConfig, RuntimeConfig, TrainConfig
+from hs2p_jax.config import DataConfig, DPOConfig, LMTrainConfig, ModelConfig, ReinforceConfig, RuntimeConfig, TrainConfig
 from hs2p_jax.errors import UserError
 
 _CHOICES = {
     "model.kind": ("reward", "lm"),
-    "data.format": ("helpsteer2", "helpsteer2-preference", "pairs", "hh", "rewardbench", "prompts"),
+    "data.format": ("helpsteer2", "helpsteer2-preference", "pairs", "hh", "rewardbench", "prompts", "sft", "justifier"),
     "data.attributes": ("helpfulness", "all"),
     "data.template": ("steerlm", "chat"),
     "data.overlong": ("truncate", "drop"),
@@ -52,15 +52,17 @@ def validate(cfg) -> None:
       raise UserError(f"train.micro_batch_size={train.micro_batch_size} must divide train.batch_size={train.batch_size}")
     if train.lr < 0 or train.warmup_steps < 0:
       raise UserError("train.lr and train.warmup_steps must be >= 0")
-  dpo = getattr(cfg, "dpo", None)
-  if isinstance(dpo, DPOConfig):
+  for key in ("dpo", "sft"):
+    lm = getattr(cfg, key, None)
+    if not isinstance(lm, LMTrainConfig):
+      continue
     for name in ("steps", "batch_size"):
-      if getattr(dpo, name) <= 0:
-        raise UserError(f"dpo.{name}={getattr(dpo, name)}: must be positive")
-    if dpo.micro_batch_size is not None and (dpo.micro_batch_size <= 0 or dpo.batch_size % dpo.micro_batch_size):
-      raise UserError(f"dpo.micro_batch_size={dpo.micro_batch_size} must divide dpo.batch_size={dpo.batch_size}")
-    if dpo.beta <= 0:
-      raise UserError(f"dpo.beta={dpo.beta}: must be positive")
+      if getattr(lm, name) <= 0:
+        raise UserError(f"{key}.{name}={getattr(lm, name)}: must be positive")
+    if lm.micro_batch_size is not None and (lm.micro_batch_size <= 0 or lm.batch_size % lm.micro_batch_size):
+      raise UserError(f"{key}.micro_batch_size={lm.micro_batch_size} must divide {key}.batch_size={lm.batch_size}")
+    if isinstance(lm, DPOConfig) and lm.beta <= 0:
+      raise UserError(f"dpo.beta={lm.beta}: must be positive")
   rl = getattr(cfg, "reinforce", None)
   if isinstance(rl, ReinforceConfig):
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "updates_per_rollout"):

@@ -1,4 +1,5 @@
-"""`hs2p eval`: score a chosen/rejected set with a reward-model checkpoint; RewardBench sections."""
+"""`hs2p eval`: score a chosen/rejected set with a reward-model checkpoint (or judge it with a generative
+one, `--judge generative`); RewardBench sections."""
 
 from __future__ import annotations
 
@@ -100,8 +101,39 @@ def format_table(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def judge_command(args, cfg, mesh, rules) -> int:
+  """`hs2p eval --judge generative`: the Pairwise Justifier's verdicts on the pairs, both orders."""
+  from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model
+  from hs2p_jax.data.load import load_examples
+  from hs2p_jax.data.synthetic import resolve_source
+  from hs2p_jax.errors import UserError
+  from hs2p_jax.eval.judge import judge_pairs
+
+  cache = os.path.join(os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd(), ".hs2p_data")
+  source = resolve_source(args.data, args.split, args.format, cache)
+  pairs, load = load_examples(source, args.format, args.split, "pairs", skip_invalid=cfg.data.skip_invalid)
+  with use_mesh(mesh, rules):
+    lm, meta = load_model(args.checkpoint, mesh, rules, **cfg.model.fields())
+  if meta.kind != "lm":
+    raise UserError(f"--judge generative: {args.checkpoint} is a {meta.kind} checkpoint; it needs an LM (the justifier)")
+  report = judge_pairs(lm, load_checkpoint_tokenizer(args.checkpoint), cfg.data.template, pairs,
+                       max_length=cfg.data.max_length, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       mesh=mesh, rules=rules)
+  report = {"checkpoint": os.path.abspath(args.checkpoint), "data": args.data, "format": args.format,
+            "judge": "generative", "template": cfg.data.template, **report, "load": load.summary()}
+  print(f"pairs {report['pairs']}  accuracy {report['accuracy']:.4f}  unparsed {report['unparsed']} of "
+        f"{report['answers']}  position consistency {report['position_consistency']:.4f}", file=sys.stderr)
+  if args.out and jax.process_index() == 0:
+    write_json(args.out, report)
+  print(json.dumps({k: report[k] for k in ("accuracy", "pairs", "unparsed", "position_consistency")} |
+                   ({"sections": report["sections"]} if "sections" in report else {})))
+  return 0
+
+
 def eval_command(args) -> int:
   cfg, mesh, rules = tool_config("eval", args.checkpoint, args.overrides, args.data, args.format, args.max_length)
+  if args.judge == "generative":
+    return judge_command(args, cfg, mesh, rules)
   scorer = PairScorer.load(args.checkpoint, mesh, rules, cfg.model.fields(), batch_size=args.batch_size,
                            max_length=cfg.data.max_length)
   cache = os.path.join(os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd(), ".hs2p_data")

@@ -1,4 +1,4 @@
-"""`hs2p train-rm`, `hs2p reinforce` and `hs2p train-dpo`."""
+"""`hs2p train-rm`, `hs2p reinforce`, `hs2p train-dpo` and `hs2p train-sft`."""
 
 from __future__ import annotations
 
@@ -30,6 +30,14 @@ def reinforce_command(config: str, overrides: list[str], out: str) -> int:
 def train_dpo_command(config: str, overrides: list[str], out: str) -> int:
   cfg = config_lib.load(config_lib.DPORunConfig, config, overrides)
   _start(cfg)
-  from hs2p_jax.train.dpo_loop import train_dpo
+  from hs2p_jax.train.lm_loop import train_dpo
   train_dpo(cfg, out)
+  return 0
+
+
+def train_sft_command(config: str, overrides: list[str], out: str) -> int:
+  cfg = config_lib.load(config_lib.SFTRunConfig, config, overrides)
+  _start(cfg)
+  from hs2p_jax.train.lm_loop import train_sft
+  train_sft(cfg, out)
   return 0

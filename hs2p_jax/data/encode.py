@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hs2p_jax.data.examples import Example, PairExample, PromptExample, RatingExample
+from hs2p_jax.data.examples import Example, PairExample, PromptExample, RatingExample, SFTExample
 from hs2p_jax.data.templates import Pieces, render
 from hs2p_jax.errors import UserError
 
@@ -56,7 +56,7 @@ def assemble(pieces: Sequence[np.ndarray], prompt_cut: int, response_keep: int) 
 def _renders(ex: Example, template: str, tokenizer: Any) -> list[Pieces]:
   if isinstance(ex, PairExample):
     return [render(template, ex.prompt, ex.chosen, tokenizer), render(template, ex.prompt, ex.rejected, tokenizer)]
-  if isinstance(ex, RatingExample):
+  if isinstance(ex, (RatingExample, SFTExample)):
     return [render(template, ex.prompt, ex.response, tokenizer)]
   if isinstance(ex, PromptExample):
     return [render(template, ex.prompt, None, tokenizer)]

@@ -1,4 +1,4 @@
-"""Parsed examples (ratings, preference pairs, prompts) and the report of how they were loaded."""
+"""Parsed examples (ratings, preference pairs, SFT responses, prompts) and the report of how they were loaded."""
 
 from __future__ import annotations
 
@@ -37,6 +37,15 @@ class PairExample:
 
 
 @dataclasses.dataclass(frozen=True)
+class SFTExample:
+  """A prompt and the response to learn (supervised fine-tuning; the Pairwise Justifier)."""
+
+  prompt: str
+  response: str
+  where: str
+
+
+@dataclasses.dataclass(frozen=True)
 class PromptExample:
   """A prompt to generate from (RL)."""
 
@@ -44,7 +53,7 @@ class PromptExample:
   where: str
 
 
-Example = Union[RatingExample, PairExample, PromptExample]
+Example = Union[RatingExample, PairExample, SFTExample, PromptExample]
 E = TypeVar("E")
 
 

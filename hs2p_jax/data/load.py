@@ -4,24 +4,26 @@ from __future__ import annotations
 
 from typing import Optional
 
-from hs2p_jax.data.examples import Example, LoadReport
+from hs2p_jax.data.examples import Example, LoadReport, SFTExample
 from hs2p_jax.data.helpsteer2 import load_preferences, load_ratings
 from hs2p_jax.data.pairs import load_pairs
 from hs2p_jax.data.prompts import distinct_prompts, load_prompts
+from hs2p_jax.data.sft import load_sft
 from hs2p_jax.errors import UserError
 
-FORMATS = ("helpsteer2", "helpsteer2-preference", "pairs", "hh", "rewardbench", "prompts")
+FORMATS = ("helpsteer2", "helpsteer2-preference", "pairs", "hh", "rewardbench", "prompts", "sft", "justifier")
 TASKS = {  # task -> formats that can feed it
     "regression": ("helpsteer2",),
     "pairs": ("helpsteer2-preference", "pairs", "hh", "rewardbench"),
-    "prompts": FORMATS,
+    "sft": ("sft", "justifier", "helpsteer2-preference", "pairs", "hh"),  # pair formats: the chosen response
+    "prompts": ("helpsteer2", "helpsteer2-preference", "pairs", "hh", "rewardbench", "prompts"),
 }
 _HUB_SPLIT = {"hh": {"validation": "test"}}  # Anthropic/hh-rlhf names its held-out split "test"
 
 
 def load_examples(source: str, fmt: str, split: Optional[str], task: str, *, attributes: str = "helpfulness",
                   skip_invalid: bool = False) -> tuple[list[Example], LoadReport]:
-  """Parsed, filtered examples of `source` for `task` ("regression" | "pairs" | "prompts").
+  """Parsed, filtered examples of `source` for `task` ("regression" | "pairs" | "sft" | "prompts").
 
   `split` ("train" / "validation") filters HelpSteer2-Preference rows by their `split` field and
   picks the hub split of `hf:` sources; a local file otherwise holds one split. For "prompts",
@@ -31,6 +33,8 @@ def load_examples(source: str, fmt: str, split: Optional[str], task: str, *, att
   if fmt not in TASKS[task]:
     raise UserError(f"data.format={fmt!r} cannot feed the {task} task (expected one of {', '.join(TASKS[task])})")
   hub_split = _HUB_SPLIT.get(fmt, {}).get(split, split)
+  if fmt in ("sft", "justifier"):
+    return load_sft(source, fmt, split if fmt == "justifier" else hub_split, skip_invalid)
   if fmt == "helpsteer2":
     examples, report = load_ratings(source, hub_split, attributes, skip_invalid)
   elif fmt == "helpsteer2-preference":
@@ -41,4 +45,6 @@ def load_examples(source: str, fmt: str, split: Optional[str], task: str, *, att
     examples, report = load_pairs(source, fmt, hub_split, skip_invalid)
   if task == "prompts":
     return distinct_prompts(examples, report)
+  if task == "sft":  # the preferred response of each pair
+    return [SFTExample(ex.prompt, ex.chosen, ex.where) for ex in examples], report
   return examples, report

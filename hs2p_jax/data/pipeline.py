@@ -109,10 +109,10 @@ class _Batches:
       out["input_ids"], out["segment_ids"] = pad_right(seqs + filler_rows, t, self.pad_id)
       out["score_row"] = np.arange(len(seqs), dtype=np.int32)
       out["score_index"] = np.array([len(s) - 1 for s in seqs], np.int32)
-      if self.starts is not None:  # row 2k: chosen of pair k, row 2k + 1: its rejected
+      if self.starts is not None:  # pairs: row 2k chosen of pair k, row 2k + 1 its rejected
         units = [u for i in src for u in self.units(i)]
-        out.update(unit_targets(units, [(r, 0) for r in range(len(units))], [r // 2 for r in range(len(units))],
-                                out["input_ids"].shape))
+        owner = [k for k, i in enumerate(src) for _ in self.seqs[i]]  # the example of each row
+        out.update(unit_targets(units, [(r, 0) for r in range(len(units))], owner, out["input_ids"].shape))
     if self.task == "pairs":
       out["score_row"] = out["score_row"].reshape(-1, 2)
       out["score_index"] = out["score_index"].reshape(-1, 2)
@@ -236,7 +236,7 @@ def make_loader(cfg: DataConfig, tokenizer: Any, *, split: str, task: str, batch
                 shuffle: bool = True, repeat: bool = True, process_index: int = 0, process_count: int = 1,
                 cache_dir: Optional[str] = None, row_multiple: int = 1, targets: bool = False) -> Loader:
   """A Loader over `cfg.train` or `cfg.validation` (None or "builtin" = generated data) for `task`
-  ("regression" | "pairs" | "prompts"); `batch_size` is global (examples, or pairs for "pairs").
+  ("regression" | "pairs" | "sft" | "prompts"); `batch_size` is global (examples, or pairs for "pairs").
   The global rows of every training batch (all processes') are a multiple of `row_multiple` (the
   mesh's batch-axis size: `sharding.batch_split`), made so with rows of padding. `targets` (pairs):
   batches also carry the response tokens' log-prob targets (`batching.unit_targets`), for DPO."""
@@ -258,8 +258,9 @@ def make_loader(cfg: DataConfig, tokenizer: Any, *, split: str, task: str, batch
   order = Order(len(examples), batch_size, process_count, seed=seed, shuffle=shuffle, repeat=repeat)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   local_multiple = row_multiple // math.gcd(row_multiple, process_count)  # P * local rows divide row_multiple
-  if targets and task != "pairs":
-    raise ValueError("log-prob targets are for pairs")
+  targets = targets or task == "sft"
+  if targets and task not in ("pairs", "sft"):
+    raise ValueError("log-prob targets are for pairs and SFT")
   batches = _Batches(task, encoded.seqs, _extras(task, examples), order, process_index, cfg, pad_id, local_multiple,
                      encoded.starts if targets else None)
   fingerprint = {"examples": len(examples), "batch_size": batch_size, "seed": seed, "shuffle": shuffle,

@@ -35,7 +35,7 @@ from hs2p_jax.atomic import atomic_dir
 from hs2p_jax.data.templates import join_turns, split_turns
 from hs2p_jax.errors import UserError
 
-VERSION = 1  # bump when the generated content changes (names the cache directory)
+VERSION = 2  # bump when the generated content changes (names the cache directory)
 FRUITS = ("apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear", "plum", "melon", "kiwi", "lime")
 NAMES = ("Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia")
 SOUNDS = {"cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack", "owl": "hoot", "sheep": "baa",
@@ -136,12 +136,19 @@ def _pair(rng: np.random.Generator) -> dict[str, Any]:
           "ratings": (a1, a2), "strength": strength}
 
 
+def _qualities(a: dict[str, int]) -> str:
+  """What a response's ratings say about it, in words (the justifications' elaboration)."""
+  issues = [w for w, bad in (("wrong", a["correctness"] == 1), ("scrambled", a["coherence"] == 0),
+                             ("shouted", a["coherence"] == 2), ("terse", a["verbosity"] == 1)) if bad]
+  return " and ".join(issues) if issues else "correct and clear"
+
+
 def _preference_row(p: dict[str, Any], split: str) -> dict[str, Any]:
   s = p["strength"]
   better = "@Response 1" if s < 0 else "@Response 2"
   statement = "Neither response is valid." if s == -100 else (
       "Both responses are about the same." if s == 0 else f"{better} is {'much ' * (abs(s) == 3)}better.")
-  elaboration = "Judged by correctness, coherence, format and detail."
+  elaboration = f"@Response 1 is {_qualities(p['ratings'][0])}; @Response 2 is {_qualities(p['ratings'][1])}."
   return {"split": split, "prompt": p["prompt"], "response_1": p["responses"][0], "response_2": p["responses"][1],
           "preference_strength": s, "preference_statement": statement, "preference_elaboration": elaboration,
           "three_most_similar_preferences": [{"statement": statement, "elaboration": elaboration, "strength": s}] * 3,
@@ -249,7 +256,8 @@ def builtin_file(fmt: str, split: str) -> str:
   """The built-in file name that serves `data.format=fmt` for `split`."""
   names = {"helpsteer2": f"helpsteer2_{split}.jsonl.gz", "helpsteer2-preference": "preference.jsonl.gz",
            "rewardbench": "rewardbench.jsonl", "pairs": f"pairs_{split}.jsonl", "hh": f"hh_{split}.jsonl",
-           "prompts": "prompts.jsonl" if split == "train" else "prompts_validation.jsonl"}
+           "prompts": "prompts.jsonl" if split == "train" else "prompts_validation.jsonl",
+           "justifier": "preference.jsonl.gz"}
   if fmt not in names:
     raise UserError(f"data.format={fmt!r}: no built-in data (expected one of {', '.join(names)})")
   return names[fmt]

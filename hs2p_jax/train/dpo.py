@@ -20,27 +20,16 @@ from flax import nnx
 
 from hs2p_jax.losses import dpo_losses, dpo_rewards
 from hs2p_jax.model.llama import LlamaForCausalLM
-from hs2p_jax.train.logprobs import token_logprobs
+from hs2p_jax.train.logprobs import per_owner, target_logprobs
 
 Batch = dict[str, jax.Array]
 
 
 def pair_logprobs(lm: LlamaForCausalLM, batch: Batch) -> tuple[jax.Array, jax.Array]:
   """(sequence log-probs, response token counts), each [P, 2] (chosen, rejected) float32."""
-  hidden = lm.model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch.get("positions"),
-                    branch_ids=batch.get("branch_ids"))  # [R, T, D]
-  pred = batch["target_pred"]
-  h = jnp.take_along_axis(hidden, jnp.maximum(pred, 0)[..., None], axis=1)  # the predicting positions' states
-  lp = jnp.where(pred >= 0, token_logprobs(lm, h, batch["input_ids"]), 0.0)  # [R, T]
+  lp = target_logprobs(lm, batch)  # [R, T]
   p = batch["magnitude"].shape[0]
-
-  def per_pair(owner):  # [R, T] pair ids (-1: none) -> [P] sums of lp, [P] token counts
-    idx = jnp.where(owner >= 0, owner, p).reshape(-1)  # index p is dropped
-    sums = jnp.zeros((p,), jnp.float32).at[idx].add(lp.reshape(-1), mode="drop")
-    counts = jnp.zeros((p,), jnp.float32).at[idx].add(jnp.ones_like(lp).reshape(-1), mode="drop")
-    return sums, counts
-
-  (c, nc), (r, nr) = per_pair(batch["chosen_pair"]), per_pair(batch["rejected_pair"])
+  (c, nc), (r, nr) = per_owner(lp, batch["chosen_pair"], p), per_owner(lp, batch["rejected_pair"], p)
   return jnp.stack([c, r], axis=1), jnp.stack([nc, nr], axis=1)
 
 

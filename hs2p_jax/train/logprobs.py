@@ -32,3 +32,22 @@ def token_logprobs(lm: LlamaForCausalLM, hidden: jax.Array, tokens: jax.Array, c
 
   _, out = jax.lax.scan(lambda carry, xs: (carry, one(*xs)), None, (h, tok))
   return out.swapaxes(0, 1).reshape(n, t + pad)[:, :t]
+
+
+def target_logprobs(lm: LlamaForCausalLM, batch: dict[str, jax.Array]) -> jax.Array:
+  """[R, T] float32 log-prob of each target token of a batch with log-prob targets (`target_pred`
+  [R, T]: the row position whose logits predict the token, -1 where it is no target), 0 elsewhere;
+  one forward over the rows (packed, branched or plain)."""
+  hidden = lm.model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch.get("positions"),
+                    branch_ids=batch.get("branch_ids"))  # [R, T, D]
+  pred = batch["target_pred"]
+  h = jnp.take_along_axis(hidden, jnp.maximum(pred, 0)[..., None], axis=1)  # the predicting positions' states
+  return jnp.where(pred >= 0, token_logprobs(lm, h, batch["input_ids"]), 0.0)
+
+
+def per_owner(values: jax.Array, owner: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+  """Sums of `values` [R, T] and token counts by `owner` [R, T] (an index in [0, n), -1: none): [n], [n]."""
+  idx = jnp.where(owner >= 0, owner, n).reshape(-1)  # index n is dropped
+  sums = jnp.zeros((n,), jnp.float32).at[idx].add(values.reshape(-1).astype(jnp.float32), mode="drop")
+  counts = jnp.zeros((n,), jnp.float32).at[idx].add(jnp.ones(values.size, jnp.float32), mode="drop")
+  return sums, counts

@@ -1,0 +1,72 @@
+"""Supervised fine-tuning: masked cross-entropy on the response tokens; the pure train and eval steps.
+
+Batches are SFT batches (`data.pipeline.make_loader(..., task="sft")`): `input_ids`, `segment_ids`
+[R, T] (packed or not), `target_pred` [R, T] (the row position predicting each response token,
+-1 elsewhere), `chosen_pair` [R, T] (the example each response token belongs to), `valid` [N]. The
+loss is the mean negative log-likelihood over all response tokens of the valid examples (the end
+marker included), accumulated as (sum, count) over micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from hs2p_jax.train.logprobs import per_owner, target_logprobs
+
+Batch = dict[str, jax.Array]
+
+
+def example_logprobs(lm, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """(response log-prob sums, response token counts) per example, each [N] float32."""
+  return per_owner(target_logprobs(lm, batch), batch["chosen_pair"], batch["valid"].shape[0])
+
+
+def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+  """A pure `step(params, opt_state, batches) -> (params, opt_state, metrics)` over k stacked
+  micro-batches: the token-mean NLL of the valid examples' responses, gradients accumulated."""
+
+  def sum_loss(params, batch):
+    sums, counts = example_logprobs(nnx.merge(graphdef, params), batch)
+    valid = batch["valid"].astype(jnp.float32)
+    return -jnp.sum(sums * valid), jnp.sum(counts * valid)
+
+  grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
+
+  def step(params, opt_state, batches):
+    def micro(carry, batch):
+      g_acc, l_acc, n_acc = carry
+      (loss, n), grads = grad_fn(params, batch)
+      return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss, n_acc + n), None
+
+    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
+    (grads, loss, tokens), _ = jax.lax.scan(micro, init, batches)
+    denom = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"loss": loss / denom, "grad_norm": grad_norm, "target_tokens": tokens}
+
+  return step
+
+
+def make_sft_eval(graphdef: nnx.GraphDef) -> Callable:
+  """A pure `eval(params, batch) -> [N, 2]`: each example's response log-prob sum and token count."""
+
+  def evaluate(params, batch):
+    sums, counts = example_logprobs(nnx.merge(graphdef, params), batch)
+    return jnp.stack([sums, counts], axis=1)
+
+  return evaluate
+
+
+def eval_metrics(out: Any) -> dict[str, float]:
+  """Token-mean NLL (`loss`) and its perplexity over eval outputs [N, 2] (`make_sft_eval`)."""
+  out = jnp.asarray(out, jnp.float32)
+  loss = -jnp.sum(out[:, 0]) / jnp.maximum(jnp.sum(out[:, 1]), 1.0)
+  return {"loss": float(loss), "perplexity": float(jnp.exp(loss))}
