@@ -117,18 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  if args.command == "train-rm":
-    from hs2p_jax.commands.train import train_rm_command
-    return train_rm_command(args.config, args.overrides, args.out)
-  if args.command == "reinforce":
-    from hs2p_jax.commands.train import reinforce_command
-    return reinforce_command(args.config, args.overrides, args.out)
-  if args.command == "train-dpo":
-    from hs2p_jax.commands.train import train_dpo_command
-    return train_dpo_command(args.config, args.overrides, args.out)
-  if args.command == "train-sft":
-    from hs2p_jax.commands.train import train_sft_command
-    return train_sft_command(args.config, args.overrides, args.out)
+  if args.command in ("train-rm", "reinforce", "train-dpo", "train-sft"):
+    from hs2p_jax.commands.train import train_command
+    return train_command(args.command, args.config, args.overrides, args.out)
   if args.command == "pipeline":
     from hs2p_jax.commands.pipeline import pipeline_command
     return pipeline_command(args.config, args.overrides, args.out)

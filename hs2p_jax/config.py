@@ -66,11 +66,11 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass
-class TrainConfig(OptimizerConfig):
-  objective: str = "regression"        # regression | bt
-  bt_variant: str = "scaled"           # regular | margin | scaled
+class LMTrainConfig(OptimizerConfig):
+  """The keys every trainer shares (`train:`, `dpo:`, `sft:`); `batch_size` counts examples, or pairs."""
+
   steps: int = 100
-  batch_size: int = 8                  # global: examples (regression) or pairs (BT) per optimizer step
+  batch_size: int = 8                  # global: examples (regression, SFT) or pairs (BT, DPO) per optimizer step
   micro_batch_size: Optional[int] = None  # per accumulation step; None = batch_size
   seed: int = 0
   log_every: int = 1
@@ -79,6 +79,14 @@ class TrainConfig(OptimizerConfig):
   save_every: int = 50
   keep_checkpoints: int = 2
   async_checkpoint: bool = False
+
+
+@dataclasses.dataclass
+class TrainConfig(LMTrainConfig):
+  """`train:` of `hs2p train-rm`: the shared trainer keys and the reward-model objective."""
+
+  objective: str = "regression"        # regression | bt
+  bt_variant: str = "scaled"           # regular | margin | scaled
 
 
 @dataclasses.dataclass
@@ -144,22 +152,6 @@ class ReinforceRunConfig:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   dist: DistConfig = dataclasses.field(default_factory=DistConfig)
   name: str = "reinforce"
-
-
-@dataclasses.dataclass
-class LMTrainConfig(OptimizerConfig):
-  """The shared keys of the policy trainers (`dpo:`, `sft:`)."""
-
-  steps: int = 100
-  batch_size: int = 8                  # pairs per optimizer step (global)
-  micro_batch_size: Optional[int] = None
-  seed: int = 0
-  log_every: int = 1
-  eval_every: int = 0                  # 0 = only at the end
-  eval_batches: int = 0                # 0 = the whole validation set
-  save_every: int = 50
-  keep_checkpoints: int = 2
-  async_checkpoint: bool = False
 
 
 @dataclasses.dataclass
@@ -246,20 +238,33 @@ class EvalStage:
 
 
 @dataclasses.dataclass
+class CompareStage:
+  data: str = "builtin"                # held-out prompts (any format with prompts; validation split)
+  format: str = "prompts"
+  split: str = "validation"
+  prompts: int = 64                    # the first N distinct prompts
+  max_new_tokens: int = 32
+  batch_size: int = 16
+  seed: int = 0
+
+
+@dataclasses.dataclass
 class PipelineConfig:
   """`hs2p pipeline`: stage configs (paths relative to this file) and the ExPO / eval settings.
 
-  `--set regression.KEY=V` (or bt., reinforce.) overrides one stage's config; `--set expo.KEY=V`,
-  `eval.KEY=V`, `stages=[...]` the pipeline's own keys; any other key (`train.steps=6`,
+  `--set regression.KEY=V` (or bt., reinforce., dpo.) overrides one stage's config; `--set expo.KEY=V`,
+  `eval.KEY=V`, `compare.KEY=V`, `stages=[...]` the pipeline's own keys; any other key (`train.steps=6`,
   `mesh.data=2`) is applied to every stage config that has it.
   """
 
   regression: str = "regression.yaml"
   bt: str = "scaled_bt.yaml"
   reinforce: Optional[str] = "reinforce.yaml"
+  dpo: Optional[str] = "dpo.yaml"
   stages: list = dataclasses.field(default_factory=lambda: ["regression", "bt", "expo", "eval", "reinforce"])
   expo: ExpoStage = dataclasses.field(default_factory=ExpoStage)
   eval: EvalStage = dataclasses.field(default_factory=EvalStage)
+  compare: CompareStage = dataclasses.field(default_factory=CompareStage)
   name: str = "pipeline"
 
 

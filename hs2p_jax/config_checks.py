@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from hs2p_jax.config import DataConfig, DPOConfig, LMTrainConfig, ModelConfig, ReinforceConfig, RuntimeConfig, TrainConfig
+from hs2p_jax.config import DataConfig, DPOConfig, LMTrainConfig, ModelConfig, ReinforceConfig, RuntimeConfig
 from hs2p_jax.errors import UserError
 
 _CHOICES = {
@@ -43,16 +43,7 @@ def validate(cfg) -> None:
       if getattr(model, "attention", None) == "cudnn" and getattr(model, "dtype", None) == "float32":
         raise UserError(f"{field.name}.attention=cudnn needs {field.name}.dtype bfloat16 or float16 (cuDNN flash "
                         "attention has no float32 kernel); attention auto picks xla for float32 on GPU")
-  train = getattr(cfg, "train", None)
-  if isinstance(train, TrainConfig):
-    for name in ("steps", "batch_size"):
-      if getattr(train, name) <= 0:
-        raise UserError(f"train.{name}={getattr(train, name)}: must be positive")
-    if train.micro_batch_size is not None and (train.micro_batch_size <= 0 or train.batch_size % train.micro_batch_size):
-      raise UserError(f"train.micro_batch_size={train.micro_batch_size} must divide train.batch_size={train.batch_size}")
-    if train.lr < 0 or train.warmup_steps < 0:
-      raise UserError("train.lr and train.warmup_steps must be >= 0")
-  for key in ("dpo", "sft"):
+  for key in ("train", "dpo", "sft"):
     lm = getattr(cfg, key, None)
     if not isinstance(lm, LMTrainConfig):
       continue
@@ -61,6 +52,8 @@ def validate(cfg) -> None:
         raise UserError(f"{key}.{name}={getattr(lm, name)}: must be positive")
     if lm.micro_batch_size is not None and (lm.micro_batch_size <= 0 or lm.batch_size % lm.micro_batch_size):
       raise UserError(f"{key}.micro_batch_size={lm.micro_batch_size} must divide {key}.batch_size={lm.batch_size}")
+    if lm.lr < 0 or lm.warmup_steps < 0:
+      raise UserError(f"{key}.lr and {key}.warmup_steps must be >= 0")
     if isinstance(lm, DPOConfig) and lm.beta <= 0:
       raise UserError(f"dpo.beta={lm.beta}: must be positive")
   rl = getattr(cfg, "reinforce", None)

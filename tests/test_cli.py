@@ -154,13 +154,18 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
   root = os.path.join(os.path.dirname(__file__), "..")
   code, out, err = run_cli(capsys, "pipeline", "--config", os.path.join(root, "configs/quickstart/pipeline.yaml"),
                            "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
-                           "expo.search=1.0:1.4:0.2", "data.builtin_size=64")
+                           "expo.search=1.0:1.4:0.2", "data.builtin_size=64", "dpo.steps=2", "compare.prompts=8",
+                           "compare.max_new_tokens=8")
   assert code == 0, err
   report = (tmp_path / "q" / "report.md").read_text()
-  for needle in ("Regression, helpfulness only", "Scaled BT + ExPO", "expo_search.png", "reinforce_curves.png"):
+  for needle in ("Regression, helpfulness only", "Scaled BT + ExPO", "expo_search.png", "reinforce_curves.png",
+                 "dpo_curves.png", "Policy dpo on held-out prompts", "Policy reinforce on held-out prompts"):
     assert needle in report
   stages = {json.loads(l)["stage"] for l in open(tmp_path / "q" / "metrics.jsonl")}
-  assert stages == {"regression", "bt", "reinforce"}
+  assert stages == {"regression", "bt", "reinforce", "dpo"}
+  policies = json.loads((tmp_path / "q" / "summary.json").read_text())["policies"]
+  assert set(policies) == {"reference", "reinforce", "dpo"} and policies["reference"]["kl"] == 0.0
+  assert all(p["kl"] != 0.0 for name, p in policies.items() if name != "reference")
   umask = os.umask(0)
   os.umask(umask)
   for name in ("report.md", "summary.json", "provenance.json", "rm_curves.png", "regression/config.json",
@@ -172,8 +177,9 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
   # a rerun finds every stage done and only rewrites the report
   code, _, err = run_cli(capsys, "pipeline", "--config", os.path.join(root, "configs/quickstart/pipeline.yaml"),
                          "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
-                         "expo.search=1.0:1.4:0.2", "data.builtin_size=64")
-  assert code == 0 and "stage: regression" not in err
+                         "expo.search=1.0:1.4:0.2", "data.builtin_size=64", "dpo.steps=2", "compare.prompts=8",
+                         "compare.max_new_tokens=8")
+  assert code == 0 and "stage: regression" not in err and "stage: compare" not in err
 
 
 def test_eval_and_convert_take_data_keys(trained, tiny_hf_dir, tmp_path, capsys):

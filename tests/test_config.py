@@ -63,6 +63,8 @@ def test_every_shipped_config_loads():
       cls = config_lib.ReinforceRunConfig
     elif name.startswith("dpo"):
       cls = config_lib.DPORunConfig
+    elif name == "justifier.yaml":
+      cls = config_lib.SFTRunConfig
     else:
       cls = config_lib.RunConfig
     cfg = config_lib.load(cls, path)

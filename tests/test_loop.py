@@ -49,7 +49,7 @@ def _sgd(w, m, x, y, lr):
 
 
 class ToyTrainer:
-  def __init__(self, out_dir, lr=0.15, crash_at=None, nan_from=None, extra_logs=(5,)):
+  def __init__(self, out_dir, lr=0.15, crash_at=None, nan_from=None):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(24, 3)).astype(np.float32)
     y = x @ np.array([1.0, -2.0, 0.5], np.float32)
@@ -57,7 +57,6 @@ class ToyTrainer:
     self.params = jnp.zeros(3)
     self.opt_state = jnp.zeros(3)
     self.out_dir, self.lr, self.crash_at, self.nan_from = out_dir, lr, crash_at, nan_from
-    self.extra_logs = extra_logs
     self.calls: list[str] = []
 
   def provenance(self):
@@ -78,8 +77,9 @@ class ToyTrainer:
   def record(self, step, metrics):
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
-  def log_now(self, step):
-    return step in self.extra_logs
+  def evaluate(self):
+    self.calls.append("evaluate")
+    return {"val": float(jnp.sum(self.params))}
 
   def after_step(self, step):
     self.calls.append(f"after {step}")
@@ -99,7 +99,7 @@ def _steps_saved(out):
                 os.path.basename(p).isdigit())
 
 
-LOOP = loop_lib.LoopConfig(steps=12, log_every=2, save_every=4, keep_checkpoints=3)
+LOOP = loop_lib.LoopConfig(steps=12, log_every=2, save_every=4, keep_checkpoints=3, eval_every=5)
 
 
 def test_loop_logs_saves_and_finishes(tmp_path):
@@ -107,7 +107,8 @@ def test_loop_logs_saves_and_finishes(tmp_path):
   t = ToyTrainer(out)
   last = loop_lib.run(t, LOOP, out, {"toy": 1})
   recs = _records(out)
-  assert [r["step"] for r in recs] == [2, 4, 5, 6, 8, 10, 12]  # log_every grid + log_now(5) + final
+  assert [r["step"] for r in recs] == [2, 4, 5, 6, 8, 10, 12]  # log_every grid + evaluations (5, 10, 12)
+  assert [r["step"] for r in recs if "val" in r] == [5, 10, 12] and t.calls.count("evaluate") == 3
   assert last == recs[-1]
   assert recs[-1]["loss"] < recs[0]["loss"] / 10  # it really trains
   assert t.calls[:2] == ["provenance", "begin 0"] and t.calls[-1] == "final"
@@ -140,7 +141,7 @@ def test_loop_resume_after_crash_equals_uninterrupted(tmp_path):
 
 def test_loop_stops_at_first_non_finite_step(tmp_path):
   out = str(tmp_path / "run")
-  t = ToyTrainer(out, nan_from=5, extra_logs=())
+  t = ToyTrainer(out, nan_from=5)
   loop = loop_lib.LoopConfig(steps=12, log_every=4, save_every=3, keep_checkpoints=3)
   # step 5 turns NaN; the save at step 6 comes before the next log (8): the guard stops it there
   with pytest.raises(UserError, match=r"^step 5: the loss or gradient norm is not finite.*\(step 3\)"):
@@ -148,7 +149,7 @@ def test_loop_stops_at_first_non_finite_step(tmp_path):
   assert _steps_saved(out) == [3]  # no checkpoint of the NaN params
   assert "final" not in t.calls and not os.path.exists(os.path.join(out, "final.npy"))
   assert [r["step"] for r in _records(out)] == [4]
-  t2 = ToyTrainer(out, extra_logs=())  # resume picks up the last good checkpoint
+  t2 = ToyTrainer(out)  # resume picks up the last good checkpoint
   loop_lib.run(t2, loop, out, {})
   assert t2.calls[1] == "begin 3" and "final" in t2.calls
   assert [r["step"] for r in _records(out)] == [4, 8, 12]

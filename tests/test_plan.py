@@ -149,7 +149,7 @@ def test_user_errors_exit_2(tmp_path, capsys):
   path = tmp_path / "lm.yaml"
   path.write_text("model:\n  preset: tiny\n  kind: lm\n")
   assert cli.main(["plan", "--config", str(path)]) == 2
-  assert "hs2p plan covers reward-model (model.kind=reward) and REINFORCE" in capsys.readouterr().err
+  assert "hs2p plan covers reward-model (model.kind=reward), REINFORCE" in capsys.readouterr().err
   path.write_text("model:\n  preset: tiny\n")
   assert cli.main(["plan", "--config", str(path), "--chip", "v9"]) == 2
 

@@ -18,6 +18,7 @@ from typing import Any
 from hs2p_jax import config as config_lib
 from hs2p_jax.atomic import write_json, write_text
 from hs2p_jax.errors import UserError
+from hs2p_jax.sharding import use_mesh
 
 PAPER_ROWS = {
     ("regression", "helpfulness"): "Regression, helpfulness only",
@@ -41,9 +42,9 @@ def _has_key(cls, dotted: str) -> bool:
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]], list[str]]:
   """(pipeline keys, {stage: keys}, keys for every stage) from `--set` pairs."""
-  own, per_stage, broadcast = [], {"regression": [], "bt": [], "reinforce": []}, []
+  own, per_stage, broadcast = [], {"regression": [], "bt": [], "reinforce": [], "dpo": []}, []
   stage_cls = {"regression": config_lib.RunConfig, "bt": config_lib.RunConfig,
-               "reinforce": config_lib.ReinforceRunConfig}
+               "reinforce": config_lib.ReinforceRunConfig, "dpo": config_lib.DPORunConfig}
   for pair in overrides:
     key = pair.split("=", 1)[0].strip()
     head, _, rest = key.partition(".")
@@ -52,7 +53,8 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str
     elif _has_key(config_lib.PipelineConfig, key):
       own.append(pair)
     else:
-      if not (_has_key(config_lib.RunConfig, key) or _has_key(config_lib.ReinforceRunConfig, key)):
+      if not any(_has_key(c, key) for c in (config_lib.RunConfig, config_lib.ReinforceRunConfig,
+                                              config_lib.DPORunConfig)):
         raise UserError(f"--set {key}: not a pipeline key nor a key of any stage config")
       broadcast.append(pair)
   return own, per_stage, broadcast
@@ -64,7 +66,7 @@ class Pipeline:
     self.cfg = config_lib.load(config_lib.PipelineConfig, config, own)
     self.base = os.path.dirname(os.path.abspath(config))
     self.out = os.path.abspath(out)
-    unknown = sorted(set(self.cfg.stages) - {"regression", "bt", "expo", "eval", "reinforce"})
+    unknown = sorted(set(self.cfg.stages) - {"regression", "bt", "expo", "eval", "reinforce", "dpo", "compare"})
     if unknown:
       raise UserError(f"{config}: unknown stage {unknown[0]!r}")
     self.results: dict[str, Any] = {}
@@ -196,6 +198,53 @@ class Pipeline:
     last = train_reinforce(cfg, self._dir("reinforce"))
     self._finish("reinforce", {"last": last, "reward_model": cfg.reward_model})
 
+  def _dpo(self) -> None:
+    from hs2p_jax.train.lm_loop import train_dpo
+    if self._done("dpo") or not self.cfg.dpo:
+      return
+    self._announce("dpo")
+    cfg = self.stage_config(config_lib.DPORunConfig, "dpo", self.cfg.dpo)
+    last = train_dpo(cfg, self._dir("dpo"))
+    self._finish("dpo", {"last": last, "variant": cfg.dpo.variant, "beta": cfg.dpo.beta})
+
+  def _compare(self) -> None:
+    """The trained policies (REINFORCE, DPO) against their common start on held-out prompts."""
+    from hs2p_jax.checkpoint import load_model
+    from hs2p_jax.data.load import load_examples
+    from hs2p_jax.data.synthetic import resolve_source
+    from hs2p_jax.eval.policies import compare
+    from hs2p_jax.train.model_init import build_model
+    from hs2p_jax.train.rm_scorer import RewardScorer
+    if self._done("compare"):
+      self.results["compare"] = self._done_info("compare").get("policies", {})
+      return
+    trained = {s: os.path.join(self._dir(s), "model") for s in ("reinforce", "dpo")
+               if os.path.isfile(os.path.join(self._dir(s), "model", "hs2p_model.json"))}
+    rm = next((os.path.join(self._dir(s), "model") for s in ("expo", "bt", "regression")
+               if os.path.isdir(os.path.join(self._dir(s), "model"))), None)
+    if not trained or rm is None:
+      raise UserError("the compare stage needs a trained policy (reinforce or dpo stage) and a reward model")
+    self._announce("compare")
+    c = self.cfg.compare
+    rl = self.stage_config(config_lib.ReinforceRunConfig, "reinforce", self.cfg.reinforce) if self.cfg.reinforce \
+        else self.stage_config(config_lib.DPORunConfig, "dpo", self.cfg.dpo)
+    mesh, rules = self._mesh()
+    with use_mesh(mesh, rules):
+      reference, _, tokenizer = build_model(rl.policy, mesh, rules)  # the policies' common start
+      policies = {s: load_model(path, mesh, rules)[0] for s, path in trained.items()}
+    source = resolve_source(c.data, c.split, c.format, os.path.join(self.out, ".data"))
+    prompts = [ex.prompt for ex in load_examples(source, c.format, c.split, "prompts")[0][:c.prompts]]
+    scorer = RewardScorer.load(rm, mesh, rules, max_length=rl.data.max_length + c.max_new_tokens)
+    stops = list(getattr(getattr(rl, "reinforce", None), "stop_strings", []) or [])
+    out = compare(policies, reference, tokenizer, rl.data.template, prompts, scorer, max_length=rl.data.max_length,
+                  max_new_tokens=c.max_new_tokens, stop_strings=stops, batch_size=c.batch_size, seed=c.seed,
+                  mesh=mesh, rules=rules)
+    for name, m in out.items():
+      print(f"compare: {name:<10} reward {m['reward']:.4f}  KL {m['kl']:.4f}  length {m['response_length']:.1f}",
+            file=sys.stderr)
+    self.results["compare"] = out
+    self._finish("compare", {"policies": out, "prompts": len(prompts), "reward_model": rm})
+
   def report(self) -> dict[str, Any]:
     from hs2p_jax.eval.report import plot_curves, write_report
     from hs2p_jax.train.metrics import read_metrics
@@ -240,11 +289,25 @@ class Pipeline:
       images.append(("REINFORCE: reward-model score and KL to the reference", "reinforce_curves.png"))
       notes.append(f"REINFORCE: mean RM reward {rl[0]['reward']:.4f} at step {rl[0]['step']} -> "
                    f"{rl[-1]['reward']:.4f} at step {rl[-1]['step']}; KL {rl[-1]['kl']:.4f}.")
+    dp = metrics("dpo")
+    if dp and plot_curves({"dpo": dp}, ["loss", "accuracy", "val_accuracy", "margin", "drift"],
+                          os.path.join(self.out, "dpo_curves.png"), "DPO"):
+      images.append(("DPO: loss, implicit-reward accuracy and margin, drift from the reference", "dpo_curves.png"))
+      vals = [r for r in dp if "val_accuracy" in r]
+      if vals:
+        notes.append(f"DPO ({done_info('dpo').get('variant')}): validation implicit-reward accuracy "
+                     f"{vals[0]['val_accuracy']:.4f} at step {vals[0]['step']} -> {vals[-1]['val_accuracy']:.4f} "
+                     f"at step {vals[-1]['step']}.")
+    for name, m in (self.results.get("compare") or {}).items():
+      notes.append(f"Policy {name} on held-out prompts: RM reward {m['reward']:.4f}, KL to the reference "
+                   f"{m['kl']:.4f} per token, {m['response_length']:.1f} tokens.")
     if "expo" in scores:
       notes.append("ExPO factor convention: base + factor * (tuned - base), base = regression, tuned = BT.")
     path = write_report(self.out, rows, notes, images)
     print(f"report: {path}", file=sys.stderr)
     summary = {"report": path, "stages": {r["stage"]: r.get("sections") for r in rows}}
+    if self.results.get("compare"):
+      summary["policies"] = self.results["compare"]
     write_text(os.path.join(self.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -155,8 +155,12 @@ def start_compile(mode: str, target: plan.Target, mesh_cfg) -> tuple[Any, str] |
   return make_mesh(mesh_cfg, devices), compiler
 
 
-def compile_step(cfg: RunConfig, model_cfg: LlamaConfig, target: plan.Target, rules: Rules, mode: str) -> dict:
-  """Per-device bytes from the compiled train step (module docstring); status "ok", "skipped" or "failed"."""
+def compile_step(cfg: RunConfig, model_cfg: LlamaConfig, target: plan.Target, rules: Rules, mode: str,
+                 lower=None, section: str = "train", label: str = "train step") -> dict:
+  """Per-device bytes from the compiled train step (module docstring); status "ok", "skipped" or
+  "failed". `lower(cfg, model_cfg, mesh, rules)` lowers another trainer's step whose batch keys are
+  in `cfg.<section>` (default: the reward-model step)."""
+  lower = lower or _lower
   t0 = time.time()
   started = start_compile(mode, target, cfg.mesh)
   if isinstance(started, dict):
@@ -164,19 +168,20 @@ def compile_step(cfg: RunConfig, model_cfg: LlamaConfig, target: plan.Target, ru
   mesh, compiler = started
   depth = model_cfg.num_layers
   layers = [depth] if depth <= REDUCED_LAYERS[-1] else list(REDUCED_LAYERS)
-  print(f"hs2p plan: compiling the train step at {' and '.join(map(str, layers))} layer(s) for {compiler} ...",
+  print(f"hs2p plan: compiling the {label} at {' and '.join(map(str, layers))} layer(s) for {compiler} ...",
         file=sys.stderr, flush=True)
   options = _HOST_OPTIONS if mode == "host" else None
   # XLA's cost analysis counts a loop's body once: FLOPs come from one micro-batch (times their
   # number) with the layers unrolled (at 1 and 2 layers, extrapolated); memory from the step as it runs.
   flop_layers = [depth] if depth <= 2 else [1, 2]
-  micro = cfg.train.micro_batch_size or cfg.train.batch_size
-  one_micro = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=micro))
+  tc = getattr(cfg, section)
+  micro = tc.micro_batch_size or tc.batch_size
+  one_micro = dataclasses.replace(cfg, **{section: dataclasses.replace(tc, batch_size=micro)})
   try:
-    compiled = [_lower(cfg, model_cfg.replace(num_layers=n), mesh, rules).compile(options) for n in layers]
+    compiled = [lower(cfg, model_cfg.replace(num_layers=n), mesh, rules).compile(options) for n in layers]
     mems = [_memory(c) for c in compiled]
-    flops = [_flops(_lower(one_micro, model_cfg.replace(num_layers=n, scan_layers=False), mesh, rules).compile(options))
-             * (cfg.train.batch_size // micro) for n in flop_layers]
+    flops = [_flops(lower(one_micro, model_cfg.replace(num_layers=n, scan_layers=False), mesh, rules).compile(options))
+             * (tc.batch_size // micro) for n in flop_layers]
   except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED from a TPU compile: a finding
     return {"status": "failed", "compiler": compiler, "note": str(e).splitlines()[0][:300]}
   out = {k: int(_linear([m[k] for m in mems], layers, depth)) for k in mems[0]}

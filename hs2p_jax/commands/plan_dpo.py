@@ -11,9 +11,6 @@ token counted, a bound) three times for the policy and once for the reference.
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-import time
 from typing import Any
 
 import jax
@@ -22,8 +19,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
 from hs2p_jax import plan, plan_table
-from hs2p_jax.commands.plan import (REDUCED_LAYERS, _HOST_OPTIONS, _flops, _linear, _memory, architecture,
-                                    start_compile)
+from hs2p_jax.commands.plan import architecture, compile_step
 from hs2p_jax.config import DPORunConfig
 from hs2p_jax.model import create
 from hs2p_jax.model.config import LlamaConfig
@@ -82,35 +78,6 @@ def model_flops(cfg: DPORunConfig, model_cfg: LlamaConfig) -> dict[str, float]:
   return out
 
 
-def compile_step(cfg: DPORunConfig, model_cfg: LlamaConfig, target: plan.Target, rules: Rules, mode: str) -> dict:
-  t0 = time.time()
-  started = start_compile(mode, target, cfg.mesh)
-  if isinstance(started, dict):
-    return started
-  mesh, compiler = started
-  depth = model_cfg.num_layers
-  layers = [depth] if depth <= REDUCED_LAYERS[-1] else list(REDUCED_LAYERS)
-  flop_layers = [depth] if depth <= 2 else [1, 2]
-  options = _HOST_OPTIONS if mode == "host" else None
-  print(f"hs2p plan: compiling the DPO step at {' and '.join(map(str, layers))} layer(s) for {compiler} ...",
-        file=sys.stderr, flush=True)
-  micro = cfg.dpo.micro_batch_size or cfg.dpo.batch_size
-  one_micro = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, batch_size=micro))
-  try:
-    mems = [_memory(lower(cfg, model_cfg.replace(num_layers=n), mesh, rules).compile(options)) for n in layers]
-    flops = [_flops(lower(one_micro, model_cfg.replace(num_layers=n, scan_layers=False), mesh, rules).compile(options))
-             * (cfg.dpo.batch_size // micro) for n in flop_layers]
-  except jax.errors.JaxRuntimeError as e:
-    return {"status": "failed", "compiler": compiler, "note": str(e).splitlines()[0][:300]}
-  out = {k: int(_linear([m[k] for m in mems], layers, depth)) for k in mems[0]}
-  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-  out["verdict"] = plan.verdict(out["peak"], target.hbm_bytes)["verdict"]
-  note = f"all {depth} layers" if len(layers) == 1 else f"{layers[0]} and {layers[1]} layers extrapolated linearly"
-  return {"status": "ok", "compiler": compiler, "note": note, "layers_compiled": layers, "per_depth": mems, **out,
-          "flops_per_device": _linear(flops, flop_layers, depth), "flops_layers_compiled": flop_layers,
-          "seconds": round(time.time() - t0, 1)}
-
-
 def build_report(cfg: DPORunConfig, config_path: str, target: plan.Target, mode: str) -> dict[str, Any]:
   """The DPO plan as one JSON-serialisable dict."""
   from hs2p_jax.bench.flops import PEAK_FLOPS, attention_flops, attention_forward_flops
@@ -128,7 +95,7 @@ def build_report(cfg: DPORunConfig, config_path: str, target: plan.Target, mode:
   analytic = {"resident": resident, "resident_total": sum(resident.values()), "model_flops": mf,
               "model_flops_per_device": per_device, "peak_flops_per_device": peak_rate,
               "step_seconds_at_50_mfu": per_device / (0.5 * peak_rate) if peak_rate else None}
-  compiled = compile_step(cfg, model_cfg, target, rules, mode)
+  compiled = compile_step(cfg, model_cfg, target, rules, mode, lower=lower, section="dpo", label="DPO step")
   kernel = choose(model_cfg.attention, "tpu" if mode == "tpu" else "cpu", model_cfg.dtype,
                   branches=cfg.data.share_prompt)
   lay = layout(cfg, batch_split(amesh, rules))

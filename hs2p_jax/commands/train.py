@@ -2,42 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
+
 from hs2p_jax import config as config_lib
 from hs2p_jax.distributed import initialize
 
+# command -> (its config class, "module:function" that trains it into an output directory)
+TRAINERS = {
+    "train-rm": ("RunConfig", "hs2p_jax.train.rm_loop:train_rm"),
+    "reinforce": ("ReinforceRunConfig", "hs2p_jax.train.reinforce_loop:train_reinforce"),
+    "train-dpo": ("DPORunConfig", "hs2p_jax.train.lm_loop:train_dpo"),
+    "train-sft": ("SFTRunConfig", "hs2p_jax.train.lm_loop:train_sft"),
+}
 
-def _start(cfg) -> None:
+
+def train_command(command: str, config: str, overrides: list[str], out: str) -> int:
+  """Loads and validates the config, starts the multi-host runtime, trains (or resumes) into `out`."""
+  cls, target = TRAINERS[command]
+  cfg = config_lib.load(getattr(config_lib, cls), config, overrides)
   d = cfg.dist
   initialize(d.coordinator, d.num_processes, d.process_id, d.local_device_ids)
-
-
-def train_rm_command(config: str, overrides: list[str], out: str) -> int:
-  cfg = config_lib.load(config_lib.RunConfig, config, overrides)
-  _start(cfg)
-  from hs2p_jax.train.rm_loop import train_rm
-  train_rm(cfg, out)
-  return 0
-
-
-def reinforce_command(config: str, overrides: list[str], out: str) -> int:
-  cfg = config_lib.load(config_lib.ReinforceRunConfig, config, overrides)
-  _start(cfg)
-  from hs2p_jax.train.reinforce_loop import train_reinforce
-  train_reinforce(cfg, out)
-  return 0
-
-
-def train_dpo_command(config: str, overrides: list[str], out: str) -> int:
-  cfg = config_lib.load(config_lib.DPORunConfig, config, overrides)
-  _start(cfg)
-  from hs2p_jax.train.lm_loop import train_dpo
-  train_dpo(cfg, out)
-  return 0
-
-
-def train_sft_command(config: str, overrides: list[str], out: str) -> int:
-  cfg = config_lib.load(config_lib.SFTRunConfig, config, overrides)
-  _start(cfg)
-  from hs2p_jax.train.lm_loop import train_sft
-  train_sft(cfg, out)
+  module, fn = target.split(":")
+  getattr(importlib.import_module(module), fn)(cfg, out)
   return 0

@@ -20,6 +20,7 @@ from flax import nnx
 
 from hs2p_jax.losses import dpo_losses, dpo_rewards
 from hs2p_jax.model.llama import LlamaForCausalLM
+from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
 from hs2p_jax.train.logprobs import per_owner, target_logprobs
 
 Batch = dict[str, jax.Array]
@@ -59,25 +60,13 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, vari
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def step(params, opt_state, ref_params, batches):
-    def micro(carry, batch):
-      g_acc, s_acc = carry
-      (_, sums), grads = grad_fn(params, ref_params, batch)
-      return (jax.tree.map(jnp.add, g_acc, grads), jax.tree.map(jnp.add, s_acc, sums)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    sums0 = {k: jnp.zeros(()) for k in SUM_KEYS}
-    (grads, sums), _ = jax.lax.scan(micro, (zeros, sums0), batches)
-    pairs = jnp.maximum(sums["pairs"], 1.0)
-    grads = jax.tree.map(lambda g: g / pairs, grads)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    grads, sums = summed_grads(grad_fn, params, batches, ref_params)
+    params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["pairs"])
     return params, opt_state, {"grad_norm": grad_norm, **metrics_of(sums)}
 
   return step
 
 
-SUM_KEYS = ("loss", "pairs", "correct", "margin", "chosen_reward", "rejected_reward", "drift", "tokens")
 
 
 def metrics_of(sums: dict[str, Any]) -> dict[str, Any]:

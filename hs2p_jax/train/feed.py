@@ -70,3 +70,33 @@ def host_global(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class StepFeed:
+  """A trainer's batch source: each step, k micro-batches from `loader` (every process's share
+  gathered), stacked and placed on the mesh; counts their tokens for the tokens/s it reports."""
+
+  def __init__(self, loader, micro_batches: int, mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
+    self.loader, self.k, self.mesh, self.rules = loader, micro_batches, mesh, rules
+    self._it = None
+
+  def begin(self) -> None:
+    """Starts reading at the loader's current state (after a restore)."""
+    import time
+    self._it = iter(self.loader)
+    self._t0, self._tokens = time.time(), 0
+
+  def next(self) -> dict[str, jax.Array]:
+    """The next step's stacked batch ([k, R, T], ...), on the mesh."""
+    from hs2p_jax.train.rm import stack_micro_batches
+    micro = [gather_processes(next(self._it)) for _ in range(self.k)]
+    self._tokens += sum(int(np.count_nonzero(b["segment_ids"])) for b in micro)
+    return put_batch(stack_micro_batches(micro), self.mesh, self.rules, stacked=True)
+
+  def tokens_per_s(self) -> float:
+    """Tokens per second since the previous call (or `begin`)."""
+    import time
+    now = time.time()
+    rate = self._tokens / max(now - self._t0, 1e-9)
+    self._t0, self._tokens = now, 0
+    return rate

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from hs2p_jax import provenance
@@ -24,11 +22,10 @@ from hs2p_jax.errors import UserError
 from hs2p_jax.sharding import batch_split, make_mesh, opt_state_shardings, rules_from, state_shardings, use_mesh
 from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train import dpo, sft
-from hs2p_jax.train.feed import gather_processes, put_batch
-from hs2p_jax.train.loop import LoopConfig, run as run_loop
+from hs2p_jax.train.feed import StepFeed
+from hs2p_jax.train.loop import LoopConfig, host_record, run as run_loop
 from hs2p_jax.train.model_init import build_model, tokenizer_spec
 from hs2p_jax.train.optim import optimizer_from, schedule
-from hs2p_jax.train.rm import stack_micro_batches
 
 
 class LMTrainer:
@@ -44,6 +41,7 @@ class LMTrainer:
     self.accum = tc.batch_size // self.micro
     tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))
     self.loader = self._loader(tokenizer, "train")  # data first: a bad file fails before any model loads
+    self.feed = StepFeed(self.loader, self.accum, self.mesh, self.rules)
     self.val_loader = self._loader(tokenizer, "validation") if cfg.data.validation else None
     with use_mesh(self.mesh, self.rules):
       policy, self.meta, self.tokenizer = build_model(cfg.policy, self.mesh, self.rules)
@@ -100,35 +98,17 @@ class LMTrainer:
                                                             "init_from": self.cfg.policy.init_from})
 
   def begin(self, start: int) -> None:
-    self._it = iter(self.loader)
-    self._t0, self._tokens = time.time(), 0
+    self.feed.begin()
 
   def step(self, step: int) -> dict[str, Any]:
-    micro = [gather_processes(next(self._it)) for _ in range(self.accum)]
-    self._tokens += sum(int(np.count_nonzero(b["segment_ids"])) for b in micro)
-    batch = put_batch(stack_micro_batches(micro), self.mesh, self.rules, stacked=True)
+    batch = self.feed.next()
     refs = (self.ref_params,) if self.kind == "dpo" else ()
     with use_mesh(self.mesh, self.rules):
       self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, *refs, batch)
     return metrics
 
-  def _evaluates(self, step: int) -> bool:
-    tc = self.tc
-    return step == tc.steps or bool(tc.eval_every and step % tc.eval_every == 0)
-
-  def log_now(self, step: int) -> bool:
-    return self._evaluates(step)
-
   def record(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-    rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    rec.update(lr=float(self.lr_at(step - 1)), tokens_per_s=self._tokens / max(time.time() - self._t0, 1e-9))
-    if self._evaluates(step):
-      rec.update(self.evaluate())
-    self._t0, self._tokens = time.time(), 0
-    return rec
-
-  def after_step(self, step: int) -> None:
-    pass
+    return {**host_record(metrics), "lr": float(self.lr_at(step - 1)), "tokens_per_s": self.feed.tokens_per_s()}
 
   def save_final(self) -> None:
     save_model(os.path.join(self.out_dir, "model"), nnx.merge(self.graphdef, self.params),
@@ -137,7 +117,8 @@ class LMTrainer:
 
   def run(self) -> dict[str, Any]:
     tc = self.tc
-    loop = LoopConfig(tc.steps, tc.log_every, tc.save_every, tc.keep_checkpoints, tc.async_checkpoint, self.cfg.name)
+    loop = LoopConfig(tc.steps, tc.log_every, tc.save_every, tc.keep_checkpoints, tc.async_checkpoint, self.cfg.name,
+                      tc.eval_every)
     return run_loop(self, loop, self.out_dir, to_dict(self.cfg))
 
 

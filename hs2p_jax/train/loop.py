@@ -6,9 +6,10 @@ A trainer is its pure step function plus a batch source; it gives the loop:
   provenance()               write provenance.json and print the start-of-run data report
   begin(start)               start reading batches at step `start` (after a restore)
   step(step) -> metrics      run one optimizer step; metrics may stay on the device
-  record(step, metrics)      the host record to log at `step` (fetches; may evaluate)
-  log_now(step) -> bool      log at a step outside the `log_every` grid (e.g. evaluation steps)
-  after_step(step)           side outputs of a step (e.g. REINFORCE's samples.jsonl)
+  record(step, metrics)      the host record to log at `step` (fetches)
+  evaluate() -> dict         validation metrics, merged into the record every `eval_every` steps
+                             and at the last step (logged there whatever `log_every` says)
+  after_step(step)           (optional) side outputs of a step (e.g. REINFORCE's samples.jsonl)
   save_final()               write the final model
 Running the same loop again on the same directory resumes from the newest readable checkpoint,
 and `metrics.jsonl` then holds each step once with the numbers of an uninterrupted run.
@@ -36,6 +37,7 @@ class LoopConfig:
   keep_checkpoints: int = 2
   async_checkpoint: bool = False
   name: str | None = None
+  eval_every: int = 0          # 0: evaluate at the last step only
 
 
 class Trainer(Protocol):
@@ -47,8 +49,7 @@ class Trainer(Protocol):
   def begin(self, start: int) -> None: ...
   def step(self, step: int) -> dict[str, Any]: ...
   def record(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]: ...
-  def log_now(self, step: int) -> bool: ...
-  def after_step(self, step: int) -> None: ...
+  def evaluate(self) -> dict[str, Any]: ...
   def save_final(self) -> None: ...
 
 
@@ -73,10 +74,15 @@ def run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any]
       metrics = trainer.step(step)
       guard.update(step, metrics)  # on the device: no sync here
       final = step == loop.steps
-      if step % loop.log_every == 0 or final or trainer.log_now(step):
+      evaluating = final or bool(loop.eval_every and step % loop.eval_every == 0)
+      if step % loop.log_every == 0 or evaluating:
         guard.check()
-        last = writer.log(step, trainer.record(step, metrics))
-      trainer.after_step(step)
+        rec = trainer.record(step, metrics)
+        if evaluating:
+          rec.update(trainer.evaluate())
+        last = writer.log(step, rec)
+      if hasattr(trainer, "after_step"):
+        trainer.after_step(step)
       if step % loop.save_every == 0 or final:
         guard.check()  # never a checkpoint of non-finite params
         ckpts.save(step, {"params": trainer.params, "opt_state": trainer.opt_state},
@@ -89,3 +95,8 @@ def run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any]
     ckpts.close()
     writer.close()
   return last
+
+
+def host_record(metrics: dict[str, Any]) -> dict[str, float]:
+  """A step's metrics fetched to the host as floats."""
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}

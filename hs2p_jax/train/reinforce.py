@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from hs2p_jax.model.llama import LlamaForCausalLM
+from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
 from hs2p_jax.train.logprobs import token_logprobs
 
 
@@ -132,28 +133,19 @@ def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, s
   def sum_loss(params, batch):  # (sum over response tokens of -logp * advantage, token count)
     logp = _logprobs(nnx.merge(graphdef, params), batch, share_prompt_k, temperature)
     m = batch["response_mask"].astype(jnp.float32)
-    return -jnp.sum(logp * batch["advantages"][:, None] * m), jnp.sum(m)
+    total = -jnp.sum(logp * batch["advantages"][:, None] * m)
+    return total, {"loss": total, "tokens": jnp.sum(m)}
 
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def step(params, opt_state, batch):
     if micro_batches == 1:
-      (total, count), grads = grad_fn(params, batch)
+      (_, sums), grads = grad_fn(params, batch)
     else:
       stacked = jax.tree.map(lambda a: interleave(a, micro_batches, share_prompt_k or 1), batch)
-
-      def micro(carry, mb):
-        g_acc, t_acc, c_acc = carry
-        (t, c), g = grad_fn(params, mb)
-        return (jax.tree.map(jnp.add, g_acc, g), t_acc + t, c_acc + c), None
-
-      init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
-      (grads, total, count), _ = jax.lax.scan(micro, init, stacked)
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {"loss": total / denom, "grad_norm": grad_norm}
+      grads, sums = summed_grads(grad_fn, params, stacked)
+    params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["tokens"])
+    return params, opt_state, {"loss": sums["loss"] / jnp.maximum(sums["tokens"], 1.0), "grad_norm": grad_norm}
 
   return step
 

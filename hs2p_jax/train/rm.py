@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from hs2p_jax.losses import bt_losses
+from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
 from hs2p_jax.model.reward import RewardModel
 
 Batch = dict[str, jax.Array]
@@ -60,10 +61,6 @@ def loss_terms(model: RewardModel, batch: Batch, objective: Objective) -> tuple[
   return jnp.sum(per_pair * valid), jnp.sum(valid), {"correct": jnp.sum(correct), "examples": jnp.sum(valid)}
 
 
-def _zeros_like_sums():
-  return {"correct": jnp.zeros(()), "examples": jnp.zeros(())}
-
-
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, objective: Objective,
                     schedule: Callable[[Any], Any] | None = None):
   """A pure `step(params, opt_state, batches) -> (params, opt_state, metrics)`.
@@ -75,29 +72,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
   def sum_loss(params, batch):
     model = nnx.merge(graphdef, params)
     total, count, extra = loss_terms(model, batch, objective)
-    return total, (count, extra)
+    return total, {"loss": total, "count": count, "correct": extra.get("correct", jnp.zeros(())),
+                   "examples": extra["examples"]}
 
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def step(params, opt_state, batches):
-    def micro(carry, batch):
-      g_acc, l_acc, c_acc, e_acc = carry
-      (loss, (count, extra)), grads = grad_fn(params, batch)
-      g_acc = jax.tree.map(jnp.add, g_acc, grads)
-      e_acc = {k: e_acc[k] + extra.get(k, 0.0) for k in e_acc}
-      return (g_acc, l_acc + loss, c_acc + count, e_acc), None
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    init = (zeros, jnp.zeros(()), jnp.zeros(()), _zeros_like_sums())
-    (grads, loss_sum, count, extra), _ = jax.lax.scan(micro, init, batches)
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "examples": extra["examples"]}
+    grads, sums = summed_grads(grad_fn, params, batches)
+    params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["count"])
+    metrics = {"loss": sums["loss"] / jnp.maximum(sums["count"], 1.0), "grad_norm": grad_norm,
+               "examples": sums["examples"]}
     if objective.kind == "bt":
-      metrics["accuracy"] = extra["correct"] / jnp.maximum(extra["examples"], 1.0)
+      metrics["accuracy"] = sums["correct"] / jnp.maximum(sums["examples"], 1.0)
     return params, opt_state, metrics
 
   return step

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Any
 
 import jax
@@ -18,13 +17,13 @@ from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.eval.scoring import collect, pair_metrics, regression_metrics
 from hs2p_jax.model.reward import attribute_weights
 from hs2p_jax.sharding import batch_split, make_mesh, opt_state_shardings, rules_from, state_shardings, use_mesh
-from hs2p_jax.train.feed import gather_processes, put_batch
-from hs2p_jax.train.loop import LoopConfig, run as run_loop
+from hs2p_jax.train.feed import StepFeed
+from hs2p_jax.train.loop import LoopConfig, host_record, run as run_loop
 from hs2p_jax.errors import UserError
 from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train.model_init import build_model, tokenizer_spec, with_template
 from hs2p_jax.train.optim import optimizer_from, schedule
-from hs2p_jax.train.rm import Objective, make_eval_step, make_train_step, stack_micro_batches
+from hs2p_jax.train.rm import Objective, make_eval_step, make_train_step
 
 
 class RMTrainer:
@@ -44,6 +43,7 @@ class RMTrainer:
     # data first: a bad file fails in seconds, before any model is loaded
     tokenizer = load_tokenizer(tokenizer_spec(cfg.model))
     self.loader = self._loader(cfg.data, tokenizer, "train", self.task)
+    self.feed = StepFeed(self.loader, self.accum, self.mesh, self.rules)
     self.val_loader = self._loader(cfg.data, tokenizer, "validation", self.task) if cfg.data.validation else None
     self.pair_loader = None
     if cfg.data.eval_pairs:
@@ -126,34 +126,16 @@ class RMTrainer:
                      model={"source": m.source, "init_from": m.init_from})
 
   def begin(self, start: int) -> None:
-    self._it = iter(self.loader)
-    self._t0, self._tokens = time.time(), 0
+    self.feed.begin()
 
   def step(self, step: int) -> dict[str, Any]:
-    micro = [gather_processes(next(self._it)) for _ in range(self.accum)]
-    self._tokens += sum(int(np.count_nonzero(b["segment_ids"])) for b in micro)
-    batch = put_batch(stack_micro_batches(micro), self.mesh, self.rules, stacked=True)
+    batch = self.feed.next()
     with use_mesh(self.mesh, self.rules):
       self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch)
     return metrics
 
-  def _evaluates(self, step: int) -> bool:
-    tc = self.cfg.train
-    return step == tc.steps or bool(tc.eval_every and step % tc.eval_every == 0)
-
-  def log_now(self, step: int) -> bool:
-    return self._evaluates(step)
-
   def record(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-    rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    rec.update(lr=float(self.lr_at(step - 1)), tokens_per_s=self._tokens / max(time.time() - self._t0, 1e-9))
-    if self._evaluates(step):
-      rec.update(self.evaluate())
-    self._t0, self._tokens = time.time(), 0
-    return rec
-
-  def after_step(self, step: int) -> None:
-    pass
+    return {**host_record(metrics), "lr": float(self.lr_at(step - 1)), "tokens_per_s": self.feed.tokens_per_s()}
 
   def save_final(self) -> None:
     save_model(os.path.join(self.out_dir, "model"), nnx.merge(self.graphdef, self.params), self.meta, self.tokenizer,
@@ -161,7 +143,8 @@ class RMTrainer:
 
   def run(self) -> dict[str, Any]:
     tc = self.cfg.train
-    loop = LoopConfig(tc.steps, tc.log_every, tc.save_every, tc.keep_checkpoints, tc.async_checkpoint, self.cfg.name)
+    loop = LoopConfig(tc.steps, tc.log_every, tc.save_every, tc.keep_checkpoints, tc.async_checkpoint, self.cfg.name,
+                      tc.eval_every)
     return run_loop(self, loop, self.out_dir, to_dict(self.cfg))
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
 from hs2p_jax.train.logprobs import per_owner, target_logprobs
 
 Batch = dict[str, jax.Array]
@@ -33,24 +34,16 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
   def sum_loss(params, batch):
     sums, counts = example_logprobs(nnx.merge(graphdef, params), batch)
     valid = batch["valid"].astype(jnp.float32)
-    return -jnp.sum(sums * valid), jnp.sum(counts * valid)
+    loss = -jnp.sum(sums * valid)
+    return loss, {"loss": loss, "tokens": jnp.sum(counts * valid)}
 
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def step(params, opt_state, batches):
-    def micro(carry, batch):
-      g_acc, l_acc, n_acc = carry
-      (loss, n), grads = grad_fn(params, batch)
-      return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss, n_acc + n), None
-
-    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
-    (grads, loss, tokens), _ = jax.lax.scan(micro, init, batches)
-    denom = jnp.maximum(tokens, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss / denom, "grad_norm": grad_norm, "target_tokens": tokens}
+    grads, sums = summed_grads(grad_fn, params, batches)
+    params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["tokens"])
+    return params, opt_state, {"loss": sums["loss"] / jnp.maximum(sums["tokens"], 1.0), "grad_norm": grad_norm,
+                               "target_tokens": sums["tokens"]}
 
   return step
 
