@@ -111,10 +111,12 @@ def test_justifier_quickstart_trains_and_the_judge_runs(tmp_path):
   assert len(vals) == 2 and vals[1] < vals[0] and recs[-1]["loss"] < recs[0]["loss"]
   from hs2p_jax.cli import main
   report = tmp_path / "judge.json"
-  rc = main(["eval", "--judge", "generative", "--checkpoint", str(out / "model"), "--data", "builtin", "--format",
-             "helpsteer2-preference", "--max-length", "512", "--max-new-tokens", "48", "--batch-size", "16",
+  pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"What is {i} plus {i}?", "chosen": f"{2 * i}.",
+                                                  "rejected": f"{2 * i + 1}."} for i in range(6)])
+  rc = main(["eval", "--judge", "generative", "--checkpoint", str(out / "model"), "--data", pairs, "--format",
+             "pairs", "--max-length", "256", "--max-new-tokens", "32", "--batch-size", "8",
              "--out", str(report), "--set", "data.template=chat"])
   assert rc == 0
   r = json.loads(report.read_text())
-  assert r["pairs"] > 0 and r["answers"] == 2 * r["pairs"] and 0 <= r["unparsed"] <= r["answers"]
+  assert r["pairs"] == 6 and r["answers"] == 12 and 0 <= r["unparsed"] <= r["answers"]
   assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["position_consistency"] <= 1.0
