@@ -34,7 +34,7 @@ def gather_processes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   for k in ROW_POINTERS:
     if k in out:
       out[k] = out[k] + jax.process_index() * rows
-  pairs = out["magnitude"].shape[0] if "magnitude" in out else 0
+  pairs = out["valid"].shape[0] if "valid" in out else 0  # examples (pairs) per process, padded
   for k in PAIR_POINTERS:
     if k in out:
       out[k] = np.where(out[k] >= 0, out[k] + jax.process_index() * pairs, -1).astype(out[k].dtype)
