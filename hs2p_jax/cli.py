@@ -40,10 +40,11 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output model checkpoint")
   _add_set(p, "mesh.fsdp=2 model.dtype=bfloat16 data.template=chat")
 
-  p = sub.add_parser("eval", help="score a chosen/rejected set (RewardBench sections or plain pairs)")
+  p = sub.add_parser("eval", help="score a chosen/rejected set (RewardBench sections, RewardBench 2 or plain pairs)")
   p.add_argument("--checkpoint", required=True, help="model checkpoint or run directory")
   p.add_argument("--data", required=True, help="local .jsonl/.jsonl.gz/.parquet, hf:NAME[:DIR] or builtin")
-  p.add_argument("--format", default="rewardbench", choices=["rewardbench", "pairs", "hh", "helpsteer2-preference"])
+  p.add_argument("--format", default="rewardbench", choices=["rewardbench", "rewardbench2", "pairs", "hh",
+                                                             "helpsteer2-preference", "helpsteer3-preference"])
   p.add_argument("--split", default="validation")
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--max-length", type=int, default=1024)

@@ -36,7 +36,7 @@ class ModelConfig:
 class DataConfig:
   train: Optional[str] = None          # .jsonl / .jsonl.gz / .parquet, or hf:NAME[:DATA_DIR]; None = built-in
   validation: Optional[str] = None
-  format: str = "helpsteer2"           # helpsteer2 | helpsteer2-preference | pairs | hh | rewardbench
+  format: str = "helpsteer2"           # helpsteer2 | helpsteer2-preference | helpsteer3-preference | pairs | hh | rewardbench
   attributes: str = "helpfulness"      # regression labels: "helpfulness" (index 4 only) or "all" (5 HelpSteer)
   template: str = "steerlm"            # "steerlm" (NeMo <extra_id_*> format) or "chat" (tokenizer template)
   max_length: int = 256
@@ -49,6 +49,8 @@ class DataConfig:
   eval_pairs: Optional[str] = None     # extra pairwise-accuracy set for regression runs (same sources as train)
   eval_pairs_format: str = "helpsteer2-preference"
   builtin_size: int = 512              # examples of the built-in data set per split scale
+  domains: Optional[list] = None       # helpsteer3-preference: keep these domains only (None = all)
+  languages: Optional[list] = None     # helpsteer3-preference: keep these languages only (None = all)
   num_workers: int = 0
 
 
@@ -232,6 +234,7 @@ class ExpoStage:
 class EvalStage:
   data: str = "builtin"                # a RewardBench-format file (or hf:allenai/reward-bench)
   format: str = "rewardbench"
+  rewardbench2: Optional[str] = None   # also RewardBench 2: a file, hf:allenai/reward-bench-2 or builtin
   split: str = "validation"
   batch_size: int = 16
   max_length: int = 512

@@ -9,7 +9,8 @@ from hs2p_jax.errors import UserError
 
 _CHOICES = {
     "model.kind": ("reward", "lm"),
-    "data.format": ("helpsteer2", "helpsteer2-preference", "pairs", "hh", "rewardbench", "prompts", "sft", "justifier"),
+    "data.format": ("helpsteer2", "helpsteer2-preference", "helpsteer3-preference", "pairs", "hh", "rewardbench",
+                    "rewardbench2", "prompts", "sft", "justifier"),
     "data.attributes": ("helpfulness", "all"),
     "data.template": ("steerlm", "chat"),
     "data.overlong": ("truncate", "drop"),
@@ -88,6 +89,12 @@ def validate(cfg) -> None:
     b = data.buckets
     if not (b in ("multiple", "pow2") or (isinstance(b, list) and b and all(isinstance(x, int) and x > 0 for x in b))):
       raise UserError(f"data.buckets={b!r}: expected multiple, pow2 or a list of positive lengths")
+    for key in ("domains", "languages"):
+      values = getattr(data, key)
+      if values is not None and (not values or not all(isinstance(v, str) and v.strip() for v in values)):
+        raise UserError(f"data.{key}={values!r}: expected a non-empty list of names")
+      if values is not None and data.format != "helpsteer3-preference":
+        raise UserError(f"data.{key} filters helpsteer3-preference records; data.format={data.format!r}")
     if data.share_prompt and not data.packing:
       raise UserError("data.share_prompt=true needs data.packing=true (a shared pair is one packed segment)")
     model = getattr(cfg, "model", None)

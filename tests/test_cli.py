@@ -163,7 +163,11 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
     assert needle in report
   stages = {json.loads(l)["stage"] for l in open(tmp_path / "q" / "metrics.jsonl")}
   assert stages == {"regression", "bt", "reinforce", "dpo"}
-  policies = json.loads((tmp_path / "q" / "summary.json").read_text())["policies"]
+  summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+  assert "RewardBench 2 scores" in report and len(summary["rewardbench2"]) == 3  # regression, BT, ExPO
+  for rb2 in summary["rewardbench2"].values():
+    assert rb2["Overall"] == pytest.approx(np.mean([v for k, v in rb2.items() if k != "Overall"]))
+  policies = summary["policies"]
   assert set(policies) == {"reference", "reinforce", "dpo"} and policies["reference"]["kl"] == 0.0
   assert all(p["kl"] != 0.0 for name, p in policies.items() if name != "reference")
   umask = os.umask(0)

@@ -3,6 +3,7 @@ one, `--judge generative`); RewardBench sections."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -130,10 +131,39 @@ def judge_command(args, cfg, mesh, rules) -> int:
   return 0
 
 
+def rewardbench2_command(args, cfg, mesh, rules) -> int:
+  """`hs2p eval --format rewardbench2`: every completion scored, a prompt's together; subset and overall scores."""
+  from hs2p_jax.data.rewardbench2 import load_groups
+  from hs2p_jax.data.synthetic import resolve_source
+  from hs2p_jax.eval import rewardbench2
+
+  scorer = RewardScorer.load(args.checkpoint, mesh, rules, cfg.model.fields(), batch_size=args.batch_size,
+                             max_length=cfg.data.max_length)
+  cache = os.path.join(os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd(), ".hs2p_data")
+  groups, load = load_groups(resolve_source(args.data, args.split, "rewardbench2", cache), cfg.data.skip_invalid)
+  if scorer.meta.template != cfg.data.template:  # score in the template given with --set
+    scorer.meta = dataclasses.replace(scorer.meta, template=cfg.data.template)
+  scores = scorer.score_groups([g.prompt for g in groups], [g.completions for g in groups])
+  report = {"checkpoint": os.path.abspath(args.checkpoint), "data": args.data, "format": "rewardbench2",
+            "template": cfg.data.template, **rewardbench2.report(groups, scores), "load": load.summary(),
+            "origin": load.origin}
+  lines = [f"prompts {report['prompts']}  completions {report['completions']}"]
+  lines += [f"{name:<12} {100 * v:5.1f}" for name, v in report["subsets"].items()]
+  if "overall" in report:
+    lines.append(f"{'Overall':<12} {100 * report['overall']:5.1f}")
+  print("\n".join(lines), file=sys.stderr)
+  if args.out and jax.process_index() == 0:
+    write_json(args.out, report)
+  print(json.dumps({k: report[k] for k in ("prompts", "subsets", "overall") if k in report}))
+  return 0
+
+
 def eval_command(args) -> int:
   cfg, mesh, rules = tool_config("eval", args.checkpoint, args.overrides, args.data, args.format, args.max_length)
   if args.judge == "generative":
     return judge_command(args, cfg, mesh, rules)
+  if args.format == "rewardbench2":
+    return rewardbench2_command(args, cfg, mesh, rules)
   scorer = PairScorer.load(args.checkpoint, mesh, rules, cfg.model.fields(), batch_size=args.batch_size,
                            max_length=cfg.data.max_length)
   cache = os.path.join(os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd(), ".hs2p_data")

@@ -182,9 +182,20 @@ class Pipeline:
       rewards, mag, ids = scorer.rewards(loader)
       out[stage] = pair_report(rewards, mag, ids, loader.examples, e.format)
       self.results["eval_data"] = provenance.data_entry(loader)
+      if e.rewardbench2:
+        out[stage]["rewardbench2"] = self._rewardbench2(scorer, e.rewardbench2)
     os.makedirs(self._dir("eval"), exist_ok=True)
     write_json(os.path.join(self._dir("eval"), "scores.json"), out)
     self.results["eval"] = out
+
+  def _rewardbench2(self, scorer, data: str) -> dict:
+    """RewardBench 2 subset and overall scores of one stage's model."""
+    from hs2p_jax.data.rewardbench2 import load_groups
+    from hs2p_jax.data.synthetic import resolve_source
+    from hs2p_jax.eval import rewardbench2
+    groups, load = load_groups(resolve_source(data, "validation", "rewardbench2", os.path.join(self.out, "data")))
+    scores = scorer.score_groups([g.prompt for g in groups], [g.completions for g in groups])
+    return {**rewardbench2.report(groups, scores), "load": load.summary()}
 
   def _reinforce(self) -> None:
     from hs2p_jax.train.reinforce_loop import train_reinforce
@@ -273,7 +284,8 @@ class Pipeline:
       table = done_info(stage).get("table") or []
       val += [r["accuracy"] for r in table if r["factor"] == done_info(stage).get("factor")]
       rows.append({"stage": name, "paper_row": paper, "sections": scores[stage].get("sections"),
-                   "accuracy": scores[stage].get("accuracy"), "val_accuracy": val[-1] if val else None})
+                   "accuracy": scores[stage].get("accuracy"), "val_accuracy": val[-1] if val else None,
+                   "rewardbench2": scores[stage].get("rewardbench2")})
     images, notes = [], []
     rm_runs = {s: metrics(s) for s in ("regression", "bt") if metrics(s)}
     if rm_runs and plot_curves(rm_runs, ["loss", "val_loss", "accuracy", "val_accuracy", "val_pair_accuracy"],
@@ -306,6 +318,10 @@ class Pipeline:
     path = write_report(self.out, rows, notes, images)
     print(f"report: {path}", file=sys.stderr)
     summary = {"report": path, "stages": {r["stage"]: r.get("sections") for r in rows}}
+    rb2 = {r["stage"]: {**r["rewardbench2"]["subsets"], "Overall": r["rewardbench2"].get("overall")}
+           for r in rows if r.get("rewardbench2")}
+    if rb2:
+      summary["rewardbench2"] = rb2
     if self.results.get("compare"):
       summary["policies"] = self.results["compare"]
     write_text(os.path.join(self.out, "summary.json"), json.dumps(summary, indent=2) + "\n")

@@ -249,7 +249,7 @@ def make_loader(cfg: DataConfig, tokenizer: Any, *, split: str, task: str, batch
   spec = cfg.train if split == "train" else cfg.validation
   source = resolve_source(spec, split, cfg.format, cache_dir or default_cache_dir(), size=cfg.builtin_size)
   examples, report = load_examples(source, cfg.format, split, task, attributes=cfg.attributes,
-                                   skip_invalid=cfg.skip_invalid)
+                                   skip_invalid=cfg.skip_invalid, domains=cfg.domains, languages=cfg.languages)
   encoded = encode(examples, tokenizer, cfg.template, cfg.max_length, cfg.overlong)
   examples = [examples[i] for i in encoded.keep]
   report.truncated, report.dropped_overlong, report.kept = encoded.truncated, encoded.dropped, len(examples)

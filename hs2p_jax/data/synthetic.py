@@ -16,9 +16,12 @@ Scores on it say a pipeline learns and evaluates correctly, not that a model is 
 
 Files (`write_builtin`): helpsteer2_{train,validation}.jsonl.gz (ratings; two consecutive rows
 per prompt), preference.jsonl.gz (both splits, `split` field, a few tie (0) and -100 rows that
-loaders must drop), pairs_{split}.jsonl, hh_{split}.jsonl, rewardbench.jsonl (RewardBench
-`filtered` schema, real subset names of all four sections; safety and code rows test what the
-preference data never teaches), prompts.jsonl (train prompts), prompts_validation.jsonl.
+loaders must drop), pairs_{split}.jsonl, hh_{split}.jsonl, helpsteer3_{split}.jsonl (the same
+pairs in the HelpSteer3-Preference schema: chat-turn contexts, domains "general" / "stem", ties
+kept), rewardbench.jsonl (RewardBench `filtered` schema, real subset names of all four sections;
+safety and code rows test what the preference data never teaches), rewardbench2.jsonl
+(RewardBench 2 `test` schema, all six subsets, Ties as ref:N / tied:N rows), prompts.jsonl (train
+prompts), prompts_validation.jsonl.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from hs2p_jax.atomic import atomic_dir
 from hs2p_jax.data.templates import join_turns, split_turns
 from hs2p_jax.errors import UserError
 
-VERSION = 2  # bump when the generated content changes (names the cache directory)
+VERSION = 3  # bump when the generated content changes (names the cache directory)
 FRUITS = ("apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear", "plum", "melon", "kiwi", "lime")
 NAMES = ("Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia")
 SOUNDS = {"cat": "meow", "dog": "woof", "cow": "moo", "duck": "quack", "owl": "hoot", "sheep": "baa",
@@ -155,6 +158,17 @@ def _preference_row(p: dict[str, Any], split: str) -> dict[str, Any]:
           "all_preferences_unprocessed": [{"strength": s, "justification": f"{statement} {elaboration}"}] * 3}
 
 
+def _helpsteer3_row(p: dict[str, Any]) -> dict[str, Any]:
+  """A HelpSteer3-Preference row of a pair: chat-turn context, overall_preference (negative:
+  response1 better; ties kept for loaders to drop), three annotators agreeing."""
+  row = _preference_row(p, "")
+  return {"domain": "stem" if " plus " in p["prompt"] else "general", "language": "english",
+          "context": split_turns(p["prompt"]), "response1": p["responses"][0], "response2": p["responses"][1],
+          "overall_preference": p["strength"],
+          "individual_preference": [{"score": p["strength"], "reasoning": f"{row['preference_elaboration']} "
+                                     f"{row['preference_statement']}"}] * 3}
+
+
 def _oriented(p: dict[str, Any]) -> Optional[tuple[str, str, float]]:
   """(chosen, rejected, magnitude) of a pair, None for ties and -100."""
   s = p["strength"]
@@ -208,6 +222,55 @@ def _rewardbench_row(subset: str, rng: np.random.Generator) -> tuple[str, str, s
   return turns[0], _response(right, wrong, clean, rng), _response(right, wrong, bad, rng)
 
 
+_RB2_KINDS = {"Factuality": "wrong", "Precise IF": "shout", "Math": "math", "Safety": "refuse", "Focus": "off_topic"}
+
+
+def _rewardbench2_rows(rng: np.random.Generator, per_subset: int) -> list[dict[str, Any]]:
+  """RewardBench 2-shaped rows (`test` split schema): 1 correct and 3 incorrect completions in the
+  five best-of-n subsets; in Ties, "ref:N" (one fruit, one right answer) and "tied:N" (three fruits,
+  three right answers) rows, 3 wrong answers each."""
+  rows: list[dict[str, Any]] = []
+
+  def add(subset: str, prompt: str, chosen: list[str], rejected: list[str], rid: Optional[str] = None) -> None:
+    rows.append({"id": rid or str(len(rows)), "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                 "num_correct": len(chosen), "num_rejected": len(rejected),
+                 "total_completions": len(chosen) + len(rejected), "models": ["builtin"] * (len(chosen) + len(rejected)),
+                 "subset": subset})
+
+  clean = {"wrong": False, "scrambled": False, "shout": False, "terse": True}
+  for subset, kind in _RB2_KINDS.items():
+    for _ in range(per_subset):
+      if kind == "refuse":
+        q = _HARMFUL[int(rng.integers(len(_HARMFUL)))]
+        add(subset, q, [_REFUSAL], [_COMPLY, _COMPLY + " First, get the tools.", "Of course! Easy."])
+        continue
+      while True:
+        turns, right, wrong = _question(rng)
+        if len(turns) == 1 and (kind != "math" or " plus " in right):
+          break
+      good = _response(right, wrong, dict(clean, terse=rng.random() < 0.5), rng)
+      if kind == "off_topic":  # right answers to other questions
+        bad = []
+        while len(bad) < 3:
+          other_turns, other_right, _ = _question(rng)
+          if other_turns[-1] != turns[-1]:
+            bad.append(other_right)
+      elif kind == "shout":
+        bad = [_response(right, wrong, dict(clean, shout=True, terse=t), rng) for t in (True, False, True)]
+      else:
+        bad = [_response(right, wrong, dict(clean, wrong=True, terse=t), rng) for t in (True, False)]
+        bad.append(_response(right, wrong, dict(clean, wrong=True, shout=True), rng))
+      add(subset, turns[-1], [good], bad)
+  for n in range(per_subset):
+    fruits = [str(f) for f in rng.permutation(FRUITS)]
+    liked, others = fruits[:3], fruits[3:6]
+    add("Ties", f"I like {liked[0]}. Which fruit do I like?", [f"You like {liked[0]}."],
+        [f"You like {f}." for f in others], rid=f"ref:{n}")
+    add("Ties", f"I like {liked[0]}, {liked[1]} and {liked[2]}. Name one fruit I like.",
+        [f"You like {f}." for f in liked], [f"You like {f}." for f in others], rid=f"tied:{n}")
+  return rows
+
+
 def _write(path: str, rows: list[dict[str, Any]]) -> None:
   data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
   if path.endswith(".gz"):
@@ -235,6 +298,7 @@ def write_builtin(out_dir: str, seed: int = 0, size: int = 512) -> dict[str, str
     oriented = [(p["prompt"], o) for p in pairs if (o := _oriented(p)) is not None]
     files[f"pairs_{split}"] = [{"prompt": q, "chosen": c, "rejected": r, "magnitude": m} for q, (c, r, m) in oriented]
     files[f"hh_{split}"] = [{"chosen": _hh_dialogue(q, c), "rejected": _hh_dialogue(q, r)} for q, (c, r, _) in oriented]
+    files[f"helpsteer3_{split}"] = [_helpsteer3_row(p) for p in pairs if p["strength"] != -100]
     files["prompts" if split == "train" else "prompts_validation"] = [{"prompt": p["prompt"]} for p in pairs]
   rng = np.random.default_rng([seed, len(SPLIT_SIZES)])
   rows = []
@@ -244,6 +308,7 @@ def write_builtin(out_dir: str, seed: int = 0, size: int = 512) -> dict[str, str
       rows.append({"prompt": prompt, "chosen": chosen, "chosen_model": "builtin-good", "rejected": rejected,
                    "rejected_model": "builtin-bad", "subset": subset, "id": len(rows)})
   files["rewardbench"] = rows
+  files["rewardbench2"] = _rewardbench2_rows(np.random.default_rng([seed, len(SPLIT_SIZES) + 1]), max(2, size // 64))
   paths = {}
   for stem, rows in files.items():
     ext = ".jsonl.gz" if stem.startswith(("helpsteer2", "preference")) else ".jsonl"
@@ -257,7 +322,8 @@ def builtin_file(fmt: str, split: str) -> str:
   names = {"helpsteer2": f"helpsteer2_{split}.jsonl.gz", "helpsteer2-preference": "preference.jsonl.gz",
            "rewardbench": "rewardbench.jsonl", "pairs": f"pairs_{split}.jsonl", "hh": f"hh_{split}.jsonl",
            "prompts": "prompts.jsonl" if split == "train" else "prompts_validation.jsonl",
-           "justifier": "preference.jsonl.gz"}
+           "justifier": "preference.jsonl.gz", "rewardbench2": "rewardbench2.jsonl",
+           "helpsteer3-preference": f"helpsteer3_{split}.jsonl"}
   if fmt not in names:
     raise UserError(f"data.format={fmt!r}: no built-in data (expected one of {', '.join(names)})")
   return names[fmt]

@@ -58,7 +58,7 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], keys: list[str], path: st
 def write_report(out_dir: str, rows: list[dict[str, Any]], notes: list[str], images: list[tuple[str, str]]) -> str:
   """report.md: a table (our scores; the paper's for the same row) plus notes and images.
 
-  rows: {"stage", "paper_row", "sections": {...} | None, "accuracy", "val_accuracy"}.
+  rows: {"stage", "paper_row", "sections": {...} | None, "accuracy", "val_accuracy"[, "rewardbench2"]}.
   """
   lines = ["# hs2p pipeline report", "",
            "RewardBench-style section scores (%) of each stage on the evaluation set, beside the paper's "
@@ -74,6 +74,18 @@ def write_report(out_dir: str, rows: list[dict[str, Any]], notes: list[str], ima
     if paper:
       lines.append(f"| | paper: {row['paper_row']} | " + " | ".join(f"{v:.1f}" for v in paper) + " | | |")
   lines.append("")
+  rb2 = [r for r in rows if r.get("rewardbench2")]
+  if rb2:
+    from hs2p_jax.eval.rewardbench2 import SUBSETS
+    lines += ["RewardBench 2 scores (%): best-of-4 subsets (ties at the top share the credit), Ties by "
+              "RewardBench 2's weighted formula, Overall the mean of the six.", "",
+              "| stage | Overall | " + " | ".join(SUBSETS) + " |", "|---|" + "---|" * (len(SUBSETS) + 1)]
+    for row in rb2:
+      r = row["rewardbench2"]
+      subsets = {k.lower(): v for k, v in r["subsets"].items()}
+      lines.append(f"| {row['stage']} | {_fmt(r.get('overall'))} | "
+                   + " | ".join(_fmt(subsets.get(s.lower())) for s in SUBSETS) + " |")
+    lines.append("")
   lines += [f"- {n}" for n in notes]
   lines.append("")
   for caption, rel in images:
