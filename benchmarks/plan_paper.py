@@ -1,6 +1,6 @@
 """Compiles the paper configs for the pods their headers name and prints one JSON object.
 
-Every config in configs/paper/ that names its target in a header line
+Every config in configs/paper/ and configs/helpsteer3/ that names its target in a header line
   # target: CHIP x N (mesh data=D fsdp=F tensor=T)
 is planned with `hs2p plan --chip CHIP --devices N --compile tpu` (TPU targets; needs the [tpu]
 extra, no TPU) or `--compile host` otherwise, each in its own process. Per config: whether the step
@@ -30,8 +30,9 @@ GiB = 1 << 30
 
 def targets(only: list[str]) -> list[tuple[str, str, int]]:
   out = []
-  for path in sorted(glob.glob(os.path.join(ROOT, "configs", "paper", "*", "*.yaml"))):
-    rel = os.path.relpath(path, os.path.join(ROOT, "configs", "paper"))
+  paths = [p for group in ("paper", "helpsteer3") for p in glob.glob(os.path.join(ROOT, "configs", group, "*", "*.yaml"))]
+  for path in sorted(paths):
+    rel = os.path.relpath(path, os.path.join(ROOT, "configs"))
     if only and not any(o in rel for o in only):
       continue
     m = TARGET.search(open(path, encoding="utf-8").read())
@@ -42,7 +43,7 @@ def targets(only: list[str]) -> list[tuple[str, str, int]]:
 
 def plan(rel: str, chip: str, devices: int) -> dict:
   mode = "tpu" if chip.startswith("v") else "host"
-  cmd = [sys.executable, "-m", "hs2p_jax", "plan", "--config", os.path.join(ROOT, "configs", "paper", rel),
+  cmd = [sys.executable, "-m", "hs2p_jax", "plan", "--config", os.path.join(ROOT, "configs", rel),
          "--chip", chip, "--devices", str(devices), "--compile", mode]
   t0 = time.time()
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

@@ -74,6 +74,9 @@ def test_every_shipped_config_loads():
       assert cfg.model.init_from is None
     if name.startswith("dpo_"):
       assert cfg.dpo.variant == name[4:-5] and cfg.policy.kind == "lm"
+    if name.startswith("scaled_bt") and "helpsteer3" in path:
+      assert (cfg.data.format, cfg.train.objective, cfg.train.bt_variant) == ("helpsteer3-preference", "bt", "scaled")
+      assert bool(cfg.model.init_from) == name.endswith("from_regression.yaml")
 
 
 def test_pipeline_override_routing():
