@@ -165,3 +165,28 @@ def test_eval_rewardbench2_scores_every_completion_as_the_scorer_does(hs3_model,
     expect = ref_ties(rs) if name == "Ties" else ref_best_of_n(rs)
     assert report["subsets"][name] == pytest.approx(expect, abs=1e-5), name
   assert report["prompts"] == len(groups) and report["completions"] == sum(len(g.completions) for g in groups)
+
+
+def test_eval_helpsteer3_pairs_reports_per_domain_accuracy(hs3_model, tmp_path, capsys):
+  from hs2p_jax.cli import main
+  from hs2p_jax.data.load import load_examples
+  from hs2p_jax.data.synthetic import write_builtin
+  path = write_builtin(str(tmp_path / "b"), size=512)["helpsteer3_validation"]
+  out = tmp_path / "hs3.json"
+  assert main(["eval", "--checkpoint", str(hs3_model), "--data", path, "--format", "helpsteer3-preference",
+               "--out", str(out), "--max-length", "64"]) == 0
+  report = json.loads(out.read_text())
+  pairs, load = load_examples(path, "helpsteer3-preference", "validation", "pairs")
+  assert report["pairs"] == len(pairs) and load.dropped.get("tie", 0) > 0 and f"tie {load.dropped['tie']}" in report["load"]
+  assert set(report["subsets"]) == {p.subset for p in pairs} == {"general", "stem"}
+
+
+def test_hub_source_reads_the_test_split(tmp_path, monkeypatch):
+  datasets = pytest.importorskip("datasets")
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+  rows = [{"id": "ref:1", "prompt": "q", "chosen": ["a"], "rejected": ["b", "c"], "num_correct": 1, "subset": "Ties"},
+          {"id": "tied:1", "prompt": "q2", "chosen": ["a", "d"], "rejected": ["b"], "num_correct": 2, "subset": "Ties"}]
+  (tmp_path / "rb2").mkdir()
+  write_jsonl(tmp_path / "rb2" / "test.jsonl", rows)
+  groups, report = load_groups(f"hf:{tmp_path}/rb2")
+  assert [g.completions for g in groups] == [("a", "b", "c"), ("a", "d", "b")] and report.origin["split"] == "test"
