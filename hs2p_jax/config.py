@@ -251,11 +251,21 @@ class CompareStage:
 
 
 @dataclasses.dataclass
+class JudgeStage:
+  data: str = "builtin"                # pairs for the justifier's verdicts (any pair format)
+  format: str = "helpsteer2-preference"
+  split: str = "validation"
+  pairs: int = 0                       # the first N pairs; 0 = all
+  max_new_tokens: int = 128
+  batch_size: int = 16
+
+
+@dataclasses.dataclass
 class PipelineConfig:
   """`hs2p pipeline`: stage configs (paths relative to this file) and the ExPO / eval settings.
 
-  `--set regression.KEY=V` (or bt., reinforce., dpo.) overrides one stage's config; `--set expo.KEY=V`,
-  `eval.KEY=V`, `compare.KEY=V`, `stages=[...]` the pipeline's own keys; any other key (`train.steps=6`,
+  `--set regression.KEY=V` (or bt., reinforce., dpo., justifier.) overrides one stage's config; `--set
+  expo.KEY=V`, `eval.KEY=V`, `compare.KEY=V`, `judge.KEY=V`, `stages=[...]` the pipeline's own keys; any other key (`train.steps=6`,
   `mesh.data=2`) is applied to every stage config that has it.
   """
 
@@ -263,10 +273,12 @@ class PipelineConfig:
   bt: str = "scaled_bt.yaml"
   reinforce: Optional[str] = "reinforce.yaml"
   dpo: Optional[str] = "dpo.yaml"
+  justifier: Optional[str] = "justifier.yaml"  # SFT config of the Pairwise Justifier (stage "justifier")
   stages: list = dataclasses.field(default_factory=lambda: ["regression", "bt", "expo", "eval", "reinforce"])
   expo: ExpoStage = dataclasses.field(default_factory=ExpoStage)
   eval: EvalStage = dataclasses.field(default_factory=EvalStage)
   compare: CompareStage = dataclasses.field(default_factory=CompareStage)
+  judge: JudgeStage = dataclasses.field(default_factory=JudgeStage)
   name: str = "pipeline"
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hs2p_jax.data.load import load_examples
-from hs2p_jax.data.synthetic import resolve_source, write_builtin
+from hs2p_jax.data.synthetic import VERSION, resolve_source, write_builtin
 
 SIZE = 256
 SECTIONS = {  # RewardBench v1 categories (reference notes, section 6)
@@ -120,7 +120,7 @@ def test_resolve_source_for_each_format(tmp_path):
     examples, report = load_examples(path, fmt, split, task)
     assert len(examples) > 0 and report.invalid == 0
   assert resolve_source("data/mine.jsonl", "train", "pairs", cache) == "data/mine.jsonl"
-  assert os.listdir(cache) == ["builtin-v2-size16"]  # generated once, no temporaries left
+  assert os.listdir(cache) == [f"builtin-v{VERSION}-size16"]  # generated once, no temporaries left
   # pairs and hh files carry the same pairs as the preference file
   pairs, _ = load_examples(resolve_source("builtin", "train", "pairs", cache, 16), "pairs", "train", "pairs")
   hh, _ = load_examples(resolve_source("builtin", "train", "hh", cache, 16), "hh", "train", "pairs")

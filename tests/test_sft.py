@@ -120,3 +120,21 @@ def test_justifier_quickstart_trains_and_the_judge_runs(tmp_path):
   r = json.loads(report.read_text())
   assert r["pairs"] == 6 and r["answers"] == 12 and 0 <= r["unparsed"] <= r["answers"]
   assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["position_consistency"] <= 1.0
+
+
+def test_pipeline_justifier_stage_trains_judges_and_reports(tmp_path, capsys):
+  from hs2p_jax.cli import main
+  out = tmp_path / "p"
+  argv = ["pipeline", "--config", os.path.join(REPO, "configs/quickstart/pipeline.yaml"), "--out", str(out),
+          "--set", "stages=[justifier]", "justifier.sft.steps=4", "justifier.sft.batch_size=4",
+          "justifier.policy.num_layers=1", "data.builtin_size=32", "judge.pairs=3", "judge.max_new_tokens=16"]
+  assert main(argv) == 0
+  judge = json.loads((out / "justifier" / "judge.json").read_text())
+  assert judge["pairs"] == 3 and judge["answers"] == 6
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["justifier"] == {k: judge[k] for k in ("accuracy", "pairs", "unparsed", "answers",
+                                                        "position_consistency")}
+  assert "Pairwise Justifier (generative baseline): accuracy" in (out / "report.md").read_text()
+  assert [r["step"] for r in read_metrics(str(out / "justifier" / "metrics.jsonl")) if "loss" in r][-1] == 4
+  capsys.readouterr()
+  assert main(argv) == 0 and "stage: justifier" not in capsys.readouterr().err  # done: not rerun

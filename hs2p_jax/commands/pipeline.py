@@ -1,4 +1,5 @@
-"""`hs2p pipeline`: helpfulness regression -> scaled BT from it -> ExPO search -> evaluation -> REINFORCE.
+"""`hs2p pipeline`: helpfulness regression -> scaled BT from it -> ExPO search -> evaluation -> REINFORCE,
+and the paper's baselines (DPO, the Pairwise Justifier) and the policies' comparison, as configured.
 
 Each stage runs in `DIR/<stage>/` and is skipped when a rerun finds it finished (`DONE`), so an
 interrupted pipeline resumes where it stopped (a training stage resumes from its checkpoint).
@@ -42,9 +43,10 @@ def _has_key(cls, dotted: str) -> bool:
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]], list[str]]:
   """(pipeline keys, {stage: keys}, keys for every stage) from `--set` pairs."""
-  own, per_stage, broadcast = [], {"regression": [], "bt": [], "reinforce": [], "dpo": []}, []
   stage_cls = {"regression": config_lib.RunConfig, "bt": config_lib.RunConfig,
-               "reinforce": config_lib.ReinforceRunConfig, "dpo": config_lib.DPORunConfig}
+               "reinforce": config_lib.ReinforceRunConfig, "dpo": config_lib.DPORunConfig,
+               "justifier": config_lib.SFTRunConfig}
+  own, per_stage, broadcast = [], {name: [] for name in stage_cls}, []
   for pair in overrides:
     key = pair.split("=", 1)[0].strip()
     head, _, rest = key.partition(".")
@@ -53,8 +55,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str
     elif _has_key(config_lib.PipelineConfig, key):
       own.append(pair)
     else:
-      if not any(_has_key(c, key) for c in (config_lib.RunConfig, config_lib.ReinforceRunConfig,
-                                              config_lib.DPORunConfig)):
+      if not any(_has_key(c, key) for c in set(stage_cls.values())):
         raise UserError(f"--set {key}: not a pipeline key nor a key of any stage config")
       broadcast.append(pair)
   return own, per_stage, broadcast
@@ -66,7 +67,8 @@ class Pipeline:
     self.cfg = config_lib.load(config_lib.PipelineConfig, config, own)
     self.base = os.path.dirname(os.path.abspath(config))
     self.out = os.path.abspath(out)
-    unknown = sorted(set(self.cfg.stages) - {"regression", "bt", "expo", "eval", "reinforce", "dpo", "compare"})
+    unknown = sorted(set(self.cfg.stages) - {"regression", "bt", "expo", "eval", "reinforce", "dpo", "compare",
+                                             "justifier"})
     if unknown:
       raise UserError(f"{config}: unknown stage {unknown[0]!r}")
     self.results: dict[str, Any] = {}
@@ -218,6 +220,37 @@ class Pipeline:
     last = train_dpo(cfg, self._dir("dpo"))
     self._finish("dpo", {"last": last, "variant": cfg.dpo.variant, "beta": cfg.dpo.beta})
 
+  def _justifier(self) -> None:
+    """The Pairwise Justifier: SFT on the justifier config, then its verdicts on `judge.data`, both orders."""
+    from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model
+    from hs2p_jax.data.load import load_examples
+    from hs2p_jax.data.synthetic import resolve_source
+    from hs2p_jax.eval.judge import judge_pairs
+    from hs2p_jax.train.lm_loop import train_sft
+    if self._done("justifier") or not self.cfg.justifier:
+      self.results["judge"] = self._done_info("justifier").get("judge")
+      return
+    self._announce("justifier")
+    cfg = self.stage_config(config_lib.SFTRunConfig, "justifier", self.cfg.justifier)
+    last = train_sft(cfg, self._dir("justifier"))
+    j = self.cfg.judge
+    source = resolve_source(j.data, j.split, j.format, os.path.join(self.out, ".data"))
+    pairs, _ = load_examples(source, j.format, j.split, "pairs")
+    pairs = pairs[:j.pairs] if j.pairs else pairs
+    model_dir = os.path.join(self._dir("justifier"), "model")
+    mesh, rules = self._mesh()
+    with use_mesh(mesh, rules):
+      lm, _ = load_model(model_dir, mesh, rules)
+    report = judge_pairs(lm, load_checkpoint_tokenizer(model_dir), cfg.data.template, pairs,
+                         max_length=cfg.data.max_length, max_new_tokens=j.max_new_tokens, batch_size=j.batch_size,
+                         mesh=mesh, rules=rules)
+    summary = {k: report[k] for k in ("accuracy", "pairs", "unparsed", "answers", "position_consistency")}
+    print(f"justifier: accuracy {summary['accuracy']:.4f} on {summary['pairs']} pairs, unparsed {summary['unparsed']}"
+          f" of {summary['answers']}, position consistency {summary['position_consistency']:.4f}", file=sys.stderr)
+    write_json(os.path.join(self._dir("justifier"), "judge.json"), report)
+    self.results["judge"] = summary
+    self._finish("justifier", {"last": last, "judge": summary})
+
   def _compare(self) -> None:
     """The trained policies (REINFORCE, DPO) against their common start on held-out prompts."""
     from hs2p_jax.checkpoint import load_model
@@ -313,6 +346,11 @@ class Pipeline:
     for name, m in (self.results.get("compare") or {}).items():
       notes.append(f"Policy {name} on held-out prompts: RM reward {m['reward']:.4f}, KL to the reference "
                    f"{m['kl']:.4f} per token, {m['response_length']:.1f} tokens.")
+    judge = self.results.get("judge")
+    if judge:
+      notes.append(f"Pairwise Justifier (generative baseline): accuracy {judge['accuracy']:.4f} on {judge['pairs']} "
+                   f"pairs in both orders, {judge['unparsed']} of {judge['answers']} answers unparsed, position "
+                   f"consistency {judge['position_consistency']:.4f}.")
     if "expo" in scores:
       notes.append("ExPO factor convention: base + factor * (tuned - base), base = regression, tuned = BT.")
     path = write_report(self.out, rows, notes, images)
@@ -324,6 +362,8 @@ class Pipeline:
       summary["rewardbench2"] = rb2
     if self.results.get("compare"):
       summary["policies"] = self.results["compare"]
+    if self.results.get("judge"):
+      summary["justifier"] = self.results["judge"]
     write_text(os.path.join(self.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary
 
