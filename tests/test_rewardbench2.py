@@ -122,7 +122,9 @@ def test_overall_is_the_mean_of_the_six_and_bad_rows_are_named():
 def test_malformed_rows_are_named_by_file_and_line(tmp_path):
   good = {"id": "1", "prompt": "q", "chosen": ["a"], "rejected": ["b", "c"], "num_correct": 1, "subset": "Math"}
   for bad, needle in [({"chosen": "a"}, "'chosen' must be a non-empty list"),
-                      ({"num_correct": 2}, "'num_correct'=2 is out of range"), ({"rejected": []}, "'rejected' must be a non-empty list")]:
+                      ({"num_correct": 2}, "'num_correct'=2 is out of range"), ({"rejected": []}, "'rejected' must be a non-empty list"),
+                      ({"subset": "Ties", "id": "7"}, "Ties row id '7': expected 'ref:N' or 'tied:N'"),
+                      ({"subset": "Ties", "id": "tied:7"}, "a tied prompt needs several")]:
     path = write_jsonl(tmp_path / "rb2.jsonl", [good, {**good, **bad}])
     with pytest.raises(UserError, match=f"rb2.jsonl:2: .*{needle}"):
       load_groups(path)
@@ -190,3 +192,15 @@ def test_hub_source_reads_the_test_split(tmp_path, monkeypatch):
   write_jsonl(tmp_path / "rb2" / "test.jsonl", rows)
   groups, report = load_groups(f"hf:{tmp_path}/rb2")
   assert [g.completions for g in groups] == [("a", "b", "c"), ("a", "d", "b")] and report.origin["split"] == "test"
+
+
+def test_eval_rewardbench2_bad_row_is_one_line_and_writes_nothing(hs3_model, tmp_path, capsys):
+  from hs2p_jax.cli import main
+  good = {"id": "ref:1", "prompt": "q", "chosen": ["a"], "rejected": ["b"], "num_correct": 1, "subset": "Ties"}
+  path = write_jsonl(tmp_path / "rb2.jsonl", [good, {**good, "id": "tied:1"}])
+  capsys.readouterr()
+  code = main(["eval", "--checkpoint", str(hs3_model), "--data", path, "--format", "rewardbench2",
+               "--out", str(tmp_path / "out.json"), "--max-length", "64"])
+  err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+  assert code == 2 and len(err) == 1 and "rb2.jsonl:2: Ties row 'tied:1'" in err[0]
+  assert not (tmp_path / "out.json").exists()

@@ -42,7 +42,8 @@ def _texts(record: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
 
 
 def group_example(where: str, record: dict[str, Any]) -> CompletionGroup:
-  """A RewardBench 2 row -> CompletionGroup; `num_correct` must equal the length of `chosen`."""
+  """A RewardBench 2 row -> CompletionGroup; `num_correct` must equal the length of `chosen`, and a
+  Ties row's id must be "ref:N" or "tied:N" (a tied row with several correct completions)."""
   if record.get("id") is None:
     raise UserError(f"{where}: missing field 'id'")
   prompt = fields.text(record, "prompt", where)
@@ -50,8 +51,14 @@ def group_example(where: str, record: dict[str, Any]) -> CompletionGroup:
   num_correct = fields.integer(record, "num_correct", where, range(1, len(chosen) + 1))
   if num_correct != len(chosen):
     raise UserError(f"{where}: num_correct={num_correct} but 'chosen' holds {len(chosen)} completions")
-  return CompletionGroup(str(record["id"]), prompt, chosen + rejected, num_correct,
-                         fields.text(record, "subset", where), where)
+  subset, rid = fields.text(record, "subset", where), str(record["id"])
+  if subset.lower() == "ties":  # the Ties formula pairs "ref:N" and "tied:N" rows
+    kind, _, num = rid.partition(":")
+    if kind not in ("ref", "tied") or not num.strip().isdigit():
+      raise UserError(f"{where}: Ties row id {rid!r}: expected 'ref:N' or 'tied:N'")
+    if kind == "tied" and num_correct < 2:
+      raise UserError(f"{where}: Ties row {rid!r} has {num_correct} correct completion (a tied prompt needs several)")
+  return CompletionGroup(rid, prompt, chosen + rejected, num_correct, subset, where)
 
 
 def load_groups(source: str, skip_invalid: bool = False) -> tuple[list[CompletionGroup], LoadReport]:
