@@ -5,7 +5,8 @@ directory: `hs2p_model.json` (kind, architecture, head, tokenizer), `params/` (O
 arrays) and `tokenizer/`. It is written to a temporary sibling and renamed into place, so it
 exists complete or not at all. A training run keeps `DIR/checkpoints/<step>/` through an Orbax
 `CheckpointManager` (atomic per step, last N kept), holding params, optimizer state, step and the
-data iterator's state.
+data iterator's state, and `DIR/frozen/<name>/` for the frozen models it derives from its source
+(written once).
 """
 
 from __future__ import annotations
@@ -277,6 +278,24 @@ class RunCheckpoints:
     if steps:
       raise UserError(f"{self.dir}: no readable checkpoint among steps {', '.join(map(str, sorted(steps)))}")
     return 0, None, None
+
+  def snapshot_path(self, name: str) -> str:
+    return os.path.join(os.path.dirname(self.dir), "frozen", name)
+
+  def save_snapshot(self, name: str, tree: Any) -> None:
+    """Writes a frozen model the run derives from its source (the DPO / REINFORCE reference) under
+    `DIR/frozen/NAME`, once, before the first step: a resume reads it from there, not from the source.
+    Every process calls it; Orbax writes into a temporary directory and renames it into place."""
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(self.snapshot_path(name), tree, force=True)
+    ckptr.wait_until_finished()
+
+  def restore_snapshot(self, name: str, target: Any) -> Any | None:
+    """Frozen model `name` restored into `target` (abstract, with shardings); None if the run has none."""
+    path = self.snapshot_path(name)
+    if not os.path.isdir(path):
+      return None
+    return restore_tree(path, target, path)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

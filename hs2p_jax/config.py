@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+from hs2p_jax.config_checks import validate
 from hs2p_jax.errors import UserError
 from hs2p_jax.sharding import MeshConfig
 from hs2p_jax.yaml_config import build, merge, parse_overrides, read_with_includes, read_yaml, to_dict
@@ -131,6 +132,7 @@ class ReinforceConfig(OptimizerConfig):
   rollout_tensor: int = 0              # the copy's tensor-parallel degree (0: the smallest that fits half a
                                        # device's memory; 1: replicated on every device)
   rollout_dtype: str = "auto"          # the copy's dtype (auto: policy.dtype, the compute dtype)
+  frozen_dtype: str = "auto"           # the reference's and reward model's matrices (auto: policy.dtype)
   reward_scale: float = 1.0
   lr: float = 1e-6
   warmup_steps: int = 0
@@ -139,6 +141,7 @@ class ReinforceConfig(OptimizerConfig):
   sample_every: int = 10               # write example responses to samples.jsonl every N steps
   save_every: int = 50
   keep_checkpoints: int = 2
+  async_checkpoint: bool = False
 
 
 @dataclasses.dataclass
@@ -159,6 +162,7 @@ class ReinforceRunConfig:
 class DPOConfig(LMTrainConfig):
   variant: str = "regular"             # regular | margin | scaled (the BT variants on DPO's implicit reward)
   beta: float = 0.1
+  frozen_dtype: str = "auto"           # the reference's matrices (auto: policy.dtype, the compute dtype)
 
 
 @dataclasses.dataclass
@@ -292,7 +296,6 @@ def load(cls, path: str | None, overrides: list[str] = (), extra: dict[str, Any]
     cfg = build(cls, data)
   except UserError as e:
     raise UserError(f"{path or 'config'}: {e}") from None
-  from hs2p_jax.config_checks import validate  # the checks import the dataclasses above
   validate(cfg)
   return cfg
 
@@ -310,6 +313,5 @@ def load_tool(command: str, overrides: list[str], data: dict[str, Any] | None = 
     cfg = build(ToolConfig, merge({"data": data or {}}, given))
   except UserError as e:
     raise UserError(f"--set: {e}") from None
-  from hs2p_jax.config_checks import validate
   validate(cfg)
   return cfg

@@ -1,10 +1,12 @@
-"""Range, choice and cross-field checks of a loaded config (`config.load` runs them before anything is read)."""
+"""Range, choice and cross-field checks of a loaded config (`config.load` runs them before anything is read).
+
+Sections are recognised by their name and fields, not their classes, so that `config` can import
+this module without this one importing it back."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from hs2p_jax.config import DataConfig, DPOConfig, LMTrainConfig, ModelConfig, ReinforceConfig, RuntimeConfig
 from hs2p_jax.errors import UserError
 
 _CHOICES = {
@@ -20,6 +22,8 @@ _CHOICES = {
     "reinforce.kl_estimator": ("absolute", "k1", "k3"),
     "reinforce.rollout_dtype": ("auto", "float32", "bfloat16", "float16"),
     "dpo.variant": ("regular", "margin", "scaled"),
+    "dpo.frozen_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "reinforce.frozen_dtype": ("auto", "float32", "bfloat16", "float16"),
 }
 
 
@@ -35,9 +39,9 @@ def validate(cfg) -> None:
              "dtype": ("float32", "bfloat16", "float16")}
   for field in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else ():
     model = getattr(cfg, field.name)
-    if isinstance(model, (ModelConfig, RuntimeConfig)):  # checked here, before any data or weights are read
+    if _is_model(model):  # checked here, before any data or weights are read
       for name, choices in runtime.items():
-        if not hasattr(model, name) or (isinstance(model, RuntimeConfig) and getattr(model, name) is None):
+        if not hasattr(model, name) or getattr(model, name) is None:  # None: a tool keeps the checkpoint's
           continue
         if getattr(model, name) not in choices:
           raise UserError(f"{field.name}.{name}={getattr(model, name)!r}: expected one of {', '.join(choices)}")
@@ -46,7 +50,7 @@ def validate(cfg) -> None:
                         "attention has no float32 kernel); attention auto picks xla for float32 on GPU")
   for key in ("train", "dpo", "sft"):
     lm = getattr(cfg, key, None)
-    if not isinstance(lm, LMTrainConfig):
+    if not hasattr(lm, "micro_batch_size"):
       continue
     for name in ("steps", "batch_size"):
       if getattr(lm, name) <= 0:
@@ -55,10 +59,10 @@ def validate(cfg) -> None:
       raise UserError(f"{key}.micro_batch_size={lm.micro_batch_size} must divide {key}.batch_size={lm.batch_size}")
     if lm.lr < 0 or lm.warmup_steps < 0:
       raise UserError(f"{key}.lr and {key}.warmup_steps must be >= 0")
-    if isinstance(lm, DPOConfig) and lm.beta <= 0:
+    if hasattr(lm, "beta") and lm.beta <= 0:
       raise UserError(f"dpo.beta={lm.beta}: must be positive")
   rl = getattr(cfg, "reinforce", None)
-  if isinstance(rl, ReinforceConfig):
+  if hasattr(rl, "prompts_per_step"):
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "updates_per_rollout"):
       if getattr(rl, name) <= 0:
         raise UserError(f"reinforce.{name}={getattr(rl, name)}: must be positive")
@@ -73,7 +77,7 @@ def validate(cfg) -> None:
       raise UserError(f"reinforce.micro_batches={rl.micro_batches} must divide the {minibatch} rollouts of an update"
                       + (" into whole prompts (share_prompt)" if rl.share_prompt else ""))
     policy = getattr(cfg, "policy", None)
-    if rl.share_prompt and isinstance(policy, ModelConfig) and policy.attention == "splash":
+    if rl.share_prompt and _is_model(policy) and policy.attention == "splash":
       raise UserError("reinforce.share_prompt=true needs policy.attention reference, xla or cudnn "
                       "(the splash kernel cannot mask one sample from another)")
     if rl.rollout_tensor < 0:
@@ -81,7 +85,7 @@ def validate(cfg) -> None:
     if not 0.0 < rl.top_p <= 1.0 or rl.temperature < 0:
       raise UserError("reinforce.top_p must be in (0, 1] and reinforce.temperature >= 0")
   data = getattr(cfg, "data", None)
-  if isinstance(data, DataConfig):
+  if hasattr(data, "max_length"):
     if data.max_length < 8:
       raise UserError(f"data.max_length={data.max_length}: must be >= 8")
     if data.pad_multiple <= 0 or data.pad_multiple > data.max_length:
@@ -98,6 +102,11 @@ def validate(cfg) -> None:
     if data.share_prompt and not data.packing:
       raise UserError("data.share_prompt=true needs data.packing=true (a shared pair is one packed segment)")
     model = getattr(cfg, "model", None)
-    if data.share_prompt and isinstance(model, ModelConfig) and model.attention == "splash":
+    if data.share_prompt and _is_model(model) and model.attention == "splash":
       raise UserError("data.share_prompt=true needs model.attention reference, xla or cudnn "
                       "(the splash kernel cannot mask one side of a pair from the other)")
+
+
+def _is_model(section) -> bool:
+  """A `model:` / `policy:` section (ModelConfig) or a tool's runtime keys (RuntimeConfig)."""
+  return hasattr(section, "attention") and hasattr(section, "dtype")

@@ -72,9 +72,9 @@ def dpo_config(tmp_path, **extra):
 
 
 def test_dpo_quickstart_learns_the_builtin_preferences(tmp_path):
-  from hs2p_jax.train.lm_loop import LMTrainer
+  from hs2p_jax.train.dpo_trainer import trainer as dpo_trainer
   out = str(tmp_path / "run")
-  trainer = LMTrainer(dpo_config(tmp_path), out, "dpo")
+  trainer = dpo_trainer(dpo_config(tmp_path), out)
   start = trainer.evaluate()  # the policy is its reference: z = 0 for every pair
   assert start["val_accuracy"] == 0.0 and start["val_margin"] == 0.0 and start["val_drift"] == 0.0
   trainer.run()
@@ -89,11 +89,11 @@ def test_dpo_quickstart_learns_the_builtin_preferences(tmp_path):
 
 
 def test_dpo_resume_is_exact(tmp_path):
-  from hs2p_jax.train.lm_loop import LMTrainer
+  from hs2p_jax.train.dpo_trainer import trainer as dpo_trainer
   common = {"dpo.eval_every": 0, "data.validation": "null", "dpo.log_every": 1}
-  LMTrainer(dpo_config(tmp_path, **common, **{"dpo.steps": 4}), str(tmp_path / "a"), "dpo").run()
-  LMTrainer(dpo_config(tmp_path, **common, **{"dpo.steps": 2, "dpo.save_every": 2}), str(tmp_path / "b"), "dpo").run()
-  LMTrainer(dpo_config(tmp_path, **common, **{"dpo.steps": 4, "dpo.save_every": 2}), str(tmp_path / "b"), "dpo").run()
+  dpo_trainer(dpo_config(tmp_path, **common, **{"dpo.steps": 4}), str(tmp_path / "a")).run()
+  dpo_trainer(dpo_config(tmp_path, **common, **{"dpo.steps": 2, "dpo.save_every": 2}), str(tmp_path / "b")).run()
+  dpo_trainer(dpo_config(tmp_path, **common, **{"dpo.steps": 4, "dpo.save_every": 2}), str(tmp_path / "b")).run()
   a, b = (read_metrics(str(tmp_path / d / "metrics.jsonl")) for d in ("a", "b"))
   assert [r["step"] for r in b] == [1, 2, 3, 4]
   for ra, rb in zip(a, b):

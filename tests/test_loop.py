@@ -54,10 +54,24 @@ class ToyTrainer:
     x = rng.normal(size=(24, 3)).astype(np.float32)
     y = x @ np.array([1.0, -2.0, 0.5], np.float32)
     self.loader = ToyLoader(x, y)
-    self.params = jnp.zeros(3)
-    self.opt_state = jnp.zeros(3)
+    self.params = self.opt_state = None
     self.out_dir, self.lr, self.crash_at, self.nan_from = out_dir, lr, crash_at, nan_from
     self.calls: list[str] = []
+
+  def checkpoint_target(self):
+    sds = jax.ShapeDtypeStruct((3,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return {"params": sds, "opt_state": sds}
+
+  def snapshot_targets(self):
+    return {}
+
+  def start(self, restored, snapshots):
+    self.calls.append("start " + ("restored" if restored is not None else "fresh"))
+    state = restored or {"params": jnp.zeros(3), "opt_state": jnp.zeros(3)}
+    self.params, self.opt_state = state["params"], state["opt_state"]
+
+  def checkpoint_state(self):
+    return {"params": self.params, "opt_state": self.opt_state}
 
   def provenance(self):
     self.calls.append("provenance")
@@ -72,7 +86,7 @@ class ToyTrainer:
     if self.nan_from is not None and step >= self.nan_from:
       x = x * np.float32("nan")
     self.params, self.opt_state, metrics = _sgd(self.params, self.opt_state, x, y, self.lr)
-    return metrics
+    return {**metrics, "_samples": [{"text": f"sample of step {step}"}]} if step % 3 == 0 else metrics
 
   def record(self, step, metrics):
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -80,9 +94,6 @@ class ToyTrainer:
   def evaluate(self):
     self.calls.append("evaluate")
     return {"val": float(jnp.sum(self.params))}
-
-  def after_step(self, step):
-    self.calls.append(f"after {step}")
 
   def save_final(self):
     self.calls.append("final")
@@ -111,8 +122,7 @@ def test_loop_logs_saves_and_finishes(tmp_path):
   assert [r["step"] for r in recs if "val" in r] == [5, 10, 12] and t.calls.count("evaluate") == 3
   assert last == recs[-1]
   assert recs[-1]["loss"] < recs[0]["loss"] / 10  # it really trains
-  assert t.calls[:2] == ["provenance", "begin 0"] and t.calls[-1] == "final"
-  assert [c for c in t.calls if c.startswith("after")] == [f"after {s}" for s in range(1, 13)]
+  assert t.calls[:3] == ["provenance", "start fresh", "begin 0"] and t.calls[-1] == "final"
   assert _steps_saved(out) == [4, 8, 12]
   with open(os.path.join(out, "config.json")) as f:
     assert json.load(f) == {"toy": 1}
@@ -128,9 +138,11 @@ def test_loop_resume_after_crash_equals_uninterrupted(tmp_path):
   assert not os.path.exists(os.path.join(out, "final.npy"))
   t = ToyTrainer(out)
   loop_lib.run(t, LOOP, out, {})
-  assert t.calls[1] == "begin 4"
+  assert t.calls[1:3] == ["start restored", "begin 4"]
   recs = _records(out)
   assert [r["step"] for r in recs] == [2, 4, 5, 6, 8, 10, 12]  # each step once
+  with open(os.path.join(out, "samples.jsonl")) as f:  # written at 3 and 6 before the crash, 6 again after it
+    assert [json.loads(line) for line in f] == [{"step": s, "text": f"sample of step {s}"} for s in (3, 6, 9, 12)]
   ref = _records(ref_dir)
   for a, b in zip(recs, ref):
     assert a["step"] == b["step"]
@@ -151,7 +163,7 @@ def test_loop_stops_at_first_non_finite_step(tmp_path):
   assert [r["step"] for r in _records(out)] == [4]
   t2 = ToyTrainer(out)  # resume picks up the last good checkpoint
   loop_lib.run(t2, loop, out, {})
-  assert t2.calls[1] == "begin 3" and "final" in t2.calls
+  assert t2.calls[1:3] == ["start restored", "begin 3"] and "final" in t2.calls
   assert [r["step"] for r in _records(out)] == [4, 8, 12]
 
 
@@ -170,5 +182,5 @@ def test_loop_falls_back_from_an_unreadable_checkpoint(tmp_path, capsys):
   loop_lib.run(t, LOOP, out, {})
   err = capsys.readouterr().err
   assert "checkpoints/8: unreadable" in err and "trying the previous checkpoint" in err
-  assert t.calls[1] == "begin 4"
+  assert t.calls[1:3] == ["start restored", "begin 4"]
   assert [r["step"] for r in _records(out)] == [2, 4, 5, 6, 8, 10, 12]

@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from hs2p_jax import cli, plan
+from hs2p_jax import cli
 from hs2p_jax.commands.plan import build_report
+from hs2p_jax.plan import target as plan
 from hs2p_jax.config import RunConfig, load
 from hs2p_jax.errors import UserError
 from hs2p_jax.model.config import PRESETS

@@ -11,7 +11,7 @@ from hs2p_jax import config as config_lib
 from hs2p_jax.train.metrics import read_metrics
 from hs2p_jax.train.reinforce import (advantages, kl_per_token, reinforce_loss, response_logprobs, rloo_baseline,
                                       shared_prompt_logprobs)
-from hs2p_jax.train.reinforce_loop import ReinforceTrainer
+from hs2p_jax.train.reinforce_trainer import trainer as reinforce_trainer
 
 
 def np_rloo(r, e):
@@ -103,7 +103,7 @@ def test_shared_prompt_logprobs_and_gradients_equal_per_row_ones():
 
 def test_reinforce_increases_a_fixed_reward_and_reports_kl(tmp_path):
   cfg = rl_config(tmp_path, **{"reinforce.steps": 30})
-  ReinforceTrainer(cfg, str(tmp_path / "run"), scorer=letter_reward).run()
+  reinforce_trainer(cfg, str(tmp_path / "run"), scorer=letter_reward).run()
   recs = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
   assert [r["step"] for r in recs] == list(range(1, 31))
   early = np.mean([r["reward"] for r in recs[:5]])
@@ -115,13 +115,13 @@ def test_reinforce_increases_a_fixed_reward_and_reports_kl(tmp_path):
 
 
 def test_reinforce_resume_logs_the_same_steps(tmp_path):
-  straight = ReinforceTrainer(rl_config(tmp_path, **{"reinforce.steps": 4}), str(tmp_path / "a"),
+  straight = reinforce_trainer(rl_config(tmp_path, **{"reinforce.steps": 4}), str(tmp_path / "a"),
                               scorer=letter_reward)
   straight.run()
-  first = ReinforceTrainer(rl_config(tmp_path, **{"reinforce.steps": 2, "reinforce.save_every": 2}),
+  first = reinforce_trainer(rl_config(tmp_path, **{"reinforce.steps": 2, "reinforce.save_every": 2}),
                            str(tmp_path / "b"), scorer=letter_reward)
   first.run()
-  resumed = ReinforceTrainer(rl_config(tmp_path, **{"reinforce.steps": 4, "reinforce.save_every": 2}),
+  resumed = reinforce_trainer(rl_config(tmp_path, **{"reinforce.steps": 4, "reinforce.save_every": 2}),
                              str(tmp_path / "b"), scorer=letter_reward)
   resumed.run()
   a = read_metrics(str(tmp_path / "a" / "metrics.jsonl"))
@@ -137,7 +137,7 @@ def test_reinforce_with_a_shared_prompt_logs_the_same_steps(tmp_path):
   for share in ("false", "true"):
     cfg = rl_config(tmp_path, **{"reinforce.steps": 3, "reinforce.share_prompt": share,
                                  "reinforce.updates_per_rollout": 2})
-    ReinforceTrainer(cfg, str(tmp_path / share), scorer=letter_reward).run()
+    reinforce_trainer(cfg, str(tmp_path / share), scorer=letter_reward).run()
     runs.append(read_metrics(str(tmp_path / share / "metrics.jsonl")))
   for ra, rb in zip(*runs):
     assert ra["response_length"] == rb["response_length"] and ra["reward"] == pytest.approx(rb["reward"], rel=1e-6)
@@ -187,7 +187,7 @@ def test_reinforce_stops_at_a_non_finite_step_and_keeps_the_last_good_checkpoint
   cfg = rl_config(tmp_path, **{"reinforce.steps": 6, "reinforce.lr": 1e12, "reinforce.grad_clip": 0.0,
                                "reinforce.save_every": 1})
   with pytest.raises(UserError, match=r"step (\d+): the loss or gradient norm is not finite") as e:
-    ReinforceTrainer(cfg, str(tmp_path / "run"), scorer=lambda p, r: np.full(len(r), 1e30, np.float32)).run()
+    reinforce_trainer(cfg, str(tmp_path / "run"), scorer=lambda p, r: np.full(len(r), 1e30, np.float32)).run()
   bad = int(str(e.value).split("step ")[1].split(":")[0])
   import os
   saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
@@ -230,7 +230,7 @@ def test_prompt_buckets_bound_the_compiled_shapes(tmp_path):
                                "reinforce.samples_per_prompt": 2, "reinforce.steps": 8, "reinforce.max_new_tokens": 4,
                                "reinforce.log_every": 1})
   assert cfg.data.buckets == "pow2"  # REINFORCE's default
-  trainer = ReinforceTrainer(cfg, str(tmp_path / "run"), scorer=letter_reward)
+  trainer = reinforce_trainer(cfg, str(tmp_path / "run"), scorer=letter_reward)
   lengths = [int(trainer.loader._batches.lengths[i].max()) for i in range(8)]  # one prompt a step: all 8 seen
   buckets = {bucket_length(n, 16, 256, "pow2") for n in lengths}
   multiples = {bucket_length(n, 16, 256, "multiple") for n in lengths}
@@ -261,7 +261,7 @@ def test_micro_batched_policy_updates_equal_the_one_pass_update(share):
   out = {}
   for m in (1, 2, 4):
     step = jax.jit(make_policy_step(graphdef, tx, k if share else None, 0.9, micro_batches=m))
-    p, _, metrics = step(params, tx.init(params), batch)
+    p, _, metrics = step(params, tx.init(params), {}, batch)
     out[m] = (float(metrics["loss"]), float(metrics["grad_norm"]), p)
   for m in (2, 4):
     assert out[m][0] == pytest.approx(out[1][0], rel=1e-5) and out[m][1] == pytest.approx(out[1][1], rel=1e-4)

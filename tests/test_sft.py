@@ -101,7 +101,7 @@ def test_judge_pairs_counts_both_orders_unparsed_and_consistency(monkeypatch):
 
 
 def test_justifier_quickstart_trains_and_the_judge_runs(tmp_path):
-  from hs2p_jax.train.lm_loop import train_sft
+  from hs2p_jax.train.sft_trainer import train_sft
   out = tmp_path / "run"
   cfg = config_lib.load(config_lib.SFTRunConfig, os.path.join(REPO, "configs/quickstart/justifier.yaml"),
                         ["sft.steps=30", "sft.eval_every=15", "sft.batch_size=8", "policy.num_layers=2", "data.builtin_size=32"])

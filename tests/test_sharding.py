@@ -18,13 +18,13 @@ SCRIPT = r"""
 import json, sys
 import jax
 from hs2p_jax import config as config_lib
-from hs2p_jax.train.rm_loop import RMTrainer
+from hs2p_jax.train.rm_trainer import trainer as rm_trainer
 results = {}
 for name, out, sets in json.loads(sys.argv[1]):
-  trainer = RMTrainer(config_lib.load(config_lib.RunConfig, None, sets), out)
+  trainer = rm_trainer(config_lib.load(config_lib.RunConfig, None, sets), out)
+  last = trainer.run()
   specs = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): list(leaf.sharding.spec)
            for path, leaf in jax.tree_util.tree_flatten_with_path(trainer.params)[0]}
-  last = trainer.run()
   losses = [json.loads(l)["loss"] for l in open(out + "/metrics.jsonl")]
   results[name] = {"devices": jax.device_count(), "specs": specs, "losses": losses, "val_loss": last.get("val_loss")}
 # the sampler on the same mesh (policy sharded by the same rules)

@@ -19,7 +19,7 @@ from hs2p_jax.model.config import preset
 from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train.metrics import read_metrics
 from hs2p_jax.train.rm import Objective, loss_terms, reward_outputs
-from hs2p_jax.train.rm_loop import RMTrainer
+from hs2p_jax.train.rm_trainer import trainer as rm_trainer
 
 A = lambda *x: np.array(x, np.int32)
 
@@ -95,7 +95,7 @@ def test_training_with_a_shared_prompt_gives_the_same_losses(tmp_path):
   runs = []
   for share in (False, True):
     cfg = config_lib.load(config_lib.RunConfig, None, tiny_overrides(tmp_path, **sets, **{"data.share_prompt": share}))
-    RMTrainer(cfg, str(tmp_path / f"run{share}")).run()
+    rm_trainer(cfg, str(tmp_path / f"run{share}")).run()
     runs.append(read_metrics(str(tmp_path / f"run{share}" / "metrics.jsonl")))
   for a, b in zip(*runs):
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)

@@ -17,7 +17,7 @@ from conftest import requires_smollm2, separable_pairs, tiny_overrides, write_js
 from hs2p_jax import config as config_lib
 from hs2p_jax.checkpoint import load_model
 from hs2p_jax.train.metrics import read_metrics
-from hs2p_jax.train.rm_loop import RMTrainer
+from hs2p_jax.train.rm_trainer import trainer as rm_trainer
 
 
 def run_config(tmp_path, **overrides):
@@ -30,7 +30,7 @@ def test_bt_learns_a_separable_preference(tmp_path, variant):
   cfg = run_config(tmp_path, **{"data.train": pairs, "data.validation": pairs, "data.format": "pairs",
                                 "train.objective": "bt", "train.bt_variant": variant, "train.steps": 40,
                                 "train.batch_size": 4, "train.lr": 3e-3, "train.warmup_steps": 5})
-  trainer = RMTrainer(cfg, str(tmp_path / "run"))
+  trainer = rm_trainer(cfg, str(tmp_path / "run"))
   before = trainer.evaluate()
   last = trainer.run()
   assert last["val_accuracy"] == 1.0, (variant, before, last)
@@ -49,7 +49,7 @@ def test_regression_predictions_approach_targets(tmp_path):
   cfg = run_config(tmp_path, **{"data.train": data, "data.validation": data, "data.format": "helpsteer2",
                                 "data.attributes": "all", "train.objective": "regression", "train.steps": 60,
                                 "train.batch_size": 8, "train.lr": 3e-3})
-  trainer = RMTrainer(cfg, str(tmp_path / "run"))
+  trainer = rm_trainer(cfg, str(tmp_path / "run"))
   start = trainer.evaluate()["val_loss"]
   last = trainer.run()
   assert last["val_loss"] < 0.05 < start
@@ -65,8 +65,8 @@ def test_micro_batches_give_the_full_batch_step(tmp_path):
   pairs = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(8))
   common = {"data.train": pairs, "data.format": "pairs", "train.objective": "bt", "train.steps": 1,
             "train.batch_size": 4, "train.lr": 1e-2}
-  full = RMTrainer(run_config(tmp_path, **common), str(tmp_path / "a"))
-  micro = RMTrainer(run_config(tmp_path, **common, **{"train.micro_batch_size": 2}), str(tmp_path / "b"))
+  full = rm_trainer(run_config(tmp_path, **common), str(tmp_path / "a"))
+  micro = rm_trainer(run_config(tmp_path, **common, **{"train.micro_batch_size": 2}), str(tmp_path / "b"))
   la, lb = full.run(), micro.run()
   assert la["loss"] == pytest.approx(lb["loss"], rel=1e-5)
   for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(micro.params)):
@@ -75,12 +75,13 @@ def test_micro_batches_give_the_full_batch_step(tmp_path):
 
 def test_bt_initialised_from_regression_keeps_its_head(tmp_path):
   pairs = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(4))
-  reg = RMTrainer(run_config(tmp_path, **{"data.train": pairs, "data.format": "pairs", "train.objective": "bt",
+  reg = rm_trainer(run_config(tmp_path, **{"data.train": pairs, "data.format": "pairs", "train.objective": "bt",
                                           "train.steps": 2}), str(tmp_path / "reg"))
   reg.run()
-  bt = RMTrainer(run_config(tmp_path, **{"data.train": pairs, "data.format": "pairs", "train.objective": "bt",
+  bt = rm_trainer(run_config(tmp_path, **{"data.train": pairs, "data.format": "pairs", "train.objective": "bt",
                                          "train.steps": 1, "model.init_from": str(tmp_path / "reg" / "model")}),
                  str(tmp_path / "bt"))
+  bt.start(None, {})
   for a, b in zip(jax.tree.leaves(reg.params), jax.tree.leaves(bt.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -148,6 +149,6 @@ def test_smollm2_regression_and_scaled_bt_steps_reduce_loss_on_a_fixed_batch():
     opt = tx.init(params)
     losses = []
     for _ in range(4):
-      params, opt, m = step(params, opt, batch)
+      params, opt, m = step(params, opt, {}, batch)
       losses.append(float(m["loss"]))
     assert losses[-1] < losses[0], (kind, losses)

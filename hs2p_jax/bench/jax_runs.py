@@ -118,7 +118,7 @@ class RMStep:
                             (abstract, abs_opt), self.shardings)
     with use_mesh(self.mesh):
       t0 = time.perf_counter()
-      self.compiled = step.lower(*abs_args, self.batch).compile(compiler_options)
+      self.compiled = step.lower(*abs_args, {}, self.batch).compile(compiler_options)  # no frozen models
       self.compile_s = time.perf_counter() - t0
 
   def init_state(self) -> tuple:
@@ -134,7 +134,7 @@ class RMStep:
   def __call__(self, state: tuple) -> tuple:
     """One step, synchronised: (params, opt_state) -> (params, opt_state, metrics)."""
     import jax
-    params, opt_state, metrics = self.compiled(*state, self.batch)
+    params, opt_state, metrics = self.compiled(*state, {}, self.batch)
     jax.block_until_ready(metrics)
     return params, opt_state, metrics
 

@@ -134,7 +134,7 @@ class Pipeline:
     return make_mesh(self.mesh_cfg), rules_from(self.mesh_cfg.rules)
 
   def _regression(self) -> None:
-    from hs2p_jax.train.rm_loop import train_rm
+    from hs2p_jax.train.rm_trainer import train_rm
     if self._done("regression"):
       return
     self._announce("regression")
@@ -145,7 +145,7 @@ class Pipeline:
     self._finish("regression", {"last": last, "attributes": cfg.data.attributes})
 
   def _bt(self) -> None:
-    from hs2p_jax.train.rm_loop import train_rm
+    from hs2p_jax.train.rm_trainer import train_rm
     if self._done("bt"):
       return
     self._announce("bt")
@@ -200,7 +200,7 @@ class Pipeline:
     return {**rewardbench2.report(groups, scores), "load": load.summary()}
 
   def _reinforce(self) -> None:
-    from hs2p_jax.train.reinforce_loop import train_reinforce
+    from hs2p_jax.train.reinforce_trainer import train_reinforce
     if self._done("reinforce") or not self.cfg.reinforce:
       return
     self._announce("reinforce")
@@ -212,7 +212,7 @@ class Pipeline:
     self._finish("reinforce", {"last": last, "reward_model": cfg.reward_model})
 
   def _dpo(self) -> None:
-    from hs2p_jax.train.lm_loop import train_dpo
+    from hs2p_jax.train.dpo_trainer import train_dpo
     if self._done("dpo") or not self.cfg.dpo:
       return
     self._announce("dpo")
@@ -226,7 +226,7 @@ class Pipeline:
     from hs2p_jax.data.load import load_examples
     from hs2p_jax.data.synthetic import resolve_source
     from hs2p_jax.eval.judge import judge_pairs
-    from hs2p_jax.train.lm_loop import train_sft
+    from hs2p_jax.train.sft_trainer import train_sft
     if self._done("justifier") or not self.cfg.justifier:
       self.results["judge"] = self._done_info("justifier").get("judge")
       return

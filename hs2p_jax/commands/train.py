@@ -9,10 +9,10 @@ from hs2p_jax.distributed import initialize
 
 # command -> (its config class, "module:function" that trains it into an output directory)
 TRAINERS = {
-    "train-rm": ("RunConfig", "hs2p_jax.train.rm_loop:train_rm"),
-    "reinforce": ("ReinforceRunConfig", "hs2p_jax.train.reinforce_loop:train_reinforce"),
-    "train-dpo": ("DPORunConfig", "hs2p_jax.train.lm_loop:train_dpo"),
-    "train-sft": ("SFTRunConfig", "hs2p_jax.train.lm_loop:train_sft"),
+    "train-rm": ("RunConfig", "hs2p_jax.train.rm_trainer:train_rm"),
+    "reinforce": ("ReinforceRunConfig", "hs2p_jax.train.reinforce_trainer:train_reinforce"),
+    "train-dpo": ("DPORunConfig", "hs2p_jax.train.dpo_trainer:train_dpo"),
+    "train-sft": ("SFTRunConfig", "hs2p_jax.train.sft_trainer:train_sft"),
 }
 
 

@@ -47,9 +47,9 @@ def _sums(logp: jax.Array, ref: jax.Array, counts: jax.Array, batch: Batch, vari
 
 
 def make_dpo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, variant: str, beta: float):
-  """A pure `step(params, opt_state, ref_params, batches) -> (params, opt_state, metrics)`: the mean
+  """A pure `step(params, opt_state, frozen, batches) -> (params, opt_state, metrics)`: the mean
   DPO loss over the valid pairs of k stacked micro-batches ([k, R, T], ...), gradients accumulated;
-  the reference's log-probs are computed in the same step (forward only)."""
+  the reference (`frozen["reference"]`)'s log-probs are computed in the same step (forward only)."""
 
   def sum_loss(params, ref_params, batch):
     logp, counts = pair_logprobs(nnx.merge(graphdef, params), batch)
@@ -59,14 +59,12 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, vari
 
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
-  def step(params, opt_state, ref_params, batches):
-    grads, sums = summed_grads(grad_fn, params, batches, ref_params)
+  def step(params, opt_state, frozen, batches):
+    grads, sums = summed_grads(grad_fn, params, batches, frozen["reference"])
     params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["pairs"])
     return params, opt_state, {"grad_norm": grad_norm, **metrics_of(sums)}
 
   return step
-
-
 
 
 def metrics_of(sums: dict[str, Any]) -> dict[str, Any]:

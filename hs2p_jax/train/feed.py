@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hs2p_jax.convert.state import place
-from hs2p_jax.sharding import DEFAULT_RULES, Rules, logical_to_spec
+from hs2p_jax.sharding import DEFAULT_RULES, Rules, batch_split, logical_to_spec
 
 # Arrays whose first (row) axis is the batch; everything else is small and replicated.
 ROW_ARRAYS = ("input_ids", "segment_ids", "positions", "branch_ids", "prompt_ids", "prompt_mask", "tokens",
@@ -28,8 +32,7 @@ def gather_processes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   out = {}
   for k, v in batch.items():
     shape = np.max(multihost_utils.process_allgather(np.asarray(v.shape)), axis=0)
-    fill = -1 if k in PAIR_POINTERS or k == "target_pred" else 0  # padding is no target
-    out[k] = np.pad(v, [(0, int(m) - s) for m, s in zip(shape, v.shape)], constant_values=fill)
+    out[k] = np.pad(v, [(0, int(m) - s) for m, s in zip(shape, v.shape)], constant_values=_fill(k))
   rows = max((out[k].shape[0] for k in ROW_ARRAYS if k in out), default=0)
   for k in ROW_POINTERS:
     if k in out:
@@ -73,8 +76,9 @@ def host_global(x: jax.Array) -> np.ndarray:
 
 
 class StepFeed:
-  """A trainer's batch source: each step, k micro-batches from `loader` (every process's share
-  gathered), stacked and placed on the mesh; counts their tokens for the tokens/s it reports."""
+  """A trainer's batch source (`train.trainer`): each step, k micro-batches from `loader` (every
+  process's share gathered), stacked and placed on the mesh; counts their tokens for the tokens/s it
+  reports."""
 
   def __init__(self, loader, micro_batches: int, mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
     self.loader, self.k, self.mesh, self.rules = loader, micro_batches, mesh, rules
@@ -82,21 +86,62 @@ class StepFeed:
 
   def begin(self) -> None:
     """Starts reading at the loader's current state (after a restore)."""
-    import time
     self._it = iter(self.loader)
     self._t0, self._tokens = time.time(), 0
 
-  def next(self) -> dict[str, jax.Array]:
-    """The next step's stacked batch ([k, R, T], ...), on the mesh."""
-    from hs2p_jax.train.rm import stack_micro_batches
+  def next(self, step: int, trainer=None) -> tuple[list[dict[str, jax.Array]], dict[str, float]]:
+    """The next step's stacked batch ([k, R, T], ...), on the mesh; no host metrics."""
     micro = [gather_processes(next(self._it)) for _ in range(self.k)]
     self._tokens += sum(int(np.count_nonzero(b["segment_ids"])) for b in micro)
-    return put_batch(stack_micro_batches(micro), self.mesh, self.rules, stacked=True)
+    return [put_batch(stack_micro_batches(micro), self.mesh, self.rules, stacked=True)], {}
 
   def tokens_per_s(self) -> float:
     """Tokens per second since the previous call (or `begin`)."""
-    import time
     now = time.time()
     rate = self._tokens / max(now - self._t0, 1e-9)
     self._t0, self._tokens = now, 0
     return rate
+
+
+def stack_micro_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Pads k host batches to a common [R, T] and stacks them: each array gets a leading k axis."""
+  r = max(b["input_ids"].shape[0] for b in batches)
+  t = max(b["input_ids"].shape[1] for b in batches)
+  out: dict[str, list[np.ndarray]] = {}
+  for b in batches:
+    for key, arr in b.items():
+      if key in ROW_ARRAYS and arr.ndim == 2:
+        arr = np.pad(arr, ((0, r - arr.shape[0]), (0, t - arr.shape[1])), constant_values=_fill(key))
+      out.setdefault(key, []).append(arr)
+  return {k: np.stack(v) for k, v in out.items()}
+
+
+def _fill(key: str) -> int:
+  return -1 if key in PAIR_POINTERS or key == "target_pred" else 0  # padding is no target
+
+
+def stacked_spec(task: str, examples: int, micro_batches: int, seq_len: int, mesh: Any, rules: Rules = DEFAULT_RULES,
+                 num_attributes: int = 9, targets: bool = False, shared: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+  """The stacked batch a `StepFeed` gives at its longest (`seq_len` tokens), as ShapeDtypeStructs placed
+  as `put_batch` places them: for `task` regression / pairs / sft, `examples` (pairs) per micro-batch,
+  k = `micro_batches`; `targets`: log-prob targets (DPO, SFT); `shared`: pairs sharing their prompt
+  (positions, branch_ids). Rows: one per sequence (two per pair), padded to split over the batch axes."""
+  k, n, t = micro_batches, examples, seq_len
+  split = batch_split(mesh, rules)
+  r = -(-n * (2 if task == "pairs" else 1) // split) * split
+  i32 = jnp.int32
+  shapes: dict[str, tuple[tuple[int, ...], Any]] = {
+      "input_ids": ((k, r, t), i32), "segment_ids": ((k, r, t), i32),
+      "score_row": ((k, n, 2) if task == "pairs" else (k, n), i32),
+      "score_index": ((k, n, 2) if task == "pairs" else (k, n), i32),
+      "valid": ((k, n), jnp.bool_), "example_id": ((k, n), i32)}
+  if task == "pairs":
+    shapes["magnitude"] = ((k, n), jnp.float32)
+  if task == "regression":
+    shapes.update(labels=((k, n, num_attributes), jnp.float32), label_mask=((k, n, num_attributes), jnp.bool_))
+  if targets or task == "sft":
+    shapes.update({key: ((k, r, t), i32) for key in ("target_pred", "chosen_pair", "rejected_pair")})
+  if shared:
+    shapes.update({key: ((k, r, t), i32) for key in ("positions", "branch_ids")})
+  return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(key, shape, mesh, rules, stacked=True))
+          for key, (shape, dtype) in shapes.items()}

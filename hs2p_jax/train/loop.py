@@ -1,18 +1,25 @@
 """The one training loop: restore, steps, logging, the non-finite guard, checkpoints, final save.
 
-A trainer is its pure step function plus a batch source; it gives the loop:
-  params, opt_state          the state a checkpoint holds (with `loader.get_state()`)
-  loader                     its batch source (a `data.pipeline.Loader`)
+The loop holds every side effect of a run; a trainer (`train.trainer.Trainer`, or any object with
+these members) gives it:
+  loader                     its batch source's position (`get_state()` / `set_state()`), checkpointed
+  checkpoint_target()        the abstract tree a checkpoint holds (ShapeDtypeStructs with shardings)
+  snapshot_targets()         {name: abstract tree} of frozen models derived from the source, which the
+                             run keeps once under DIR/frozen/ (the DPO / REINFORCE reference)
+  start(restored, snapshots) fill the state: from a checkpoint (`restored`, and the snapshots found) or,
+                             with `restored` None, from the source weights
+  checkpoint_state()         the tree to checkpoint;  snapshot(name): a frozen model to keep
   provenance()               write provenance.json and print the start-of-run data report
   begin(start)               start reading batches at step `start` (after a restore)
-  step(step) -> metrics      run one optimizer step; metrics may stay on the device
+  step(step) -> metrics      run one optimizer step; metrics may stay on the device; a `_samples` entry
+                             (a list of dicts) is appended to samples.jsonl
   record(step, metrics)      the host record to log at `step` (fetches)
   evaluate() -> dict         validation metrics, merged into the record every `eval_every` steps
                              and at the last step (logged there whatever `log_every` says)
-  after_step(step)           (optional) side outputs of a step (e.g. REINFORCE's samples.jsonl)
   save_final()               write the final model
-Running the same loop again on the same directory resumes from the newest readable checkpoint,
-and `metrics.jsonl` then holds each step once with the numbers of an uninterrupted run.
+Running the same loop again on the same directory resumes from the newest readable checkpoint
+without reading the source weights, and `metrics.jsonl` then holds each step once with the numbers
+of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any, Protocol
 import jax
 
 from hs2p_jax.atomic import write_json
-from hs2p_jax.checkpoint import RunCheckpoints, abstract_like
+from hs2p_jax.checkpoint import RunCheckpoints
 from hs2p_jax.train.guard import FiniteGuard
 from hs2p_jax.train.metrics import MetricsWriter
 
@@ -41,10 +48,13 @@ class LoopConfig:
 
 
 class Trainer(Protocol):
-  params: Any
-  opt_state: Any
   loader: Any
 
+  def checkpoint_target(self) -> Any: ...
+  def snapshot_targets(self) -> dict[str, Any]: ...
+  def start(self, restored: Any | None, snapshots: dict[str, Any]) -> None: ...
+  def checkpoint_state(self) -> Any: ...
+  def snapshot(self, name: str) -> Any: ...
   def provenance(self) -> None: ...
   def begin(self, start: int) -> None: ...
   def step(self, step: int) -> dict[str, Any]: ...
@@ -60,11 +70,15 @@ def run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any]
     write_json(os.path.join(out_dir, "config.json"), config)
   trainer.provenance()
   ckpts = RunCheckpoints(out_dir, loop.keep_checkpoints, loop.async_checkpoint)
-  start, state, data_state = ckpts.restore_latest({"params": abstract_like(trainer.params),
-                                                   "opt_state": abstract_like(trainer.opt_state)})
+  start, state, data_state = ckpts.restore_latest(trainer.checkpoint_target())
+  snapshots = trainer.snapshot_targets()
   if start:
-    trainer.params, trainer.opt_state = state["params"], state["opt_state"]
+    trainer.start(state, {name: ckpts.restore_snapshot(name, target) for name, target in snapshots.items()})
     trainer.loader.set_state(data_state["loader"])
+  else:
+    trainer.start(None, {})
+    for name in snapshots:
+      ckpts.save_snapshot(name, trainer.snapshot(name))
   trainer.begin(start)
   writer = MetricsWriter(out_dir, loop.steps, start, stage=loop.name)
   guard = FiniteGuard(out_dir, start or None)
@@ -72,6 +86,7 @@ def run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any]
   try:
     for step in range(start + 1, loop.steps + 1):
       metrics = trainer.step(step)
+      samples = metrics.pop("_samples", None)
       guard.update(step, metrics)  # on the device: no sync here
       final = step == loop.steps
       evaluating = final or bool(loop.eval_every and step % loop.eval_every == 0)
@@ -81,12 +96,11 @@ def run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any]
         if evaluating:
           rec.update(trainer.evaluate())
         last = writer.log(step, rec)
-      if hasattr(trainer, "after_step"):
-        trainer.after_step(step)
+      if samples:
+        writer.samples(step, samples)
       if step % loop.save_every == 0 or final:
         guard.check()  # never a checkpoint of non-finite params
-        ckpts.save(step, {"params": trainer.params, "opt_state": trainer.opt_state},
-                   {"loader": trainer.loader.get_state()}, force=final)
+        ckpts.save(step, trainer.checkpoint_state(), {"loader": trainer.loader.get_state()}, force=final)
         guard.saved(step)
     guard.check()
     ckpts.wait()

@@ -1,4 +1,5 @@
-"""Run logging: `metrics.jsonl` (one JSON object per logged step), TensorBoard events, a progress line."""
+"""Run logging: `metrics.jsonl` (one JSON object per logged step), `samples.jsonl` (example outputs),
+TensorBoard events, a progress line."""
 
 from __future__ import annotations
 
@@ -25,16 +26,17 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsWriter:
-  """Appends metrics to DIR/metrics.jsonl and DIR/tensorboard/ (process 0 only).
+  """Appends metrics to DIR/metrics.jsonl and DIR/tensorboard/, samples to DIR/samples.jsonl (process 0 only).
 
-  On resume at step k, records after k left by an interrupted run are dropped first, so the file
-  reads as one uninterrupted run.
+  On resume at step k, records after k left by an interrupted run are dropped first, so the files
+  read as one uninterrupted run.
   """
 
   def __init__(self, run_dir: str, total_steps: int, resume_step: int = 0, stage: str | None = None,
                tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(run_dir, "metrics.jsonl")
+    self.samples_path = os.path.join(run_dir, "samples.jsonl")
     self.total = total_steps
     self.stage = stage
     self.start_time = time.time()
@@ -44,6 +46,7 @@ class MetricsWriter:
       return
     os.makedirs(run_dir, exist_ok=True)
     truncate_jsonl_after(self.path, resume_step)
+    truncate_jsonl_after(self.samples_path, resume_step)
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
@@ -66,6 +69,14 @@ class MetricsWriter:
     if progress:
       self.progress(step, rec)
     return rec
+
+  def samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+    """Appends example outputs of `step` (one JSON object each) to DIR/samples.jsonl."""
+    if not self.enabled:
+      return
+    with open(self.samples_path, "a", encoding="utf-8") as f:
+      for s in samples:
+        f.write(json.dumps({"step": int(step), **s}) + "\n")
 
   def progress(self, step: int, rec: dict[str, Any]) -> None:
     done = step - self.start_step

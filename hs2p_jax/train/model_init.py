@@ -1,29 +1,44 @@
-"""The model a run starts from: a preset at random, Hugging Face / GGUF weights, or one of our checkpoints."""
+"""The model a run starts from: a preset at random, Hugging Face / GGUF weights, or one of our checkpoints.
+
+`architecture` says what the model is from metadata alone (a checkpoint's `hs2p_model.json`, a
+Hugging Face `config.json`, a GGUF header, else the preset): a run's state and its plan are built
+from it before, or instead of, reading any weights. `load_params` reads the weights.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from hs2p_jax.checkpoint import ModelMeta, load_model, resolve_model_dir
+from hs2p_jax.checkpoint import ModelMeta, is_model_checkpoint, load_model, read_meta, resolve_model_dir
 from hs2p_jax.config import ModelConfig
-from hs2p_jax.convert import load_gguf, load_hf
-from hs2p_jax.convert.state import head_init
+from hs2p_jax.convert import gguf_config, load_gguf, load_hf
+from hs2p_jax.convert.gguf import resolve as resolve_gguf
+from hs2p_jax.convert.hf import read_config
+from hs2p_jax.convert.state import ReadStats, head_init
 from hs2p_jax.errors import UserError
 from hs2p_jax.model import RewardModel, create, preset
+from hs2p_jax.model.config import LlamaConfig, from_hf_config
 from hs2p_jax.model.reward import attribute_weights
 from hs2p_jax.sharding import DEFAULT_RULES, Rules, state_shardings
 from hs2p_jax.tokenizer import load_tokenizer
 
+# weights on the hub: downloaded only by `load_params`; metadata and tokenizer files by anyone
+_METADATA_FILES = ["*.json", "tokenizer*", "*.jinja"]
+
 
 def _runtime(mc: ModelConfig) -> dict:
-  return {"dtype": mc.dtype, "scan_layers": mc.scan_layers, "remat": mc.remat, "attention": mc.attention,
-          "weight_grad": mc.weight_grad}
+  out = {"dtype": mc.dtype, "scan_layers": mc.scan_layers, "remat": mc.remat, "attention": mc.attention,
+         "weight_grad": mc.weight_grad}
+  if mc.num_layers is not None:
+    out["num_layers"] = mc.num_layers
+  return out
 
 
 def tokenizer_spec(mc: ModelConfig) -> str:
@@ -41,9 +56,9 @@ def tokenizer_spec(mc: ModelConfig) -> str:
   return "bytes"
 
 
-def hub_or_local(src: str) -> str:
-  """A local directory for `hf:DIR`, `DIR` or `hf:ORG/NAME` (downloaded from the Hugging Face hub:
-  config, safetensors and tokenizer files)."""
+def hub_or_local(src: str, weights: bool = False) -> str:
+  """A local directory for `hf:DIR`, `DIR` or `hf:ORG/NAME` (from the Hugging Face hub: config and
+  tokenizer files, and with `weights` the safetensors)."""
   path = src[3:] if src.startswith("hf:") else src
   if os.path.isdir(path):
     return path
@@ -51,10 +66,34 @@ def hub_or_local(src: str) -> str:
     raise UserError(f"model.source={src}: no such directory")
   try:
     from huggingface_hub import snapshot_download
-    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"])
+    return snapshot_download(path, allow_patterns=_METADATA_FILES + (["*.safetensors"] if weights else []))
   except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end here
     raise UserError(f"model.source={src}: cannot download from the Hugging Face hub "
                     f"({str(e).splitlines()[0][:160]})") from None
+
+
+def architecture(mc: ModelConfig, download: bool = True) -> tuple[LlamaConfig, str]:
+  """The model's LlamaConfig (its runtime keys applied) and where it came from, from metadata only.
+  `download=False` (hs2p plan) never asks the hub: a hub source not on disk falls back to the preset."""
+  runtime = _runtime(mc)
+  if mc.init_from and not download and not is_local_checkpoint(mc.init_from):
+    return preset(mc.preset, **runtime), f"model.preset={mc.preset} ({mc.init_from}: not read by plan here)"
+  if mc.init_from:
+    meta = read_meta(mc.init_from)
+    if mc.num_layers is not None and mc.num_layers != meta.config.num_layers:
+      raise UserError(f"model.num_layers={mc.num_layers}: the checkpoint model.init_from={mc.init_from} has "
+                      f"{meta.config.num_layers} layers")
+    if meta.kind != mc.kind and mc.kind != "reward":
+      raise UserError(f"model.init_from={mc.init_from}: a {meta.kind} checkpoint cannot start a {mc.kind} model")
+    return meta.config.replace(**runtime), f"model.init_from={mc.init_from}"
+  if mc.source and mc.source.startswith("gguf:"):
+    return gguf_config(resolve_gguf(mc.source[5:]), **runtime), f"model.source={mc.source}"
+  if mc.source:
+    path = mc.source[3:] if mc.source.startswith("hf:") else mc.source
+    if download or os.path.isfile(os.path.join(path, "config.json")):
+      return from_hf_config(read_config(hub_or_local(mc.source)), **runtime), f"model.source={mc.source}"
+    return preset(mc.preset, **runtime), f"model.preset={mc.preset} ({mc.source}: not read by plan here)"
+  return preset(mc.preset, **runtime), f"model.preset={mc.preset}"
 
 
 def random_model(kind: str, cfg, num_attributes: int, seed: int, mesh: Mesh | None, rules: Rules):
@@ -80,43 +119,68 @@ def as_reward_model(src: nnx.Module, num_attributes: int, seed: int) -> RewardMo
   return rm
 
 
-def build_model(mc: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES):
-  """(model, meta, tokenizer) for a run's `model:` section."""
+def load_source(mc: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+                stats: ReadStats | None = None) -> nnx.Module:
+  """The model of a run's `model:` section with its weights, read onto `mesh` (`stats` counts the
+  bytes read from the source files: each process reads only its devices' shards)."""
   kind, runtime = mc.kind, _runtime(mc)
-  overrides = {k: v for k, v in runtime.items()}
-  if mc.num_layers is not None:
-    overrides["num_layers"] = mc.num_layers
+  stats = stats if stats is not None else ReadStats()
   if mc.init_from:
-    model, meta = load_model(mc.init_from, mesh, rules, **runtime)
-    if mc.num_layers is not None and mc.num_layers != meta.config.num_layers:
-      raise UserError(f"model.num_layers={mc.num_layers}: the checkpoint model.init_from={mc.init_from} has "
-                      f"{meta.config.num_layers} layers")
+    architecture(mc)  # the kind and depth checks
+    model, meta = load_model(mc.init_from, mesh, rules, **{k: v for k, v in runtime.items() if k != "num_layers"})
+    stats.add(sum(s.data.nbytes for x in jax.tree.leaves(nnx.state(model)) for s in x.addressable_shards))
     if meta.kind != kind or (kind == "reward" and meta.num_attributes != mc.num_attributes):
-      if kind != "reward":
-        raise UserError(f"model.init_from={mc.init_from}: a {meta.kind} checkpoint cannot start a {kind} model")
       model = as_reward_model(model, mc.num_attributes, mc.seed)
-  elif mc.source:
-    src = mc.source
-    if src.startswith("gguf:"):
-      model = load_gguf(src[5:], head=kind, num_attributes=mc.num_attributes, mesh=mesh, rules=rules,
-                        seed=mc.seed, **overrides)
-    else:
-      path = hub_or_local(src)
-      model = load_hf(path, head=kind, num_attributes=mc.num_attributes, mesh=mesh, rules=rules, seed=mc.seed,
-                      **overrides)
-  else:
-    cfg = preset(mc.preset, **overrides)
-    model = random_model(kind, cfg, mc.num_attributes, mc.seed, mesh, rules)
+    return model
+  if mc.source and mc.source.startswith("gguf:"):
+    return load_gguf(mc.source[5:], head=kind, num_attributes=mc.num_attributes, mesh=mesh, rules=rules,
+                     seed=mc.seed, stats=stats, **runtime)
+  if mc.source:
+    return load_hf(hub_or_local(mc.source, weights=True), head=kind, num_attributes=mc.num_attributes, mesh=mesh,
+                   rules=rules, seed=mc.seed, stats=stats, **runtime)
+  return random_model(kind, preset(mc.preset, **runtime), mc.num_attributes, mc.seed, mesh, rules)
+
+
+def load_params(mc: ModelConfig, abstract: Any, mesh: Mesh | None, rules: Rules, stats: ReadStats) -> Any:
+  """The trainable params of `mc`'s model, read from its source into the layout of `abstract` (the
+  run state's: an error naming the first array whose shape the weights do not have)."""
+  params = nnx.state(load_source(mc, mesh, rules, stats))
+  got = dict(nnx.to_flat_state(params))
+  for path, want in nnx.to_flat_state(abstract):
+    have = got.get(path)
+    if have is None or tuple(have.get_value().shape) != tuple(want.get_value().shape):
+      shape = tuple(have.get_value().shape) if have is not None else "no array"
+      raise UserError(f"{mc.init_from or mc.source}: {'.'.join(map(str, path))} is {shape}, the model's "
+                      f"architecture needs {tuple(want.get_value().shape)}")
+  return params
+
+
+def check_tokenizer(tokenizer: Any, cfg: LlamaConfig) -> None:
+  if len(tokenizer) > cfg.vocab_size:
+    raise UserError(f"model.tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size {cfg.vocab_size}")
+
+
+def model_meta(mc: ModelConfig, cfg: LlamaConfig, template: str = "steerlm") -> ModelMeta:
+  """The checkpoint metadata of a run's model (its reward weights checked now, not mid-run)."""
+  n_attr = mc.num_attributes if mc.kind == "reward" else 0
+  if mc.kind == "reward":
+    np.asarray(attribute_weights(mc.reward_weights, n_attr))
+  return ModelMeta(kind=mc.kind, config=cfg, num_attributes=n_attr or 9, reward_weights=mc.reward_weights,
+                   template=template)
+
+
+def build_model(mc: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES):
+  """(model, meta, tokenizer) for a run's `model:` section, weights read."""
+  model = load_source(mc, mesh, rules)
   tokenizer = load_tokenizer(tokenizer_spec(mc))
-  if len(tokenizer) > model.cfg.vocab_size:
-    raise UserError(f"model.tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
-                    f"{model.cfg.vocab_size}")
-  n_attr = mc.num_attributes if kind == "reward" else 0
-  if kind == "reward":
-    np.asarray(attribute_weights(mc.reward_weights, n_attr))  # validates now, not mid-run
-  meta = ModelMeta(kind=kind, config=model.cfg, num_attributes=n_attr or 9, reward_weights=mc.reward_weights)
-  return model, meta, tokenizer
+  check_tokenizer(tokenizer, model.cfg)
+  return model, model_meta(mc, model.cfg), tokenizer
 
 
 def with_template(meta: ModelMeta, template: str) -> ModelMeta:
   return dataclasses.replace(meta, template=template)
+
+
+def is_local_checkpoint(path: str | None) -> bool:
+  """Whether `path` is one of our model checkpoints (or a run dir holding one) on this machine."""
+  return bool(path) and (is_model_checkpoint(path) or is_model_checkpoint(os.path.join(path, "model")))

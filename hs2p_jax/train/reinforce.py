@@ -123,7 +123,7 @@ def interleave(a: jax.Array, m: int, group: int = 1) -> jax.Array:
 
 def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, share_prompt_k: int | None = None,
                      temperature: float = 1.0, micro_batches: int = 1):
-  """A pure `step(params, opt_state, batch) -> (params, opt_state, metrics)` on a rollout minibatch
+  """A pure `step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)` (`frozen`: {}) on a rollout minibatch
   (`prompt_ids`, `prompt_mask`, `tokens`, `response_mask`, `advantages`); with `share_prompt_k`,
   rows come in groups of k sharing a prompt, computed once (`shared_prompt_logprobs`). Log-probs
   under softmax(logits / temperature) (`objective_temperature`). With `micro_batches` m, the rows
@@ -138,7 +138,8 @@ def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, s
 
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
-  def step(params, opt_state, batch):
+  def step(params, opt_state, frozen, batch):
+    del frozen  # the KL term is in the advantages, computed before the update
     if micro_batches == 1:
       (_, sums), grads = grad_fn(params, batch)
     else:

@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -26,8 +25,6 @@ from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
 from hs2p_jax.model.reward import RewardModel
 
 Batch = dict[str, jax.Array]
-# [R, T] arrays of a batch (positions and branch_ids only where pairs share their prompt)
-ROW_TOKENS = ("input_ids", "segment_ids", "positions", "branch_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +60,7 @@ def loss_terms(model: RewardModel, batch: Batch, objective: Objective) -> tuple[
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, objective: Objective,
                     schedule: Callable[[Any], Any] | None = None):
-  """A pure `step(params, opt_state, batches) -> (params, opt_state, metrics)`.
+  """A pure `step(params, opt_state, frozen, batches) -> (params, opt_state, metrics)` (`frozen`: {}).
 
   `batches` holds k micro-batches stacked on a leading axis ([k, R, T], ...); gradients of the
   summed loss are accumulated over them and divided by the total count.
@@ -77,7 +74,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
 
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
-  def step(params, opt_state, batches):
+  def step(params, opt_state, frozen, batches):
+    del frozen  # a reward model trains against no frozen model
     grads, sums = summed_grads(grad_fn, params, batches)
     params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["count"])
     metrics = {"loss": sums["loss"] / jnp.maximum(sums["count"], 1.0), "grad_norm": grad_norm,
@@ -96,16 +94,3 @@ def make_eval_step(graphdef: nnx.GraphDef):
     return reward_outputs(nnx.merge(graphdef, params), batch)
 
   return evaluate
-
-
-def stack_micro_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Pads k host batches to a common [R, T] and stacks them: each array gets a leading k axis."""
-  r = max(b["input_ids"].shape[0] for b in batches)
-  t = max(b["input_ids"].shape[1] for b in batches)
-  out: dict[str, list[np.ndarray]] = {}
-  for b in batches:
-    for key, arr in b.items():
-      if key in ROW_TOKENS:
-        arr = np.pad(arr, ((0, r - arr.shape[0]), (0, t - arr.shape[1])))
-      out.setdefault(key, []).append(arr)
-  return {k: np.stack(v) for k, v in out.items()}

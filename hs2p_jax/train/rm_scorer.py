@@ -16,25 +16,43 @@ from hs2p_jax.data.examples import NUM_LABELS, RatingExample
 from hs2p_jax.errors import UserError
 from hs2p_jax.model.reward import attribute_weights
 from hs2p_jax.sharding import DEFAULT_RULES, Rules, batch_split, use_mesh
-from hs2p_jax.train.feed import put_batch
+from hs2p_jax.train.feed import batch_sharding, put_batch
 from hs2p_jax.train.rm import make_eval_step
+
+
+SCORE_ROWS = 16  # sequences per forward pass, rounded up to split over the mesh's batch axes
+
+
+def score_fn(graphdef: Any, mesh: Mesh | None) -> Any:
+  """The jitted `eval(params, batch) -> [R, A]` head outputs a scorer runs, its result replicated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else None
+  return jax.jit(make_eval_step(graphdef), out_shardings=replicated)
+
+
+def score_spec(mesh: Mesh, rules: Rules, seq_len: int, batch_size: int = SCORE_ROWS) -> dict[str, jax.ShapeDtypeStruct]:
+  """A scorer's batch at its longest (`seq_len` tokens), placed as `put_batch` places it."""
+  rows = round_up(batch_size, batch_split(mesh, rules))
+  shapes = {"input_ids": (rows, seq_len), "segment_ids": (rows, seq_len), "score_row": (rows,), "score_index": (rows,)}
+  return {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding(k, shape, mesh, rules))
+          for k, shape in shapes.items()}
 
 
 class RewardScorer:
   """`scorer(prompts, responses) -> [N]` scalar rewards (weights @ head outputs at the last token).
 
-  Holds a reward model split as (graphdef, params) on `mesh`; `RewardScorer.load` reads a checkpoint."""
+  Holds a reward model split as (graphdef, params) on `mesh` (`params` may be set later: REINFORCE
+  scores with the frozen model of its run state); `RewardScorer.load` reads a checkpoint. `eval_fn`
+  is the jitted `eval(params, batch)` to score with (default: `score_fn`)."""
 
   def __init__(self, graphdef: Any, params: Any, meta: ModelMeta, tokenizer: Any, mesh: Mesh | None = None,
-               rules: Rules = DEFAULT_RULES, max_length: int = 1024, batch_size: int = 16):
+               rules: Rules = DEFAULT_RULES, max_length: int = 1024, batch_size: int = SCORE_ROWS, eval_fn: Any = None):
     if meta.kind != "reward":
       raise UserError(f"a {meta.kind} model, not a reward model")
     self.graphdef, self.params, self.meta, self.tokenizer = graphdef, params, meta, tokenizer
     self.weights = attribute_weights(meta.reward_weights, meta.num_attributes)
     self.mesh, self.rules = mesh, rules
     self.max_length, self.batch_size = max_length, batch_size
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else None
-    self._eval = jax.jit(make_eval_step(self.graphdef), out_shardings=replicated)
+    self._eval = eval_fn or score_fn(graphdef, mesh)
 
   @classmethod
   def load(cls, checkpoint: str, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,

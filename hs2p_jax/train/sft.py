@@ -28,7 +28,7 @@ def example_logprobs(lm, batch: Batch) -> tuple[jax.Array, jax.Array]:
 
 
 def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
-  """A pure `step(params, opt_state, batches) -> (params, opt_state, metrics)` over k stacked
+  """A pure `step(params, opt_state, frozen, batches) -> (params, opt_state, metrics)` (`frozen`: {}) over k stacked
   micro-batches: the token-mean NLL of the valid examples' responses, gradients accumulated."""
 
   def sum_loss(params, batch):
@@ -39,7 +39,8 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
 
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
-  def step(params, opt_state, batches):
+  def step(params, opt_state, frozen, batches):
+    del frozen
     grads, sums = summed_grads(grad_fn, params, batches)
     params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["tokens"])
     return params, opt_state, {"loss": sums["loss"] / jnp.maximum(sums["tokens"], 1.0), "grad_norm": grad_norm,

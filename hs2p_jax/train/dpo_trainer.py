@@ -1,0 +1,78 @@
+"""`hs2p train-dpo`: DPO (regular, margin, scaled) against a frozen copy of the initial policy, on the shared trainer.
+
+The reference's log-probs are computed in each step (no cache to keep in step with the data order
+or a resume); it is held in `dpo.frozen_dtype` (default: the policy's compute dtype) and kept once
+under `DIR/frozen/reference`, so that a resume does not read the source weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from hs2p_jax.config import DPORunConfig
+from hs2p_jax.errors import UserError
+from hs2p_jax.eval.scoring import collect
+from hs2p_jax.model.config import LlamaConfig
+from hs2p_jax.sharding import Rules, make_mesh, rules_from, use_mesh
+from hs2p_jax.tokenizer import load_tokenizer
+from hs2p_jax.train import dpo
+from hs2p_jax.train.feed import StepFeed, stacked_spec
+from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta, tokenizer_spec
+from hs2p_jax.train.optim import optimizer_from
+from hs2p_jax.train.state import Part, RunState, Step, frozen_dtype
+from hs2p_jax.train.trainer import INITIAL, Trainer, run_loader
+
+
+def blueprint(cfg: DPORunConfig, mesh: Any, rules: Rules, arch: LlamaConfig | None = None) -> Step:
+  """The policy (trained), its AdamW state and the frozen reference, and the jitted DPO step."""
+  dc = cfg.dpo
+  arch = arch or architecture(cfg.policy)[0]
+  reference = Part("lm", arch, dtype=frozen_dtype(dc.frozen_dtype, arch.dtype))
+  state = RunState.build(Part("lm", arch), {"reference": reference}, optimizer_from(dc), mesh, rules)
+  return Step(state, dpo.make_dpo_step(state.graphdef, state.tx, dc.variant, dc.beta), takes=("reference",))
+
+
+def batch_spec(cfg: DPORunConfig, mesh: Any, rules: Rules) -> dict[str, jax.ShapeDtypeStruct]:
+  """The step's stacked pair batch with log-prob targets at data.max_length tokens."""
+  dc = cfg.dpo
+  micro = dc.micro_batch_size or dc.batch_size
+  return stacked_spec("pairs", micro, dc.batch_size // micro, cfg.data.max_length, mesh, rules, targets=True,
+                      shared=cfg.data.share_prompt)
+
+
+def trainer(cfg: DPORunConfig, out_dir: str) -> Trainer:
+  """The DPO run of `cfg` in `out_dir` (its data read, its weights not yet)."""
+  if cfg.policy.kind != "lm":
+    raise UserError("train-dpo: policy.kind must be lm")
+  dc, mesh, rules = cfg.dpo, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
+  micro = dc.micro_batch_size or dc.batch_size
+  tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))
+  datasets = {"train": (run_loader(cfg.data, tokenizer, "train", "pairs", micro, dc.seed, out_dir, mesh, rules, True),
+                        dc.steps, dc.batch_size)}  # data first: a bad file fails before any weights are read
+  if cfg.data.validation:
+    datasets["validation"] = (run_loader(cfg.data, tokenizer, "validation", "pairs", micro, dc.seed, out_dir, mesh,
+                                         rules, True), None, None)
+  step = blueprint(cfg, mesh, rules)
+  check_tokenizer(tokenizer, step.state.trainable.config)
+  eval_step = jax.jit(dpo.make_dpo_eval(step.state.graphdef),
+                      out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+  def evaluate(t: Trainer) -> dict[str, float]:
+    """Validation loss, implicit-reward accuracy and margin, rewards and drift."""
+    if "validation" not in datasets:
+      return {}
+    with use_mesh(mesh, rules):
+      res = collect(lambda p, b: eval_step(p, t.frozen["reference"], b), t.params, datasets["validation"][0], mesh,
+                    rules, dc.eval_batches)
+    return {f"val_{k}": v for k, v in dpo.eval_metrics(res["outputs"], res["magnitude"], dc.variant, dc.beta).items()}
+
+  meta = model_meta(cfg.policy, step.state.trainable.config, cfg.data.template)
+  return Trainer(cfg, out_dir, section=dc, model=cfg.policy, step=step,
+                 source=StepFeed(datasets["train"][0], dc.batch_size // micro, mesh, rules), tokenizer=tokenizer,
+                 meta=meta, frozen_from={"reference": INITIAL}, evaluate=evaluate, datasets=datasets)
+
+
+def train_dpo(cfg: DPORunConfig, out_dir: str) -> dict[str, Any]:
+  """Trains (or resumes) a DPO policy into `out_dir`; returns the last logged metrics."""
+  return trainer(cfg, out_dir).run()

@@ -1,0 +1,144 @@
+"""`hs2p reinforce`: leave-one-out REINFORCE with a KL penalty to a frozen reference, on the shared trainer.
+
+The run holds the policy (trained) with its AdamW state, the frozen reference (the initial policy,
+kept once under `DIR/frozen/reference`) and the frozen reward model (`reward_model=CKPT`, read from
+its checkpoint into the run's layout), both in `reinforce.frozen_dtype` (default: the policy's
+compute dtype). Its batch source is the rollouts (`train.rollouts`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hs2p_jax.checkpoint import load_checkpoint_tokenizer, read_meta
+from hs2p_jax.config import ReinforceRunConfig
+from hs2p_jax.data.pipeline import make_loader
+from hs2p_jax.errors import UserError
+from hs2p_jax.model.config import LlamaConfig
+from hs2p_jax.rollout import RolloutLayout, layout_for
+from hs2p_jax.sharding import Rules, make_mesh, rules_from
+from hs2p_jax.tokenizer import load_tokenizer
+from hs2p_jax.train.feed import batch_sharding
+from hs2p_jax.train.model_init import architecture, check_tokenizer, is_local_checkpoint, model_meta, tokenizer_spec
+from hs2p_jax.train.optim import optimizer_from
+from hs2p_jax.train.reinforce import kl_per_token, make_logprob_fn, make_policy_step, masked_mean, objective_temperature
+from hs2p_jax.train.rm_scorer import RewardScorer, score_fn
+from hs2p_jax.train.rollouts import RolloutSource
+from hs2p_jax.train.state import Part, RunState, Step, frozen_dtype
+from hs2p_jax.train.trainer import INITIAL, Trainer
+
+
+@dataclasses.dataclass
+class Phases:
+  """The jitted functions of a REINFORCE step on the run's state: what the trainer runs and `hs2p plan` compiles."""
+
+  update: Step                    # the policy step on a rollout minibatch
+  logprobs: Any                   # (params, rollout batch) -> [N, Tr], policy or reference
+  kl: Any                         # (logp, ref logp, response mask) -> [N]
+  score: Any | None               # (reward-model params, scorer batch) -> [R, A]; None without a reward model
+  layout: RolloutLayout | None    # the sampler's copy of the policy (None: sampling from the training layout)
+
+
+def reward_architecture(cfg: ReinforceRunConfig, policy: LlamaConfig, download: bool = True
+                        ) -> tuple[LlamaConfig, int, str] | None:
+  """(architecture, outputs, origin) of the reward model, computing in the policy's dtype and
+  kernels; None without `reward_model`. Plans (`download=False`) fall back to the policy's shapes
+  where the checkpoint is not on this machine."""
+  path = cfg.reward_model
+  if not path:
+    return None
+  if not download and not is_local_checkpoint(path):
+    return policy, 9, f"the policy's architecture ({path}: not read by plan here)"
+  meta = read_meta(path)
+  if meta.kind != "reward":
+    raise UserError(f"reward_model={path}: a {meta.kind} checkpoint, not a reward model")
+  runtime = {k: getattr(policy, k) for k in ("dtype", "remat", "attention", "scan_layers")}
+  return meta.config.replace(**runtime), meta.num_attributes, f"reward_model={path}"
+
+
+def blueprint(cfg: ReinforceRunConfig, mesh: Any, rules: Rules, policy: LlamaConfig | None = None,
+              reward: tuple[LlamaConfig, int] | None = None, memory: int | None = None) -> Phases:
+  """The run's state (policy + AdamW, frozen reference and reward model) and its jitted phases;
+  `policy` / `reward` override the architectures (`reward` None: no reward model in the state);
+  `memory`: bytes per device, for the rollout layout's choice."""
+  rc = cfg.reinforce
+  policy = policy or architecture(cfg.policy)[0]
+  stored = frozen_dtype(rc.frozen_dtype, policy.dtype)
+  frozen = {"reference": Part("lm", policy, dtype=stored)}
+  if reward is not None:
+    frozen["reward_model"] = Part("reward", reward[0], reward[1], dtype=stored)
+  state = RunState.build(Part("lm", policy), frozen, optimizer_from(rc), mesh, rules)
+  share = rc.samples_per_prompt if rc.share_prompt else None  # rows come in prompt-major groups of k
+  temp = objective_temperature(rc.temperature)  # the loss and KL read the sampler's distribution
+  replicated = NamedSharding(mesh, P())
+  layout = layout_for(state.params, policy, mesh, rules, tensor=rc.rollout_tensor, dtype=rc.rollout_dtype,
+                      rows=rc.prompts_per_step * rc.samples_per_prompt, memory=memory) if rc.rollout_copy else None
+  return Phases(
+      update=Step(state, make_policy_step(state.graphdef, state.tx, share, temp, rc.micro_batches)),
+      logprobs=jax.jit(make_logprob_fn(state.graphdef, share, temp)),
+      kl=jax.jit(lambda lp, ref, m: masked_mean(kl_per_token(lp, ref, rc.kl_estimator), m, axis=1),
+                 out_shardings=replicated),
+      score=score_fn(state.frozen_graphdefs["reward_model"], mesh) if reward is not None else None,
+      layout=layout)
+
+
+def rows_spec(mesh: Any, rules: Rules, **arrays: tuple[tuple[int, ...], Any]) -> dict[str, jax.ShapeDtypeStruct]:
+  """Batch arrays placed as `put_batch` places them."""
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(k, shape, mesh, rules))
+          for k, (shape, dtype) in arrays.items()}
+
+
+def rollout_spec(cfg: ReinforceRunConfig, mesh: Any, rules: Rules, rows: int, advantages: bool = False) -> dict:
+  """`rows` rollouts at their longest (data.max_length prompt tokens, max_new_tokens response tokens):
+  the log-prob phase's batch, or with `advantages` an update minibatch."""
+  tp, tr, i32 = cfg.data.max_length, cfg.reinforce.max_new_tokens, np.int32
+  out = rows_spec(mesh, rules, prompt_ids=((rows, tp), i32), prompt_mask=((rows, tp), i32),
+                  tokens=((rows, tr), i32), response_mask=((rows, tr), i32))
+  if advantages:
+    out.update(rows_spec(mesh, rules, advantages=((rows,), np.float32)))
+  return out
+
+
+def trainer(cfg: ReinforceRunConfig, out_dir: str, scorer: Callable | None = None) -> Trainer:
+  """The REINFORCE run of `cfg` in `out_dir`. `scorer(prompts, responses) -> [N] rewards` defaults to
+  the reward-model checkpoint `cfg.reward_model`; any function of texts can stand in (e.g. a rule)."""
+  if not cfg.reward_model and scorer is None:
+    raise UserError("reinforce: set reward_model=CKPT (a reward-model checkpoint)")
+  if cfg.policy.kind != "lm":
+    raise UserError("reinforce: policy.kind must be lm")
+  rc, mesh, rules = cfg.reinforce, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
+  policy = architecture(cfg.policy)[0]
+  reward = reward_architecture(cfg, policy) if scorer is None else None  # fails now, before any data or weights
+  tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))
+  check_tokenizer(tokenizer, policy)
+  loader = make_loader(cfg.data, tokenizer, split="train", task="prompts", batch_size=rc.prompts_per_step,
+                       seed=rc.seed, shuffle=True, repeat=True, process_index=jax.process_index(),
+                       process_count=jax.process_count(), cache_dir=os.path.join(os.path.abspath(out_dir), "data"))
+  phases = blueprint(cfg, mesh, rules, policy, reward[:2] if reward else None)
+  state = phases.update.state
+  if phases.layout is not None and jax.process_index() == 0:
+    print(phases.layout.describe(), file=sys.stderr, flush=True)
+  frozen_from = {"reference": INITIAL}
+  if scorer is None:
+    frozen_from["reward_model"] = cfg.reward_model
+    scorer = RewardScorer(state.frozen_graphdefs["reward_model"], None, read_meta(cfg.reward_model),
+                          load_checkpoint_tokenizer(cfg.reward_model), mesh, rules,
+                          max_length=cfg.data.max_length + rc.max_new_tokens, eval_fn=phases.score)
+  eos = tuple(policy.eos_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+  source = RolloutSource(cfg, loader, phases, scorer, tokenizer, eos)
+  model_info = {"reward_model": os.path.abspath(cfg.reward_model) if cfg.reward_model else None}
+  return Trainer(cfg, out_dir, section=rc, model=cfg.policy, step=phases.update, source=source, tokenizer=tokenizer,
+                 meta=model_meta(cfg.policy, policy, cfg.data.template), frozen_from=frozen_from,
+                 datasets={"prompts": (loader, rc.steps, rc.prompts_per_step)}, model_info=model_info)
+
+
+def train_reinforce(cfg: ReinforceRunConfig, out_dir: str) -> dict[str, Any]:
+  """Runs (or resumes) REINFORCE into `out_dir`; returns the last logged metrics."""
+  return trainer(cfg, out_dir).run()

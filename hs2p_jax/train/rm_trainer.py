@@ -1,0 +1,109 @@
+"""`hs2p train-rm`: a reward model trained by SteerLM regression or Bradley-Terry, on the shared trainer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from hs2p_jax.config import RunConfig, to_dict
+from hs2p_jax.errors import UserError
+from hs2p_jax.eval.scoring import collect, pair_metrics, regression_metrics
+from hs2p_jax.model.config import LlamaConfig
+from hs2p_jax.model.reward import attribute_weights
+from hs2p_jax.sharding import Rules, batch_split, make_mesh, rules_from, use_mesh
+from hs2p_jax.tokenizer import load_tokenizer
+from hs2p_jax.train.feed import StepFeed, stacked_spec
+from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta, tokenizer_spec
+from hs2p_jax.train.optim import optimizer_from
+from hs2p_jax.train.rm import Objective, make_eval_step, make_train_step
+from hs2p_jax.train.state import Part, RunState, Step
+from hs2p_jax.train.trainer import Trainer, run_loader
+
+
+def objective(cfg: RunConfig) -> Objective:
+  weights = attribute_weights(cfg.model.reward_weights, cfg.model.num_attributes)
+  return Objective(cfg.train.objective, cfg.train.bt_variant, tuple(float(w) for w in weights))
+
+
+def task(cfg: RunConfig) -> str:
+  return "regression" if cfg.train.objective == "regression" else "pairs"
+
+
+def blueprint(cfg: RunConfig, mesh: Any, rules: Rules, arch: LlamaConfig | None = None) -> Step:
+  """The run's state and jitted step from the config alone (`arch` overrides the architecture):
+  what the trainer fills and runs, and what `hs2p plan` compiles."""
+  mc = cfg.model
+  part = Part("reward", arch or architecture(mc)[0], mc.num_attributes)
+  state = RunState.build(part, {}, optimizer_from(cfg.train), mesh, rules)
+  return Step(state, make_train_step(state.graphdef, state.tx, objective(cfg)))
+
+
+def batch_spec(cfg: RunConfig, mesh: Any, rules: Rules) -> dict[str, jax.ShapeDtypeStruct]:
+  """The step's stacked batch at data.max_length tokens, placed as the feed places it."""
+  tc = cfg.train
+  micro = tc.micro_batch_size or tc.batch_size
+  return stacked_spec(task(cfg), micro, tc.batch_size // micro, cfg.data.max_length, mesh, rules,
+                      cfg.model.num_attributes, shared=cfg.data.share_prompt)
+
+
+def trainer(cfg: RunConfig, out_dir: str) -> Trainer:
+  """The reward-model run of `cfg` in `out_dir` (its data read, its weights not yet)."""
+  if cfg.model.kind != "reward":
+    raise UserError(f"train-rm needs model.kind=reward, got {cfg.model.kind!r}")
+  tc, mesh, rules = cfg.train, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
+  micro = tc.micro_batch_size or tc.batch_size
+  tokenizer = load_tokenizer(tokenizer_spec(cfg.model))
+
+  def loader(data, split: str, kind: str):
+    return run_loader(data, tokenizer, split, kind, micro, tc.seed, out_dir, mesh, rules)
+
+  # data first: a bad file fails in seconds, before any model is read
+  datasets = {"train": (loader(cfg.data, "train", task(cfg)), tc.steps, tc.batch_size)}
+  if cfg.data.validation:
+    datasets["validation"] = (loader(cfg.data, "validation", task(cfg)), None, None)
+  if cfg.data.eval_pairs:
+    pairs = type(cfg.data)(**{**to_dict(cfg.data), "validation": cfg.data.eval_pairs,
+                              "format": cfg.data.eval_pairs_format})
+    datasets["eval_pairs"] = (loader(pairs, "validation", "pairs"), None, None)
+  step = blueprint(cfg, mesh, rules)
+  check_tokenizer(tokenizer, step.state.trainable.config)
+  eval_step = jax.jit(make_eval_step(step.state.graphdef),
+                      out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  weights = np.asarray(objective(cfg).weights, np.float32)
+
+  def evaluate(t: Trainer) -> dict[str, float]:
+    """Validation loss and pairwise accuracy (BT), MSE (regression) and, with `data.eval_pairs`,
+    pairwise accuracy of the regression model's scalar reward."""
+    out = {}
+    for name in ("validation", "eval_pairs"):
+      if name not in datasets:
+        continue
+      with use_mesh(mesh, rules):
+        res = collect(eval_step, t.params, datasets[name][0], mesh, rules, tc.eval_batches)
+      if name == "eval_pairs":
+        out["val_pair_accuracy"] = pair_metrics(res["outputs"] @ weights)["accuracy"]
+      elif task(cfg) == "pairs":
+        m = pair_metrics(res["outputs"] @ weights, res["magnitude"], tc.bt_variant)
+        out.update(val_loss=m["loss"], val_accuracy=m["accuracy"])
+      else:
+        out["val_loss"] = regression_metrics(res["outputs"], res["labels"], res["label_mask"])["loss"]
+    return out
+
+  split, rows = batch_split(mesh, rules), micro * (1 if task(cfg) == "regression" else 2)
+  batch = {"micro_batch_rows": rows, "batch_split": split, "micro_batches": tc.batch_size // micro}
+  notes = ()
+  if not cfg.data.packing and rows % split:
+    batch["padded_rows"] = padded = -(-rows // split) * split
+    notes = (f"train.micro_batch_size={micro}: {rows} rows per micro-batch, padded to {padded} to split over the "
+             f"mesh's batch axes ({split} devices): {1 - rows / padded:.0%} of the rows are padding",)
+  meta = model_meta(cfg.model, step.state.trainable.config, cfg.data.template)
+  return Trainer(cfg, out_dir, section=tc, model=cfg.model, step=step,
+                 source=StepFeed(datasets["train"][0], tc.batch_size // micro, mesh, rules), tokenizer=tokenizer,
+                 meta=meta, evaluate=evaluate, datasets=datasets, batch_info=batch, notes=notes)
+
+
+def train_rm(cfg: RunConfig, out_dir: str) -> dict[str, Any]:
+  """Trains (or resumes) a reward model into `out_dir`; returns the last logged metrics."""
+  return trainer(cfg, out_dir).run()

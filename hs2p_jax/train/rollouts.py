@@ -1,0 +1,111 @@
+"""REINFORCE's batch source: each step's prompts sampled k times by the policy, scored, and turned into update minibatches.
+
+A rollout samples from the policy's copy in the rollout layout (`hs2p_jax.rollout`: cast and
+resharded once, not at every token), scores the responses with the reward model, computes the KL
+to the frozen reference from the sampled tokens' log-probs and the leave-one-out advantages, and
+hands the trainer `updates_per_rollout` minibatches, each one optimizer step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hs2p_jax.sample import SamplingConfig, generate_from_state, left_align
+from hs2p_jax.sharding import use_mesh
+from hs2p_jax.stops import cut_at_stop, stop_automaton
+from hs2p_jax.train.feed import gather_processes, host_global, put_batch
+from hs2p_jax.train.reinforce import advantages
+
+
+def response_text(tokenizer, tokens: np.ndarray, length: int, stop_strings: list[str], eos_ids) -> str:
+  """The decoded response without its stopping token or stop string."""
+  toks = [int(t) for t in tokens[:length]]
+  if toks and toks[-1] in eos_ids:
+    toks = toks[:-1]
+  text = cut_at_stop(tokenizer.decode(toks, skip_special_tokens=False), stop_strings)
+  for special in (tokenizer.pad_token, tokenizer.eos_token):
+    if special:
+      text = text.replace(special, "")
+  return text.strip()
+
+
+class RolloutSource:
+  """`next(step, trainer) -> (update minibatches on the mesh, host metrics)` (module docstring).
+  `phases` are the run's jitted functions (`reinforce_trainer.Phases`); `scorer(prompts,
+  responses) -> [N]` rewards; `eos_ids` end a response."""
+
+  def __init__(self, cfg: Any, loader: Any, phases: Any, scorer: Callable, tokenizer: Any, eos_ids: tuple[int, ...]):
+    rc = cfg.reinforce
+    self.cfg, self.rc, self.loader, self.phases, self.scorer, self.tokenizer = cfg, rc, loader, phases, scorer, tokenizer
+    self.eos_ids = eos_ids
+    self.stops = stop_automaton(tokenizer, rc.stop_strings, phases.update.state.trainable.config.vocab_size)
+    self.sampling = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
+                                   top_p=rc.top_p, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id or 0,
+                                   num_samples=rc.samples_per_prompt)
+    self._it = None
+    self._rate = 0.0
+
+  def begin(self) -> None:
+    self._it = iter(self.loader)
+
+  def tokens_per_s(self) -> float:
+    return self._rate
+
+  def next(self, step: int, trainer: Any) -> tuple[list[dict[str, jax.Array]], dict[str, Any]]:
+    batch = gather_processes(next(self._it))  # every process holds the step's global prompts
+    upd, metrics = self.rollout(step, batch, trainer)
+    n, u = upd["tokens"].shape[0], self.rc.updates_per_rollout
+    state = self.phases.update.state
+    batches = [put_batch({k: v[i * n // u:(i + 1) * n // u] for k, v in upd.items()}, state.mesh, state.rules)
+               for i in range(u)]
+    return batches, metrics
+
+  def rollout(self, step: int, batch: dict[str, np.ndarray], trainer: Any) -> tuple[dict[str, np.ndarray], dict]:
+    """Samples k responses per prompt, scores them; the update rows and the step's metrics."""
+    rc, ph, k = self.rc, self.phases, self.rc.samples_per_prompt
+    state = ph.update.state
+    ids, mask = (np.asarray(a) for a in left_align(jnp.asarray(batch["prompt_ids"]), jnp.asarray(batch["prompt_mask"])))
+    key = jax.random.fold_in(jax.random.key(rc.seed), step)  # per-step key: resumes reproduce rollouts
+    t0 = time.time()
+    if ph.layout is not None:  # cast and resharded once, not at every token
+      lay = ph.layout
+      mesh, rules, graphdef, params = lay.mesh, lay.rules, lay.graphdef, lay.copy(trainer.params)
+    else:
+      mesh, rules, graphdef, params = state.mesh, state.rules, state.graphdef, trainer.params
+    with use_mesh(mesh, rules):  # one prefill per prompt, k samples from its cache
+      out = generate_from_state(graphdef, params, ids, mask, key, self.sampling, self.stops)
+    del params  # the decode copy lives for the sampling only
+    ids, mask = np.repeat(ids, k, axis=0), np.repeat(mask, k, axis=0)  # row i * k + j: sample j of prompt i
+    tokens, lengths, ended = (host_global(x) for x in (out.tokens, out.lengths, out.ended))
+    sample_time = time.time() - t0
+    self._rate = float(lengths.sum() / max(sample_time, 1e-9))
+    resp_mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
+    upd = {"prompt_ids": ids, "prompt_mask": mask, "tokens": tokens, "response_mask": resp_mask}
+    dev = put_batch(upd, state.mesh, state.rules)
+    with use_mesh(state.mesh, state.rules):
+      logp = ph.logprobs(trainer.params, dev)
+      ref_logp = ph.logprobs(trainer.frozen["reference"], dev)
+      kl = host_global(ph.kl(logp, ref_logp, dev["response_mask"]))
+    prompts = [self.loader.examples[int(i)].prompt for i in np.repeat(batch["example_id"], k)]
+    responses = [response_text(self.tokenizer, tokens[i], int(lengths[i]), rc.stop_strings, self.eos_ids)
+                 for i in range(len(tokens))]
+    if "reward_model" in trainer.frozen:  # the scorer reads the run's frozen reward model
+      self.scorer.params = trainer.frozen["reward_model"]
+    scores = self.scorer(prompts, responses) * rc.reward_scale
+    counted = ended | rc.truncated_as_ended
+    rewards, base, adv = (np.asarray(a) for a in advantages(jnp.asarray(scores), jnp.asarray(kl),
+                                                            jnp.asarray(counted), rc.kl_beta, k))
+    upd["advantages"] = adv.astype(np.float32)
+    metrics = {"reward": float(scores.mean()), "kl": float(kl.mean()), "total_reward": float(rewards.mean()),
+               "response_length": float(lengths.mean()), "ended_fraction": float(ended.mean()),
+               "advantage_mean": float(adv.mean()), "advantage_std": float(adv.std()),
+               "baseline_mean": float(base.mean()), "sample_tokens_per_s": self._rate, "tokens_per_s": self._rate}
+    if rc.sample_every and (step % rc.sample_every == 0 or step == rc.steps):
+      metrics["_samples"] = [{"prompt": prompts[i], "response": responses[i], "reward": float(scores[i]),
+                              "kl": float(kl[i])} for i in range(0, len(prompts), k)]
+    return upd, metrics

@@ -1,0 +1,70 @@
+"""`hs2p train-sft`: supervised fine-tuning on (prompt, response) examples, on the shared trainer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from hs2p_jax.config import SFTRunConfig
+from hs2p_jax.errors import UserError
+from hs2p_jax.eval.scoring import collect
+from hs2p_jax.model.config import LlamaConfig
+from hs2p_jax.sharding import Rules, make_mesh, rules_from, use_mesh
+from hs2p_jax.tokenizer import load_tokenizer
+from hs2p_jax.train import sft
+from hs2p_jax.train.feed import StepFeed, stacked_spec
+from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta, tokenizer_spec
+from hs2p_jax.train.optim import optimizer_from
+from hs2p_jax.train.state import Part, RunState, Step
+from hs2p_jax.train.trainer import Trainer, run_loader
+
+
+def blueprint(cfg: SFTRunConfig, mesh: Any, rules: Rules, arch: LlamaConfig | None = None) -> Step:
+  """The policy (trained) and its AdamW state, and the jitted SFT step."""
+  part = Part("lm", arch or architecture(cfg.policy)[0])
+  state = RunState.build(part, {}, optimizer_from(cfg.sft), mesh, rules)
+  return Step(state, sft.make_sft_step(state.graphdef, state.tx))
+
+
+def batch_spec(cfg: SFTRunConfig, mesh: Any, rules: Rules) -> dict[str, jax.ShapeDtypeStruct]:
+  """The step's stacked SFT batch at data.max_length tokens."""
+  sc = cfg.sft
+  micro = sc.micro_batch_size or sc.batch_size
+  return stacked_spec("sft", micro, sc.batch_size // micro, cfg.data.max_length, mesh, rules)
+
+
+def trainer(cfg: SFTRunConfig, out_dir: str) -> Trainer:
+  """The SFT run of `cfg` in `out_dir` (its data read, its weights not yet)."""
+  if cfg.policy.kind != "lm":
+    raise UserError("train-sft: policy.kind must be lm")
+  sc, mesh, rules = cfg.sft, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
+  micro = sc.micro_batch_size or sc.batch_size
+  tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))
+  datasets = {"train": (run_loader(cfg.data, tokenizer, "train", "sft", micro, sc.seed, out_dir, mesh, rules),
+                        sc.steps, sc.batch_size)}  # data first: a bad file fails before any weights are read
+  if cfg.data.validation:
+    datasets["validation"] = (run_loader(cfg.data, tokenizer, "validation", "sft", micro, sc.seed, out_dir, mesh,
+                                         rules), None, None)
+  step = blueprint(cfg, mesh, rules)
+  check_tokenizer(tokenizer, step.state.trainable.config)
+  eval_step = jax.jit(sft.make_sft_eval(step.state.graphdef),
+                      out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+  def evaluate(t: Trainer) -> dict[str, float]:
+    """Validation token-mean NLL and perplexity."""
+    if "validation" not in datasets:
+      return {}
+    with use_mesh(mesh, rules):
+      res = collect(eval_step, t.params, datasets["validation"][0], mesh, rules, sc.eval_batches)
+    return {f"val_{k}": v for k, v in sft.eval_metrics(res["outputs"]).items()}
+
+  meta = model_meta(cfg.policy, step.state.trainable.config, cfg.data.template)
+  return Trainer(cfg, out_dir, section=sc, model=cfg.policy, step=step,
+                 source=StepFeed(datasets["train"][0], sc.batch_size // micro, mesh, rules), tokenizer=tokenizer,
+                 meta=meta, evaluate=evaluate, datasets=datasets)
+
+
+def train_sft(cfg: SFTRunConfig, out_dir: str) -> dict[str, Any]:
+  """Fine-tunes (or resumes) a policy on (prompt, response) examples into `out_dir`."""
+  return trainer(cfg, out_dir).run()

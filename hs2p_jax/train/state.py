@@ -1,0 +1,178 @@
+"""What a training run holds, described once for the run and for its plan.
+
+A run holds one trainable model (float32 parameters and their optimizer state, sharded by the
+logical-axis rules) and the frozen models it reads but never updates (the DPO / REINFORCE
+reference, the reward model REINFORCE scores with). A frozen model keeps the matrices it computes
+with in its compute dtype (`Part.dtype`: bfloat16 in the paper configs, half of float32's bytes)
+and the rest (norms, the reward head, which compute in float32) in float32, so it computes exactly
+what a float32 copy computes in that dtype.
+
+`RunState.build` describes it all from configs alone: ShapeDtypeStructs carrying their
+NamedShardings, nothing allocated or read. `Step` jits a pure step on that description. Trainers
+fill the state (from the source weights, or straight from a checkpoint into these shardings) and
+call the jitted step; `hs2p plan` lowers the same jitted step on the abstract state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from hs2p_jax.model import create
+from hs2p_jax.model.config import LlamaConfig
+from hs2p_jax.sharding import Rules, opt_state_shardings, state_shardings, use_mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """One model of a run: kind, architecture (with its compute dtype), storage dtype of its matrices."""
+
+  kind: str                  # "lm" | "reward"
+  config: LlamaConfig
+  num_attributes: int = 9
+  dtype: str = "float32"     # float32 for the trainable model; the compute dtype for frozen ones
+
+
+def frozen_dtype(setting: str, compute_dtype: str) -> str:
+  """The storage dtype of a frozen model's matrices: `setting`, or the compute dtype for "auto"."""
+  return compute_dtype if setting in ("auto", None) else setting
+
+
+def _is_var(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def castable(v: nnx.Variable) -> bool:
+  """Whether the model computes with this parameter in its compute dtype: every matrix (embeddings,
+  projections, LM head), not the norms' vectors nor the reward head (float32 in the model)."""
+  axes = v.get_metadata().get("axes") or ()
+  return len([a for a in axes if a != "layers"]) > 1 and "attributes" not in axes
+
+
+def store_as(params: Any, dtype: str) -> Any:
+  """`params` (concrete or traced) with the castable matrices in `dtype`."""
+  def one(v):
+    x = v.get_value()
+    return v.replace(x.astype(dtype)) if castable(v) and jnp.issubdtype(x.dtype, jnp.floating) else v
+  return jax.tree.map(one, params, is_leaf=_is_var)
+
+
+def abstract_part(part: Part, mesh: Any, rules: Rules) -> tuple[nnx.GraphDef, Any]:
+  """(graphdef, abstract params: ShapeDtypeStructs in the part's storage dtypes, with shardings)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: create(part.kind, part.config, part.num_attributes)))
+  shardings = state_shardings(state, mesh, rules)
+
+  def one(v, s):
+    x = v.get_value()
+    dtype = part.dtype if castable(v) and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+    return v.replace(jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=s.get_value()))
+  return graphdef, jax.tree.map(one, state, shardings, is_leaf=_is_var)
+
+
+def shardings_of(tree: Any) -> Any:
+  """The shardings of a tree of arrays or ShapeDtypeStructs, in its structure."""
+  return jax.tree.map(lambda a: a.sharding, tree)
+
+
+def abstract_of(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a tree of arrays."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+
+
+def device_bytes(tree: Any) -> int:
+  """Bytes one device holds of a tree of sharded arrays or ShapeDtypeStructs (replicated leaves count fully)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+    total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+@dataclasses.dataclass
+class RunState:
+  """The layout of a run's state: graphdefs and abstract arrays (with shardings) of the trainable
+  params, their optimizer state and each frozen model."""
+
+  mesh: Any
+  rules: Rules
+  tx: optax.GradientTransformation
+  trainable: Part
+  frozen_parts: dict[str, Part]
+  graphdef: nnx.GraphDef
+  frozen_graphdefs: dict[str, nnx.GraphDef]
+  params: Any
+  opt_state: Any
+  frozen: dict[str, Any]
+
+  @classmethod
+  def build(cls, trainable: Part, frozen: dict[str, Part], tx: optax.GradientTransformation, mesh: Any,
+            rules: Rules) -> "RunState":
+    """The abstract state of a run on `mesh` (a Mesh or an AbstractMesh); nothing is allocated."""
+    graphdef, params = abstract_part(trainable, mesh, rules)
+    abs_opt = jax.eval_shape(tx.init, params)
+    opt_sh = opt_state_shardings(abs_opt, shardings_of(params), mesh)
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, opt_sh)
+    built = {name: abstract_part(part, mesh, rules) for name, part in frozen.items()}
+    return cls(mesh, rules, tx, trainable, dict(frozen), graphdef, {n: g for n, (g, _) in built.items()},
+               params, opt_state, {n: p for n, (_, p) in built.items()})
+
+  def checkpointed(self) -> dict[str, Any]:
+    """The abstract tree a run's checkpoints hold (and restore into): params and optimizer state."""
+    return {"params": self.params, "opt_state": self.opt_state}
+
+  def init_opt_state(self, params: Any) -> Any:
+    """A fresh optimizer state for `params`, placed in its shardings."""
+    with use_mesh(self.mesh, self.rules):
+      return jax.jit(self.tx.init, out_shardings=shardings_of(self.opt_state))(params)
+
+  def freeze(self, name: str, params: Any) -> Any:
+    """Frozen part `name` as a copy of `params` (e.g. the initial policy) in its storage dtype and shardings."""
+    part = self.frozen_parts[name]
+    with use_mesh(self.mesh, self.rules):
+      return jax.jit(lambda p: store_as(jax.tree.map(jnp.copy, p), part.dtype),
+                     out_shardings=shardings_of(self.frozen[name]))(params)
+
+  def resident_bytes(self) -> dict[str, int]:
+    """Per-device bytes of what lives through the run: params, optimizer state, each frozen model."""
+    return {"params": device_bytes(self.params), "optimizer": device_bytes(self.opt_state),
+            **{name: device_bytes(tree) for name, tree in self.frozen.items()}}
+
+
+@dataclasses.dataclass
+class Step:
+  """A pure `fn(params, opt_state, frozen, batch) -> (params, opt_state, metrics)` on a run's state,
+  jitted once with the state's shardings (params and optimizer state donated). `frozen` holds the
+  frozen models named in `takes`."""
+
+  state: RunState
+  fn: Callable
+  takes: tuple[str, ...] = ()
+
+  @functools.cached_property
+  def jitted(self) -> Any:
+    st = self.state
+    return jax.jit(self.fn, donate_argnums=(0, 1),
+                   out_shardings=(shardings_of(st.params), shardings_of(st.opt_state), None))
+
+  def frozen_args(self, frozen: dict[str, Any]) -> dict[str, Any]:
+    return {name: frozen[name] for name in self.takes}
+
+  def args(self, batch: dict[str, jax.ShapeDtypeStruct]) -> tuple:
+    """The step's abstract arguments for the abstract `batch`: what `hs2p plan` compiles."""
+    st = self.state
+    return st.params, st.opt_state, self.frozen_args(st.frozen), batch
+
+  def lower(self, batch: dict[str, jax.ShapeDtypeStruct]) -> Any:
+    with use_mesh(self.state.mesh, self.state.rules):
+      return self.jitted.lower(*self.args(batch))
+
+  def __call__(self, params: Any, opt_state: Any, frozen: dict[str, Any], batch: dict[str, jax.Array]) -> tuple:
+    with use_mesh(self.state.mesh, self.state.rules):
+      return self.jitted(params, opt_state, self.frozen_args(frozen), batch)

@@ -1,0 +1,161 @@
+"""The one trainer on the shared loop: a run's state filled from its source or a checkpoint, and a
+jitted step fed by a batch source.
+
+A trainer page (`rm_trainer`, `dpo_trainer`, `sft_trainer`, `reinforce_trainer`) builds its
+`state.Step` (the pure step on the run's abstract state, which `hs2p plan` compiles too), its batch
+source and its evaluation, and hands them to `Trainer`:
+  source.loader                  the data position a checkpoint holds
+  source.begin()                 start reading at the loader's position (after a restore)
+  source.next(step, trainer)     ([device batches: one optimizer step each], host metrics)
+  source.tokens_per_s()          tokens per second since the previous call
+  evaluate(trainer) -> dict      validation metrics (optional)
+Frozen models come from `frozen_from`: INITIAL (a copy of the trainable model as the run starts,
+kept once in the run directory) or a model checkpoint, read straight into the frozen layout. A
+resume builds nothing from the source: the checkpoint restores into the state's shardings.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hs2p_jax import provenance
+from hs2p_jax.checkpoint import ModelMeta, resolve_model_dir, restore_tree, save_model
+from hs2p_jax.config import ModelConfig, to_dict
+from hs2p_jax.convert.state import ReadStats
+from hs2p_jax.data.pipeline import make_loader
+from hs2p_jax.sharding import batch_split
+from hs2p_jax.train.loop import LoopConfig, run as run_loop
+from hs2p_jax.train.model_init import load_params
+from hs2p_jax.train.optim import schedule
+from hs2p_jax.train.state import Step
+
+INITIAL = "initial"  # `frozen_from`: the trainable model as the run starts
+
+
+def run_loader(data: Any, tokenizer: Any, split: str, task: str, batch_size: int, seed: int, out_dir: str, mesh: Any,
+               rules: Any, targets: bool = False) -> Any:
+  """This process's loader of a run's `split` (training: shuffled, repeating; else in order, once),
+  its rows padded to split over the mesh's batch axes, built-in data cached in the run directory."""
+  train = split == "train"
+  return make_loader(data, tokenizer, split=split, task=task, batch_size=batch_size, seed=seed if train else 0,
+                     shuffle=train, repeat=train, process_index=jax.process_index(), process_count=jax.process_count(),
+                     cache_dir=os.path.join(os.path.abspath(out_dir), "data"), row_multiple=batch_split(mesh, rules),
+                     targets=targets)
+
+
+class Trainer:
+  """One run of a trainer page's step on the shared loop (module docstring); `run()` trains (or
+  resumes) to `section.steps`. `source_reads` counts the bytes read from the source weights."""
+
+  def __init__(self, cfg: Any, out_dir: str, *, section: Any, model: ModelConfig, step: Step, source: Any,
+               tokenizer: Any, meta: ModelMeta, frozen_from: dict[str, str] | None = None,
+               evaluate: Callable[["Trainer"], dict[str, float]] | None = None,
+               datasets: dict[str, tuple[Any, int | None, int | None]] | None = None,
+               batch_info: dict[str, Any] | None = None, notes: tuple[str, ...] = (),
+               model_info: dict[str, Any] | None = None):
+    self.cfg, self.out_dir, self.section, self.model_cfg = cfg, os.path.abspath(out_dir), section, model
+    self.step_fn, self.source, self.loader = step, source, source.loader
+    self.state = step.state
+    self.mesh, self.rules, self.graphdef = self.state.mesh, self.state.rules, self.state.graphdef
+    self.tokenizer, self.meta = tokenizer, meta
+    self.frozen_from = dict(frozen_from or {})
+    self._evaluate = evaluate
+    self.datasets, self.batch_info, self.notes = datasets or {}, batch_info, notes
+    self.model_info = {"source": model.source, "init_from": model.init_from, **(model_info or {})}
+    self.lr_at = schedule(section.lr, section.warmup_steps)
+    self.params: Any = None
+    self.opt_state: Any = None
+    self.frozen: dict[str, Any] = {}
+    self.source_reads = ReadStats()
+
+  # -- the state ---------------------------------------------------------------------------------
+
+  def checkpoint_target(self) -> Any:
+    return self.state.checkpointed()
+
+  def checkpoint_state(self) -> Any:
+    return {"params": self.params, "opt_state": self.opt_state}
+
+  def snapshot_targets(self) -> dict[str, Any]:
+    return {name: self.state.frozen[name] for name, src in self.frozen_from.items() if src == INITIAL}
+
+  def snapshot(self, name: str) -> Any:
+    return self.frozen[name]
+
+  def start(self, restored: Any | None, snapshots: dict[str, Any]) -> None:
+    """Fills the state: from a checkpoint (`restored`) and the run's snapshots, or from the source."""
+    if restored is None:
+      if self.params is not None:
+        return  # started fresh already (evaluated before the run)
+      self.params = self._read_source()
+      self.opt_state = self.state.init_opt_state(self.params)
+    else:
+      self.params, self.opt_state = restored["params"], restored["opt_state"]
+    initial = self.params if restored is None else None
+    for name, src in self.frozen_from.items():
+      if src != INITIAL:
+        path = resolve_model_dir(src)
+        self.frozen[name] = restore_tree(os.path.join(path, "params"), self.state.frozen[name], path)
+      elif snapshots.get(name) is not None:
+        self.frozen[name] = snapshots[name]
+      else:
+        if initial is None:  # a run directory from before snapshots: the source once more
+          self._say(f"resume: no {self.out_dir}/frozen/{name}; reading it from the source again")
+          initial = self._read_source()
+        self.frozen[name] = self.state.freeze(name, initial)
+    if restored is not None and not self.source_reads.bytes_read:
+      self._say("resume: state restored from the run's checkpoint; the source weights were not read")
+
+  def _read_source(self) -> Any:
+    return load_params(self.model_cfg, self.state.params, self.mesh, self.rules, self.source_reads)
+
+  def _say(self, line: str) -> None:
+    if jax.process_index() == 0:
+      print(line, file=sys.stderr, flush=True)
+
+  # -- the loop's trainer (train/loop.py) --------------------------------------------------------
+
+  def provenance(self) -> None:
+    """provenance.json, and one line per data set at the start: kept/dropped/truncated, epochs."""
+    data = {name: provenance.data_entry(loader, steps, batch) for name, (loader, steps, batch) in self.datasets.items()}
+    for line in [provenance.describe(name, entry) for name, entry in data.items()] + list(self.notes):
+      self._say(line)
+    extra = {"batch": self.batch_info} if self.batch_info is not None else {}
+    provenance.write(self.out_dir, self.mesh, data, **extra, model=self.model_info)
+
+  def begin(self, start: int) -> None:
+    self.source.begin()
+
+  def step(self, step: int) -> dict[str, Any]:
+    batches, info = self.source.next(step, self)
+    outs = []
+    for batch in batches:
+      self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, self.frozen, batch)
+      outs.append(metrics)
+    metrics = outs[0] if len(outs) == 1 else jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *outs)
+    return {**metrics, **info}
+
+  def record(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    rec.setdefault("tokens_per_s", self.source.tokens_per_s())
+    return {**rec, "lr": float(self.lr_at(step - 1))}
+
+  def evaluate(self) -> dict[str, float]:
+    self.start(None, {})  # the state the run would start from, where it has none yet
+    return self._evaluate(self) if self._evaluate is not None else {}
+
+  def save_final(self) -> None:
+    save_model(os.path.join(self.out_dir, "model"), nnx.merge(self.graphdef, self.params), self.meta, self.tokenizer,
+               overwrite=True)
+
+  def run(self) -> dict[str, Any]:
+    s = self.section
+    loop = LoopConfig(s.steps, s.log_every, s.save_every, s.keep_checkpoints, s.async_checkpoint, self.cfg.name,
+                      getattr(s, "eval_every", 0))
+    return run_loop(self, loop, self.out_dir, to_dict(self.cfg))
