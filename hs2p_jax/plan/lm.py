@@ -22,7 +22,7 @@ from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.plan import compile as comp
 from hs2p_jax.plan.rm import num_params
 from hs2p_jax.plan.target import Target, final_verdict, gpu_warnings
-from hs2p_jax.sharding import MESH_AXES, batch_split, rules_from
+from hs2p_jax.sharding import MESH_AXES, Rules, batch_split, rules_from
 from hs2p_jax.train import dpo_trainer, sft_trainer
 from hs2p_jax.train.model_init import architecture
 from hs2p_jax.train.state import device_bytes
@@ -53,6 +53,21 @@ def model_flops(cfg: DPORunConfig | SFTRunConfig, model_cfg: LlamaConfig) -> dic
   return out
 
 
+def lowering(cfg: DPORunConfig | SFTRunConfig, arch: LlamaConfig, rules: Rules):
+  """`lower_at(mesh, layers, for_flops)` of the run's own step (`plan.compile.compile_step`)."""
+  dpo = isinstance(cfg, DPORunConfig)
+  page, sc = (dpo_trainer if dpo else sft_trainer), _section(cfg)
+  micro = sc.micro_batch_size or sc.batch_size
+  one_micro = dataclasses.replace(cfg, **{"dpo" if dpo else "sft": dataclasses.replace(sc, batch_size=micro)})
+
+  def lower_at(mesh, layers: int, for_flops: bool):
+    c = one_micro if for_flops else cfg
+    step = page.blueprint(c, mesh, rules, arch.replace(num_layers=layers, scan_layers=arch.scan_layers
+                                                         and not for_flops))
+    return step.lower(page.batch_spec(c, mesh, rules))
+  return lower_at
+
+
 def build_report(cfg: DPORunConfig | SFTRunConfig, config_path: str, target: Target, mode: str) -> dict[str, Any]:
   """The DPO or SFT plan as one JSON-serialisable dict."""
   dpo = isinstance(cfg, DPORunConfig)
@@ -71,15 +86,8 @@ def build_report(cfg: DPORunConfig | SFTRunConfig, config_path: str, target: Tar
               "model_flops_per_device": per_device, "peak_flops_per_device": peak_rate,
               "step_seconds_at_50_mfu": per_device / (0.5 * peak_rate) if peak_rate else None}
   micro = sc.micro_batch_size or sc.batch_size
-  one_micro = dataclasses.replace(cfg, **{"dpo" if dpo else "sft": dataclasses.replace(sc, batch_size=micro)})
-
-  def lower_at(mesh, layers: int, for_flops: bool):
-    c = one_micro if for_flops else cfg
-    arch = model_cfg.replace(num_layers=layers, scan_layers=model_cfg.scan_layers and not for_flops)
-    return page.blueprint(c, mesh, rules, arch).lower(page.batch_spec(c, mesh, rules))
-
-  compiled = comp.compile_step(lower_at, target, mode, cfg.mesh, model_cfg.num_layers, sc.batch_size // micro,
-                               "DPO step" if dpo else "SFT step")
+  compiled = comp.compile_step(lowering(cfg, model_cfg, rules), target, mode, cfg.mesh, model_cfg.num_layers,
+                               sc.batch_size // micro, "DPO step" if dpo else "SFT step")
   kernel = choose(model_cfg.attention, "tpu" if mode == "tpu" else "cpu", model_cfg.dtype,
                   branches=cfg.data.share_prompt)
   lay = layout(cfg, batch_split(amesh, rules))
