@@ -13,6 +13,7 @@ unrolled (at 1 and 2 layers, extrapolated) and one micro-batch, times their numb
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -162,3 +163,18 @@ def kernel_flops(compiled: dict[str, Any], attention_flops: float, model_flops_p
   compiled["kernel_flops_per_device"] = attention_flops
   total = compiled["flops_per_device"] + attention_flops
   compiled["flops_ratio"] = round(total / model_flops_per_device, 3)
+
+
+def page_lowering(page: Any, cfg: Any, section: str, arch: Any, rules: Any) -> Callable[[Any, int, bool], Any]:
+  """`lower_at(mesh, layers, for_flops)` for `compile_step`: a trainer page's own step (its
+  `blueprint` and `batch_spec`) at `layers` layers of `arch`; for FLOPs, layers unrolled and one
+  micro-batch of `cfg.<section>`."""
+  sc = getattr(cfg, section)
+  one_micro = dataclasses.replace(cfg, **{section: dataclasses.replace(sc, batch_size=sc.micro_batch_size or
+                                                                        sc.batch_size)})
+
+  def lower_at(mesh, layers: int, for_flops: bool):
+    c = one_micro if for_flops else cfg
+    at = arch.replace(num_layers=layers, scan_layers=arch.scan_layers and not for_flops)
+    return page.blueprint(c, mesh, rules, at).lower(page.batch_spec(c, mesh, rules))
+  return lower_at

@@ -10,7 +10,6 @@ the LM head once).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from jax.sharding import AbstractMesh
@@ -56,16 +55,7 @@ def model_flops(cfg: DPORunConfig | SFTRunConfig, model_cfg: LlamaConfig) -> dic
 def lowering(cfg: DPORunConfig | SFTRunConfig, arch: LlamaConfig, rules: Rules):
   """`lower_at(mesh, layers, for_flops)` of the run's own step (`plan.compile.compile_step`)."""
   dpo = isinstance(cfg, DPORunConfig)
-  page, sc = (dpo_trainer if dpo else sft_trainer), _section(cfg)
-  micro = sc.micro_batch_size or sc.batch_size
-  one_micro = dataclasses.replace(cfg, **{"dpo" if dpo else "sft": dataclasses.replace(sc, batch_size=micro)})
-
-  def lower_at(mesh, layers: int, for_flops: bool):
-    c = one_micro if for_flops else cfg
-    step = page.blueprint(c, mesh, rules, arch.replace(num_layers=layers, scan_layers=arch.scan_layers
-                                                         and not for_flops))
-    return step.lower(page.batch_spec(c, mesh, rules))
-  return lower_at
+  return comp.page_lowering(dpo_trainer if dpo else sft_trainer, cfg, "dpo" if dpo else "sft", arch, rules)
 
 
 def build_report(cfg: DPORunConfig | SFTRunConfig, config_path: str, target: Target, mode: str) -> dict[str, Any]:

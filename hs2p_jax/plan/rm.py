@@ -29,7 +29,6 @@ dtype bytes b, L layers.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -164,15 +163,7 @@ def warnings_for(cfg: RunConfig, target: Target, analytic: dict[str, Any], rules
 
 def lowering(cfg: RunConfig, arch: LlamaConfig, rules: Rules):
   """`lower_at(mesh, layers, for_flops)` of the run's own step (`plan.compile.compile_step`)."""
-  tc = cfg.train
-  one_micro = dataclasses.replace(cfg, train=dataclasses.replace(tc, batch_size=tc.micro_batch_size or tc.batch_size))
-
-  def lower_at(mesh, layers: int, for_flops: bool):
-    c = one_micro if for_flops else cfg
-    step = rm_trainer.blueprint(c, mesh, rules, arch.replace(num_layers=layers, scan_layers=arch.scan_layers
-                                                            and not for_flops))
-    return step.lower(rm_trainer.batch_spec(c, mesh, rules))
-  return lower_at
+  return comp.page_lowering(rm_trainer, cfg, "train", arch, rules)
 
 
 def build_report(cfg: RunConfig, config_path: str, target: Target, mode: str) -> dict[str, Any]:

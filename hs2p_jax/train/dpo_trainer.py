@@ -21,7 +21,7 @@ from hs2p_jax.train.feed import StepFeed, stacked_spec
 from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta, tokenizer_spec
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.state import Part, RunState, Step, frozen_dtype
-from hs2p_jax.train.trainer import INITIAL, Trainer, run_loader
+from hs2p_jax.train.trainer import INITIAL, Trainer, run_datasets
 
 
 def blueprint(cfg: DPORunConfig, mesh: Any, rules: Rules, arch: LlamaConfig | None = None) -> Step:
@@ -48,11 +48,7 @@ def trainer(cfg: DPORunConfig, out_dir: str) -> Trainer:
   dc, mesh, rules = cfg.dpo, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
   micro = dc.micro_batch_size or dc.batch_size
   tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))
-  datasets = {"train": (run_loader(cfg.data, tokenizer, "train", "pairs", micro, dc.seed, out_dir, mesh, rules, True),
-                        dc.steps, dc.batch_size)}  # data first: a bad file fails before any weights are read
-  if cfg.data.validation:
-    datasets["validation"] = (run_loader(cfg.data, tokenizer, "validation", "pairs", micro, dc.seed, out_dir, mesh,
-                                         rules, True), None, None)
+  sets = run_datasets(cfg.data, tokenizer, "pairs", dc, out_dir, mesh, rules, True)  # data first: a bad file fails now
   step = blueprint(cfg, mesh, rules)
   check_tokenizer(tokenizer, step.state.trainable.config)
   eval_step = jax.jit(dpo.make_dpo_eval(step.state.graphdef),
@@ -60,17 +56,17 @@ def trainer(cfg: DPORunConfig, out_dir: str) -> Trainer:
 
   def evaluate(t: Trainer) -> dict[str, float]:
     """Validation loss, implicit-reward accuracy and margin, rewards and drift."""
-    if "validation" not in datasets:
+    if "validation" not in sets:
       return {}
     with use_mesh(mesh, rules):
-      res = collect(lambda p, b: eval_step(p, t.frozen["reference"], b), t.params, datasets["validation"][0], mesh,
+      res = collect(lambda p, b: eval_step(p, t.frozen["reference"], b), t.params, sets["validation"][0], mesh,
                     rules, dc.eval_batches)
     return {f"val_{k}": v for k, v in dpo.eval_metrics(res["outputs"], res["magnitude"], dc.variant, dc.beta).items()}
 
   meta = model_meta(cfg.policy, step.state.trainable.config, cfg.data.template)
   return Trainer(cfg, out_dir, section=dc, model=cfg.policy, step=step,
-                 source=StepFeed(datasets["train"][0], dc.batch_size // micro, mesh, rules), tokenizer=tokenizer,
-                 meta=meta, frozen_from={"reference": INITIAL}, evaluate=evaluate, datasets=datasets)
+                 source=StepFeed(sets["train"][0], dc.batch_size // micro, mesh, rules), tokenizer=tokenizer,
+                 meta=meta, frozen_from={"reference": INITIAL}, evaluate=evaluate, datasets=sets)
 
 
 def train_dpo(cfg: DPORunConfig, out_dir: str) -> dict[str, Any]:

@@ -121,7 +121,8 @@ def _fill(key: str) -> int:
 
 
 def stacked_spec(task: str, examples: int, micro_batches: int, seq_len: int, mesh: Any, rules: Rules = DEFAULT_RULES,
-                 num_attributes: int = 9, targets: bool = False, shared: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+                 num_attributes: int = 9, targets: bool = False,
+                 shared: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
   """The stacked batch a `StepFeed` gives at its longest (`seq_len` tokens), as ShapeDtypeStructs placed
   as `put_batch` places them: for `task` regression / pairs / sft, `examples` (pairs) per micro-batch,
   k = `micro_batches`; `targets`: log-prob targets (DPO, SFT); `shared`: pairs sharing their prompt

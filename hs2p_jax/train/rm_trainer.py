@@ -19,7 +19,7 @@ from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta,
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.rm import Objective, make_eval_step, make_train_step
 from hs2p_jax.train.state import Part, RunState, Step
-from hs2p_jax.train.trainer import Trainer, run_loader
+from hs2p_jax.train.trainer import Trainer, run_datasets, run_loader
 
 
 def objective(cfg: RunConfig) -> Objective:
@@ -56,17 +56,12 @@ def trainer(cfg: RunConfig, out_dir: str) -> Trainer:
   micro = tc.micro_batch_size or tc.batch_size
   tokenizer = load_tokenizer(tokenizer_spec(cfg.model))
 
-  def loader(data, split: str, kind: str):
-    return run_loader(data, tokenizer, split, kind, micro, tc.seed, out_dir, mesh, rules)
-
-  # data first: a bad file fails in seconds, before any model is read
-  datasets = {"train": (loader(cfg.data, "train", task(cfg)), tc.steps, tc.batch_size)}
-  if cfg.data.validation:
-    datasets["validation"] = (loader(cfg.data, "validation", task(cfg)), None, None)
+  sets = run_datasets(cfg.data, tokenizer, task(cfg), tc, out_dir, mesh, rules)  # data first: a bad file fails now
   if cfg.data.eval_pairs:
     pairs = type(cfg.data)(**{**to_dict(cfg.data), "validation": cfg.data.eval_pairs,
                               "format": cfg.data.eval_pairs_format})
-    datasets["eval_pairs"] = (loader(pairs, "validation", "pairs"), None, None)
+    sets["eval_pairs"] = (run_loader(pairs, tokenizer, "validation", "pairs", micro, 0, out_dir, mesh, rules), None,
+                          None)
   step = blueprint(cfg, mesh, rules)
   check_tokenizer(tokenizer, step.state.trainable.config)
   eval_step = jax.jit(make_eval_step(step.state.graphdef),
@@ -78,10 +73,10 @@ def trainer(cfg: RunConfig, out_dir: str) -> Trainer:
     pairwise accuracy of the regression model's scalar reward."""
     out = {}
     for name in ("validation", "eval_pairs"):
-      if name not in datasets:
+      if name not in sets:
         continue
       with use_mesh(mesh, rules):
-        res = collect(eval_step, t.params, datasets[name][0], mesh, rules, tc.eval_batches)
+        res = collect(eval_step, t.params, sets[name][0], mesh, rules, tc.eval_batches)
       if name == "eval_pairs":
         out["val_pair_accuracy"] = pair_metrics(res["outputs"] @ weights)["accuracy"]
       elif task(cfg) == "pairs":
@@ -100,8 +95,8 @@ def trainer(cfg: RunConfig, out_dir: str) -> Trainer:
              f"mesh's batch axes ({split} devices): {1 - rows / padded:.0%} of the rows are padding",)
   meta = model_meta(cfg.model, step.state.trainable.config, cfg.data.template)
   return Trainer(cfg, out_dir, section=tc, model=cfg.model, step=step,
-                 source=StepFeed(datasets["train"][0], tc.batch_size // micro, mesh, rules), tokenizer=tokenizer,
-                 meta=meta, evaluate=evaluate, datasets=datasets, batch_info=batch, notes=notes)
+                 source=StepFeed(sets["train"][0], tc.batch_size // micro, mesh, rules), tokenizer=tokenizer,
+                 meta=meta, evaluate=evaluate, datasets=sets, batch_info=batch, notes=notes)
 
 
 def train_rm(cfg: RunConfig, out_dir: str) -> dict[str, Any]:

@@ -41,7 +41,8 @@ class RolloutSource:
 
   def __init__(self, cfg: Any, loader: Any, phases: Any, scorer: Callable, tokenizer: Any, eos_ids: tuple[int, ...]):
     rc = cfg.reinforce
-    self.cfg, self.rc, self.loader, self.phases, self.scorer, self.tokenizer = cfg, rc, loader, phases, scorer, tokenizer
+    self.cfg, self.rc, self.loader, self.phases = cfg, rc, loader, phases
+    self.scorer, self.tokenizer = scorer, tokenizer
     self.eos_ids = eos_ids
     self.stops = stop_automaton(tokenizer, rc.stop_strings, phases.update.state.trainable.config.vocab_size)
     self.sampling = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,

@@ -17,7 +17,7 @@ from hs2p_jax.train.feed import StepFeed, stacked_spec
 from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta, tokenizer_spec
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.state import Part, RunState, Step
-from hs2p_jax.train.trainer import Trainer, run_loader
+from hs2p_jax.train.trainer import Trainer, run_datasets
 
 
 def blueprint(cfg: SFTRunConfig, mesh: Any, rules: Rules, arch: LlamaConfig | None = None) -> Step:
@@ -41,11 +41,7 @@ def trainer(cfg: SFTRunConfig, out_dir: str) -> Trainer:
   sc, mesh, rules = cfg.sft, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
   micro = sc.micro_batch_size or sc.batch_size
   tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))
-  datasets = {"train": (run_loader(cfg.data, tokenizer, "train", "sft", micro, sc.seed, out_dir, mesh, rules),
-                        sc.steps, sc.batch_size)}  # data first: a bad file fails before any weights are read
-  if cfg.data.validation:
-    datasets["validation"] = (run_loader(cfg.data, tokenizer, "validation", "sft", micro, sc.seed, out_dir, mesh,
-                                         rules), None, None)
+  sets = run_datasets(cfg.data, tokenizer, "sft", sc, out_dir, mesh, rules)  # data first: a bad file fails now
   step = blueprint(cfg, mesh, rules)
   check_tokenizer(tokenizer, step.state.trainable.config)
   eval_step = jax.jit(sft.make_sft_eval(step.state.graphdef),
@@ -53,16 +49,16 @@ def trainer(cfg: SFTRunConfig, out_dir: str) -> Trainer:
 
   def evaluate(t: Trainer) -> dict[str, float]:
     """Validation token-mean NLL and perplexity."""
-    if "validation" not in datasets:
+    if "validation" not in sets:
       return {}
     with use_mesh(mesh, rules):
-      res = collect(eval_step, t.params, datasets["validation"][0], mesh, rules, sc.eval_batches)
+      res = collect(eval_step, t.params, sets["validation"][0], mesh, rules, sc.eval_batches)
     return {f"val_{k}": v for k, v in sft.eval_metrics(res["outputs"]).items()}
 
   meta = model_meta(cfg.policy, step.state.trainable.config, cfg.data.template)
   return Trainer(cfg, out_dir, section=sc, model=cfg.policy, step=step,
-                 source=StepFeed(datasets["train"][0], sc.batch_size // micro, mesh, rules), tokenizer=tokenizer,
-                 meta=meta, evaluate=evaluate, datasets=datasets)
+                 source=StepFeed(sets["train"][0], sc.batch_size // micro, mesh, rules), tokenizer=tokenizer,
+                 meta=meta, evaluate=evaluate, datasets=sets)
 
 
 def train_sft(cfg: SFTRunConfig, out_dir: str) -> dict[str, Any]:

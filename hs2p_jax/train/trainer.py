@@ -38,6 +38,19 @@ from hs2p_jax.train.state import Step
 INITIAL = "initial"  # `frozen_from`: the trainable model as the run starts
 
 
+def run_datasets(data: Any, tokenizer: Any, task: str, section: Any, out_dir: str, mesh: Any, rules: Any,
+             targets: bool = False) -> dict[str, tuple[Any, int | None, int | None]]:
+  """A run's {"train", and with data.validation "validation"}: (loader, steps, batch size) each, the
+  loaders reading micro-batches of `section` (`train:`, `dpo:`, `sft:`)."""
+  micro = section.micro_batch_size or section.batch_size
+  out = {"train": (run_loader(data, tokenizer, "train", task, micro, section.seed, out_dir, mesh, rules, targets),
+                   section.steps, section.batch_size)}
+  if data.validation:
+    out["validation"] = (run_loader(data, tokenizer, "validation", task, micro, section.seed, out_dir, mesh, rules,
+                                    targets), None, None)
+  return out
+
+
 def run_loader(data: Any, tokenizer: Any, split: str, task: str, batch_size: int, seed: int, out_dir: str, mesh: Any,
                rules: Any, targets: bool = False) -> Any:
   """This process's loader of a run's `split` (training: shuffled, repeating; else in order, once),
