@@ -59,6 +59,8 @@ def plan(rel: str, chip: str, devices: int) -> dict:
           "hbm_gib": round(r["target"]["hbm"] / GiB, 2) if r["target"]["hbm"] else None,
           "fits": r["verdict"]["fits"], "basis": r["verdict"]["basis"], "flops_ratio": c.get("flops_ratio"),
           "step_seconds_at_50_mfu": a.get("step_seconds_at_50_mfu"), "warnings": r["warnings"],
+          "resident_gib": {k: round(v / GiB, 2) for k, v in a.get("resident", {}).items()},
+          "phase_peaks_gib": {ph: round(p["peak"] / GiB, 2) for ph, p in c.get("phases", {}).items()},
           "seconds": seconds}
 
 

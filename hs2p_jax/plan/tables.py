@@ -104,7 +104,8 @@ def render_lm(r: dict[str, Any]) -> str:
            f"remat={r['model']['remat']}, attention={r['model']['attention']}",
            _target_line(r["target"]),
            f"step: {b['micro_batches']} micro-batch(es) of {b['examples']} {unit}, {b['rows']} rows x {b['seq_len']} "
-           "tokens", "", "  resident per device", *_resident(a)]
+           "tokens", "", "  resident per device (policy float32"
+           + (f", reference {r['model']['frozen_dtype']})" if r["model"].get("frozen_dtype") else ")"), *_resident(a)]
   lines += _step_time(a, 1)
   if c["status"] == "ok":
     lines += ["", f"  compiled ({c['compiler']}, {c['note']})", row("peak", c["peak"]), flops_line(c)]
