@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hs2p_jax.atomic import write_json
-from hs2p_jax.errors import UserError
+from hs2p_jax.errors import Stopped, UserError
 from hs2p_jax.model import KINDS, LlamaConfig, create
 from hs2p_jax.sharding import DEFAULT_RULES, Rules, state_shardings
 
@@ -225,21 +225,49 @@ class Unreadable(UserError):
   """A checkpoint whose files cannot be read (truncated, damaged)."""
 
 
+class SaveFailed(Stopped):
+  """A checkpoint could not be written (a full or read-only disk, a lost bucket): the run stops."""
+
+
+def _reason(e: BaseException) -> str:
+  """An I/O error's kind and its last clause ("RESOURCE_EXHAUSTED: No space left on device ...")."""
+  line = _first_line(e) if len(str(e).splitlines()[0]) <= 200 else str(e).strip().splitlines()[0]
+  head, tail = line.split(":", 1)[0], line.rsplit(": ", 1)[-1]
+  return f"{head}: {tail}"[:240] if tail != line and head != line else line[:240]
+
+
 class RunCheckpoints:
-  """The resumable checkpoints of one training run, under `DIR/checkpoints/`."""
+  """The resumable checkpoints of one training run, under `DIR/checkpoints/`. With `async_save` a
+  save's writes overlap the following steps; a save that fails raises `SaveFailed` (at the next
+  save or wait) naming it, and the checkpoints before it stay intact."""
 
   def __init__(self, run_dir: str, keep: int = 2, async_save: bool = False):
     self.dir = os.path.join(os.path.abspath(run_dir), "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                        enable_async_checkpointing=async_save))
+    self._pending: int | None = None  # the step whose writes may still be in flight
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.dir, str(step))
+
+  def _failed(self, step: int, e: BaseException) -> SaveFailed:
+    kept = [s for s in self.manager.all_steps() if s != step]
+    left = (f"checkpoint {max(kept)} is intact: resume from it once the storage is fixed" if kept
+            else "no earlier checkpoint")
+    return SaveFailed(f"{self.step_path(step)}: the checkpoint could not be written ({_reason(e)}); the run "
+                      f"stopped; {left}")
+
   def save(self, step: int, state: Any, data_state: dict[str, Any], force: bool = False) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=ocp.args.JsonSave(data_state)), force=force)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      data=ocp.args.JsonSave(data_state)), force=force)
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many kinds; an async save's error surfaces here
+      raise self._failed(self._pending if self._pending is not None else step, e) from None
+    self._pending = step
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """(state, data state) of checkpoint `step`. A checkpoint whose arrays do not fit `abstract_state`
@@ -298,11 +326,26 @@ class RunCheckpoints:
     return restore_tree(path, target, path)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Until every save has been written (`SaveFailed` if one could not be)."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._failed(self._pending if self._pending is not None else -1, e) from None
+    self._pending = None
 
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+  def close(self, quiet: bool = False) -> None:
+    """Waits for the saves in flight and releases the manager; `quiet` (the run is already failing):
+    without raising."""
+    try:
+      self.wait()
+    except SaveFailed:
+      if not quiet:
+        raise
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # noqa: BLE001 - a failed save is reported by wait()
+        pass
 
 
 def abstract_like(tree: Any) -> Any:

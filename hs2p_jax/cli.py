@@ -1,4 +1,5 @@
-"""The `hs2p` command line. User errors print one line and exit 2; bugs keep their traceback."""
+"""The `hs2p` command line. User errors print one line and exit 2; a run stopped by its environment
+(preempted: 75, resume it; a failed save: 1) prints one line; bugs keep their traceback."""
 
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  from hs2p_jax.errors import UserError
+  from hs2p_jax.errors import Stopped, UserError
 
   args = parser().parse_args(argv)
   try:
@@ -111,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     msg = str(e).replace("\n", " ")
     print(f"hs2p {args.command}: error: {msg}", file=sys.stderr)
     return 2
+  except Stopped as e:
+    msg = str(e).replace("\n", " ")
+    print(f"hs2p {args.command}: {msg}", file=sys.stderr, flush=True)
+    return e.status
   except KeyboardInterrupt:
     print(f"hs2p {args.command}: interrupted", file=sys.stderr)
     return 130

@@ -80,7 +80,7 @@ class LMTrainConfig(OptimizerConfig):
   eval_batches: int = 0                # 0 = the whole validation set
   save_every: int = 50
   keep_checkpoints: int = 2
-  async_checkpoint: bool = False
+  async_checkpoint: bool = True        # a save's writes overlap the following steps
 
 
 @dataclasses.dataclass
@@ -141,7 +141,7 @@ class ReinforceConfig(OptimizerConfig):
   sample_every: int = 10               # write example responses to samples.jsonl every N steps
   save_every: int = 50
   keep_checkpoints: int = 2
-  async_checkpoint: bool = False
+  async_checkpoint: bool = True        # a save's writes overlap the following steps
 
 
 @dataclasses.dataclass

@@ -263,6 +263,8 @@ def make_loader(cfg: DataConfig, tokenizer: Any, *, split: str, task: str, batch
     raise ValueError("log-prob targets are for pairs and SFT")
   batches = _Batches(task, encoded.seqs, _extras(task, examples), order, process_index, cfg, pad_id, local_multiple,
                      encoded.starts if targets else None)
+  # what fixes the order of the batches; not this process's index: every process of a run reads the
+  # same number of steps, and the state one process saves restores on each
   fingerprint = {"examples": len(examples), "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
-                 "repeat": repeat, "process": [process_index, process_count], "task": task + ("+targets" * targets)}
+                 "repeat": repeat, "processes": process_count, "task": task + ("+targets" * targets)}
   return Loader(batches, examples, report, fingerprint, cfg.num_workers)

@@ -19,13 +19,17 @@ these members) gives it:
   save_final()               write the final model
 Running the same loop again on the same directory resumes from the newest readable checkpoint
 without reading the source weights, and `metrics.jsonl` then holds each step once with the numbers
-of an uninterrupted run.
+of an uninterrupted run. A preemption notice (SIGTERM on any process) stops every process after the
+same step, saved (`train.preemption`); a save that fails stops the run naming the checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import sys
+import threading
 from typing import Any, Protocol
 
 import jax
@@ -34,6 +38,7 @@ from hs2p_jax.atomic import write_json
 from hs2p_jax.checkpoint import RunCheckpoints
 from hs2p_jax.train.guard import FiniteGuard
 from hs2p_jax.train.metrics import MetricsWriter
+from hs2p_jax.train.preemption import Preempted, StopSignal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +71,14 @@ class Trainer(Protocol):
 def run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any]) -> dict[str, Any]:
   """Trains (or resumes) `trainer` to `loop.steps` in `out_dir`; returns the last logged record."""
   os.makedirs(out_dir, exist_ok=True)
+  logs = LibraryLog(out_dir)
+  try:
+    return _run(trainer, loop, out_dir, config)
+  finally:
+    logs.close()
+
+
+def _run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any]) -> dict[str, Any]:
   if jax.process_index() == 0:
     write_json(os.path.join(out_dir, "config.json"), config)
   trainer.provenance()
@@ -82,6 +95,7 @@ def run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any]
   trainer.begin(start)
   writer = MetricsWriter(out_dir, loop.steps, start, stage=loop.name)
   guard = FiniteGuard(out_dir, start or None)
+  stop = StopSignal()
   last: dict[str, Any] = {}
   try:
     for step in range(start + 1, loop.steps + 1):
@@ -98,17 +112,62 @@ def run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any]
         last = writer.log(step, rec)
       if samples:
         writer.samples(step, samples)
-      if step % loop.save_every == 0 or final:
+      preempted = stop.reached(step) and not final  # every process agrees on this step
+      if step % loop.save_every == 0 or final or preempted:
         guard.check()  # never a checkpoint of non-finite params
-        ckpts.save(step, trainer.checkpoint_state(), {"loader": trainer.loader.get_state()}, force=final)
+        ckpts.save(step, trainer.checkpoint_state(), {"loader": trainer.loader.get_state()}, force=final or preempted)
         guard.saved(step)
+      if preempted:
+        ckpts.wait()
+        raise Preempted(step, ckpts.step_path(step))
     guard.check()
     ckpts.wait()
     trainer.save_final()
   finally:
-    ckpts.close()
+    stop.close()
+    ckpts.close(quiet=sys.exc_info()[0] is not None)
     writer.close()
   return last
+
+
+class LibraryLog:
+  """While a run lasts, what the libraries report on their own (Orbax's tracebacks of a failed save,
+  absl warnings, errors printed by background threads) goes to DIR/logs/process_<i>.log instead of
+  the terminal, which keeps the run's own lines (written by the main thread)."""
+
+  def __init__(self, out_dir: str):
+    os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
+    self.file = open(os.path.join(out_dir, "logs", f"process_{jax.process_index()}.log"), "a", encoding="utf-8")
+    self.logger = logging.getLogger("absl")
+    self.handler = logging.StreamHandler(self.file)
+    self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(message)s"))
+    self.logger.addHandler(self.handler)
+    self.propagate, self.logger.propagate = self.logger.propagate, False
+    self.stderr, sys.stderr = sys.stderr, _MainThreadOnly(sys.stderr, self.file)
+
+  def close(self) -> None:
+    sys.stderr = self.stderr
+    self.logger.removeHandler(self.handler)
+    self.logger.propagate = self.propagate
+    self.file.close()
+
+
+class _MainThreadOnly:
+  """A stderr whose writes from other threads go to `log`."""
+
+  def __init__(self, stream, log):
+    self._stream, self._log = stream, log
+
+  def write(self, text: str) -> int:
+    out = self._stream if threading.current_thread() is threading.main_thread() else self._log
+    return out.write(text)
+
+  def flush(self) -> None:
+    self._stream.flush()
+    self._log.flush()
+
+  def __getattr__(self, name: str):
+    return getattr(self._stream, name)
 
 
 def host_record(metrics: dict[str, Any]) -> dict[str, float]:

@@ -1,0 +1,182 @@
+"""Runs that survive their environment: a preemption notice (SIGTERM, on any process) saves the step
+every process agrees on and exits with the resume status; a save that fails stops the run loudly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import separable_pairs, tiny_overrides, write_jsonl
+from hs2p_jax.train.metrics import read_metrics
+from hs2p_jax.train.preemption import RESUME_STATUS
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
+
+
+def _config(tmp_path) -> str:
+  cfg = tmp_path / "c.yaml"
+  cfg.write_text("name: faults\n")
+  return str(cfg)
+
+
+def _rm_sets(tmp_path, steps: int, **extra) -> list[str]:
+  data = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(12))
+  return tiny_overrides(tmp_path, **{"data.train": data, "data.format": "pairs", "train.objective": "bt",
+                                     "train.steps": steps, "train.batch_size": 4, "train.lr": 3e-3,
+                                     "train.save_every": 1000, "mesh.data": -1, **extra})
+
+
+def _cmd(command: str, cfg: str, out: str, sets: list[str]) -> list[str]:
+  return [sys.executable, "-m", "hs2p_jax", command, "--config", cfg, "--out", out, "--set", *sets]
+
+
+def _wait_for_step(out: str, step: int, procs: list[subprocess.Popen], timeout: float = 300) -> None:
+  path, deadline = os.path.join(out, "metrics.jsonl"), time.time() + timeout
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if os.path.exists(path) and any(r["step"] >= step for r in read_metrics(path)):
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"the run never logged step {step}: {[p.poll() for p in procs]}")
+
+
+def _saved_steps(out: str) -> list[int]:
+  ckpts = os.path.join(out, "checkpoints")
+  return sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
+
+
+def _same_numbers(a: list[dict], b: list[dict], keys=("loss", "grad_norm"), rel: float = 0.0) -> None:
+  assert [r["step"] for r in b] == [r["step"] for r in a]  # each step once
+  for ra, rb in zip(a, b):
+    for k in keys:
+      assert rb[k] == pytest.approx(ra[k], rel=rel, abs=0 if rel == 0 else 1e-9), (k, ra, rb)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path):
+  cfg, sets = _config(tmp_path), _rm_sets(tmp_path, 60)
+  straight = str(tmp_path / "straight")
+  subprocess.run(_cmd("train-rm", cfg, straight, sets), env=ENV, check=True, capture_output=True)
+  out = str(tmp_path / "run")
+  proc = subprocess.Popen(_cmd("train-rm", cfg, out, sets), env=ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_step(out, 3, [proc])
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == RESUME_STATUS, err[-2000:]
+  (k,) = _saved_steps(out)  # save_every is 1000: the preemption's checkpoint alone
+  assert 3 <= k < 60 and f"preempted at step {k}: saved {out}/checkpoints/{k}" in err.strip().splitlines()[-1]
+  assert "Traceback" not in err
+  rerun = subprocess.run(_cmd("train-rm", cfg, out, sets), env=ENV, capture_output=True, text=True)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  _same_numbers(read_metrics(os.path.join(straight, "metrics.jsonl")), read_metrics(os.path.join(out, "metrics.jsonl")),
+                ("loss", "grad_norm", "accuracy"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path):
+  from test_multiprocess import free_port
+  cfg, sets = _config(tmp_path), _rm_sets(tmp_path, 60, **{"mesh.fsdp": 1})
+
+  def launch(out):
+    port = free_port()
+    return [subprocess.Popen(_cmd("train-rm", cfg, out, sets + [f"dist.coordinator=127.0.0.1:{port}",
+                                                                "dist.num_processes=2", f"dist.process_id={i}"]),
+                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+  def finish(procs, status):
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [status] * 2, [e[-1500:] for e in errs]
+    return errs
+
+  straight, out = str(tmp_path / "straight"), str(tmp_path / "run")
+  finish(launch(straight), 0)
+  procs = launch(out)
+  _wait_for_step(out, 3, procs)
+  procs[1].send_signal(signal.SIGTERM)  # process 1 only: the preemption service tells process 0
+  errs = finish(procs, RESUME_STATUS)
+  (k,) = _saved_steps(out)
+  assert 3 <= k < 60 and all(f"preempted at step {k}" in e for e in errs)
+  finish(launch(out), 0)  # each process restores its own share of the data position
+  _same_numbers(read_metrics(os.path.join(straight, "metrics.jsonl")),
+                read_metrics(os.path.join(out, "metrics.jsonl")), ("loss", "grad_norm", "accuracy"), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_reinforce_preempted_resumes_with_the_uninterrupted_numbers(tmp_path):
+  from hs2p_jax.checkpoint import ModelMeta, save_model
+  from hs2p_jax.model import preset
+  from hs2p_jax.tokenizer import load_tokenizer
+  from hs2p_jax.train.model_init import random_model
+  rm_dir = str(tmp_path / "rm")
+  rm = random_model("reward", preset("tiny", num_layers=1), 9, 0, None, ())
+  save_model(rm_dir, rm, ModelMeta("reward", rm.cfg, template="chat"), load_tokenizer("bytes"))
+  cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/quickstart/reinforce.yaml")
+  sets = [f"reward_model={rm_dir}", "policy.num_layers=1", "reinforce.steps=40", "reinforce.save_every=1000",
+          "reinforce.max_new_tokens=8", "reinforce.sample_every=3", "data.builtin_size=64", "mesh.data=1"]
+  straight = str(tmp_path / "straight")
+  subprocess.run(_cmd("reinforce", cfg, straight, sets), env=ENV, check=True, capture_output=True)
+  out = str(tmp_path / "run")
+  proc = subprocess.Popen(_cmd("reinforce", cfg, out, sets), env=ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_step(out, 3, [proc])
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == RESUME_STATUS, err[-2000:]
+  (k,) = _saved_steps(out)
+  rerun = subprocess.run(_cmd("reinforce", cfg, out, sets), env=ENV, capture_output=True, text=True)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  a, b = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (straight, out))
+  _same_numbers(a, b, ("loss", "reward", "kl", "grad_norm"), rel=1e-5)
+  samples = [[json.loads(line)["step"] for line in open(os.path.join(d, "samples.jsonl"), encoding="utf-8")]
+             for d in (straight, out)]
+  assert samples[1] == samples[0] and sorted(set(samples[0])) == list(range(3, 40, 3)) + [40] and 3 <= k < 40
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A directory on a tmpfs of a few MiB, to fill up (root and mount needed: else the test skips)."""
+  path = tmp_path / "disk"
+  path.mkdir()
+  size = {"kib": 0}
+
+  def mount(kib: int) -> str:
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)], capture_output=True)
+    if proc.returncode:
+      pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()[:100]})")
+    size["kib"] = kib
+    return str(path)
+
+  yield mount
+  if size["kib"]:
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_save_that_fails_stops_the_run_naming_the_checkpoint(tmp_path, small_disk):
+  cfg = _config(tmp_path)
+  sets = _rm_sets(tmp_path, 6, **{"train.save_every": 2, "train.keep_checkpoints": 5, "train.async_checkpoint": True})
+  probe = str(tmp_path / "probe")  # how much one checkpoint takes
+  subprocess.run(_cmd("train-rm", cfg, probe, sets + ["train.steps=2"]), env=ENV, check=True, capture_output=True)
+  one = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(probe, "checkpoints", "2"))
+            for f in fs)
+  out = os.path.join(small_disk(int(1.6 * one) // 1024 + 64), "run")  # room for checkpoint 2, not for 4
+  proc = subprocess.run(_cmd("train-rm", cfg, out, sets), env=ENV, capture_output=True, text=True)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert f"{out}/checkpoints/4: the checkpoint could not be written" in last and "space" in last, last
+  assert "checkpoint 2 is intact" in last and "Traceback" not in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) < 20  # the libraries' tracebacks went to the run's log
+  assert "No space left" in open(os.path.join(out, "logs", "process_0.log"), encoding="utf-8").read()
+  moved = str(tmp_path / "moved")  # checkpoint 2 resumes elsewhere
+  shutil.copytree(out, moved)
+  rerun = subprocess.run(_cmd("train-rm", cfg, moved, sets), env=ENV, capture_output=True, text=True)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert "resume: state restored" in rerun.stderr
+  assert [r["step"] for r in read_metrics(os.path.join(moved, "metrics.jsonl"))] == list(range(1, 7))
