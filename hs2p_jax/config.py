@@ -97,6 +97,8 @@ class DistConfig:
   num_processes: Optional[int] = None
   process_id: Optional[int] = None
   local_device_ids: Optional[Any] = None
+  heartbeat_timeout: float = 30.0      # s without a peer's heartbeat before every process stops (exit 75)
+  step_timeout: float = 0.0            # s a training step (with its log and save) may run; 0 = no limit
 
 
 @dataclasses.dataclass

@@ -84,6 +84,10 @@ def validate(cfg) -> None:
       raise UserError(f"reinforce.rollout_tensor={rl.rollout_tensor}: must be >= 0 (0 chooses)")
     if not 0.0 < rl.top_p <= 1.0 or rl.temperature < 0:
       raise UserError("reinforce.top_p must be in (0, 1] and reinforce.temperature >= 0")
+  dist = getattr(cfg, "dist", None)
+  if hasattr(dist, "heartbeat_timeout"):
+    if dist.heartbeat_timeout <= 0 or dist.step_timeout < 0:
+      raise UserError("dist.heartbeat_timeout must be > 0 and dist.step_timeout >= 0 (0: no limit)")
   data = getattr(cfg, "data", None)
   if hasattr(data, "max_length"):
     if data.max_length < 8:

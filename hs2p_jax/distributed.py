@@ -12,12 +12,14 @@ _started = False
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               local_device_ids=None) -> None:
+               local_device_ids=None, heartbeat_timeout: float = 30.0) -> None:
   """Starts the multi-process runtime once.
 
   With a coordinator, num_processes and process_id given, uses them. Otherwise, on a TPU pod, under
   SLURM (several tasks) or with JAX's own environment variables, lets `jax.distributed` detect
-  the cluster; on one machine with none of these it does nothing (single process).
+  the cluster; on one machine with none of these it does nothing (single process). jax's own
+  heartbeat timeout is set a minute past `heartbeat_timeout`, so that the run's watchdog
+  (`train.watchdog`) reports a lost process before jax aborts.
   """
   global _started
   if _started:
@@ -29,10 +31,16 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if num_processes < 1 or not 0 <= process_id < num_processes:
       raise UserError(f"dist.process_id={process_id} out of range for dist.num_processes={num_processes}")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids)
+                               process_id=process_id, local_device_ids=local_device_ids,
+                               heartbeat_timeout_seconds=jax_heartbeat(heartbeat_timeout))
   elif _cluster_detected():
-    jax.distributed.initialize(local_device_ids=local_device_ids)
+    jax.distributed.initialize(local_device_ids=local_device_ids,
+                               heartbeat_timeout_seconds=jax_heartbeat(heartbeat_timeout))
   _started = True
+
+
+def jax_heartbeat(heartbeat_timeout: float) -> int:
+  return max(100, int(heartbeat_timeout) + 60)
 
 
 def _cluster_detected() -> bool:

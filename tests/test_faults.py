@@ -180,3 +180,39 @@ def test_a_save_that_fails_stops_the_run_naming_the_checkpoint(tmp_path, small_d
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert "resume: state restored" in rerun.stderr
   assert [r["step"] for r in read_metrics(os.path.join(moved, "metrics.jsonl"))] == list(range(1, 7))
+
+
+def _two_processes(tmp_path, out: str, extra: list[str]) -> list[subprocess.Popen]:
+  from test_multiprocess import free_port
+  port = free_port()
+  sets = _rm_sets(tmp_path, 2000, **{"mesh.fsdp": 1}) + extra
+  return [subprocess.Popen(_cmd("train-rm", _config(tmp_path), out, sets + [
+      f"dist.coordinator=127.0.0.1:{port}", "dist.num_processes=2", f"dist.process_id={i}"]),
+      env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["killed", "stuck"])
+def test_a_lost_or_stuck_process_stops_the_other_with_one_line(tmp_path, fault):
+  """SIGKILL of process 1: process 0 stops within dist.heartbeat_timeout (10 s here); SIGSTOP of
+  process 1 (its step never ends): process 0's step outlives dist.step_timeout (5 s)."""
+  out = str(tmp_path / "run")
+  limits = ["dist.heartbeat_timeout=10"] if fault == "killed" else ["dist.heartbeat_timeout=120", "dist.step_timeout=5"]
+  procs = _two_processes(tmp_path, out, limits)
+  try:
+    _wait_for_step(out, 3, procs)
+    t0 = time.time()
+    procs[1].send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+    _, err = procs[0].communicate(timeout=(10 if fault == "killed" else 5) + 30)
+    elapsed = time.time() - t0
+  finally:
+    procs[1].kill()
+    procs[1].communicate()
+  assert procs[0].returncode == RESUME_STATUS, err[-2000:]
+  last = err.strip().splitlines()[-1]
+  if fault == "killed":
+    assert "process 1 stopped answering" in last and "dist.heartbeat_timeout" in last, last
+  else:
+    assert "has not finished after 5 s (dist.step_timeout)" in last, last
+  assert "run the same command again on every process" in last and elapsed < 40
+  assert "Traceback" not in err and " @ 0x" not in err and "Check failure" not in err, err[-3000:]

@@ -18,7 +18,8 @@ def convert_command(args) -> int:
   from hs2p_jax.tokenizer import load_tokenizer
 
   cfg = load_tool("convert", args.overrides, {"template": "steerlm"}, data_keys=("template",))
-  initialize(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id, cfg.dist.local_device_ids)
+  initialize(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id, cfg.dist.local_device_ids,
+             cfg.dist.heartbeat_timeout)
   if args.checkpoint:
     if not args.to_hf:
       raise UserError("convert --checkpoint needs --to-hf DIR")

@@ -66,7 +66,7 @@ def tool_config(command: str, checkpoint: str, overrides: list[str], data: str |
     defaults["format"] = fmt
   cfg = load_tool(command, overrides, defaults, data_keys)
   d = cfg.dist
-  initialize(d.coordinator, d.num_processes, d.process_id, d.local_device_ids)
+  initialize(d.coordinator, d.num_processes, d.process_id, d.local_device_ids, d.heartbeat_timeout)
   return cfg, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
 
 

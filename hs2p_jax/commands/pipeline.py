@@ -103,7 +103,8 @@ class Pipeline:
     if not any(self._done(s) for s in self.cfg.stages) and os.path.exists(os.path.join(self.out, "metrics.jsonl")):
       os.remove(os.path.join(self.out, "metrics.jsonl"))
     reg = self.stage_config(config_lib.RunConfig, "regression", self.cfg.regression)
-    initialize(reg.dist.coordinator, reg.dist.num_processes, reg.dist.process_id, reg.dist.local_device_ids)
+    initialize(reg.dist.coordinator, reg.dist.num_processes, reg.dist.process_id, reg.dist.local_device_ids,
+               reg.dist.heartbeat_timeout)
     self.mesh_cfg = reg.mesh  # the expo and eval stages run on the training stages' mesh
     for stage in self.cfg.stages:
       getattr(self, f"_{stage}")()

@@ -21,7 +21,7 @@ def train_command(command: str, config: str, overrides: list[str], out: str) -> 
   cls, target = TRAINERS[command]
   cfg = config_lib.load(getattr(config_lib, cls), config, overrides)
   d = cfg.dist
-  initialize(d.coordinator, d.num_processes, d.process_id, d.local_device_ids)
+  initialize(d.coordinator, d.num_processes, d.process_id, d.local_device_ids, d.heartbeat_timeout)
   module, fn = target.split(":")
   getattr(importlib.import_module(module), fn)(cfg, out)
   return 0

@@ -39,6 +39,7 @@ from hs2p_jax.checkpoint import RunCheckpoints
 from hs2p_jax.train.guard import FiniteGuard
 from hs2p_jax.train.metrics import MetricsWriter
 from hs2p_jax.train.preemption import Preempted, StopSignal
+from hs2p_jax.train.watchdog import Watchdog, stop_now
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,8 @@ class LoopConfig:
   async_checkpoint: bool = False
   name: str | None = None
   eval_every: int = 0          # 0: evaluate at the last step only
+  heartbeat_timeout: float = 30.0  # s without a peer's heartbeat before the run stops (train.watchdog)
+  step_timeout: float = 0.0    # s a step may run (0: no limit)
 
 
 class Trainer(Protocol):
@@ -96,9 +99,12 @@ def _run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any
   writer = MetricsWriter(out_dir, loop.steps, start, stage=loop.name)
   guard = FiniteGuard(out_dir, start or None)
   stop = StopSignal()
+  watch = Watchdog(loop.heartbeat_timeout, loop.step_timeout,
+                   f"resume from {ckpts.step_path(start)}" if start else "start again (no checkpoint was written)")
   last: dict[str, Any] = {}
   try:
     for step in range(start + 1, loop.steps + 1):
+      watch.step_begins(step)
       metrics = trainer.step(step)
       samples = metrics.pop("_samples", None)
       guard.update(step, metrics)  # on the device: no sync here
@@ -117,13 +123,21 @@ def _run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any
         guard.check()  # never a checkpoint of non-finite params
         ckpts.save(step, trainer.checkpoint_state(), {"loader": trainer.loader.get_state()}, force=final or preempted)
         guard.saved(step)
+        watch.saved(step, ckpts.step_path(step))
       if preempted:
         ckpts.wait()
         raise Preempted(step, ckpts.step_path(step))
+      watch.step_ends()
     guard.check()
     ckpts.wait()
     trainer.save_final()
+  except Exception as e:
+    lost = watch.lost(e)  # a collective that failed because a process is gone: one line, out at once
+    if lost is not None:
+      stop_now(lost)
+    raise
   finally:
+    watch.close()
     stop.close()
     ckpts.close(quiet=sys.exc_info()[0] is not None)
     writer.close()

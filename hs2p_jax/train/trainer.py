@@ -169,6 +169,7 @@ class Trainer:
 
   def run(self) -> dict[str, Any]:
     s = self.section
+    d = self.cfg.dist
     loop = LoopConfig(s.steps, s.log_every, s.save_every, s.keep_checkpoints, s.async_checkpoint, self.cfg.name,
-                      getattr(s, "eval_every", 0))
+                      getattr(s, "eval_every", 0), d.heartbeat_timeout, d.step_timeout)
     return run_loop(self, loop, self.out_dir, to_dict(self.cfg))
