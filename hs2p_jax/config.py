@@ -99,6 +99,8 @@ class DistConfig:
   local_device_ids: Optional[Any] = None
   heartbeat_timeout: float = 30.0      # s without a peer's heartbeat before every process stops (exit 75)
   step_timeout: float = 0.0            # s a training step (with its log and save) may run; 0 = no limit
+  compile_cache: Optional[str] = None  # persistent compilation cache dir (shared storage): a relaunch compiles
+                                       # nothing it compiled before; None: JAX_COMPILATION_CACHE_DIR, if set
 
 
 @dataclasses.dataclass

@@ -51,3 +51,10 @@ def _cluster_detected() -> bool:
     return True
   # Multi-host TPU slices publish their worker list; single-host TPU VMs need no initialisation.
   return bool(env.get("TPU_WORKER_HOSTNAMES", "").count(","))
+
+
+def compile_cache(path: str | None) -> None:
+  """Keeps compiled programs under `path` (on storage every host shares, for pods), so that a relaunched
+  or resumed run loads its steps instead of compiling them again. Call before anything compiles."""
+  if path:
+    jax.config.update("jax_compilation_cache_dir", path)

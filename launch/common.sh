@@ -56,11 +56,23 @@ parse_args() {
   EXTRA=("$@")
 }
 
-# The hs2p command line every process runs, as an array: HS2P_CMD.
+# The hs2p command line every process runs, as an array: HS2P_CMD. Its compiled programs persist in
+# COMPILE_CACHE (default OUT/compile_cache, storage every host shares): a relaunch compiles nothing twice.
 hs2p_command() {
   # shellcheck disable=SC2034  # for the caller
   HS2P_CMD=("${PYTHON:-python3}" -m hs2p_jax "${HS2P_COMMAND:-train-rm}" --config "$CONFIG" --out "$OUT"
-            "${EXTRA[@]}")
+            "${EXTRA[@]}" --set "dist.compile_cache=${COMPILE_CACHE:-$OUT/compile_cache}")
+}
+
+# The exit status with which hs2p asks to be run again (preempted, or a process of the run was lost):
+# it saved what it had, and the same command resumes from there.
+RESUME_STATUS=75
+
+# A bash loop (one string) that runs COMMAND again while it exits with RESUME_STATUS, at most
+# MAX_RESUMES (default 3) times more, and ends with its last status.
+resume_loop() {
+  echo "{ n=0; while true; do $1; rc=\$?; if [ \$rc -ne $RESUME_STATUS ] || [ \$n -ge ${MAX_RESUMES:-3} ]; then \
+exit \$rc; fi; n=\$((n + 1)); echo \"hs2p exited $RESUME_STATUS (resume me): relaunch \$n of ${MAX_RESUMES:-3}\" >&2; done; }"
 }
 
 # Arguments joined into one string that a remote bash splits back into the same arguments.

@@ -12,7 +12,9 @@
 # mount or an NFS/Filestore path).
 # Env: TPU_NAME, ZONE (required); PROJECT; REPO_URL (required unless SKIP_INSTALL=1); REPO_REF
 # (default main); REMOTE_DIR (default hs2p-jax); PYTHON (default python3); HS2P_COMMAND (default
-# train-rm); SKIP_INSTALL=1; DRY_RUN=1 (same as --dry-run: print the commands, run nothing).
+# train-rm); SKIP_INSTALL=1; DRY_RUN=1 (same as --dry-run: print the commands, run nothing);
+# MAX_RESUMES (default 3): each worker reruns hs2p while it exits 75 (preempted, or a process of the
+# run was lost: it resumes from its last checkpoint); COMPILE_CACHE (default OUT/compile_cache).
 
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -37,4 +39,4 @@ cd $d && $(quote "$python") -m pip install --quiet -e . \"jax[tpu]\""
 fi
 
 hs2p_command
-run "${ssh[@]}" --command "cd $(quote "$dir") && $(quote "${HS2P_CMD[@]}")"
+run "${ssh[@]}" --command "cd $(quote "$dir") && $(resume_loop "$(quote "${HS2P_CMD[@]}")")"

@@ -11,7 +11,10 @@
 # OUT must be a directory every host shares (a GCS FUSE or Filestore volume of the cluster).
 # Env: CLUSTER, TPU_TYPE (required); NUM_SLICES (default 1); WORKLOAD (default hs2p-MMDD-HHMMSS);
 # ZONE; PROJECT; DOCKER_IMAGE or BASE_IMAGE (default python:3.11); PYTHON (default python3);
-# HS2P_COMMAND (default train-rm); DRY_RUN=1 (same as --dry-run: print the command, run nothing).
+# HS2P_COMMAND (default train-rm); DRY_RUN=1 (same as --dry-run: print the command, run nothing);
+# MAX_RESUMES (default 3): each container reruns hs2p while it exits 75 (preempted, or a process of
+# the run was lost), and the JobSet restarts the workload as often when a host goes away;
+# COMPILE_CACHE (default OUT/compile_cache).
 
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -22,12 +25,12 @@ require CLUSTER TPU_TYPE
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 xpk=(xpk workload create --cluster "$CLUSTER" --workload "${WORKLOAD:-hs2p-$(date +%m%d-%H%M%S)}"
-     --tpu-type "$TPU_TYPE" --num-slices "${NUM_SLICES:-1}")
+     --tpu-type "$TPU_TYPE" --num-slices "${NUM_SLICES:-1}" --max-restarts "${MAX_RESUMES:-3}")
 if [[ -n ${ZONE:-} ]]; then xpk+=(--zone "$ZONE"); fi
 if [[ -n ${PROJECT:-} ]]; then xpk+=(--project "$PROJECT"); fi
 
 hs2p_command
-command=$(quote "${HS2P_CMD[@]}")
+command=$(resume_loop "$(quote "${HS2P_CMD[@]}")")
 if [[ -n ${DOCKER_IMAGE:-} ]]; then
   xpk+=(--docker-image "$DOCKER_IMAGE")
 else

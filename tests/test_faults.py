@@ -216,3 +216,17 @@ def test_a_lost_or_stuck_process_stops_the_other_with_one_line(tmp_path, fault):
     assert "has not finished after 5 s (dist.step_timeout)" in last, last
   assert "run the same command again on every process" in last and elapsed < 40
   assert "Traceback" not in err and " @ 0x" not in err and "Check failure" not in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_a_relaunched_run_loads_its_steps_from_the_compile_cache(tmp_path):
+  cache = tmp_path / "cache"
+  env = {**ENV, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the tiny model compiles in well under a second
+  sets = _rm_sets(tmp_path, 2) + [f"dist.compile_cache={cache}"]
+  entries = []
+  for out in ("first", "second"):
+    subprocess.run(_cmd("train-rm", _config(tmp_path), str(tmp_path / out), sets), env=env, check=True,
+                   capture_output=True)
+    entries.append(sorted((f, os.stat(cache / f).st_mtime_ns) for f in os.listdir(cache)))
+  # the second run read every program from the cache: no entry new, none written again
+  assert len(entries[0]) >= 2 and entries[1] == entries[0]

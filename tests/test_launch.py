@@ -16,6 +16,7 @@ SCRIPTS = ["tpu_vm.sh", "xpk.sh", "slurm.sbatch"]
 CONFIG = "configs/paper/llama-3.1-70b/regression_helpfulness.yaml"
 OUT = "/mnt/shared/runs/regression 70b"  # a space, to check the quoting
 HS2P = f"-m hs2p_jax train-rm --config {CONFIG} --out"
+CACHE = ["--set", f"dist.compile_cache={OUT}/compile_cache"]  # the launchers' compilation cache
 
 # A stand-in for a launcher (gcloud, xpk, srun) or for python: appends its arguments, one per
 # line, and a blank line, to $CALLS.
@@ -66,10 +67,12 @@ def test_tpu_vm_dry_run_prints_install_and_run_on_every_worker():
   for line in (install, run):
     assert line.startswith("gcloud compute tpus tpu-vm ssh my-v5p --zone us-east5-a --worker=all --project p1 ")
   assert "git clone --quiet https://example.com/org/hs2p-jax.git hs2p-jax" in install and '"jax[tpu]"' in install
-  assert f"cd hs2p-jax && python3 {HS2P}" in run and "--set train.steps=3" in run
-  # The printed line is a shell command: it splits back into the same arguments.
+  assert "cd hs2p-jax && { n=0; while true; do python3 " in run and "--set train.steps=3" in run
+  # The printed line is a shell command: it splits back into the same arguments, the hs2p call among them.
   remote = shlex.split(shlex.split(run)[-1])
-  assert remote == ["cd", "hs2p-jax", "&&", "python3", *HS2P.split(), OUT, "--set", "train.steps=3"]
+  start = remote.index("python3")
+  assert remote[:start] == ["cd", "hs2p-jax", "&&", "{", "n=0;", "while", "true;", "do"]
+  assert remote[start:start + 11] == ["python3", *HS2P.split(), OUT, "--set", "train.steps=3", *CACHE[:1]]
 
 
 def test_tpu_vm_runs_hs2p_with_the_arguments_given(fakes, tmp_path):
@@ -82,18 +85,19 @@ def test_tpu_vm_runs_hs2p_with_the_arguments_given(fakes, tmp_path):
   (tmp_path / "hs2p-jax").mkdir()  # what the worker's shell does with the remote command
   subprocess.run(["bash", "-c", gcloud[-1]], cwd=tmp_path, check=True,
                  env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "CALLS": str(record)})
-  assert calls(record)[-1] == ["python3", *HS2P.split(), OUT, "--set", "model.reward_weights=it's"]
+  assert calls(record)[-1] == ["python3", *HS2P.split(), OUT, "--set", "model.reward_weights=it's", *CACHE]
 
 
 def test_xpk_dry_run_creates_a_workload():
   proc = launch("xpk.sh", CONFIG, OUT, env={**XPK_ENV, "DRY_RUN": "1", "ZONE": "us-east5-a", "WORKLOAD": "rm70b"})
   assert proc.returncode == 0, proc.stderr
   line = proc.stdout.strip()
-  assert line.startswith("xpk workload create --cluster my-cluster --workload rm70b --tpu-type v5p-128 --num-slices 1")
+  assert line.startswith("xpk workload create --cluster my-cluster --workload rm70b --tpu-type v5p-128 --num-slices 1 "
+                         "--max-restarts 3")
   assert f"--base-docker-image python:3.11 --script-dir {REPO}" in line and "--zone us-east5-a" in line
   command = shlex.split(shlex.split(line)[-1])
-  assert command == ["python3", "-m", "pip", "install", "--quiet", "-e", ".", "jax[tpu]", "&&",
-                     "python3", *HS2P.split(), OUT]
+  assert command[:10] == ["python3", "-m", "pip", "install", "--quiet", "-e", ".", "jax[tpu]", "&&", "{"]
+  assert f"python3 {HS2P}" in shlex.split(line)[-1]
 
 
 def test_xpk_with_an_image_only_runs_hs2p(fakes):
@@ -104,7 +108,9 @@ def test_xpk_with_an_image_only_runs_hs2p(fakes):
   [xpk] = calls(record)
   assert xpk[:3] == ["xpk", "workload", "create"] and xpk[xpk.index("--num-slices") + 1] == "2"
   assert xpk[xpk.index("--docker-image") + 1] == "gcr.io/p/hs2p:1" and "--base-docker-image" not in xpk
-  assert shlex.split(xpk[-1]) == ["python3", *HS2P.split(), OUT]
+  subprocess.run(["bash", "-c", xpk[-1]], check=True,  # what the container's shell does with the command
+                 env={**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "CALLS": str(record)})
+  assert calls(record)[-1] == ["python3", *HS2P.split(), OUT, *CACHE]
 
 
 def test_slurm_dry_run_passes_the_dist_keys():
@@ -116,7 +122,7 @@ def test_slurm_dry_run_passes_the_dist_keys():
                 "dist.process_id=$SLURM_PROCID"):
     assert piece in line
   auto = launch("slurm.sbatch", "--dry-run", CONFIG, OUT, env={"DIST": "auto"}).stdout
-  assert f"python3 {HS2P}" in auto and "dist." not in auto
+  assert f"python3 {HS2P}" in auto and "dist.coordinator" not in auto and "dist.process_id" not in auto
 
 
 @pytest.mark.parametrize("procs", ["gpu", "node"])
@@ -131,7 +137,30 @@ def test_slurm_tasks_get_their_process_ids(fakes, procs):
   dist = [f"dist.coordinator={host}:4321", "dist.num_processes=2", "dist.process_id=1"]
   if procs == "node":
     dist.append("dist.local_device_ids=[0,1,2,3]")
-  assert python == ["python3", *HS2P.split(), OUT, "--set", "train.steps=3", "--set", *dist]
+  assert python == ["python3", *HS2P.split(), OUT, "--set", "train.steps=3", *CACHE, "--set", *dist]
+
+
+# A python3 stand-in that records its call and exits 75 ("resume me") until it has been called $RESUMES times.
+RESUMING = RECORDER + ('n=$(grep -c "^python3$" "$CALLS")\n'
+                       'if [ "$n" -le "${RESUMES:-0}" ]; then exit 75; fi\n')
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("max_resumes", [3, 1])
+def test_every_launcher_relaunches_on_the_resume_status(fakes, tmp_path, script, max_resumes):
+  bin_dir, record = fakes
+  (tmp_path / "bin" / "python3").write_text(RESUMING)
+  env = {"CALLS": str(record), "RESUMES": "2", "MAX_RESUMES": str(max_resumes), "PORT": "4321",
+         **(TPU_ENV if script == "tpu_vm.sh" else XPK_ENV if script == "xpk.sh" else {}),
+         "SKIP_INSTALL": "1", "DOCKER_IMAGE": "img"}
+  proc = launch(script, CONFIG, OUT, env=env, path=bin_dir)
+  if script != "slurm.sbatch":  # run the remote / container command as the host's shell would
+    (tmp_path / "hs2p-jax").mkdir(exist_ok=True)
+    proc = subprocess.run(["bash", "-c", calls(record)[-1][-1]], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, **env, "PATH": bin_dir + os.pathsep + os.environ["PATH"]})
+  runs = [c for c in calls(record) if c[0] == "python3"]
+  assert len(runs) == min(3, max_resumes + 1) and proc.returncode == (0 if max_resumes >= 2 else 75), proc.stderr
+  assert "hs2p exited 75 (resume me): relaunch 1 of" in proc.stderr
 
 
 def test_missing_settings_are_named():

@@ -98,13 +98,14 @@ class Pipeline:
     print(f"== pipeline stage: {stage} ({self._dir(stage)})", file=sys.stderr, flush=True)
 
   def run(self) -> dict[str, Any]:
-    from hs2p_jax.distributed import initialize
+    from hs2p_jax.distributed import compile_cache, initialize
     os.makedirs(self.out, exist_ok=True)
     if not any(self._done(s) for s in self.cfg.stages) and os.path.exists(os.path.join(self.out, "metrics.jsonl")):
       os.remove(os.path.join(self.out, "metrics.jsonl"))
     reg = self.stage_config(config_lib.RunConfig, "regression", self.cfg.regression)
     initialize(reg.dist.coordinator, reg.dist.num_processes, reg.dist.process_id, reg.dist.local_device_ids,
                reg.dist.heartbeat_timeout)
+    compile_cache(reg.dist.compile_cache)
     self.mesh_cfg = reg.mesh  # the expo and eval stages run on the training stages' mesh
     for stage in self.cfg.stages:
       getattr(self, f"_{stage}")()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from hs2p_jax import config as config_lib
-from hs2p_jax.distributed import initialize
+from hs2p_jax.distributed import compile_cache, initialize
 
 # command -> (its config class, "module:function" that trains it into an output directory)
 TRAINERS = {
@@ -22,6 +22,7 @@ def train_command(command: str, config: str, overrides: list[str], out: str) -> 
   cfg = config_lib.load(getattr(config_lib, cls), config, overrides)
   d = cfg.dist
   initialize(d.coordinator, d.num_processes, d.process_id, d.local_device_ids, d.heartbeat_timeout)
+  compile_cache(d.compile_cache)
   module, fn = target.split(":")
   getattr(importlib.import_module(module), fn)(cfg, out)
   return 0
