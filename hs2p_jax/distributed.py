@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from typing import Callable
 
 import jax
 
@@ -58,3 +60,37 @@ def compile_cache(path: str | None) -> None:
   or resumed run loads its steps instead of compiling them again. Call before anything compiles."""
   if path:
     jax.config.update("jax_compilation_cache_dir", path)
+
+
+_fetches = 0
+
+
+def once_per_host(fetch: Callable[[], str], what: str, timeout_s: int = 24 * 3600) -> str:
+  """`fetch()` (a download into this host's cache, returning its local path) run by one process per
+  host while the host's other processes wait; the path it returns, on every process. If it fails on
+  any host, every process raises one UserError naming the first failure (process and host)."""
+  global _fetches
+  from jax._src import distributed
+  client = distributed.global_state.client
+  if client is None or jax.process_count() == 1:
+    try:
+      return fetch()
+    except UserError as e:
+      raise UserError(f"{what}: {e}") from None
+  _fetches += 1
+  key, me = f"hs2p/fetch/{_fetches}", jax.process_index()
+  client.key_value_set(f"{key}/host/{me}", socket.gethostname())
+  client.wait_at_barrier(f"{key}/hosts", timeout_s * 1000)
+  hosts = {int(k.rsplit("/", 1)[1]): v for k, v in client.key_value_dir_get(f"{key}/host/")}
+  leader = min(p for p, h in hosts.items() if h == hosts[me])
+  if me == leader:
+    try:
+      client.key_value_set(f"{key}/done/{me}", "ok:" + fetch())
+    except UserError as e:
+      client.key_value_set(f"{key}/done/{me}", f"error:process {me} on {hosts[me]}: {e}")
+  client.wait_at_barrier(f"{key}/fetched", timeout_s * 1000)
+  done = dict(client.key_value_dir_get(f"{key}/done/"))
+  failed = sorted(v for v in done.values() if v.startswith("error:"))
+  if failed:
+    raise UserError(f"{what}: {failed[0][6:]}" + (f" (and {len(failed) - 1} more hosts)" if len(failed) > 1 else ""))
+  return done[f"{key}/done/{leader}"][3:]

@@ -230,3 +230,62 @@ def test_a_relaunched_run_loads_its_steps_from_the_compile_cache(tmp_path):
     entries.append(sorted((f, os.stat(cache / f).st_mtime_ns) for f in os.listdir(cache)))
   # the second run read every program from the cache: no entry new, none written again
   assert len(entries[0]) >= 2 and entries[1] == entries[0]
+
+
+# A stand-in for the Hugging Face hub, installed in every process through sitecustomize: a download
+# of ORG/NAME copies $HUB_DIR/NAME (the files its allow_patterns select) into a fresh directory and
+# records "process host repo patterns" in $HUB_LOG; a repo that is not there fails as the hub would.
+HUB_STANDIN = '''
+import fnmatch, os, shutil, socket, tempfile
+import huggingface_hub
+
+def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+  src = os.path.join(os.environ["HUB_DIR"], repo_id.split("/")[-1])
+  with open(os.environ["HUB_LOG"], "a") as f:
+    f.write(f"{os.environ.get('HS2P_PROCESS', '?')} {socket.gethostname()} {repo_id} {','.join(allow_patterns)}\\n")
+  if not os.path.isdir(src):
+    raise RuntimeError(f"404 Client Error: Repository Not Found for url: https://huggingface.co/api/models/{repo_id}")
+  dst = tempfile.mkdtemp(prefix="hub-")
+  for name in os.listdir(src):
+    if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+      shutil.copy(os.path.join(src, name), dst)
+  return dst
+
+huggingface_hub.snapshot_download = snapshot_download
+'''
+
+
+@pytest.mark.slow
+def test_one_process_per_host_downloads_and_a_failed_download_stops_every_process(tmp_path):
+  pytest.importorskip("torch")
+  from conftest import tiny_hf_model
+  from test_multiprocess import free_port
+  hub = tmp_path / "hub"
+  tiny_hf_model(vocab_size=512).save_pretrained(hub / "tiny", safe_serialization=True)
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(HUB_STANDIN)
+  log = tmp_path / "hub.log"
+
+  def run_two(repo: str, out: str) -> list[tuple[int, str]]:
+    port = free_port()
+    sets = _rm_sets(tmp_path, 2, **{"mesh.fsdp": 1}) + [f"model.source=hf:org/{repo}"]
+    procs = [subprocess.Popen(_cmd("train-rm", _config(tmp_path), out, sets + [
+        f"dist.coordinator=127.0.0.1:{port}", "dist.num_processes=2", f"dist.process_id={i}"]),
+        env={**ENV, "PYTHONPATH": f"{site}{os.pathsep}{ENV.get('PYTHONPATH', '')}", "HUB_DIR": str(hub),
+             "HUB_LOG": str(log), "HS2P_PROCESS": str(i)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    return [(p.wait(timeout=600), p.communicate()[1]) for p in procs]
+
+  results = run_two("tiny", str(tmp_path / "ok"))
+  assert [rc for rc, _ in results] == [0, 0], [err[-2000:] for _, err in results]
+  fetches = log.read_text().splitlines()
+  # one process of the host fetched the config (architecture), then the weights; the other waited
+  assert [f.split()[0] for f in fetches] == ["0", "0"] and "*.safetensors" in fetches[1], fetches
+  log.unlink()
+  results = run_two("missing", str(tmp_path / "missing"))
+  for rc, err in results:  # every process: one line naming the source, the process and the hub's answer
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and "model.source=hf:org/missing: process 0 on " in last and "Repository Not Found" in last, err
+    assert "Traceback" not in err
+  assert len(log.read_text().splitlines()) == 1

@@ -22,6 +22,7 @@ from hs2p_jax.convert import gguf_config, load_gguf, load_hf
 from hs2p_jax.convert.gguf import resolve as resolve_gguf
 from hs2p_jax.convert.hf import read_config
 from hs2p_jax.convert.state import ReadStats, head_init
+from hs2p_jax.distributed import once_per_host
 from hs2p_jax.errors import UserError
 from hs2p_jax.model import RewardModel, create, preset
 from hs2p_jax.model.config import LlamaConfig, from_hf_config
@@ -58,18 +59,21 @@ def tokenizer_spec(mc: ModelConfig) -> str:
 
 def hub_or_local(src: str, weights: bool = False) -> str:
   """A local directory for `hf:DIR`, `DIR` or `hf:ORG/NAME` (from the Hugging Face hub: config and
-  tokenizer files, and with `weights` the safetensors)."""
+  tokenizer files, and with `weights` the safetensors; one process per host downloads, the others
+  wait, and a failure on any host stops every process)."""
   path = src[3:] if src.startswith("hf:") else src
   if os.path.isdir(path):
     return path
   if not src.startswith("hf:") or path.startswith(("/", ".")):
     raise UserError(f"model.source={src}: no such directory")
-  try:
-    from huggingface_hub import snapshot_download
-    return snapshot_download(path, allow_patterns=_METADATA_FILES + (["*.safetensors"] if weights else []))
-  except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end here
-    raise UserError(f"model.source={src}: cannot download from the Hugging Face hub "
-                    f"({str(e).splitlines()[0][:160]})") from None
+
+  def fetch() -> str:
+    try:
+      from huggingface_hub import snapshot_download
+      return snapshot_download(path, allow_patterns=_METADATA_FILES + (["*.safetensors"] if weights else []))
+    except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end here
+      raise UserError(f"cannot download from the Hugging Face hub ({str(e).splitlines()[0][:160]})") from None
+  return once_per_host(fetch, f"model.source={src}")
 
 
 def architecture(mc: ModelConfig, download: bool = True) -> tuple[LlamaConfig, str]:
