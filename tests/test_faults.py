@@ -1,9 +1,8 @@
-"""Runs that survive their environment: a preemption notice (SIGTERM, on any process) saves the step
-every process agrees on and exits with the resume status; a save that fails stops the run loudly."""
+"""Faults a run survives or reports in one line: a save that fails, a lost or stuck process, a
+download that fails on any host (one process per host downloads). Helpers shared with test_preemption."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -11,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
 from conftest import separable_pairs, tiny_overrides, write_jsonl
@@ -58,87 +58,6 @@ def _same_numbers(a: list[dict], b: list[dict], keys=("loss", "grad_norm"), rel:
       assert rb[k] == pytest.approx(ra[k], rel=rel, abs=0 if rel == 0 else 1e-9), (k, ra, rb)
 
 
-@pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path):
-  cfg, sets = _config(tmp_path), _rm_sets(tmp_path, 60)
-  straight = str(tmp_path / "straight")
-  subprocess.run(_cmd("train-rm", cfg, straight, sets), env=ENV, check=True, capture_output=True)
-  out = str(tmp_path / "run")
-  proc = subprocess.Popen(_cmd("train-rm", cfg, out, sets), env=ENV, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  _wait_for_step(out, 3, [proc])
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == RESUME_STATUS, err[-2000:]
-  (k,) = _saved_steps(out)  # save_every is 1000: the preemption's checkpoint alone
-  assert 3 <= k < 60 and f"preempted at step {k}: saved {out}/checkpoints/{k}" in err.strip().splitlines()[-1]
-  assert "Traceback" not in err
-  rerun = subprocess.run(_cmd("train-rm", cfg, out, sets), env=ENV, capture_output=True, text=True)
-  assert rerun.returncode == 0, rerun.stderr[-2000:]
-  _same_numbers(read_metrics(os.path.join(straight, "metrics.jsonl")), read_metrics(os.path.join(out, "metrics.jsonl")),
-                ("loss", "grad_norm", "accuracy"))
-
-
-@pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path):
-  from test_multiprocess import free_port
-  cfg, sets = _config(tmp_path), _rm_sets(tmp_path, 60, **{"mesh.fsdp": 1})
-
-  def launch(out):
-    port = free_port()
-    return [subprocess.Popen(_cmd("train-rm", cfg, out, sets + [f"dist.coordinator=127.0.0.1:{port}",
-                                                                "dist.num_processes=2", f"dist.process_id={i}"]),
-                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-
-  def finish(procs, status):
-    errs = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [status] * 2, [e[-1500:] for e in errs]
-    return errs
-
-  straight, out = str(tmp_path / "straight"), str(tmp_path / "run")
-  finish(launch(straight), 0)
-  procs = launch(out)
-  _wait_for_step(out, 3, procs)
-  procs[1].send_signal(signal.SIGTERM)  # process 1 only: the preemption service tells process 0
-  errs = finish(procs, RESUME_STATUS)
-  (k,) = _saved_steps(out)
-  assert 3 <= k < 60 and all(f"preempted at step {k}" in e for e in errs)
-  finish(launch(out), 0)  # each process restores its own share of the data position
-  _same_numbers(read_metrics(os.path.join(straight, "metrics.jsonl")),
-                read_metrics(os.path.join(out, "metrics.jsonl")), ("loss", "grad_norm", "accuracy"), rel=1e-6)
-
-
-@pytest.mark.slow
-def test_reinforce_preempted_resumes_with_the_uninterrupted_numbers(tmp_path):
-  from hs2p_jax.checkpoint import ModelMeta, save_model
-  from hs2p_jax.model import preset
-  from hs2p_jax.tokenizer import load_tokenizer
-  from hs2p_jax.train.model_init import random_model
-  rm_dir = str(tmp_path / "rm")
-  rm = random_model("reward", preset("tiny", num_layers=1), 9, 0, None, ())
-  save_model(rm_dir, rm, ModelMeta("reward", rm.cfg, template="chat"), load_tokenizer("bytes"))
-  cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/quickstart/reinforce.yaml")
-  sets = [f"reward_model={rm_dir}", "policy.num_layers=1", "reinforce.steps=40", "reinforce.save_every=1000",
-          "reinforce.max_new_tokens=8", "reinforce.sample_every=3", "data.builtin_size=64", "mesh.data=1"]
-  straight = str(tmp_path / "straight")
-  subprocess.run(_cmd("reinforce", cfg, straight, sets), env=ENV, check=True, capture_output=True)
-  out = str(tmp_path / "run")
-  proc = subprocess.Popen(_cmd("reinforce", cfg, out, sets), env=ENV, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  _wait_for_step(out, 3, [proc])
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == RESUME_STATUS, err[-2000:]
-  (k,) = _saved_steps(out)
-  rerun = subprocess.run(_cmd("reinforce", cfg, out, sets), env=ENV, capture_output=True, text=True)
-  assert rerun.returncode == 0, rerun.stderr[-2000:]
-  a, b = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (straight, out))
-  _same_numbers(a, b, ("loss", "reward", "kl", "grad_norm"), rel=1e-5)
-  samples = [[json.loads(line)["step"] for line in open(os.path.join(d, "samples.jsonl"), encoding="utf-8")]
-             for d in (straight, out)]
-  assert samples[1] == samples[0] and sorted(set(samples[0])) == list(range(3, 40, 3)) + [40] and 3 <= k < 40
-
-
 @pytest.fixture
 def small_disk(tmp_path):
   """A directory on a tmpfs of a few MiB, to fill up (root and mount needed: else the test skips)."""
@@ -162,10 +81,10 @@ def small_disk(tmp_path):
 def test_a_save_that_fails_stops_the_run_naming_the_checkpoint(tmp_path, small_disk):
   cfg = _config(tmp_path)
   sets = _rm_sets(tmp_path, 6, **{"train.save_every": 2, "train.keep_checkpoints": 5, "train.async_checkpoint": True})
-  probe = str(tmp_path / "probe")  # how much one checkpoint takes
-  subprocess.run(_cmd("train-rm", cfg, probe, sets + ["train.steps=2"]), env=ENV, check=True, capture_output=True)
-  one = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(probe, "checkpoints", "2"))
-            for f in fs)
+  from flax import nnx
+  from hs2p_jax.model import create, preset
+  params = nnx.eval_shape(lambda: create("reward", preset("tiny", num_layers=1), 9, 0))
+  one = 3 * 4 * sum(x.size for x in jax.tree.leaves(nnx.state(params)))  # float32 params, AdamW mu and nu
   out = os.path.join(small_disk(int(1.6 * one) // 1024 + 64), "run")  # room for checkpoint 2, not for 4
   proc = subprocess.run(_cmd("train-rm", cfg, out, sets), env=ENV, capture_output=True, text=True)
   assert proc.returncode == 1, proc.stderr[-3000:]
@@ -194,16 +113,16 @@ def _two_processes(tmp_path, out: str, extra: list[str]) -> list[subprocess.Pope
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["killed", "stuck"])
 def test_a_lost_or_stuck_process_stops_the_other_with_one_line(tmp_path, fault):
-  """SIGKILL of process 1: process 0 stops within dist.heartbeat_timeout (10 s here); SIGSTOP of
-  process 1 (its step never ends): process 0's step outlives dist.step_timeout (5 s)."""
+  """SIGKILL of process 1: process 0 stops within dist.heartbeat_timeout (6 s here) + 30 s; SIGSTOP of
+  process 1 (its step never ends): process 0's step outlives dist.step_timeout (3 s)."""
   out = str(tmp_path / "run")
-  limits = ["dist.heartbeat_timeout=10"] if fault == "killed" else ["dist.heartbeat_timeout=120", "dist.step_timeout=5"]
+  limits = ["dist.heartbeat_timeout=6"] if fault == "killed" else ["dist.heartbeat_timeout=120", "dist.step_timeout=3"]
   procs = _two_processes(tmp_path, out, limits)
   try:
     _wait_for_step(out, 3, procs)
     t0 = time.time()
     procs[1].send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
-    _, err = procs[0].communicate(timeout=(10 if fault == "killed" else 5) + 30)
+    _, err = procs[0].communicate(timeout=(6 if fault == "killed" else 3) + 30)
     elapsed = time.time() - t0
   finally:
     procs[1].kill()
@@ -213,23 +132,9 @@ def test_a_lost_or_stuck_process_stops_the_other_with_one_line(tmp_path, fault):
   if fault == "killed":
     assert "process 1 stopped answering" in last and "dist.heartbeat_timeout" in last, last
   else:
-    assert "has not finished after 5 s (dist.step_timeout)" in last, last
-  assert "run the same command again on every process" in last and elapsed < 40
+    assert "has not finished after 3 s (dist.step_timeout)" in last, last
+  assert "run the same command again on every process" in last and elapsed < 36
   assert "Traceback" not in err and " @ 0x" not in err and "Check failure" not in err, err[-3000:]
-
-
-@pytest.mark.slow
-def test_a_relaunched_run_loads_its_steps_from_the_compile_cache(tmp_path):
-  cache = tmp_path / "cache"
-  env = {**ENV, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the tiny model compiles in well under a second
-  sets = _rm_sets(tmp_path, 2) + [f"dist.compile_cache={cache}"]
-  entries = []
-  for out in ("first", "second"):
-    subprocess.run(_cmd("train-rm", _config(tmp_path), str(tmp_path / out), sets), env=env, check=True,
-                   capture_output=True)
-    entries.append(sorted((f, os.stat(cache / f).st_mtime_ns) for f in os.listdir(cache)))
-  # the second run read every program from the cache: no entry new, none written again
-  assert len(entries[0]) >= 2 and entries[1] == entries[0]
 
 
 # A stand-in for the Hugging Face hub, installed in every process through sitecustomize: a download

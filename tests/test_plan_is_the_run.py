@@ -62,9 +62,12 @@ def compare(name, args, lowered):
 
 
 def run_step(trainer):
+  # the loop's start of a fresh run and its first step (no checkpoint or final model needed here)
   calls = []
   trainer.step_fn.__dict__["jitted"] = recorder(trainer.step_fn.jitted, calls)
-  trainer.run()
+  trainer.start(None, {})
+  trainer.begin(0)
+  trainer.step(1)
   return calls[0]
 
 
