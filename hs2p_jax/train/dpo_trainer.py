@@ -12,16 +12,15 @@ import jax
 
 from hs2p_jax.config import DPORunConfig
 from hs2p_jax.errors import UserError
-from hs2p_jax.eval.scoring import collect
 from hs2p_jax.model.config import LlamaConfig
-from hs2p_jax.sharding import Rules, make_mesh, rules_from, use_mesh
+from hs2p_jax.sharding import Rules, make_mesh, rules_from
 from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train import dpo
 from hs2p_jax.train.feed import StepFeed, stacked_spec
 from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta, tokenizer_spec
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.state import Part, RunState, Step, frozen_dtype
-from hs2p_jax.train.trainer import INITIAL, Trainer, run_datasets
+from hs2p_jax.train.trainer import INITIAL, Trainer, on_validation, replicated_jit, run_datasets
 
 
 def blueprint(cfg: DPORunConfig, mesh: Any, rules: Rules, arch: LlamaConfig | None = None) -> Step:
@@ -51,18 +50,10 @@ def trainer(cfg: DPORunConfig, out_dir: str) -> Trainer:
   sets = run_datasets(cfg.data, tokenizer, "pairs", dc, out_dir, mesh, rules, True)  # data first: a bad file fails now
   step = blueprint(cfg, mesh, rules)
   check_tokenizer(tokenizer, step.state.trainable.config)
-  eval_step = jax.jit(dpo.make_dpo_eval(step.state.graphdef),
-                      out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-  def evaluate(t: Trainer) -> dict[str, float]:
-    """Validation loss, implicit-reward accuracy and margin, rewards and drift."""
-    if "validation" not in sets:
-      return {}
-    with use_mesh(mesh, rules):
-      res = collect(lambda p, b: eval_step(p, t.frozen["reference"], b), t.params, sets["validation"][0], mesh,
-                    rules, dc.eval_batches)
-    return {f"val_{k}": v for k, v in dpo.eval_metrics(res["outputs"], res["magnitude"], dc.variant, dc.beta).items()}
-
+  eval_step = replicated_jit(dpo.make_dpo_eval(step.state.graphdef), mesh)
+  evaluate = on_validation(  # loss, implicit-reward accuracy and margin, rewards and drift
+      sets, dc, mesh, rules, lambda t: lambda p, b: eval_step(p, t.frozen["reference"], b),
+      lambda res: dpo.eval_metrics(res["outputs"], res["magnitude"], dc.variant, dc.beta))
   meta = model_meta(cfg.policy, step.state.trainable.config, cfg.data.template)
   return Trainer(cfg, out_dir, section=dc, model=cfg.policy, step=step,
                  source=StepFeed(sets["train"][0], dc.batch_size // micro, mesh, rules), tokenizer=tokenizer,

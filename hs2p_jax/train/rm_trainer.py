@@ -19,7 +19,7 @@ from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta,
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.rm import Objective, make_eval_step, make_train_step
 from hs2p_jax.train.state import Part, RunState, Step
-from hs2p_jax.train.trainer import Trainer, run_datasets, run_loader
+from hs2p_jax.train.trainer import Trainer, replicated_jit, run_datasets, run_loader
 
 
 def objective(cfg: RunConfig) -> Objective:
@@ -64,8 +64,7 @@ def trainer(cfg: RunConfig, out_dir: str) -> Trainer:
                           None)
   step = blueprint(cfg, mesh, rules)
   check_tokenizer(tokenizer, step.state.trainable.config)
-  eval_step = jax.jit(make_eval_step(step.state.graphdef),
-                      out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  eval_step = replicated_jit(make_eval_step(step.state.graphdef), mesh)
   weights = np.asarray(objective(cfg).weights, np.float32)
 
   def evaluate(t: Trainer) -> dict[str, float]:

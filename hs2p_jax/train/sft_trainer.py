@@ -8,16 +8,15 @@ import jax
 
 from hs2p_jax.config import SFTRunConfig
 from hs2p_jax.errors import UserError
-from hs2p_jax.eval.scoring import collect
 from hs2p_jax.model.config import LlamaConfig
-from hs2p_jax.sharding import Rules, make_mesh, rules_from, use_mesh
+from hs2p_jax.sharding import Rules, make_mesh, rules_from
 from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train import sft
 from hs2p_jax.train.feed import StepFeed, stacked_spec
 from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta, tokenizer_spec
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.state import Part, RunState, Step
-from hs2p_jax.train.trainer import Trainer, run_datasets
+from hs2p_jax.train.trainer import Trainer, on_validation, replicated_jit, run_datasets
 
 
 def blueprint(cfg: SFTRunConfig, mesh: Any, rules: Rules, arch: LlamaConfig | None = None) -> Step:
@@ -44,17 +43,9 @@ def trainer(cfg: SFTRunConfig, out_dir: str) -> Trainer:
   sets = run_datasets(cfg.data, tokenizer, "sft", sc, out_dir, mesh, rules)  # data first: a bad file fails now
   step = blueprint(cfg, mesh, rules)
   check_tokenizer(tokenizer, step.state.trainable.config)
-  eval_step = jax.jit(sft.make_sft_eval(step.state.graphdef),
-                      out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-  def evaluate(t: Trainer) -> dict[str, float]:
-    """Validation token-mean NLL and perplexity."""
-    if "validation" not in sets:
-      return {}
-    with use_mesh(mesh, rules):
-      res = collect(eval_step, t.params, sets["validation"][0], mesh, rules, sc.eval_batches)
-    return {f"val_{k}": v for k, v in sft.eval_metrics(res["outputs"]).items()}
-
+  eval_step = replicated_jit(sft.make_sft_eval(step.state.graphdef), mesh)
+  evaluate = on_validation(sets, sc, mesh, rules, lambda t: eval_step,  # token-mean NLL, perplexity
+                           lambda res: sft.eval_metrics(res["outputs"]))
   meta = model_meta(cfg.policy, step.state.trainable.config, cfg.data.template)
   return Trainer(cfg, out_dir, section=sc, model=cfg.policy, step=step,
                  source=StepFeed(sets["train"][0], sc.batch_size // micro, mesh, rules), tokenizer=tokenizer,

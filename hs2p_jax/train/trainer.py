@@ -29,7 +29,8 @@ from hs2p_jax.checkpoint import ModelMeta, resolve_model_dir, restore_tree, save
 from hs2p_jax.config import ModelConfig, to_dict
 from hs2p_jax.convert.state import ReadStats
 from hs2p_jax.data.pipeline import make_loader
-from hs2p_jax.sharding import batch_split
+from hs2p_jax.eval.scoring import collect
+from hs2p_jax.sharding import batch_split, use_mesh
 from hs2p_jax.train.loop import LoopConfig, run as run_loop
 from hs2p_jax.train.model_init import load_params
 from hs2p_jax.train.optim import schedule
@@ -60,6 +61,24 @@ def run_loader(data: Any, tokenizer: Any, split: str, task: str, batch_size: int
                      shuffle=train, repeat=train, process_index=jax.process_index(), process_count=jax.process_count(),
                      cache_dir=os.path.join(os.path.abspath(out_dir), "data"), row_multiple=batch_split(mesh, rules),
                      targets=targets)
+
+
+def replicated_jit(fn: Callable, mesh: Any) -> Any:
+  """`fn` jitted with its result replicated on every device (evaluation outputs the host reads)."""
+  return jax.jit(fn, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def on_validation(sets: dict[str, Any], section: Any, mesh: Any, rules: Any, fn_of: Callable[["Trainer"], Callable],
+                  metrics_of: Callable[[dict[str, Any]], dict[str, float]]) -> Callable[["Trainer"], dict[str, float]]:
+  """A trainer's `evaluate`: `metrics_of` the outputs of `fn_of(trainer)(params, batch)` over the
+  validation set (`section.eval_batches` of it; 0: all), as `val_*`; {} without one."""
+  def evaluate(t: "Trainer") -> dict[str, float]:
+    if "validation" not in sets:
+      return {}
+    with use_mesh(mesh, rules):
+      res = collect(fn_of(t), t.params, sets["validation"][0], mesh, rules, section.eval_batches)
+    return {f"val_{k}": v for k, v in metrics_of(res).items()}
+  return evaluate
 
 
 class Trainer:
