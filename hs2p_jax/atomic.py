@@ -1,5 +1,7 @@
 """Atomic writes: a file or directory appears complete under its final name, or not at all.
 
+A file at an object-storage URL is one upload, which is atomic by itself (`hs2p_jax.storage`).
+
 Temporary names are created with ordinary modes (0666 for files, 0777 for directories, less the
 umask), so what is renamed into place is as readable as a file written with `open()`.
 """
@@ -12,6 +14,8 @@ import os
 import secrets
 import shutil
 from typing import Any, Callable, Iterator, TypeVar
+
+from hs2p_jax import storage
 
 T = TypeVar("T")
 
@@ -51,7 +55,10 @@ def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to `path` through a temporary file and an atomic rename."""
+  """Writes `data` to `path` through a temporary file and an atomic rename (a URL: one upload)."""
+  if storage.is_url(path):
+    storage.upload(path, data)
+    return
   path = os.path.abspath(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)

@@ -2,8 +2,8 @@
 
 A model checkpoint (what `hs2p convert`, `train-rm`, `expo` write and `--checkpoint` reads) is a
 directory: `hs2p_model.json` (kind, architecture, head, tokenizer), `params/` (Orbax, sharded
-arrays) and `tokenizer/`. It is written to a temporary sibling and renamed into place, so it
-exists complete or not at all. A training run keeps `DIR/checkpoints/<step>/` through an Orbax
+arrays) and `tokenizer/`. It exists complete or not at all: written to a temporary sibling and
+renamed into place, or on object storage (`gs://`) committed by its `hs2p_model.json`, written last. A training run keeps `DIR/checkpoints/<step>/` through an Orbax
 `CheckpointManager` (atomic per step, last N kept), holding params, optimizer state, step and the
 data iterator's state, and `DIR/frozen/<name>/` for the frozen models it derives from its source
 (written once).
@@ -23,7 +23,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from hs2p_jax.atomic import write_json
+from hs2p_jax import storage
+from hs2p_jax.atomic import write_bytes, write_json
 from hs2p_jax.errors import Stopped, UserError
 from hs2p_jax.model import KINDS, LlamaConfig, create
 from hs2p_jax.sharding import DEFAULT_RULES, Rules, state_shardings
@@ -66,33 +67,32 @@ class ModelMeta:
 
 
 def is_model_checkpoint(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, META_FILE))
+  return storage.isfile(storage.join(path, META_FILE))
 
 
 def resolve_model_dir(path: str) -> str:
-  """A model checkpoint dir, or a run dir holding one under `model/`."""
+  """A model checkpoint dir, or a run dir holding one under `model/` (a local path or a URL)."""
   if is_model_checkpoint(path):
     return path
-  if is_model_checkpoint(os.path.join(path, "model")):
-    return os.path.join(path, "model")
+  if is_model_checkpoint(storage.join(path, "model")):
+    return storage.join(path, "model")
   raise UserError(f"{path}: not a model checkpoint (no {META_FILE}) nor a run directory with model/")
 
 
 def load_checkpoint_tokenizer(path: str):
   """The tokenizer saved with a model checkpoint."""
   from hs2p_jax.tokenizer import load_tokenizer
-  tok_dir = os.path.join(resolve_model_dir(path), "tokenizer")
-  if not os.path.isdir(tok_dir):
+  tok_dir = storage.join(resolve_model_dir(path), "tokenizer")
+  if not storage.isdir(tok_dir):
     raise UserError(f"{path}: model checkpoint has no tokenizer/ directory")
-  return load_tokenizer(tok_dir)
+  return load_tokenizer(storage.local_copy(tok_dir) if storage.is_url(tok_dir) else tok_dir)
 
 
 def read_meta(path: str) -> ModelMeta:
   path = resolve_model_dir(path)
-  file = os.path.join(path, META_FILE)
+  file = storage.join(path, META_FILE)
   try:
-    with open(file, encoding="utf-8") as f:
-      return ModelMeta.from_json(json.load(f), file)
+    return ModelMeta.from_json(json.loads(storage.read_text(file)), file)
   except json.JSONDecodeError as e:
     raise UserError(f"{file}: invalid JSON ({e.msg})") from None
 
@@ -106,28 +106,31 @@ def _barrier(name: str) -> None:
 def save_model(path: str, model: nnx.Module, meta: ModelMeta, tokenizer=None, overwrite: bool = False,
                extra_files: dict[str, bytes] | None = None) -> None:
   """Writes a model checkpoint atomically. Every process calls it (arrays are written collectively);
-  it is assembled in `PATH.partial` and renamed to PATH by process 0 once complete. `extra_files`
-  (name -> bytes: reports, plots) are written inside it."""
-  path = os.path.abspath(path)
-  tmp = path + ".partial"
+  it is assembled in `PATH.partial` and renamed to PATH by process 0 once complete, or, at a URL,
+  written in place and committed by its metadata file, uploaded last. `extra_files` (name -> bytes:
+  reports, plots) are written inside it."""
+  path = storage.absolute(path)
+  remote = storage.is_url(path)
   primary = jax.process_index() == 0
-  if os.path.exists(path) and not overwrite:
+  if (is_model_checkpoint(path) if remote else os.path.exists(path)) and not overwrite:
     raise UserError(f"{path} already exists")
-  if primary and os.path.exists(tmp):
-    shutil.rmtree(tmp)
+  tmp = path if remote else path + ".partial"
+  if primary:
+    if remote:
+      storage.remove(storage.join(path, META_FILE))  # no longer a model checkpoint from here on
+    storage.rmtree(tmp)
   _barrier("hs2p_save_model_start")
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(tmp, "params"), nnx.state(model, nnx.Param))
+  ckptr.save(storage.join(tmp, "params"), nnx.state(model, nnx.Param))
   ckptr.wait_until_finished()
   if primary:
-    write_json(os.path.join(tmp, META_FILE), meta.to_json())
     if tokenizer is not None:
-      tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+      _save_tokenizer(tokenizer, storage.join(tmp, "tokenizer"))
     for name, data in (extra_files or {}).items():
-      with open(os.path.join(tmp, name), "wb") as f:
-        f.write(data)
+      write_bytes(storage.join(tmp, name), data)
+    write_json(storage.join(tmp, META_FILE), meta.to_json())  # last: it commits a checkpoint at a URL
   _barrier("hs2p_save_model_written")
-  if primary:
+  if primary and not remote:
     if os.path.exists(path):
       old = path + ".old"
       shutil.rmtree(old, ignore_errors=True)
@@ -137,6 +140,16 @@ def save_model(path: str, model: nnx.Module, meta: ModelMeta, tokenizer=None, ov
     else:
       os.rename(tmp, path)
   _barrier("hs2p_save_model_done")
+
+
+def _save_tokenizer(tokenizer: Any, path: str) -> None:
+  if not storage.is_url(path):
+    tokenizer.save_pretrained(path)
+    return
+  import tempfile
+  with tempfile.TemporaryDirectory(prefix="hs2p-tokenizer-") as tmp:
+    tokenizer.save_pretrained(tmp)
+    storage.upload_dir(tmp, path)
 
 
 def abstract_model(meta: ModelMeta, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES):
@@ -163,7 +176,7 @@ def load_model(path: str, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
     abs_params = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
         abs_params)
-  params = restore_tree(os.path.join(path, "params"), abs_params, path)
+  params = restore_tree(storage.join(path, "params"), abs_params, path)
   return nnx.merge(graphdef, params, rest), meta
 
 
@@ -242,7 +255,7 @@ class RunCheckpoints:
   save or wait) naming it, and the checkpoints before it stay intact."""
 
   def __init__(self, run_dir: str, keep: int = 2, async_save: bool = False):
-    self.dir = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    self.dir = storage.join(storage.absolute(run_dir), "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                        enable_async_checkpointing=async_save))
@@ -252,7 +265,7 @@ class RunCheckpoints:
     return self.manager.latest_step()
 
   def step_path(self, step: int) -> str:
-    return os.path.join(self.dir, str(step))
+    return storage.join(self.dir, str(step))
 
   def _failed(self, step: int, e: BaseException) -> SaveFailed:
     kept = [s for s in self.manager.all_steps() if s != step]
@@ -308,7 +321,7 @@ class RunCheckpoints:
     return 0, None, None
 
   def snapshot_path(self, name: str) -> str:
-    return os.path.join(os.path.dirname(self.dir), "frozen", name)
+    return storage.join(storage.parent(self.dir), "frozen", name)
 
   def save_snapshot(self, name: str, tree: Any) -> None:
     """Writes a frozen model the run derives from its source (the DPO / REINFORCE reference) under
@@ -321,7 +334,7 @@ class RunCheckpoints:
   def restore_snapshot(self, name: str, target: Any) -> Any | None:
     """Frozen model `name` restored into `target` (abstract, with shardings); None if the run has none."""
     path = self.snapshot_path(name)
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
       return None
     return restore_tree(path, target, path)
 

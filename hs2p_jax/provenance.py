@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import jax
 
+from hs2p_jax import storage
 from hs2p_jax.atomic import write_json
 
 FILE = "provenance.json"
@@ -102,7 +103,7 @@ def write(run_dir: str, mesh: Optional[jax.sharding.Mesh], data: dict[str, dict[
   """Writes `run_dir/provenance.json` (process 0) and returns its contents."""
   info = {**environment(mesh), "data": data, **extra}
   if jax.process_index() == 0:
-    write_json(os.path.join(run_dir, FILE), _plain(info))
+    write_json(storage.join(run_dir, FILE), _plain(info))
   return info
 
 

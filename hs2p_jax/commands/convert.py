@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import numpy as np
 
+from hs2p_jax import storage
 from hs2p_jax.errors import UserError
 
 
 def convert_command(args) -> int:
+  import jax
+
   from hs2p_jax.checkpoint import ModelMeta, load_model, resolve_model_dir, save_model
   from hs2p_jax.config import load_tool
   from hs2p_jax.convert import export_hf, load_gguf, load_hf
@@ -24,9 +28,20 @@ def convert_command(args) -> int:
     if not args.to_hf:
       raise UserError("convert --checkpoint needs --to-hf DIR")
     model, _ = load_model(args.checkpoint)
-    tok_dir = os.path.join(resolve_model_dir(args.checkpoint), "tokenizer")
-    export_hf(model, args.to_hf, tokenizer_dir=tok_dir if os.path.isdir(tok_dir) else None)
-    print(json.dumps({"exported": os.path.abspath(args.to_hf)}))
+    tok_dir = storage.join(resolve_model_dir(args.checkpoint), "tokenizer")
+    if not storage.isdir(tok_dir):
+      tok_dir = None
+    elif storage.is_url(tok_dir):
+      tok_dir = storage.local_copy(tok_dir)
+    if storage.is_url(args.to_hf):  # Hugging Face's layout is files in a directory: made here, then uploaded
+      with tempfile.TemporaryDirectory(prefix="hs2p-export-") as tmp:
+        export_hf(model, os.path.join(tmp, "hf"), tokenizer_dir=tok_dir)
+        if jax.process_index() == 0:
+          storage.rmtree(args.to_hf)
+          storage.upload_dir(os.path.join(tmp, "hf"), args.to_hf)
+    else:
+      export_hf(model, args.to_hf, tokenizer_dir=tok_dir)
+    print(json.dumps({"exported": storage.absolute(args.to_hf)}))
     return 0
   if not args.out:
     raise UserError("convert --hf/--gguf needs --out CKPT")
@@ -40,7 +55,7 @@ def convert_command(args) -> int:
   meta = ModelMeta(kind=args.head, config=model.cfg.replace(**runtime) if runtime else model.cfg,
                    num_attributes=args.num_attributes, template=cfg.data.template)
   save_model(args.out, model, meta, tokenizer, overwrite=True)
-  report = {"checkpoint": os.path.abspath(args.out), "kind": args.head, "params": int(model.cfg.num_params()),
+  report = {"checkpoint": storage.absolute(args.out), "kind": args.head, "params": int(model.cfg.num_params()),
             "layers": model.cfg.num_layers}
   if args.score:
     report["score"] = score_pair(args.out, *args.score)

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from hs2p_jax import storage
 from hs2p_jax.atomic import write_json
 from hs2p_jax.config import DataConfig
 from hs2p_jax.eval.scoring import collect
@@ -70,6 +71,11 @@ def tool_config(command: str, checkpoint: str, overrides: list[str], data: str |
   return cfg, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
 
 
+def data_cache(out: str | None) -> str:
+  """Where built-in data is generated for a command writing `out`: beside it (a URL: in this host's cache)."""
+  return storage.local_dir(storage.parent(out), ".hs2p_data") if out else os.path.join(os.getcwd(), ".hs2p_data")
+
+
 def pair_report(rewards: np.ndarray, magnitude: np.ndarray, ids: np.ndarray, examples: list, fmt: str) -> dict[str, Any]:
   """Accuracy, BT losses, per-subset accuracy and (RewardBench) section scores of scored pairs."""
   from hs2p_jax.eval.rewardbench import EXAMPLE_COUNTS, section_scores
@@ -110,8 +116,7 @@ def judge_command(args, cfg, mesh, rules) -> int:
   from hs2p_jax.errors import UserError
   from hs2p_jax.eval.judge import judge_pairs
 
-  cache = os.path.join(os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd(), ".hs2p_data")
-  source = resolve_source(args.data, args.split, args.format, cache)
+  source = resolve_source(args.data, args.split, args.format, data_cache(args.out))
   pairs, load = load_examples(source, args.format, args.split, "pairs", skip_invalid=cfg.data.skip_invalid)
   with use_mesh(mesh, rules):
     lm, meta = load_model(args.checkpoint, mesh, rules, **cfg.model.fields())
@@ -120,7 +125,7 @@ def judge_command(args, cfg, mesh, rules) -> int:
   report = judge_pairs(lm, load_checkpoint_tokenizer(args.checkpoint), cfg.data.template, pairs,
                        max_length=cfg.data.max_length, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        mesh=mesh, rules=rules)
-  report = {"checkpoint": os.path.abspath(args.checkpoint), "data": args.data, "format": args.format,
+  report = {"checkpoint": storage.absolute(args.checkpoint), "data": args.data, "format": args.format,
             "judge": "generative", "template": cfg.data.template, **report, "load": load.summary()}
   print(f"pairs {report['pairs']}  accuracy {report['accuracy']:.4f}  unparsed {report['unparsed']} of "
         f"{report['answers']}  position consistency {report['position_consistency']:.4f}", file=sys.stderr)
@@ -139,12 +144,12 @@ def rewardbench2_command(args, cfg, mesh, rules) -> int:
 
   scorer = RewardScorer.load(args.checkpoint, mesh, rules, cfg.model.fields(), batch_size=args.batch_size,
                              max_length=cfg.data.max_length)
-  cache = os.path.join(os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd(), ".hs2p_data")
-  groups, load = load_groups(resolve_source(args.data, args.split, "rewardbench2", cache), cfg.data.skip_invalid)
+  groups, load = load_groups(resolve_source(args.data, args.split, "rewardbench2", data_cache(args.out)),
+                             cfg.data.skip_invalid)
   if scorer.meta.template != cfg.data.template:  # score in the template given with --set
     scorer.meta = dataclasses.replace(scorer.meta, template=cfg.data.template)
   scores = scorer.score_groups([g.prompt for g in groups], [g.completions for g in groups])
-  report = {"checkpoint": os.path.abspath(args.checkpoint), "data": args.data, "format": "rewardbench2",
+  report = {"checkpoint": storage.absolute(args.checkpoint), "data": args.data, "format": "rewardbench2",
             "template": cfg.data.template, **rewardbench2.report(groups, scores), "load": load.summary(),
             "origin": load.origin}
   lines = [f"prompts {report['prompts']}  completions {report['completions']}"]
@@ -166,10 +171,9 @@ def eval_command(args) -> int:
     return rewardbench2_command(args, cfg, mesh, rules)
   scorer = PairScorer.load(args.checkpoint, mesh, rules, cfg.model.fields(), batch_size=args.batch_size,
                            max_length=cfg.data.max_length)
-  cache = os.path.join(os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd(), ".hs2p_data")
-  loader = scorer.loader(cfg.data, split=args.split, cache_dir=cache)
+  loader = scorer.loader(cfg.data, split=args.split, cache_dir=data_cache(args.out))
   rewards, magnitude, ids = scorer.rewards(loader)
-  report = {"checkpoint": os.path.abspath(args.checkpoint), "data": args.data, "format": args.format,
+  report = {"checkpoint": storage.absolute(args.checkpoint), "data": args.data, "format": args.format,
             "template": cfg.data.template,
             **pair_report(rewards, magnitude, ids, loader.examples, args.format), "load": loader.report.summary(),
             "origin": loader.report.origin}

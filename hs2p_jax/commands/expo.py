@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import sys
 
 import jax
 from flax import nnx
 
+from hs2p_jax import storage
 from hs2p_jax.errors import UserError
 
 
@@ -109,7 +109,7 @@ def run_expo(base: str, tuned: str, out: str, factor: float | None = None, searc
     extra["expo_search.png"] = plot_search(table, factor)
   with use_mesh(mesh, rules):
     params = jax.jit(extrapolate, out_shardings=shardings, donate_argnums=(1,))(base_params, tuned_params, factor)
-  extra["expo.json"] = json.dumps({"base": os.path.abspath(base), "tuned": os.path.abspath(tuned),
+  extra["expo.json"] = json.dumps({"base": storage.absolute(base), "tuned": storage.absolute(tuned),
                                    "factor": factor, "formula": "base + factor * (tuned - base)"}).encode()
   save_model(out, nnx.merge(graphdef, params), meta, tokenizer, overwrite=True, extra_files=extra)
   result["factor"] = factor
@@ -117,12 +117,12 @@ def run_expo(base: str, tuned: str, out: str, factor: float | None = None, searc
 
 
 def expo_command(args) -> int:
-  from hs2p_jax.commands.evaluate import PAIR_DATA_KEYS, tool_config
+  from hs2p_jax.commands.evaluate import PAIR_DATA_KEYS, data_cache, tool_config
   cfg, mesh, rules = tool_config("expo", args.tuned, args.overrides, args.data, args.format, args.max_length)
   given = {k: getattr(cfg.data, k) for k in PAIR_DATA_KEYS}
   res = run_expo(args.base, args.tuned, args.out, factor=args.factor, search=args.search, data=args.data,
                  fmt=args.format, split=args.split, batch_size=args.batch_size, max_length=cfg.data.max_length,
-                 cache_dir=os.path.join(os.path.dirname(os.path.abspath(args.out)), ".hs2p_data"),
+                 cache_dir=data_cache(args.out),
                  data_keys=given, mesh=mesh, rules=rules, runtime=cfg.model.fields())
-  print(json.dumps({"factor": res["factor"], "out": os.path.abspath(args.out)}))
+  print(json.dumps({"factor": res["factor"], "out": storage.absolute(args.out)}))
   return 0

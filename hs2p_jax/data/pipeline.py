@@ -27,12 +27,12 @@ a repeat=False pass yields each of them exactly once; `padding_fraction(batch)` 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Iterator, Optional
 
 import grain
 import numpy as np
 
+from hs2p_jax import storage
 from hs2p_jax.config import DataConfig
 from hs2p_jax.data.batching import (CHOSEN, REJECTED, Unit, bucket_length, num_packed_rows, pack_units, pad_left,
                                     pad_right, round_up, shared_pair, unit_targets)
@@ -228,8 +228,8 @@ def _extras(task: str, examples: list) -> dict[str, np.ndarray]:
 
 
 def default_cache_dir() -> str:
-  """Where built-in data is generated when no cache_dir is given: $HS2P_CACHE or ~/.cache/hs2p_jax."""
-  return os.environ.get("HS2P_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hs2p_jax")
+  """Where built-in data is generated when no cache_dir is given: the host's cache (`storage.cache_root`)."""
+  return storage.cache_root()
 
 
 def make_loader(cfg: DataConfig, tokenizer: Any, *, split: str, task: str, batch_size: int, seed: int = 0,

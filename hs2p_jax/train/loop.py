@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import jax
 
+from hs2p_jax import storage
 from hs2p_jax.atomic import write_json
 from hs2p_jax.checkpoint import RunCheckpoints
 from hs2p_jax.train.guard import FiniteGuard
@@ -72,8 +73,9 @@ class Trainer(Protocol):
 
 
 def run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-  """Trains (or resumes) `trainer` to `loop.steps` in `out_dir`; returns the last logged record."""
-  os.makedirs(out_dir, exist_ok=True)
+  """Trains (or resumes) `trainer` to `loop.steps` in `out_dir` (a local path or a `gs://` URL);
+  returns the last logged record."""
+  storage.makedirs(out_dir)
   logs = LibraryLog(out_dir)
   try:
     return _run(trainer, loop, out_dir, config)
@@ -83,7 +85,7 @@ def run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any]
 
 def _run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any]) -> dict[str, Any]:
   if jax.process_index() == 0:
-    write_json(os.path.join(out_dir, "config.json"), config)
+    write_json(storage.join(out_dir, "config.json"), config)
   trainer.provenance()
   ckpts = RunCheckpoints(out_dir, loop.keep_checkpoints, loop.async_checkpoint)
   start, state, data_state = ckpts.restore_latest(trainer.checkpoint_target())
@@ -121,6 +123,7 @@ def _run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any
       preempted = stop.reached(step) and not final  # every process agrees on this step
       if step % loop.save_every == 0 or final or preempted:
         guard.check()  # never a checkpoint of non-finite params
+        writer.flush()  # the logged steps reach the run directory before the checkpoint that covers them
         ckpts.save(step, trainer.checkpoint_state(), {"loader": trainer.loader.get_state()}, force=final or preempted)
         guard.saved(step)
         watch.saved(step, ckpts.step_path(step))
@@ -147,11 +150,15 @@ def _run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any
 class LibraryLog:
   """While a run lasts, what the libraries report on their own (Orbax's tracebacks of a failed save,
   absl warnings, errors printed by background threads) goes to DIR/logs/process_<i>.log instead of
-  the terminal, which keeps the run's own lines (written by the main thread)."""
+  the terminal, which keeps the run's own lines (written by the main thread). A run on object storage
+  writes it in this host's cache and uploads it when the run ends."""
 
   def __init__(self, out_dir: str):
-    os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
-    self.file = open(os.path.join(out_dir, "logs", f"process_{jax.process_index()}.log"), "a", encoding="utf-8")
+    name = f"process_{jax.process_index()}.log"
+    self.url = storage.join(out_dir, "logs", name) if storage.is_url(out_dir) else None
+    local = storage.local_dir(out_dir, "logs")
+    os.makedirs(local, exist_ok=True)
+    self.file = open(os.path.join(local, name), "a", encoding="utf-8")
     self.logger = logging.getLogger("absl")
     self.handler = logging.StreamHandler(self.file)
     self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(message)s"))
@@ -164,6 +171,12 @@ class LibraryLog:
     self.logger.removeHandler(self.handler)
     self.logger.propagate = self.propagate
     self.file.close()
+    if self.url:
+      try:
+        with open(self.file.name, "rb") as f:
+          storage.upload(self.url, f.read())
+      except Exception as e:  # noqa: BLE001 - the log is a convenience; the run's own outcome stands
+        print(f"warning: {e}; the library log stays in {self.file.name}", file=sys.stderr, flush=True)
 
 
 class _MainThreadOnly:

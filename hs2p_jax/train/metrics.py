@@ -1,17 +1,19 @@
 """Run logging: `metrics.jsonl` (one JSON object per logged step), `samples.jsonl` (example outputs),
-TensorBoard events, a progress line."""
+TensorBoard events, a progress line. In a local run directory the logs are appended to; on object
+storage, where nothing can be appended, each is rewritten whole at most every `flush_secs` and before
+every checkpoint."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Any
 
 import jax
 
+from hs2p_jax import storage
 from hs2p_jax.atomic import write_text
 
 
@@ -33,10 +35,14 @@ class MetricsWriter:
   """
 
   def __init__(self, run_dir: str, total_steps: int, resume_step: int = 0, stage: str | None = None,
-               tensorboard: bool = True):
+               tensorboard: bool = True, flush_secs: float = 30.0):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(run_dir, "metrics.jsonl")
-    self.samples_path = os.path.join(run_dir, "samples.jsonl")
+    self.path = storage.join(run_dir, "metrics.jsonl")
+    self.samples_path = storage.join(run_dir, "samples.jsonl")
+    self.remote = storage.is_url(run_dir)
+    self.flush_secs, self.flushed_at = flush_secs, time.time()
+    self.lines: dict[str, list[str]] = {}  # remote: path -> every line of the file
+    self.dirty = False
     self.total = total_steps
     self.stage = stage
     self.start_time = time.time()
@@ -44,13 +50,15 @@ class MetricsWriter:
     self.tb = None
     if not self.enabled:
       return
-    os.makedirs(run_dir, exist_ok=True)
-    truncate_jsonl_after(self.path, resume_step)
-    truncate_jsonl_after(self.samples_path, resume_step)
+    storage.makedirs(run_dir)
+    for path in (self.path, self.samples_path):
+      kept = truncate_jsonl_after(path, resume_step)
+      if self.remote:
+        self.lines[path] = kept or []
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), flush_secs=10)
+        self.tb = SummaryWriter(storage.join(run_dir, "tensorboard"), flush_secs=10)
       except ImportError:  # TensorBoard output is optional
         self.tb = None
 
@@ -60,8 +68,7 @@ class MetricsWriter:
       rec.setdefault("stage", self.stage)
     if not self.enabled:
       return rec
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(rec) + "\n")
+    self._append(self.path, [json.dumps(rec)])
     if self.tb is not None:
       for k, v in rec.items():
         if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -74,9 +81,26 @@ class MetricsWriter:
     """Appends example outputs of `step` (one JSON object each) to DIR/samples.jsonl."""
     if not self.enabled:
       return
-    with open(self.samples_path, "a", encoding="utf-8") as f:
-      for s in samples:
-        f.write(json.dumps({"step": int(step), **s}) + "\n")
+    self._append(self.samples_path, [json.dumps({"step": int(step), **s}) for s in samples])
+
+  def _append(self, path: str, lines: list[str]) -> None:
+    if not self.remote:
+      with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+      return
+    self.lines[path].extend(lines)
+    self.dirty = True
+    if time.time() - self.flushed_at >= self.flush_secs:
+      self.flush()
+
+  def flush(self) -> None:
+    """Makes the logged records durable in the run directory (object storage: one upload a file)."""
+    if self.remote and self.dirty and self.enabled:
+      for path, lines in self.lines.items():
+        if lines:
+          write_text(path, "".join(line + "\n" for line in lines))
+      self.dirty = False
+    self.flushed_at = time.time()
 
   def progress(self, step: int, rec: dict[str, Any]) -> None:
     done = step - self.start_step
@@ -92,24 +116,26 @@ class MetricsWriter:
     print(" | ".join(parts), file=sys.stderr, flush=True)
 
   def close(self) -> None:
+    self.flush()
     if self.tb is not None:
       self.tb.close()
 
 
-def truncate_jsonl_after(path: str, step: int) -> None:
-  """Drops records with `step` > step (and lines cut short by a crash) from a JSONL log, atomically."""
-  if not os.path.exists(path):
-    return
+def truncate_jsonl_after(path: str, step: int) -> list[str] | None:
+  """Drops records with `step` > step (and lines cut short by a crash) from a JSONL log, atomically;
+  returns the lines kept (None: no such file)."""
+  if not storage.exists(path):
+    return None
   keep = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if rec.get("step", 0) <= step:
-        keep.append(json.dumps(rec))
+  for line in storage.read_text(path).splitlines():
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if rec.get("step", 0) <= step:
+      keep.append(json.dumps(rec))
   write_text(path, "".join(k + "\n" for k in keep))
+  return keep
 
 
 def _fmt_time(s: float) -> str:
@@ -121,10 +147,4 @@ def _fmt_time(s: float) -> str:
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
   """All records of a metrics.jsonl file."""
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        out.append(json.loads(line))
-  return out
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from hs2p_jax import storage
 from hs2p_jax.checkpoint import ModelMeta, is_model_checkpoint, load_model, read_meta, resolve_model_dir
 from hs2p_jax.config import ModelConfig
 from hs2p_jax.convert import gguf_config, load_gguf, load_hf
@@ -47,9 +48,9 @@ def tokenizer_spec(mc: ModelConfig) -> str:
   if mc.tokenizer not in ("auto", None):
     return mc.tokenizer
   if mc.init_from:
-    tok_dir = os.path.join(resolve_model_dir(mc.init_from), "tokenizer")
-    if os.path.isdir(tok_dir):
-      return tok_dir
+    tok_dir = storage.join(resolve_model_dir(mc.init_from), "tokenizer")
+    if storage.isdir(tok_dir):
+      return storage.local_copy(tok_dir) if storage.is_url(tok_dir) else tok_dir  # small: any process may copy
   if mc.source:
     if mc.source.startswith("gguf:"):
       return mc.source
@@ -58,10 +59,14 @@ def tokenizer_spec(mc: ModelConfig) -> str:
 
 
 def hub_or_local(src: str, weights: bool = False) -> str:
-  """A local directory for `hf:DIR`, `DIR` or `hf:ORG/NAME` (from the Hugging Face hub: config and
-  tokenizer files, and with `weights` the safetensors; one process per host downloads, the others
-  wait, and a failure on any host stops every process)."""
+  """A local directory for `hf:DIR`, `DIR`, `hf:ORG/NAME` (from the Hugging Face hub) or a URL
+  (`gs://BUCKET/DIR`, copied into this host's cache): config and tokenizer files, and with `weights`
+  the safetensors; one process per host downloads, the others wait, and a failure on any host stops
+  every process."""
   path = src[3:] if src.startswith("hf:") else src
+  if storage.is_url(path):
+    patterns = None if weights else _METADATA_FILES
+    return once_per_host(lambda: storage.local_copy(path, patterns), f"model.source={src}")
   if os.path.isdir(path):
     return path
   if not src.startswith("hf:") or path.startswith(("/", ".")):
@@ -94,7 +99,7 @@ def architecture(mc: ModelConfig, download: bool = True) -> tuple[LlamaConfig, s
     return gguf_config(resolve_gguf(mc.source[5:]), **runtime), f"model.source={mc.source}"
   if mc.source:
     path = mc.source[3:] if mc.source.startswith("hf:") else mc.source
-    if download or os.path.isfile(os.path.join(path, "config.json")):
+    if download or (not storage.is_url(path) and os.path.isfile(os.path.join(path, "config.json"))):
       return from_hf_config(read_config(hub_or_local(mc.source)), **runtime), f"model.source={mc.source}"
     return preset(mc.preset, **runtime), f"model.preset={mc.preset} ({mc.source}: not read by plan here)"
   return preset(mc.preset, **runtime), f"model.preset={mc.preset}"
@@ -187,4 +192,4 @@ def with_template(meta: ModelMeta, template: str) -> ModelMeta:
 
 def is_local_checkpoint(path: str | None) -> bool:
   """Whether `path` is one of our model checkpoints (or a run dir holding one) on this machine."""
-  return bool(path) and (is_model_checkpoint(path) or is_model_checkpoint(os.path.join(path, "model")))
+  return bool(path) and not storage.is_url(path) and (is_model_checkpoint(path) or is_model_checkpoint(os.path.join(path, "model")))

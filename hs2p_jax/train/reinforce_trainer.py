@@ -9,7 +9,6 @@ compute dtype). Its batch source is the rollouts (`train.rollouts`).
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from typing import Any, Callable
 
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from hs2p_jax import storage
 from hs2p_jax.checkpoint import load_checkpoint_tokenizer, read_meta
 from hs2p_jax.config import ReinforceRunConfig
 from hs2p_jax.data.pipeline import make_loader
@@ -120,7 +120,7 @@ def trainer(cfg: ReinforceRunConfig, out_dir: str, scorer: Callable | None = Non
   check_tokenizer(tokenizer, policy)
   loader = make_loader(cfg.data, tokenizer, split="train", task="prompts", batch_size=rc.prompts_per_step,
                        seed=rc.seed, shuffle=True, repeat=True, process_index=jax.process_index(),
-                       process_count=jax.process_count(), cache_dir=os.path.join(os.path.abspath(out_dir), "data"))
+                       process_count=jax.process_count(), cache_dir=storage.local_dir(out_dir, "data"))
   phases = blueprint(cfg, mesh, rules, policy, reward[:2] if reward else None)
   state = phases.update.state
   if phases.layout is not None and jax.process_index() == 0:
@@ -133,7 +133,7 @@ def trainer(cfg: ReinforceRunConfig, out_dir: str, scorer: Callable | None = Non
                           max_length=cfg.data.max_length + rc.max_new_tokens, eval_fn=phases.score)
   eos = tuple(policy.eos_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
   source = RolloutSource(cfg, loader, phases, scorer, tokenizer, eos)
-  model_info = {"reward_model": os.path.abspath(cfg.reward_model) if cfg.reward_model else None}
+  model_info = {"reward_model": storage.absolute(cfg.reward_model) if cfg.reward_model else None}
   return Trainer(cfg, out_dir, section=rc, model=cfg.policy, step=phases.update, source=source, tokenizer=tokenizer,
                  meta=model_meta(cfg.policy, policy, cfg.data.template), frozen_from=frozen_from,
                  datasets={"prompts": (loader, rc.steps, rc.prompts_per_step)}, model_info=model_info)

@@ -16,7 +16,6 @@ resume builds nothing from the source: the checkpoint restores into the state's 
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Callable
 
@@ -24,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hs2p_jax import provenance
+from hs2p_jax import provenance, storage
 from hs2p_jax.checkpoint import ModelMeta, resolve_model_dir, restore_tree, save_model
 from hs2p_jax.config import ModelConfig, to_dict
 from hs2p_jax.convert.state import ReadStats
@@ -59,7 +58,7 @@ def run_loader(data: Any, tokenizer: Any, split: str, task: str, batch_size: int
   train = split == "train"
   return make_loader(data, tokenizer, split=split, task=task, batch_size=batch_size, seed=seed if train else 0,
                      shuffle=train, repeat=train, process_index=jax.process_index(), process_count=jax.process_count(),
-                     cache_dir=os.path.join(os.path.abspath(out_dir), "data"), row_multiple=batch_split(mesh, rules),
+                     cache_dir=storage.local_dir(out_dir, "data"), row_multiple=batch_split(mesh, rules),
                      targets=targets)
 
 
@@ -91,7 +90,7 @@ class Trainer:
                datasets: dict[str, tuple[Any, int | None, int | None]] | None = None,
                batch_info: dict[str, Any] | None = None, notes: tuple[str, ...] = (),
                model_info: dict[str, Any] | None = None):
-    self.cfg, self.out_dir, self.section, self.model_cfg = cfg, os.path.abspath(out_dir), section, model
+    self.cfg, self.out_dir, self.section, self.model_cfg = cfg, storage.absolute(out_dir), section, model
     self.step_fn, self.source, self.loader = step, source, source.loader
     self.state = step.state
     self.mesh, self.rules, self.graphdef = self.state.mesh, self.state.rules, self.state.graphdef
@@ -133,7 +132,7 @@ class Trainer:
     for name, src in self.frozen_from.items():
       if src != INITIAL:
         path = resolve_model_dir(src)
-        self.frozen[name] = restore_tree(os.path.join(path, "params"), self.state.frozen[name], path)
+        self.frozen[name] = restore_tree(storage.join(path, "params"), self.state.frozen[name], path)
       elif snapshots.get(name) is not None:
         self.frozen[name] = snapshots[name]
       else:
@@ -183,7 +182,7 @@ class Trainer:
     return self._evaluate(self) if self._evaluate is not None else {}
 
   def save_final(self) -> None:
-    save_model(os.path.join(self.out_dir, "model"), nnx.merge(self.graphdef, self.params), self.meta, self.tokenizer,
+    save_model(storage.join(self.out_dir, "model"), nnx.merge(self.graphdef, self.params), self.meta, self.tokenizer,
                overwrite=True)
 
   def run(self) -> dict[str, Any]:
