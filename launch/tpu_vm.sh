@@ -4,7 +4,7 @@
 #
 #   TPU_NAME=my-v5p ZONE=us-east5-a REPO_URL=https://github.com/ORG/hs2p-jax.git \
 #     launch/tpu_vm.sh [--dry-run] configs/paper/llama-3.1-70b/regression_helpfulness.yaml \
-#     /mnt/shared/runs/regression-70b [--set train.steps=10 ...]
+#     gs://BUCKET/runs/regression-70b [--set train.steps=10 ...]
 #
 # Step 1 clones (or fetches) REPO_URL at REPO_REF into ~/REMOTE_DIR on every worker and installs it
 # with jax[tpu]; step 2 runs `python3 -m hs2p_jax HS2P_COMMAND --config CONFIG --out OUT` there.

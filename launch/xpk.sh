@@ -4,7 +4,7 @@
 #
 #   CLUSTER=my-cluster TPU_TYPE=v5p-128 ZONE=us-east5-a PROJECT=my-project \
 #     launch/xpk.sh [--dry-run] configs/paper/llama-3.1-70b/regression_helpfulness.yaml \
-#     /mnt/shared/runs/regression-70b [--set train.steps=10 ...]
+#     gs://BUCKET/runs/regression-70b [--set train.steps=10 ...]
 #
 # The container is DOCKER_IMAGE (one with this project installed) or, by default, BASE_IMAGE with
 # this checkout copied in by xpk (--script-dir), installed with jax[tpu] before the run.

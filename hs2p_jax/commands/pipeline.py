@@ -11,15 +11,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import typing
 from typing import Any
 
 from hs2p_jax import config as config_lib
-from hs2p_jax.atomic import write_json, write_text
+from hs2p_jax import storage
+from hs2p_jax.atomic import write_bytes, write_json, write_text
+from hs2p_jax.checkpoint import is_model_checkpoint
 from hs2p_jax.errors import UserError
 from hs2p_jax.sharding import use_mesh
+from hs2p_jax.train.metrics import read_metrics
 
 PAPER_ROWS = {
     ("regression", "helpfulness"): "Regression, helpfulness only",
@@ -66,7 +68,7 @@ class Pipeline:
     own, self.per_stage, self.broadcast = split_overrides(overrides)
     self.cfg = config_lib.load(config_lib.PipelineConfig, config, own)
     self.base = os.path.dirname(os.path.abspath(config))
-    self.out = os.path.abspath(out)
+    self.out = storage.absolute(out)  # a local directory or a URL (gs://)
     unknown = sorted(set(self.cfg.stages) - {"regression", "bt", "expo", "eval", "reinforce", "dpo", "compare",
                                              "justifier"})
     if unknown:
@@ -79,29 +81,27 @@ class Pipeline:
     return config_lib.load(cls, path, pairs, extra=extra)
 
   def _dir(self, stage: str) -> str:
-    return os.path.join(self.out, stage)
+    return storage.join(self.out, stage)
 
   def _done(self, stage: str) -> bool:
-    return os.path.isfile(os.path.join(self._dir(stage), "DONE"))
+    return storage.isfile(storage.join(self._dir(stage), "DONE"))
 
   def _finish(self, stage: str, info: dict[str, Any]) -> None:
-    write_json(os.path.join(self._dir(stage), "DONE"), info)
-    src = os.path.join(self._dir(stage), "metrics.jsonl")
-    if os.path.isfile(src):
-      with open(src, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-      with open(os.path.join(self.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
-        for r in records:
-          f.write(json.dumps({**r, "stage": stage}) + "\n")
+    write_json(storage.join(self._dir(stage), "DONE"), info)
+    src, dst = storage.join(self._dir(stage), "metrics.jsonl"), storage.join(self.out, "metrics.jsonl")
+    if storage.isfile(src):  # the pipeline's log: every stage's records, rewritten whole (object storage: no appends)
+      lines = [json.dumps({**r, "stage": stage}) for r in read_metrics(src)]
+      before = storage.read_text(dst) if storage.isfile(dst) else ""
+      write_text(dst, before + "".join(line + "\n" for line in lines))
 
   def _announce(self, stage: str) -> None:
     print(f"== pipeline stage: {stage} ({self._dir(stage)})", file=sys.stderr, flush=True)
 
   def run(self) -> dict[str, Any]:
     from hs2p_jax.distributed import compile_cache, initialize
-    os.makedirs(self.out, exist_ok=True)
-    if not any(self._done(s) for s in self.cfg.stages) and os.path.exists(os.path.join(self.out, "metrics.jsonl")):
-      os.remove(os.path.join(self.out, "metrics.jsonl"))
+    storage.makedirs(self.out)
+    if not any(self._done(s) for s in self.cfg.stages):
+      storage.remove(storage.join(self.out, "metrics.jsonl"))
     reg = self.stage_config(config_lib.RunConfig, "regression", self.cfg.regression)
     initialize(reg.dist.coordinator, reg.dist.num_processes, reg.dist.process_id, reg.dist.local_device_ids,
                reg.dist.heartbeat_timeout)
@@ -125,11 +125,13 @@ class Pipeline:
     provenance.write(self.out, self._mesh()[0], data, stages=list(self.cfg.stages))
 
   def _done_info(self, stage: str) -> dict[str, Any]:
-    path = os.path.join(self._dir(stage), "DONE")
-    if not os.path.isfile(path):
-      return {}
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    path = storage.join(self._dir(stage), "DONE")
+    return json.loads(storage.read_text(path)) if storage.isfile(path) else {}
+
+  def _reward_model(self) -> str | None:
+    """The newest reward model the pipeline made (ExPO, else BT, else regression)."""
+    return next((storage.join(self._dir(s), "model") for s in ("expo", "bt", "regression")
+                 if is_model_checkpoint(storage.join(self._dir(s), "model"))), None)
 
   def _mesh(self):
     from hs2p_jax.sharding import make_mesh, rules_from
@@ -153,7 +155,7 @@ class Pipeline:
     self._announce("bt")
     extra = {}
     if "regression" in self.cfg.stages:
-      extra = {"model": {"init_from": os.path.join(self._dir("regression"), "model")}}
+      extra = {"model": {"init_from": storage.join(self._dir("regression"), "model")}}
     cfg = self.stage_config(config_lib.RunConfig, "bt", self.cfg.bt, extra)
     last = train_rm(cfg, self._dir("bt"))
     self._finish("bt", {"last": last, "variant": cfg.train.bt_variant, "init_from": cfg.model.init_from})
@@ -165,10 +167,10 @@ class Pipeline:
     self._announce("expo")
     e = self.cfg.expo
     mesh, rules = self._mesh()
-    res = run_expo(os.path.join(self._dir("regression"), "model"), os.path.join(self._dir("bt"), "model"),
-                   os.path.join(self._dir("expo"), "model"), factor=e.factor, search=None if e.factor else e.search,
+    res = run_expo(storage.join(self._dir("regression"), "model"), storage.join(self._dir("bt"), "model"),
+                   storage.join(self._dir("expo"), "model"), factor=e.factor, search=None if e.factor else e.search,
                    data=e.data, fmt=e.format, split=e.split, batch_size=e.batch_size, max_length=e.max_length,
-                   cache_dir=os.path.join(self.out, "data"), mesh=mesh, rules=rules)
+                   cache_dir=storage.local_dir(self.out, "data"), mesh=mesh, rules=rules)
     self._finish("expo", res)
 
   def _eval(self) -> None:
@@ -178,18 +180,17 @@ class Pipeline:
     e = self.cfg.eval
     out = {}
     for stage in ("regression", "bt", "expo"):
-      ckpt = os.path.join(self._dir(stage), "model")
-      if not os.path.isdir(ckpt):
+      ckpt = storage.join(self._dir(stage), "model")
+      if not is_model_checkpoint(ckpt):
         continue
       scorer = PairScorer.load(ckpt, *self._mesh(), batch_size=e.batch_size, max_length=e.max_length)
-      loader = scorer.loader(e.data, e.format, e.split, cache_dir=os.path.join(self.out, "data"))
+      loader = scorer.loader(e.data, e.format, e.split, cache_dir=storage.local_dir(self.out, "data"))
       rewards, mag, ids = scorer.rewards(loader)
       out[stage] = pair_report(rewards, mag, ids, loader.examples, e.format)
       self.results["eval_data"] = provenance.data_entry(loader)
       if e.rewardbench2:
         out[stage]["rewardbench2"] = self._rewardbench2(scorer, e.rewardbench2)
-    os.makedirs(self._dir("eval"), exist_ok=True)
-    write_json(os.path.join(self._dir("eval"), "scores.json"), out)
+    write_json(storage.join(self._dir("eval"), "scores.json"), out)
     self.results["eval"] = out
 
   def _rewardbench2(self, scorer, data: str) -> dict:
@@ -197,7 +198,7 @@ class Pipeline:
     from hs2p_jax.data.rewardbench2 import load_groups
     from hs2p_jax.data.synthetic import resolve_source
     from hs2p_jax.eval import rewardbench2
-    groups, load = load_groups(resolve_source(data, "validation", "rewardbench2", os.path.join(self.out, "data")))
+    groups, load = load_groups(resolve_source(data, "validation", "rewardbench2", storage.local_dir(self.out, "data")))
     scores = scorer.score_groups([g.prompt for g in groups], [g.completions for g in groups])
     return {**rewardbench2.report(groups, scores), "load": load.summary()}
 
@@ -206,8 +207,7 @@ class Pipeline:
     if self._done("reinforce") or not self.cfg.reinforce:
       return
     self._announce("reinforce")
-    rm = next((os.path.join(self._dir(s), "model") for s in ("expo", "bt", "regression")
-               if os.path.isdir(os.path.join(self._dir(s), "model"))), None)
+    rm = self._reward_model()
     extra = {"reward_model": rm} if rm else None
     cfg = self.stage_config(config_lib.ReinforceRunConfig, "reinforce", self.cfg.reinforce, extra)
     last = train_reinforce(cfg, self._dir("reinforce"))
@@ -236,10 +236,10 @@ class Pipeline:
     cfg = self.stage_config(config_lib.SFTRunConfig, "justifier", self.cfg.justifier)
     last = train_sft(cfg, self._dir("justifier"))
     j = self.cfg.judge
-    source = resolve_source(j.data, j.split, j.format, os.path.join(self.out, ".data"))
+    source = resolve_source(j.data, j.split, j.format, storage.local_dir(self.out, ".data"))
     pairs, _ = load_examples(source, j.format, j.split, "pairs")
     pairs = pairs[:j.pairs] if j.pairs else pairs
-    model_dir = os.path.join(self._dir("justifier"), "model")
+    model_dir = storage.join(self._dir("justifier"), "model")
     mesh, rules = self._mesh()
     with use_mesh(mesh, rules):
       lm, _ = load_model(model_dir, mesh, rules)
@@ -249,7 +249,7 @@ class Pipeline:
     summary = {k: report[k] for k in ("accuracy", "pairs", "unparsed", "answers", "position_consistency")}
     print(f"justifier: accuracy {summary['accuracy']:.4f} on {summary['pairs']} pairs, unparsed {summary['unparsed']}"
           f" of {summary['answers']}, position consistency {summary['position_consistency']:.4f}", file=sys.stderr)
-    write_json(os.path.join(self._dir("justifier"), "judge.json"), report)
+    write_json(storage.join(self._dir("justifier"), "judge.json"), report)
     self.results["judge"] = summary
     self._finish("justifier", {"last": last, "judge": summary})
 
@@ -264,10 +264,9 @@ class Pipeline:
     if self._done("compare"):
       self.results["compare"] = self._done_info("compare").get("policies", {})
       return
-    trained = {s: os.path.join(self._dir(s), "model") for s in ("reinforce", "dpo")
-               if os.path.isfile(os.path.join(self._dir(s), "model", "hs2p_model.json"))}
-    rm = next((os.path.join(self._dir(s), "model") for s in ("expo", "bt", "regression")
-               if os.path.isdir(os.path.join(self._dir(s), "model"))), None)
+    trained = {s: storage.join(self._dir(s), "model") for s in ("reinforce", "dpo")
+               if is_model_checkpoint(storage.join(self._dir(s), "model"))}
+    rm = self._reward_model()
     if not trained or rm is None:
       raise UserError("the compare stage needs a trained policy (reinforce or dpo stage) and a reward model")
     self._announce("compare")
@@ -278,7 +277,7 @@ class Pipeline:
     with use_mesh(mesh, rules):
       reference, _, tokenizer = build_model(rl.policy, mesh, rules)  # the policies' common start
       policies = {s: load_model(path, mesh, rules)[0] for s, path in trained.items()}
-    source = resolve_source(c.data, c.split, c.format, os.path.join(self.out, ".data"))
+    source = resolve_source(c.data, c.split, c.format, storage.local_dir(self.out, ".data"))
     prompts = [ex.prompt for ex in load_examples(source, c.format, c.split, "prompts")[0][:c.prompts]]
     scorer = RewardScorer.load(rm, mesh, rules, max_length=rl.data.max_length + c.max_new_tokens)
     stops = list(getattr(getattr(rl, "reinforce", None), "stop_strings", []) or [])
@@ -293,11 +292,10 @@ class Pipeline:
 
   def report(self) -> dict[str, Any]:
     from hs2p_jax.eval.report import plot_curves, write_report
-    from hs2p_jax.train.metrics import read_metrics
 
     def metrics(stage):
-      path = os.path.join(self._dir(stage), "metrics.jsonl")
-      return read_metrics(path) if os.path.isfile(path) else []
+      path = storage.join(self._dir(stage), "metrics.jsonl")
+      return read_metrics(path) if storage.isfile(path) else []
 
     done_info = self._done_info
 
@@ -324,21 +322,21 @@ class Pipeline:
     images, notes = [], []
     rm_runs = {s: metrics(s) for s in ("regression", "bt") if metrics(s)}
     if rm_runs and plot_curves(rm_runs, ["loss", "val_loss", "accuracy", "val_accuracy", "val_pair_accuracy"],
-                               os.path.join(self.out, "rm_curves.png"), "reward-model training"):
+                               storage.join(self.out, "rm_curves.png"), "reward-model training"):
       images.append(("Reward-model loss and accuracy", "rm_curves.png"))
-    expo_png = os.path.join(self._dir("expo"), "model", "expo_search.png")
-    if os.path.isfile(expo_png):
-      shutil.copy(expo_png, os.path.join(self.out, "expo_search.png"))
+    expo_png = storage.join(self._dir("expo"), "model", "expo_search.png")
+    if storage.isfile(expo_png):
+      write_bytes(storage.join(self.out, "expo_search.png"), storage.read_bytes(expo_png))
       images.append(("ExPO search: validation accuracy and BT loss against the factor", "expo_search.png"))
     rl = metrics("reinforce")
     if rl and plot_curves({"reinforce": rl}, ["reward", "kl", "response_length", "loss"],
-                          os.path.join(self.out, "reinforce_curves.png"), "REINFORCE"):
+                          storage.join(self.out, "reinforce_curves.png"), "REINFORCE"):
       images.append(("REINFORCE: reward-model score and KL to the reference", "reinforce_curves.png"))
       notes.append(f"REINFORCE: mean RM reward {rl[0]['reward']:.4f} at step {rl[0]['step']} -> "
                    f"{rl[-1]['reward']:.4f} at step {rl[-1]['step']}; KL {rl[-1]['kl']:.4f}.")
     dp = metrics("dpo")
     if dp and plot_curves({"dpo": dp}, ["loss", "accuracy", "val_accuracy", "margin", "drift"],
-                          os.path.join(self.out, "dpo_curves.png"), "DPO"):
+                          storage.join(self.out, "dpo_curves.png"), "DPO"):
       images.append(("DPO: loss, implicit-reward accuracy and margin, drift from the reference", "dpo_curves.png"))
       vals = [r for r in dp if "val_accuracy" in r]
       if vals:
@@ -366,7 +364,7 @@ class Pipeline:
       summary["policies"] = self.results["compare"]
     if self.results.get("judge"):
       summary["justifier"] = self.results["judge"]
-    write_text(os.path.join(self.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    write_text(storage.join(self.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import io
-import os
 from typing import Any
 
+from hs2p_jax import storage
 from hs2p_jax.atomic import write_bytes, write_text
 
 SECTIONS = ("Overall", "Chat", "Chat Hard", "Safety", "Reasoning")
@@ -90,6 +90,6 @@ def write_report(out_dir: str, rows: list[dict[str, Any]], notes: list[str], ima
   lines.append("")
   for caption, rel in images:
     lines += [f"## {caption}", "", f"![{caption}]({rel})", ""]
-  path = os.path.join(out_dir, "report.md")
+  path = storage.join(out_dir, "report.md")
   write_text(path, "\n".join(lines) + "\n")
   return path
