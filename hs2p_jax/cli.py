@@ -111,14 +111,26 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as e:
     msg = str(e).replace("\n", " ")
     print(f"hs2p {args.command}: error: {msg}", file=sys.stderr)
+    _said()
     return 2
   except Stopped as e:
     msg = str(e).replace("\n", " ")
     print(f"hs2p {args.command}: {msg}", file=sys.stderr, flush=True)
+    _said()
     return e.status
   except KeyboardInterrupt:
     print(f"hs2p {args.command}: interrupted", file=sys.stderr)
     return 130
+
+
+def _said() -> None:
+  """The run's failure has been said in its one line: what libraries fail to tidy up at exit (a log
+  writer that cannot flush to the full disk that stopped the run, its thread) is not printed after it."""
+  import logging
+  import threading
+  sys.unraisablehook = lambda unraisable: None
+  threading.excepthook = lambda exc: None
+  logging.disable(logging.CRITICAL)  # e.g. asyncio's "Task exception was never retrieved" of a failed write
 
 
 def _dispatch(args) -> int:

@@ -142,8 +142,9 @@ def _run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any
   finally:
     watch.close()
     stop.close()
-    ckpts.close(quiet=sys.exc_info()[0] is not None)
-    writer.close()
+    failing = sys.exc_info()[0] is not None
+    ckpts.close(quiet=failing)
+    writer.close(quiet=failing)
   return last
 
 
@@ -160,7 +161,7 @@ class LibraryLog:
     os.makedirs(local, exist_ok=True)
     self.file = open(os.path.join(local, name), "a", encoding="utf-8")
     self.logger = logging.getLogger("absl")
-    self.handler = logging.StreamHandler(self.file)
+    self.handler = _QuietHandler(self.file)
     self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(message)s"))
     self.logger.addHandler(self.handler)
     self.propagate, self.logger.propagate = self.logger.propagate, False
@@ -170,7 +171,10 @@ class LibraryLog:
     sys.stderr = self.stderr
     self.logger.removeHandler(self.handler)
     self.logger.propagate = self.propagate
-    self.file.close()
+    try:
+      self.file.close()
+    except OSError:  # the disk the run failed to save on is full: what the log held is lost, not the run's error
+      pass
     if self.url:
       try:
         with open(self.file.name, "rb") as f:
@@ -186,15 +190,29 @@ class _MainThreadOnly:
     self._stream, self._log = stream, log
 
   def write(self, text: str) -> int:
-    out = self._stream if threading.current_thread() is threading.main_thread() else self._log
-    return out.write(text)
+    if threading.current_thread() is threading.main_thread():
+      return self._stream.write(text)
+    try:
+      return self._log.write(text)
+    except (OSError, ValueError):  # a full disk, or the log closed: the message is dropped
+      return len(text)
 
   def flush(self) -> None:
     self._stream.flush()
-    self._log.flush()
+    try:
+      self._log.flush()
+    except (OSError, ValueError):
+      pass
 
   def __getattr__(self, name: str):
     return getattr(self._stream, name)
+
+
+class _QuietHandler(logging.StreamHandler):
+  """A log handler whose failures to write (a full disk) drop the record instead of printing a traceback."""
+
+  def handleError(self, record) -> None:
+    pass
 
 
 def host_record(metrics: dict[str, Any]) -> dict[str, float]:

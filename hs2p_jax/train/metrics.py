@@ -115,10 +115,15 @@ class MetricsWriter:
     parts.append(f"ETA {_fmt_time(eta)}")
     print(" | ".join(parts), file=sys.stderr, flush=True)
 
-  def close(self) -> None:
-    self.flush()
-    if self.tb is not None:
-      self.tb.close()
+  def close(self, quiet: bool = False) -> None:
+    """Flushes and closes the logs; `quiet` (the run is already failing): without raising."""
+    try:
+      self.flush()
+      if self.tb is not None:
+        self.tb.close()
+    except Exception:  # noqa: BLE001 - a full disk, a lost bucket: the run's own error is the one to report
+      if not quiet:
+        raise
 
 
 def truncate_jsonl_after(path: str, step: int) -> list[str] | None:
