@@ -122,3 +122,57 @@ def test_expo_search_and_eval_on_two_processes_equal_one_process_with_two_device
     assert b["accuracy"] == a["accuracy"] and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
   assert e2["pairs"] == e1["pairs"] == 12 and e2["accuracy"] == e1["accuracy"]
   assert e2["loss"] == pytest.approx(e1["loss"], rel=1e-5)
+
+
+_GUARDED_RUN = """
+import sys
+import jax
+from hs2p_jax import config as config_lib
+from hs2p_jax.checkpoint import RunCheckpoints
+from hs2p_jax.distributed import initialize
+from hs2p_jax.train import rm_trainer
+from hs2p_jax.train.guard import FiniteGuard
+from hs2p_jax.train.trainer import Trainer
+
+cfg = config_lib.load(config_lib.RunConfig, sys.argv[1], sys.argv[3:])
+d = cfg.dist
+initialize(d.coordinator, d.num_processes, d.process_id, d.local_device_ids, d.heartbeat_timeout)
+jax.config.update("jax_transfer_guard_device_to_host", "disallow")  # every step: no device-to-host copy...
+
+def allowed(fn):  # ...but where the loop logs, evaluates, checks and saves
+  def run(*args, **kwargs):
+    with jax.transfer_guard_device_to_host("allow"):
+      return fn(*args, **kwargs)
+  return run
+
+for owner, name in ((Trainer, "record"), (Trainer, "evaluate"), (Trainer, "save_final"), (Trainer, "start"),
+                    (FiniteGuard, "check"), (RunCheckpoints, "save"), (RunCheckpoints, "save_snapshot")):
+  setattr(owner, name, allowed(getattr(owner, name)))
+rm_trainer.train_rm(cfg, sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_feed_their_own_rows_without_host_syncs_between_log_steps(tmp_path):
+  """2 processes x 1 device: each feeds its block of the batch, no device-to-host copy outside the log,
+  eval and save steps (a transfer guard says so), and the numbers of 1 process x 2 devices."""
+  data = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(12))
+  cfg = tmp_path / "c.yaml"
+  cfg.write_text("name: guarded\n")
+  sets = tiny_overrides(tmp_path, **{"data.train": data, "data.validation": data, "data.format": "pairs",
+                                     "train.objective": "bt", "train.steps": 8, "train.batch_size": 4,
+                                     "train.micro_batch_size": 2, "train.lr": 3e-3, "train.log_every": 4,
+                                     "train.save_every": 4, "mesh.data": 1, "mesh.fsdp": -1})
+  script = tmp_path / "guarded.py"
+  script.write_text(_GUARDED_RUN)
+  multi = str(tmp_path / "multi")
+  _run_two([sys.executable, str(script), str(cfg), multi, *sets], _one_device())
+  single = str(tmp_path / "single")
+  subprocess.run([sys.executable, str(script), str(cfg), single, *sets],
+                 env={**_one_device(), "JAX_NUM_CPU_DEVICES": "2"}, check=True, capture_output=True)
+  a, b = read_metrics(os.path.join(single, "metrics.jsonl")), read_metrics(os.path.join(multi, "metrics.jsonl"))
+  assert [r["step"] for r in b] == [4, 8]
+  for ra, rb in zip(a, b):
+    for k in ("loss", "grad_norm", "accuracy", "val_accuracy"):
+      if k in ra:
+        assert rb[k] == pytest.approx(ra[k], rel=1e-5), (k, ra, rb)

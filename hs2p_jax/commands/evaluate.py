@@ -17,6 +17,7 @@ from hs2p_jax.atomic import write_json
 from hs2p_jax.config import DataConfig
 from hs2p_jax.eval.scoring import collect
 from hs2p_jax.sharding import batch_split, use_mesh
+from hs2p_jax.train.feed import feed_layout
 from hs2p_jax.train.rm_scorer import RewardScorer
 
 
@@ -39,8 +40,9 @@ class PairScorer(RewardScorer):
     """Batches of `data` (a DataConfig, or a source read in `fmt` with `data_config`'s defaults)."""
     from hs2p_jax.data.pipeline import make_loader
     cfg = data if isinstance(data, DataConfig) else self.data_config(data, fmt)
+    layout = feed_layout(self.mesh, self.rules)  # this process reads its block of each batch
     return make_loader(cfg, self.tokenizer, split=split, task="pairs", batch_size=self.batch_size, shuffle=False,
-                       repeat=False, process_index=jax.process_index(), process_count=jax.process_count(),
+                       repeat=False, process_index=layout.slot, process_count=layout.slots,
                        cache_dir=cache_dir, row_multiple=batch_split(self.mesh, self.rules))
 
   def rewards(self, loader, params=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -2,34 +2,62 @@
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from hs2p_jax.losses import bt_losses
-from hs2p_jax.train.feed import gather_processes, put_batch
+from hs2p_jax.sharding import DEFAULT_RULES
+from hs2p_jax.train.feed import feed_layout, to_global
 
 
 def collect(eval_fn: Callable, params: Any, batches: Iterable[dict[str, np.ndarray]], mesh=None, rules=None,
             max_batches: int = 0) -> dict[str, np.ndarray]:
-  """Runs `eval_fn(params, batch)` over `batches`; returns the valid examples' outputs
-  ([N, 2, A] pairs or [N, A]), example ids [N] and, where present, magnitude / labels / label_mask."""
+  """Runs `eval_fn(params, batch)` (its outputs replicated) over `batches`, this process's blocks of
+  global batches (`train.feed`); returns the valid examples' outputs ([N, 2, A] pairs or [N, A]),
+  example ids [N] and, where present, magnitude / labels / label_mask. Each batch is dispatched
+  before the previous one's results are fetched."""
+  rules = rules if rules is not None else DEFAULT_RULES
+  layout = feed_layout(mesh, rules)
   outs: dict[str, list[np.ndarray]] = defaultdict(list)
-  kwargs = {"rules": rules} if rules is not None else {}
+
+  def fetch(pending) -> None:
+    out, meta = jax.device_get(pending)
+    keep = np.asarray(meta["valid"]).astype(bool)
+    outs["outputs"].append(np.asarray(out)[keep])
+    for key, value in meta.items():
+      if key != "valid":
+        outs[key].append(np.asarray(value)[keep])
+
+  pending = None
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
       break
-    batch = gather_processes(batch)
-    out = np.asarray(jax.device_get(eval_fn(params, put_batch(batch, mesh, **kwargs))))
-    keep = batch["valid"].astype(bool)
-    outs["outputs"].append(out[keep])
-    outs["example_id"].append(batch["example_id"][keep])
-    for key in ("magnitude", "labels", "label_mask"):
-      if key in batch:
-        outs[key].append(batch[key][keep])
+    placed = to_global(batch, layout, mesh, rules)
+    meta = {k: placed[k] for k in ("valid", "example_id", "magnitude", "labels", "label_mask") if k in placed}
+    current = (eval_fn(params, placed), replicated(meta, mesh))
+    if pending is not None:
+      fetch(pending)
+    pending = current
+  if pending is not None:
+    fetch(pending)
   return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def replicated(tree: Any, mesh) -> Any:
+  """`tree`'s arrays replicated on every device (an all-gather on the devices), so every host can read them."""
+  if mesh is None:
+    return tree
+  return _replicate(mesh)(tree)
+
+
+@functools.lru_cache(maxsize=8)
+def _replicate(mesh) -> Callable:
+  return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def pair_metrics(rewards: np.ndarray, magnitude: np.ndarray | None = None, variant: str = "regular") -> dict[str, float]:

@@ -1,7 +1,18 @@
-"""Host batches -> global device arrays on the mesh (token arrays split over the batch axes)."""
+"""Host batches -> global device arrays on the mesh (rows and examples split over the batch axes).
+
+Each process feeds its own block of a global batch: the mesh's batch axes split the rows into
+`slots` equal blocks, each held by the devices of one process (or of several processes alike, which
+then read the same examples), and a process's loader reads the examples of its block
+(`FeedLayout`). Batch shapes are agreed without talking (every process computes every block's
+padded length), so a global array is assembled from process-local data with no host collective, and
+the next step's batch is placed while the current step runs (`StepFeed`).
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -11,11 +22,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hs2p_jax.convert.state import place
+from hs2p_jax.errors import UserError
 from hs2p_jax.sharding import DEFAULT_RULES, Rules, batch_split, logical_to_spec
 
 # Arrays whose first (row) axis is the batch; everything else is small and replicated.
 ROW_ARRAYS = ("input_ids", "segment_ids", "positions", "branch_ids", "prompt_ids", "prompt_mask", "tokens",
               "response_mask", "target_pred", "chosen_pair", "rejected_pair")
+# Arrays with one entry per example (pair), split over the batch axes like the rows; padded with
+# entries that score nothing (`valid` False) to split evenly.
+EXAMPLE_ARRAYS = ("score_row", "score_index", "valid", "example_id", "magnitude", "labels", "label_mask")
 # Arrays holding row numbers of the global batch: offset when local batches are concatenated.
 ROW_POINTERS = ("score_row",)
 # Arrays holding pair numbers (-1: none), offset likewise by the pairs of the processes before.
@@ -44,6 +59,89 @@ def gather_processes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in out.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class FeedLayout:
+  """How the processes feed a global batch: its rows (and examples) in `slots` equal blocks, this
+  process feeding block `slot`; `split` devices share the rows."""
+
+  slot: int = 0
+  slots: int = 1
+  split: int = 1
+
+  @property
+  def multiple(self) -> int:
+    """Rows (and examples) of a block are a multiple of this: the global batch splits evenly."""
+    return max(1, self.split // self.slots)
+
+
+@functools.lru_cache(maxsize=16)
+def feed_layout(mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> FeedLayout:
+  """This process's block of the global batch on `mesh` (one block per process where the batch axes
+  span the processes; one block for all where they do not). A UserError names the mesh when the
+  processes' devices hold the rows in a way blocks cannot describe."""
+  split = batch_split(mesh, rules)
+  if mesh is None:
+    return FeedLayout(0, 1, split)
+  probe = (split, 1)
+  sharding = NamedSharding(mesh, logical_to_spec(("act_batch", None), probe, mesh, rules))
+  held: dict[int, set[int]] = {}
+  for device, index in sharding.devices_indices_map(probe).items():
+    held.setdefault(device.process_index, set()).update(range(*index[0].indices(split)[:2]))
+  blocks = sorted({(min(rows), max(rows) + 1) for rows in held.values()})
+  size = blocks[0][1] - blocks[0][0]
+  regular = all(len(rows) == max(rows) + 1 - min(rows) for rows in held.values()) and \
+      blocks == [(i * size, (i + 1) * size) for i in range(len(blocks))] and len(blocks) * size == split
+  if not regular:
+    raise UserError(f"mesh {dict(mesh.shape)}: the processes' devices hold the batch rows in interleaved blocks; "
+                    f"order the mesh so that each process holds one contiguous block (mesh.data / mesh.fsdp over "
+                    f"the processes, mesh.tensor within one)")
+  mine = held[jax.process_index()]
+  return FeedLayout(blocks.index((min(mine), max(mine) + 1)), len(blocks), split)
+
+
+def to_global(batch: dict[str, np.ndarray], layout: FeedLayout, mesh: Mesh | None, rules: Rules = DEFAULT_RULES,
+              stacked: bool = False) -> dict[str, jax.Array]:
+  """This process's block of a batch -> the global batch on the mesh, assembled from every process's
+  block without a host collective: example arrays padded to `layout.multiple`, row and pair pointers
+  offset to index the global rows and pairs."""
+  batch = pad_examples(batch, layout.multiple, stacked)
+  row_axis = 1 if stacked else 0
+  rows = max((batch[k].shape[row_axis] for k in ROW_ARRAYS if k in batch), default=0)
+  pairs = batch["valid"].shape[row_axis] if "valid" in batch else 0
+  out = {}
+  for k, v in batch.items():
+    if k in ROW_POINTERS:
+      v = v + layout.slot * rows
+    elif k in PAIR_POINTERS:
+      v = np.where(v >= 0, v + layout.slot * pairs, -1).astype(v.dtype)
+    if mesh is None:
+      out[k] = jnp.asarray(v)
+      continue
+    shape = list(v.shape)
+    if k in ROW_ARRAYS or k in EXAMPLE_ARRAYS:
+      shape[row_axis] *= layout.slots
+    sharding = batch_sharding(k, tuple(shape), mesh, rules, stacked)
+    out[k] = jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(v), tuple(shape))
+  return out
+
+
+def pad_examples(batch: dict[str, np.ndarray], multiple: int, stacked: bool = False) -> dict[str, np.ndarray]:
+  """Example arrays padded to a multiple of `multiple` entries with entries that score nothing."""
+  axis = 1 if stacked else 0
+  n = batch["valid"].shape[axis] if "valid" in batch else 0
+  extra = -n % multiple
+  if not extra:
+    return batch
+  out = dict(batch)
+  for k in EXAMPLE_ARRAYS:
+    if k in batch:
+      width = [(0, 0)] * batch[k].ndim
+      width[axis] = (0, extra)
+      fill = -1 if k == "example_id" else 0  # row 0, token 0, invalid, no labels
+      out[k] = np.pad(batch[k], width, constant_values=fill)
+  return out
+
+
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh | None, rules: Rules = DEFAULT_RULES,
               stacked: bool = False) -> dict[str, jax.Array]:
   """Places a global host batch: row arrays split over the mesh's batch axes (where they divide),
@@ -59,11 +157,17 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh | None, rules: Rules = DE
 
 def batch_sharding(key: str, shape: tuple[int, ...], mesh: Mesh, rules: Rules = DEFAULT_RULES,
                    stacked: bool = False) -> NamedSharding:
-  """Where `put_batch` places batch array `key` of `shape`: rows over the batch axes, or replicated."""
-  if key not in ROW_ARRAYS:
-    return NamedSharding(mesh, P())
+  """Where batch array `key` of `shape` lives: rows over the batch axes, example arrays too where their
+  length divides them (else replicated), anything else replicated."""
   axes = ((None,) if stacked else ()) + ("act_batch",) + (None,) * (len(shape) - 1 - int(stacked))
-  return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+  if key in ROW_ARRAYS:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+  if key in EXAMPLE_ARRAYS:  # the rows' mesh axes, where they divide (not a config error where they do not)
+    table = dict(rules)
+    examples = tuple({**table, "act_examples": table.get("act_batch")}.items())
+    return NamedSharding(mesh, logical_to_spec(tuple("act_examples" if a == "act_batch" else a for a in axes),
+                                               shape, mesh, examples))
+  return NamedSharding(mesh, P())
 
 
 def host_global(x: jax.Array) -> np.ndarray:
@@ -76,24 +180,50 @@ def host_global(x: jax.Array) -> np.ndarray:
 
 
 class StepFeed:
-  """A trainer's batch source (`train.trainer`): each step, k micro-batches from `loader` (every
-  process's share gathered), stacked and placed on the mesh; counts their tokens for the tokens/s it
-  reports."""
+  """A trainer's batch source (`train.trainer`): each step, k micro-batches of this process's block
+  from `loader`, stacked and assembled into the global batch on the mesh; the following step's batch
+  is read and placed in a background thread while the current step runs. Its position
+  (`get_state` / `set_state`) is that of the batches handed out, not of the one read ahead."""
 
   def __init__(self, loader, micro_batches: int, mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
-    self.loader, self.k, self.mesh, self.rules = loader, micro_batches, mesh, rules
+    self.data, self.k, self.mesh, self.rules = loader, micro_batches, mesh, rules
+    self.layout = feed_layout(mesh, rules)
     self._it = None
+    self._ahead: concurrent.futures.Future | None = None
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hs2p-feed")
+    self._base = self._given = 0
+
+  @property
+  def position(self) -> "StepFeed":
+    return self
 
   def begin(self) -> None:
-    """Starts reading at the loader's current state (after a restore)."""
-    self._it = iter(self.loader)
+    """Starts reading at the position given to `set_state` (after a restore), else at the start."""
+    if self._ahead is not None:
+      self._ahead.result()
+      self._ahead = None
+    self._base, self._given = self.data.get_state()["step"], 0
+    self._it = iter(self.data)
     self._t0, self._tokens = time.time(), 0
 
+  def get_state(self) -> dict[str, Any]:
+    return {**self.data.get_state(), "step": self._base + self._given}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.data.set_state(state)
+
+  def _read(self) -> tuple[dict[str, jax.Array], int]:
+    micro = [next(self._it) for _ in range(self.k)]
+    tokens = sum(int(np.count_nonzero(b["segment_ids"])) for b in micro)
+    return to_global(stack_micro_batches(micro), self.layout, self.mesh, self.rules, stacked=True), tokens
+
   def next(self, step: int, trainer=None) -> tuple[list[dict[str, jax.Array]], dict[str, float]]:
-    """The next step's stacked batch ([k, R, T], ...), on the mesh; no host metrics."""
-    micro = [gather_processes(next(self._it)) for _ in range(self.k)]
-    self._tokens += sum(int(np.count_nonzero(b["segment_ids"])) for b in micro)
-    return [put_batch(stack_micro_batches(micro), self.mesh, self.rules, stacked=True)], {}
+    """The next step's stacked global batch ([k, R, T], ...), on the mesh; no host metrics."""
+    batch, tokens = (self._ahead or self._pool.submit(self._read)).result()
+    self._given += self.k
+    self._tokens += tokens
+    self._ahead = self._pool.submit(self._read)
+    return [batch], {}
 
   def tokens_per_s(self) -> float:
     """Tokens per second since the previous call (or `begin`)."""
@@ -127,9 +257,11 @@ def stacked_spec(task: str, examples: int, micro_batches: int, seq_len: int, mes
   as `put_batch` places them: for `task` regression / pairs / sft, `examples` (pairs) per micro-batch,
   k = `micro_batches`; `targets`: log-prob targets (DPO, SFT); `shared`: pairs sharing their prompt
   (positions, branch_ids). Rows: one per sequence (two per pair), padded to split over the batch axes."""
-  k, n, t = micro_batches, examples, seq_len
+  k, t = micro_batches, seq_len
   split = batch_split(mesh, rules)
-  r = -(-n * (2 if task == "pairs" else 1) // split) * split
+  r = -(-examples * (2 if task == "pairs" else 1) // split) * split
+  layout = feed_layout(mesh, rules)  # example arrays: each block's padded to split evenly, as `to_global` pads them
+  n = layout.slots * -(-(examples // layout.slots) // layout.multiple) * layout.multiple
   i32 = jnp.int32
   shapes: dict[str, tuple[tuple[int, ...], Any]] = {
       "input_ids": ((k, r, t), i32), "segment_ids": ((k, r, t), i32),

@@ -51,6 +51,11 @@ class RolloutSource:
     self._it = None
     self._rate = 0.0
 
+  @property
+  def position(self):
+    """The data position a checkpoint holds: the prompt loader's (no batch is read ahead)."""
+    return self.loader
+
   def begin(self) -> None:
     self._it = iter(self.loader)
 

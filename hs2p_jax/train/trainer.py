@@ -4,8 +4,8 @@ jitted step fed by a batch source.
 A trainer page (`rm_trainer`, `dpo_trainer`, `sft_trainer`, `reinforce_trainer`) builds its
 `state.Step` (the pure step on the run's abstract state, which `hs2p plan` compiles too), its batch
 source and its evaluation, and hands them to `Trainer`:
-  source.loader                  the data position a checkpoint holds
-  source.begin()                 start reading at the loader's position (after a restore)
+  source.position                the data position a checkpoint holds (get_state / set_state)
+  source.begin()                 start reading at that position (after a restore)
   source.next(step, trainer)     ([device batches: one optimizer step each], host metrics)
   source.tokens_per_s()          tokens per second since the previous call
   evaluate(trainer) -> dict      validation metrics (optional)
@@ -30,6 +30,7 @@ from hs2p_jax.convert.state import ReadStats
 from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.eval.scoring import collect
 from hs2p_jax.sharding import batch_split, use_mesh
+from hs2p_jax.train.feed import feed_layout
 from hs2p_jax.train.loop import LoopConfig, run as run_loop
 from hs2p_jax.train.model_init import load_params
 from hs2p_jax.train.optim import schedule
@@ -56,8 +57,9 @@ def run_loader(data: Any, tokenizer: Any, split: str, task: str, batch_size: int
   """This process's loader of a run's `split` (training: shuffled, repeating; else in order, once),
   its rows padded to split over the mesh's batch axes, built-in data cached in the run directory."""
   train = split == "train"
+  layout = feed_layout(mesh, rules)  # this process reads its block of each global batch
   return make_loader(data, tokenizer, split=split, task=task, batch_size=batch_size, seed=seed if train else 0,
-                     shuffle=train, repeat=train, process_index=jax.process_index(), process_count=jax.process_count(),
+                     shuffle=train, repeat=train, process_index=layout.slot, process_count=layout.slots,
                      cache_dir=storage.local_dir(out_dir, "data"), row_multiple=batch_split(mesh, rules),
                      targets=targets)
 
@@ -91,7 +93,7 @@ class Trainer:
                batch_info: dict[str, Any] | None = None, notes: tuple[str, ...] = (),
                model_info: dict[str, Any] | None = None):
     self.cfg, self.out_dir, self.section, self.model_cfg = cfg, storage.absolute(out_dir), section, model
-    self.step_fn, self.source, self.loader = step, source, source.loader
+    self.step_fn, self.source, self.loader = step, source, source.position
     self.state = step.state
     self.mesh, self.rules, self.graphdef = self.state.mesh, self.state.rules, self.state.graphdef
     self.tokenizer, self.meta = tokenizer, meta
