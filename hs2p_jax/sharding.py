@@ -59,6 +59,7 @@ class MeshConfig:
   fsdp: int = 1
   tensor: int = 1
   rules: dict = dataclasses.field(default_factory=dict)  # logical axis -> mesh axis (or list, or null)
+  allow_padding: bool = False  # run micro-batches whose rows are over a quarter padding (too few for the batch axes)
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -87,11 +88,16 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
   cfg = cfg or MeshConfig()
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(cfg, len(devices))
+  if devices[0].platform == "cpu":  # no links to follow: the devices in order
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
   try:
     from jax.experimental import mesh_utils
     arr = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
-  except Exception:  # CPU and odd topologies: plain row-major order.
-    arr = np.asarray(devices, dtype=object).reshape(shape)
+  except Exception as e:  # noqa: BLE001 - jax says why in many ways; a mesh in plain order would be slow, not wrong
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise UserError(f"mesh {dict(zip(MESH_AXES, shape))}: no device order along the {len(devices)} "
+                    f"{devices[0].device_kind} devices' links gives this shape ({reason}); choose mesh sizes that "
+                    f"follow the slice's topology") from None
   return Mesh(arr, MESH_AXES)
 
 

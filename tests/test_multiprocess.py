@@ -126,7 +126,12 @@ def test_expo_search_and_eval_on_two_processes_equal_one_process_with_two_device
 
 _GUARDED_RUN = """
 import sys
+import threading
+
 import jax
+from jax._src import array as jax_array
+from jax.experimental import multihost_utils
+
 from hs2p_jax import config as config_lib
 from hs2p_jax.checkpoint import RunCheckpoints
 from hs2p_jax.distributed import initialize
@@ -137,17 +142,49 @@ from hs2p_jax.train.trainer import Trainer
 cfg = config_lib.load(config_lib.RunConfig, sys.argv[1], sys.argv[3:])
 d = cfg.dist
 initialize(d.coordinator, d.num_processes, d.process_id, d.local_device_ids, d.heartbeat_timeout)
-jax.config.update("jax_transfer_guard_device_to_host", "disallow")  # every step: no device-to-host copy...
 
-def allowed(fn):  # ...but where the loop logs, evaluates, checks and saves
+# No host sync in the loop or its batch reader outside the log, eval and save work: on an accelerator the
+# transfer guard says so; on the CPU, where arrays live in host memory and it cannot trip, every way
+# this code reads a device array, waits for one or meets the other processes raises instead.
+jax.config.update("jax_transfer_guard_device_to_host", "disallow_explicit")
+allow = threading.local()
+armed = False  # from the first step on (setup, restore and snapshots come before)
+
+def check(what):
+  feeding = threading.current_thread().name.startswith(("MainThread", "hs2p-feed"))  # the loop and its batch reader
+  if armed and feeding and not getattr(allow, "on", False):
+    raise RuntimeError(f"host sync outside a log, eval or save step: {what}")
+
+value = jax_array.ArrayImpl._value
+jax_array.ArrayImpl._value = property(lambda self: (check("a device array read"), value.fget(self))[1])
+for owner, name in ((jax_array.ArrayImpl, "__array__"), (jax_array.ArrayImpl, "block_until_ready"),
+                    (multihost_utils, "process_allgather"), (multihost_utils, "broadcast_one_to_all"),
+                    (multihost_utils, "sync_global_devices")):
+  def guarded(*args, _fn=getattr(owner, name), _name=name, **kwargs):
+    check(_name)
+    return _fn(*args, **kwargs)
+  setattr(owner, name, guarded)
+
+def allowed(fn):
   def run(*args, **kwargs):
-    with jax.transfer_guard_device_to_host("allow"):
-      return fn(*args, **kwargs)
+    allow.on = True
+    try:
+      with jax.transfer_guard_device_to_host("allow"):
+        return fn(*args, **kwargs)
+    finally:
+      allow.on = False
   return run
 
-for owner, name in ((Trainer, "record"), (Trainer, "evaluate"), (Trainer, "save_final"), (Trainer, "start"),
-                    (FiniteGuard, "check"), (RunCheckpoints, "save"), (RunCheckpoints, "save_snapshot")):
+for owner, name in ((Trainer, "record"), (Trainer, "evaluate"), (Trainer, "save_final"), (FiniteGuard, "check"),
+                    (RunCheckpoints, "save"), (RunCheckpoints, "wait"), (RunCheckpoints, "close")):
   setattr(owner, name, allowed(getattr(owner, name)))
+begin = Trainer.begin
+
+def arm(self, start):
+  global armed
+  begin(self, start)
+  armed = True
+Trainer.begin = arm
 rm_trainer.train_rm(cfg, sys.argv[2])
 """
 
@@ -176,3 +213,26 @@ def test_two_processes_feed_their_own_rows_without_host_syncs_between_log_steps(
     for k in ("loss", "grad_norm", "accuracy", "val_accuracy"):
       if k in ra:
         assert rb[k] == pytest.approx(ra[k], rel=1e-5), (k, ra, rb)
+
+
+def test_each_share_of_a_batch_points_at_its_own_rows_where_its_blocks_interleave():
+  """Pointers of a process's share are mapped to where its rows land in the global batch, also when its
+  devices' blocks are not next to each other (a TPU pod's mesh): pure index arithmetic, checked by
+  assembling the global host batch as `jax.make_array_from_process_local_data` does (sorted order)."""
+  from hs2p_jax.train.feed import FeedLayout, pad_examples
+  split = 4
+  shares = [FeedLayout(0, 2, split, (0, 2)), FeedLayout(1, 2, split, (1, 3))]
+  local_rows, local_pairs = 4, 1  # one pair per process, padded to 2 entries (split / slots)
+  global_ids = np.zeros((2 * local_rows, 3), np.int32)
+  global_rows = np.zeros((2 * 2, 2), np.int64)
+  for p, layout in enumerate(shares):
+    ids = np.full((local_rows, 3), 100 * (p + 1), np.int32) + np.arange(local_rows)[:, None]
+    batch = pad_examples({"input_ids": ids, "score_row": np.array([[0, 1]], np.int32),
+                          "valid": np.array([True])}, layout.multiple)
+    assert batch["valid"].tolist() == [True, False] and batch["score_row"].tolist() == [[0, 1], [0, 0]]
+    rows = layout.positions(2 * local_rows)
+    global_ids[rows] = ids
+    global_rows[layout.positions(2 * len(batch["valid"]))] = rows[batch["score_row"]]
+  assert shares[0].positions(8).tolist() == [0, 1, 4, 5] and shares[1].positions(8).tolist() == [2, 3, 6, 7]
+  for p, pair in ((0, 0), (1, 1)):  # each real pair reads its own process's chosen and rejected rows
+    assert global_ids[global_rows[pair], 0].tolist() == [100 * (p + 1), 100 * (p + 1) + 1]

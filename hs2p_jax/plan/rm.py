@@ -152,7 +152,9 @@ def warnings_for(cfg: RunConfig, target: Target, analytic: dict[str, Any], rules
   if lay["rows"] != lay["real_rows"]:
     out.append(f"micro-batch rows ({lay['real_rows']}) are padded to {lay['rows']} to split over the batch axes "
                f"data*fsdp ({split} devices): {1 - lay['real_rows'] / lay['rows']:.0%} of the step computes padding; "
-               f"make train.micro_batch_size a multiple of {split // math.gcd(split, 2) if cfg.train.objective == 'bt' else split}")
+               f"make train.micro_batch_size a multiple of {split // math.gcd(split, 2) if cfg.train.objective == 'bt' else split}"
+               + ("; over a quarter: the run stops unless mesh.allow_padding=true"
+                  if (lay["rows"] - lay["real_rows"]) * 4 > lay["rows"] else ""))
   hbm = target.hbm_bytes
   state = analytic["params"] + analytic["optimizer"] + analytic["gradients"]
   if hbm and state > hbm:

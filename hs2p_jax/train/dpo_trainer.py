@@ -16,7 +16,7 @@ from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.sharding import Rules, make_mesh, rules_from
 from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train import dpo
-from hs2p_jax.train.feed import StepFeed, stacked_spec
+from hs2p_jax.train.feed import StepFeed, micro_batch_rows, stacked_spec
 from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta, tokenizer_spec
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.state import Part, RunState, Step, frozen_dtype
@@ -55,9 +55,11 @@ def trainer(cfg: DPORunConfig, out_dir: str) -> Trainer:
       sets, dc, mesh, rules, lambda t: lambda p, b: eval_step(p, t.frozen["reference"], b),
       lambda res: dpo.eval_metrics(res["outputs"], res["magnitude"], dc.variant, dc.beta))
   meta = model_meta(cfg.policy, step.state.trainable.config, cfg.data.template)
+  batch = {**micro_batch_rows("dpo.micro_batch_size", micro, 2, mesh, rules, cfg.mesh.allow_padding, cfg.data.packing),
+           "micro_batches": dc.batch_size // micro}
   return Trainer(cfg, out_dir, section=dc, model=cfg.policy, step=step,
                  source=StepFeed(sets["train"][0], dc.batch_size // micro, mesh, rules), tokenizer=tokenizer,
-                 meta=meta, frozen_from={"reference": INITIAL}, evaluate=evaluate, datasets=sets)
+                 meta=meta, frozen_from={"reference": INITIAL}, evaluate=evaluate, datasets=sets, batch_info=batch)
 
 
 def train_dpo(cfg: DPORunConfig, out_dir: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import math
 import time
 from typing import Any
 
@@ -61,68 +62,91 @@ def gather_processes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class FeedLayout:
-  """How the processes feed a global batch: its rows (and examples) in `slots` equal blocks, this
-  process feeding block `slot`; `split` devices share the rows."""
+  """How the processes feed a global batch: the batch axes split it into `split` device blocks; this
+  process's devices hold `blocks` of them (in global order: not always next to each other, as on a
+  TPU pod, where the mesh follows the chips' links), which together are share `slot` of `slots`
+  equal shares (processes holding the same blocks read the same examples)."""
 
   slot: int = 0
   slots: int = 1
   split: int = 1
+  blocks: tuple[int, ...] = (0,)
 
   @property
   def multiple(self) -> int:
-    """Rows (and examples) of a block are a multiple of this: the global batch splits evenly."""
+    """Rows (and examples) of a share are a multiple of this: the global batch splits evenly."""
     return max(1, self.split // self.slots)
+
+  def positions(self, n: int) -> np.ndarray:
+    """The global indices, in order, of this process's share of a batch axis of `n` (a multiple of
+    `split`): where its local entries 0, 1, ... go."""
+    size = n // self.split
+    return np.concatenate([np.arange(b * size, (b + 1) * size) for b in self.blocks]).astype(np.int64)
 
 
 @functools.lru_cache(maxsize=16)
 def feed_layout(mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> FeedLayout:
-  """This process's block of the global batch on `mesh` (one block per process where the batch axes
-  span the processes; one block for all where they do not). A UserError names the mesh when the
-  processes' devices hold the rows in a way blocks cannot describe."""
+  """This process's share of the global batch on `mesh`. A UserError names the mesh where the
+  processes' shares are not equal and disjoint."""
   split = batch_split(mesh, rules)
   if mesh is None:
-    return FeedLayout(0, 1, split)
+    return FeedLayout(0, 1, split, tuple(range(split)))
   probe = (split, 1)
   sharding = NamedSharding(mesh, logical_to_spec(("act_batch", None), probe, mesh, rules))
   held: dict[int, set[int]] = {}
   for device, index in sharding.devices_indices_map(probe).items():
     held.setdefault(device.process_index, set()).update(range(*index[0].indices(split)[:2]))
-  blocks = sorted({(min(rows), max(rows) + 1) for rows in held.values()})
-  size = blocks[0][1] - blocks[0][0]
-  regular = all(len(rows) == max(rows) + 1 - min(rows) for rows in held.values()) and \
-      blocks == [(i * size, (i + 1) * size) for i in range(len(blocks))] and len(blocks) * size == split
-  if not regular:
-    raise UserError(f"mesh {dict(mesh.shape)}: the processes' devices hold the batch rows in interleaved blocks; "
-                    f"order the mesh so that each process holds one contiguous block (mesh.data / mesh.fsdp over "
-                    f"the processes, mesh.tensor within one)")
-  mine = held[jax.process_index()]
-  return FeedLayout(blocks.index((min(mine), max(mine) + 1)), len(blocks), split)
+  shares = sorted({tuple(sorted(b)) for b in held.values()})
+  if sorted(b for share in shares for b in share) != list(range(split)) or len({len(x) for x in shares}) != 1:
+    raise UserError(f"mesh {dict(mesh.shape)}: the processes hold unequal or overlapping parts of the batch rows; "
+                    f"put mesh.data / mesh.fsdp over the processes and mesh.tensor within one")
+  mine = tuple(sorted(held[jax.process_index()]))
+  return FeedLayout(shares.index(mine), len(shares), split, mine)
 
 
 def to_global(batch: dict[str, np.ndarray], layout: FeedLayout, mesh: Mesh | None, rules: Rules = DEFAULT_RULES,
               stacked: bool = False) -> dict[str, jax.Array]:
-  """This process's block of a batch -> the global batch on the mesh, assembled from every process's
-  block without a host collective: example arrays padded to `layout.multiple`, row and pair pointers
-  offset to index the global rows and pairs."""
+  """This process's share of a batch -> the global batch on the mesh, assembled from every process's
+  share without a host collective: example arrays padded to `layout.multiple`, row and pair pointers
+  mapped to the global rows and pairs where the share's entries go."""
   batch = pad_examples(batch, layout.multiple, stacked)
-  row_axis = 1 if stacked else 0
-  rows = max((batch[k].shape[row_axis] for k in ROW_ARRAYS if k in batch), default=0)
-  pairs = batch["valid"].shape[row_axis] if "valid" in batch else 0
+  axis = 1 if stacked else 0
+  rows = max((batch[k].shape[axis] for k in ROW_ARRAYS if k in batch), default=0)
+  pairs = batch["valid"].shape[axis] if "valid" in batch else 0
   out = {}
   for k, v in batch.items():
     if k in ROW_POINTERS:
-      v = v + layout.slot * rows
+      v = layout.positions(rows * layout.slots)[v].astype(v.dtype)
     elif k in PAIR_POINTERS:
-      v = np.where(v >= 0, v + layout.slot * pairs, -1).astype(v.dtype)
+      v = np.where(v >= 0, layout.positions(pairs * layout.slots)[np.maximum(v, 0)], -1).astype(v.dtype)
     if mesh is None:
       out[k] = jnp.asarray(v)
       continue
     shape = list(v.shape)
     if k in ROW_ARRAYS or k in EXAMPLE_ARRAYS:
-      shape[row_axis] *= layout.slots
+      shape[axis] *= layout.slots
     sharding = batch_sharding(k, tuple(shape), mesh, rules, stacked)
     out[k] = jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(v), tuple(shape))
   return out
+
+
+def micro_batch_rows(key: str, micro: int, rows_per_example: int, mesh: Mesh | None, rules: Rules,
+                     allow_padding: bool, packed: bool = False) -> dict[str, int]:
+  """A run's micro-batch rows against the devices of the batch axes (its `batch` provenance). Rows
+  padded to split over them may be at most a quarter of the step: more is a UserError naming `key`
+  (`train.micro_batch_size`, ...) and the mesh, unless `mesh.allow_padding`."""
+  split, rows = batch_split(mesh, rules), micro * rows_per_example
+  info = {"micro_batch_rows": rows, "batch_split": split}
+  padded = -(-rows // split) * split
+  if packed or padded == rows:
+    return info
+  info["padded_rows"] = padded
+  if (padded - rows) * 4 > padded and not allow_padding:
+    fit = split // math.gcd(split, rows_per_example)
+    raise UserError(f"{key}={micro}: {rows} rows per micro-batch are padded to {padded} to split over the mesh's "
+                    f"batch axes ({dict(mesh.shape)}: {split} devices), {1 - rows / padded:.0%} of the step computing "
+                    f"padding; make {key} a multiple of {fit}, or set mesh.allow_padding=true")
+  return info
 
 
 def pad_examples(batch: dict[str, np.ndarray], multiple: int, stacked: bool = False) -> dict[str, np.ndarray]:

@@ -12,9 +12,9 @@ from hs2p_jax.errors import UserError
 from hs2p_jax.eval.scoring import collect, pair_metrics, regression_metrics
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.model.reward import attribute_weights
-from hs2p_jax.sharding import Rules, batch_split, make_mesh, rules_from, use_mesh
+from hs2p_jax.sharding import Rules, make_mesh, rules_from, use_mesh
 from hs2p_jax.tokenizer import load_tokenizer
-from hs2p_jax.train.feed import StepFeed, stacked_spec
+from hs2p_jax.train.feed import StepFeed, micro_batch_rows, stacked_spec
 from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta, tokenizer_spec
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.rm import Objective, make_eval_step, make_train_step
@@ -85,13 +85,12 @@ def trainer(cfg: RunConfig, out_dir: str) -> Trainer:
         out["val_loss"] = regression_metrics(res["outputs"], res["labels"], res["label_mask"])["loss"]
     return out
 
-  split, rows = batch_split(mesh, rules), micro * (1 if task(cfg) == "regression" else 2)
-  batch = {"micro_batch_rows": rows, "batch_split": split, "micro_batches": tc.batch_size // micro}
+  batch = {**micro_batch_rows("train.micro_batch_size", micro, 1 if task(cfg) == "regression" else 2, mesh, rules,
+                              cfg.mesh.allow_padding, cfg.data.packing), "micro_batches": tc.batch_size // micro}
   notes = ()
-  if not cfg.data.packing and rows % split:
-    batch["padded_rows"] = padded = -(-rows // split) * split
-    notes = (f"train.micro_batch_size={micro}: {rows} rows per micro-batch, padded to {padded} to split over the "
-             f"mesh's batch axes ({split} devices): {1 - rows / padded:.0%} of the rows are padding",)
+  if "padded_rows" in batch:
+    notes = (f"train.micro_batch_size={micro}: {batch['micro_batch_rows']} rows per micro-batch, padded to "
+             f"{batch['padded_rows']} to split over the mesh's batch axes ({batch['batch_split']} devices)",)
   meta = model_meta(cfg.model, step.state.trainable.config, cfg.data.template)
   return Trainer(cfg, out_dir, section=tc, model=cfg.model, step=step,
                  source=StepFeed(sets["train"][0], tc.batch_size // micro, mesh, rules), tokenizer=tokenizer,

@@ -12,7 +12,7 @@ from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.sharding import Rules, make_mesh, rules_from
 from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train import sft
-from hs2p_jax.train.feed import StepFeed, stacked_spec
+from hs2p_jax.train.feed import StepFeed, micro_batch_rows, stacked_spec
 from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta, tokenizer_spec
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.state import Part, RunState, Step
@@ -47,9 +47,11 @@ def trainer(cfg: SFTRunConfig, out_dir: str) -> Trainer:
   evaluate = on_validation(sets, sc, mesh, rules, lambda t: eval_step,  # token-mean NLL, perplexity
                            lambda res: sft.eval_metrics(res["outputs"]))
   meta = model_meta(cfg.policy, step.state.trainable.config, cfg.data.template)
+  batch = {**micro_batch_rows("sft.micro_batch_size", micro, 1, mesh, rules, cfg.mesh.allow_padding, cfg.data.packing),
+           "micro_batches": sc.batch_size // micro}
   return Trainer(cfg, out_dir, section=sc, model=cfg.policy, step=step,
                  source=StepFeed(sets["train"][0], sc.batch_size // micro, mesh, rules), tokenizer=tokenizer,
-                 meta=meta, evaluate=evaluate, datasets=sets)
+                 meta=meta, evaluate=evaluate, datasets=sets, batch_info=batch)
 
 
 def train_sft(cfg: SFTRunConfig, out_dir: str) -> dict[str, Any]:
