@@ -42,7 +42,7 @@ class DataConfig:
   max_length: int = 256
   overlong: str = "truncate"           # "truncate" (keep the end of the prompt) or "drop"
   pad_multiple: int = 32               # pad batches to a multiple of this (bucketing); <= max_length
-  buckets: Any = "multiple"            # "multiple" (of pad_multiple), "pow2" (fewer compiled shapes) or [lengths]
+  buckets: Any = "pow2"                # "pow2" (log2 compiled shapes), "multiple" (of pad_multiple: least padding) or [lengths]
   packing: bool = False
   share_prompt: bool = False           # pairs, packed: chosen and rejected share their common prefix in one segment
   skip_invalid: bool = False

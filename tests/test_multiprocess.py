@@ -214,25 +214,3 @@ def test_two_processes_feed_their_own_rows_without_host_syncs_between_log_steps(
       if k in ra:
         assert rb[k] == pytest.approx(ra[k], rel=1e-5), (k, ra, rb)
 
-
-def test_each_share_of_a_batch_points_at_its_own_rows_where_its_blocks_interleave():
-  """Pointers of a process's share are mapped to where its rows land in the global batch, also when its
-  devices' blocks are not next to each other (a TPU pod's mesh): pure index arithmetic, checked by
-  assembling the global host batch as `jax.make_array_from_process_local_data` does (sorted order)."""
-  from hs2p_jax.train.feed import FeedLayout, pad_examples
-  split = 4
-  shares = [FeedLayout(0, 2, split, (0, 2)), FeedLayout(1, 2, split, (1, 3))]
-  local_rows, local_pairs = 4, 1  # one pair per process, padded to 2 entries (split / slots)
-  global_ids = np.zeros((2 * local_rows, 3), np.int32)
-  global_rows = np.zeros((2 * 2, 2), np.int64)
-  for p, layout in enumerate(shares):
-    ids = np.full((local_rows, 3), 100 * (p + 1), np.int32) + np.arange(local_rows)[:, None]
-    batch = pad_examples({"input_ids": ids, "score_row": np.array([[0, 1]], np.int32),
-                          "valid": np.array([True])}, layout.multiple)
-    assert batch["valid"].tolist() == [True, False] and batch["score_row"].tolist() == [[0, 1], [0, 0]]
-    rows = layout.positions(2 * local_rows)
-    global_ids[rows] = ids
-    global_rows[layout.positions(2 * len(batch["valid"]))] = rows[batch["score_row"]]
-  assert shares[0].positions(8).tolist() == [0, 1, 4, 5] and shares[1].positions(8).tolist() == [2, 3, 6, 7]
-  for p, pair in ((0, 0), (1, 1)):  # each real pair reads its own process's chosen and rejected rows
-    assert global_ids[global_rows[pair], 0].tolist() == [100 * (p + 1), 100 * (p + 1) + 1]

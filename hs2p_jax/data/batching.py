@@ -29,6 +29,25 @@ def bucket_length(longest: int, pad_multiple: int, max_length: int, buckets="mul
   return min(t, max_length)
 
 
+def bucket_lengths(pad_multiple: int, max_length: int, buckets="multiple") -> list[int]:
+  """Every T `bucket_length` can give: the sequence lengths a run's batches come in."""
+  return sorted({bucket_length(n, pad_multiple, max_length, buckets) for n in range(1, max_length + 1)})
+
+
+def bucket_rows(rows: int, multiple: int, most: int, buckets="multiple") -> int:
+  """R for a packed batch needing `rows` rows (`multiple` divides every R; at most `most`, the rows
+  of one unit each): the least multiple with "multiple" buckets, else `multiple` times a power of two
+  (log2 shapes)."""
+  if buckets == "multiple":
+    return round_up(rows, multiple)
+  return min(multiple << max(0, -(-rows // multiple) - 1).bit_length(), round_up(most, multiple))
+
+
+def row_buckets(multiple: int, most: int, buckets="multiple") -> list[int]:
+  """Every R `bucket_rows` can give."""
+  return sorted({bucket_rows(r, multiple, most, buckets) for r in range(1, most + 1)})
+
+
 def pad_right(seqs: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """One sequence per row: input_ids, segment_ids int32 [R, length] (segment 1 = tokens, 0 = pad)."""
   ids = np.full((len(seqs), length), pad_id, np.int32)

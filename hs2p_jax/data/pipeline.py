@@ -35,7 +35,8 @@ import numpy as np
 from hs2p_jax import storage
 from hs2p_jax.config import DataConfig
 from hs2p_jax.data.batching import (CHOSEN, REJECTED, Unit, bucket_length, num_packed_rows, pack_units, pad_left,
-                                    pad_right, round_up, shared_pair, unit_targets)
+                                    bucket_lengths, bucket_rows, pad_right, round_up, row_buckets, shared_pair,
+                                    unit_targets)
 from hs2p_jax.data.encode import encode
 from hs2p_jax.data.examples import LoadReport
 from hs2p_jax.data.load import load_examples
@@ -65,6 +66,22 @@ class _Batches:
     # packed units of each example: its sequences, or a pair's shared-prompt unit (or two, if too long)
     self.unit_lengths = [[len(u.ids) for u in self.units(i)] for i in range(len(seqs))] if self.share_prompt else None
 
+  @property
+  def packed_multiple(self) -> int:
+    return math.lcm(PACKED_ROW_MULTIPLE, self.row_multiple)
+
+  @property
+  def most_units(self) -> int:
+    """The most packed units a batch can hold: one row each at worst."""
+    return self.order.local_batch * (2 if self.task == "pairs" else 1)
+
+  def shapes(self) -> list[tuple[int, int]]:
+    """Every (R, T) of this process's token arrays [R, T] the batches can come in."""
+    if self.packing:
+      return [(r, self.max_length) for r in row_buckets(self.packed_multiple, self.most_units, self.buckets)]
+    rows = round_up(self.most_units, self.row_multiple)
+    return [(rows, t) for t in bucket_lengths(self.pad_multiple, self.max_length, self.buckets)]
+
   def units(self, i: int) -> list[Unit]:
     starts = self.starts[i] if self.starts is not None else None
     if self.share_prompt:
@@ -92,7 +109,8 @@ class _Batches:
                         self.max_length, self.buckets)
       out["prompt_ids"], out["prompt_mask"] = pad_left(seqs, t, self.pad_id)
     elif self.packing:
-      rows = round_up(max(self._packed_rows(i) for i in ids_all), math.lcm(PACKED_ROW_MULTIPLE, self.row_multiple))
+      rows = bucket_rows(max(self._packed_rows(i) for i in ids_all), self.packed_multiple, self.most_units,
+                         self.buckets)
       per_example = [self.units(i) for i in src]
       units = [u for us in per_example for u in us]
       placement: list = []
@@ -180,6 +198,10 @@ class Loader:
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
       ds = ds.map(_own_memory)  # copies out of grain's shared memory, which the consumer would pin
     return ds
+
+  def shapes(self) -> list[tuple[int, int]]:
+    """Every (R, T) of this process's token arrays the batches can come in (`data.buckets`)."""
+    return self._batches.shapes()
 
   def __len__(self) -> int:
     if self.num_batches is None:

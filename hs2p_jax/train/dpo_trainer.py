@@ -57,9 +57,11 @@ def trainer(cfg: DPORunConfig, out_dir: str) -> Trainer:
   meta = model_meta(cfg.policy, step.state.trainable.config, cfg.data.template)
   batch = {**micro_batch_rows("dpo.micro_batch_size", micro, 2, mesh, rules, cfg.mesh.allow_padding, cfg.data.packing),
            "micro_batches": dc.batch_size // micro}
+  feed = StepFeed(sets["train"][0], dc.batch_size // micro, mesh, rules)
   return Trainer(cfg, out_dir, section=dc, model=cfg.policy, step=step,
-                 source=StepFeed(sets["train"][0], dc.batch_size // micro, mesh, rules), tokenizer=tokenizer,
-                 meta=meta, frozen_from={"reference": INITIAL}, evaluate=evaluate, datasets=sets, batch_info=batch)
+                 source=feed, tokenizer=tokenizer,
+                 meta=meta, frozen_from={"reference": INITIAL}, evaluate=evaluate, datasets=sets, batch_info=batch,
+                 compile_for=feed.specs("pairs", micro, targets=True, shared=cfg.data.share_prompt))
 
 
 def train_dpo(cfg: DPORunConfig, out_dir: str) -> dict[str, Any]:

@@ -256,6 +256,13 @@ class StepFeed:
     self._t0, self._tokens = now, 0
     return rate
 
+  def specs(self, task: str, examples: int, num_attributes: int = 9, targets: bool = False,
+            shared: bool = False) -> list[dict[str, jax.ShapeDtypeStruct]]:
+    """Every stacked global batch this feed can give (one per shape of `data.buckets`), as
+    ShapeDtypeStructs: what the step is compiled for before the first step."""
+    return [stacked_spec(task, examples, self.k, t, self.mesh, self.rules, num_attributes, targets, shared,
+                         rows=r * self.layout.slots) for r, t in self.data.shapes()]
+
 
 def stack_micro_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   """Pads k host batches to a common [R, T] and stacks them: each array gets a leading k axis."""
@@ -275,15 +282,16 @@ def _fill(key: str) -> int:
 
 
 def stacked_spec(task: str, examples: int, micro_batches: int, seq_len: int, mesh: Any, rules: Rules = DEFAULT_RULES,
-                 num_attributes: int = 9, targets: bool = False,
-                 shared: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+                 num_attributes: int = 9, targets: bool = False, shared: bool = False,
+                 rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
   """The stacked batch a `StepFeed` gives at its longest (`seq_len` tokens), as ShapeDtypeStructs placed
   as `put_batch` places them: for `task` regression / pairs / sft, `examples` (pairs) per micro-batch,
   k = `micro_batches`; `targets`: log-prob targets (DPO, SFT); `shared`: pairs sharing their prompt
-  (positions, branch_ids). Rows: one per sequence (two per pair), padded to split over the batch axes."""
+  (positions, branch_ids). Rows: one per sequence (two per pair), padded to split over the batch axes, or
+  `rows` (packed batches)."""
   k, t = micro_batches, seq_len
   split = batch_split(mesh, rules)
-  r = -(-examples * (2 if task == "pairs" else 1) // split) * split
+  r = rows or -(-examples * (2 if task == "pairs" else 1) // split) * split
   layout = feed_layout(mesh, rules)  # example arrays: each block's padded to split evenly, as `to_global` pads them
   n = layout.slots * -(-(examples // layout.slots) // layout.multiple) * layout.multiple
   i32 = jnp.int32

@@ -92,9 +92,11 @@ def trainer(cfg: RunConfig, out_dir: str) -> Trainer:
     notes = (f"train.micro_batch_size={micro}: {batch['micro_batch_rows']} rows per micro-batch, padded to "
              f"{batch['padded_rows']} to split over the mesh's batch axes ({batch['batch_split']} devices)",)
   meta = model_meta(cfg.model, step.state.trainable.config, cfg.data.template)
+  feed = StepFeed(sets["train"][0], tc.batch_size // micro, mesh, rules)
   return Trainer(cfg, out_dir, section=tc, model=cfg.model, step=step,
-                 source=StepFeed(sets["train"][0], tc.batch_size // micro, mesh, rules), tokenizer=tokenizer,
-                 meta=meta, evaluate=evaluate, datasets=sets, batch_info=batch, notes=notes)
+                 source=feed, tokenizer=tokenizer,
+                 meta=meta, evaluate=evaluate, datasets=sets, batch_info=batch, notes=notes,
+                 compile_for=feed.specs(task(cfg), micro, cfg.model.num_attributes, shared=cfg.data.share_prompt))
 
 
 def train_rm(cfg: RunConfig, out_dir: str) -> dict[str, Any]:

@@ -49,9 +49,11 @@ def trainer(cfg: SFTRunConfig, out_dir: str) -> Trainer:
   meta = model_meta(cfg.policy, step.state.trainable.config, cfg.data.template)
   batch = {**micro_batch_rows("sft.micro_batch_size", micro, 1, mesh, rules, cfg.mesh.allow_padding, cfg.data.packing),
            "micro_batches": sc.batch_size // micro}
+  feed = StepFeed(sets["train"][0], sc.batch_size // micro, mesh, rules)
   return Trainer(cfg, out_dir, section=sc, model=cfg.policy, step=step,
-                 source=StepFeed(sets["train"][0], sc.batch_size // micro, mesh, rules), tokenizer=tokenizer,
-                 meta=meta, evaluate=evaluate, datasets=sets, batch_info=batch)
+                 source=feed, tokenizer=tokenizer,
+                 meta=meta, evaluate=evaluate, datasets=sets, batch_info=batch,
+                 compile_for=feed.specs("sft", micro))
 
 
 def train_sft(cfg: SFTRunConfig, out_dir: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ resume builds nothing from the source: the checkpoint restores into the state's 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Callable
 
 import jax
@@ -91,7 +92,7 @@ class Trainer:
                evaluate: Callable[["Trainer"], dict[str, float]] | None = None,
                datasets: dict[str, tuple[Any, int | None, int | None]] | None = None,
                batch_info: dict[str, Any] | None = None, notes: tuple[str, ...] = (),
-               model_info: dict[str, Any] | None = None):
+               model_info: dict[str, Any] | None = None, compile_for: list[dict[str, Any]] | None = None):
     self.cfg, self.out_dir, self.section, self.model_cfg = cfg, storage.absolute(out_dir), section, model
     self.step_fn, self.source, self.loader = step, source, source.position
     self.state = step.state
@@ -106,6 +107,7 @@ class Trainer:
     self.opt_state: Any = None
     self.frozen: dict[str, Any] = {}
     self.source_reads = ReadStats()
+    self.compile_for = list(compile_for or [])
 
   # -- the state ---------------------------------------------------------------------------------
 
@@ -163,6 +165,14 @@ class Trainer:
     provenance.write(self.out_dir, self.mesh, data, **extra, model=self.model_info)
 
   def begin(self, start: int) -> None:
+    """Compiles the step for every batch shape the source can give (a pod stalls once, here, not at
+    whichever step first brings a new length), then starts the source."""
+    if self.compile_for:
+      t0 = time.perf_counter()
+      for spec in self.compile_for:
+        self.step_fn.lower(spec).compile()
+      self._say(f"step compiled for {len(self.compile_for)} batch shape{'s' * (len(self.compile_for) > 1)} "
+                f"(data.buckets) in {time.perf_counter() - t0:.0f} s")
     self.source.begin()
 
   def step(self, step: int) -> dict[str, Any]:
