@@ -236,23 +236,22 @@ class StepFeed:
   def set_state(self, state: dict[str, Any]) -> None:
     self.data.set_state(state)
 
-  def _read(self) -> tuple[dict[str, jax.Array], int]:
+  def _read(self) -> dict[str, jax.Array]:
     micro = [next(self._it) for _ in range(self.k)]
-    tokens = sum(int(np.count_nonzero(b["segment_ids"])) for b in micro)
-    return to_global(stack_micro_batches(micro), self.layout, self.mesh, self.rules, stacked=True), tokens
+    return to_global(stack_micro_batches(micro), self.layout, self.mesh, self.rules, stacked=True)
 
   def next(self, step: int, trainer=None) -> tuple[list[dict[str, jax.Array]], dict[str, float]]:
     """The next step's stacked global batch ([k, R, T], ...), on the mesh; no host metrics."""
-    batch, tokens = (self._ahead or self._pool.submit(self._read)).result()
+    batch = (self._ahead or self._pool.submit(self._read)).result()
     self._given += self.k
-    self._tokens += tokens
+    self._tokens = _count_tokens(self._tokens, batch["segment_ids"])  # every process's, on the devices
     self._ahead = self._pool.submit(self._read)
     return [batch], {}
 
   def tokens_per_s(self) -> float:
-    """Tokens per second since the previous call (or `begin`)."""
+    """Tokens (of every process) per second since the previous call (or `begin`): a host sync."""
     now = time.time()
-    rate = self._tokens / max(now - self._t0, 1e-9)
+    rate = float(self._tokens) / max(now - self._t0, 1e-9)
     self._t0, self._tokens = now, 0
     return rate
 
@@ -262,6 +261,11 @@ class StepFeed:
     ShapeDtypeStructs: what the step is compiled for before the first step."""
     return [stacked_spec(task, examples, self.k, t, self.mesh, self.rules, num_attributes, targets, shared,
                          rows=r * self.layout.slots) for r, t in self.data.shapes()]
+
+
+@jax.jit
+def _count_tokens(total: Any, segment_ids: jax.Array) -> jax.Array:
+  return total + jnp.count_nonzero(segment_ids).astype(jnp.float32)
 
 
 def stack_micro_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
