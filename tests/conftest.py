@@ -110,9 +110,10 @@ def separable_pairs(n: int = 8):
 
 def tiny_overrides(tmp_path, **extra) -> list[str]:
   """`--set` pairs for a fast tiny reward-model run."""
+  # one padded length (64; longer rows: data.max_length): a run compiles its step once, not per pow2 bucket
   base = {"model.preset": "tiny", "model.num_layers": 1, "model.tokenizer": "bytes", "data.template": "chat",
-          "data.max_length": 64, "data.pad_multiple": 16, "train.log_every": 1, "train.save_every": 1000,
-          "mesh.data": 1}
+          "data.max_length": 64, "data.pad_multiple": 16, "data.buckets": "[64]", "train.log_every": 1,
+          "train.save_every": 1000, "mesh.data": 1}
   base.update(extra)
   return [f"{k}={v}" for k, v in base.items()]
 

@@ -31,7 +31,7 @@ def pairs_path(tmp_path_factory):
 
 
 def _loader(path, fmt="pairs", task="pairs", batch_size=4, **kw):
-  cfg_keys = {"max_length", "pad_multiple", "packing", "attributes", "overlong", "num_workers"}
+  cfg_keys = {"max_length", "pad_multiple", "packing", "attributes", "overlong", "num_workers", "buckets"}
   cfg = DataConfig(train=path, validation=path, format=fmt, max_length=kw.pop("max_length", 512),
                    pad_multiple=kw.pop("pad_multiple", 32), **{k: kw.pop(k) for k in list(kw) if k in cfg_keys})
   return make_loader(cfg, TOK, split=kw.pop("split", "train"), task=task, batch_size=batch_size, **kw)
@@ -69,7 +69,7 @@ def test_pair_rows_and_score_positions(pairs_path):
 
 def test_bucketing_pads_to_a_multiple_and_caps_at_max_length(pairs_path):
   for max_length in (512, 224):
-    loader = _loader(pairs_path, shuffle=False, repeat=False, max_length=max_length, batch_size=2)
+    loader = _loader(pairs_path, shuffle=False, repeat=False, max_length=max_length, batch_size=2, buckets="multiple")
     shapes = set()
     for b in loader:
       longest = max(_n_tokens(steerlm_text(e.prompt, r)) for e in (loader.examples[i] for i in b["example_id"])
@@ -81,8 +81,8 @@ def test_bucketing_pads_to_a_multiple_and_caps_at_max_length(pairs_path):
 
 
 def test_packing_holds_the_same_tokens_as_unpacked(pairs_path):
-  plain = list(_loader(pairs_path, repeat=False, seed=3, batch_size=8))
-  packed = list(_loader(pairs_path, repeat=False, seed=3, batch_size=8, packing=True))
+  plain = list(_loader(pairs_path, repeat=False, seed=3, batch_size=8, buckets="multiple"))
+  packed = list(_loader(pairs_path, repeat=False, seed=3, batch_size=8, packing=True, buckets="multiple"))
   assert len(plain) == len(packed)
   for a, b in zip(plain, packed):
     np.testing.assert_array_equal(a["example_id"], b["example_id"])

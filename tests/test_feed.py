@@ -65,7 +65,8 @@ def test_the_step_compiles_once_per_bucket_before_step_1(tmp_path, packing):
     data = write_jsonl(tmp_path / "pairs.jsonl", _pairs_of_many_lengths(48))
     sets = tiny_overrides(tmp_path, **{"data.train": data, "data.format": "pairs", "train.objective": "bt",
                                        "train.steps": 8, "train.batch_size": 4, "data.max_length": 256,
-                                       "data.pad_multiple": 16, "data.packing": packing, "train.log_every": 4})
+                                       "data.pad_multiple": 16, "data.packing": packing, "train.log_every": 4,
+                                       "data.buckets": "pow2"})
     cfg = config_lib.load(config_lib.RunConfig, None, sets)
     t = rm_trainer.trainer(cfg, str(tmp_path / "run"))
     shapes = t.source.data.shapes()

@@ -89,7 +89,7 @@ def feed_layout(mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> FeedLayout:
   """This process's share of the global batch on `mesh`. A UserError names the mesh where the
   processes' shares are not equal and disjoint."""
   split = batch_split(mesh, rules)
-  if mesh is None:
+  if mesh is None or isinstance(mesh, jax.sharding.AbstractMesh):  # no devices: one share (analytic plans)
     return FeedLayout(0, 1, split, tuple(range(split)))
   probe = (split, 1)
   sharding = NamedSharding(mesh, logical_to_spec(("act_batch", None), probe, mesh, rules))
