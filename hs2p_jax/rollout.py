@@ -5,10 +5,13 @@ would all-gather every weight and convert it to the compute dtype at every new t
 rollout the policy is instead copied once (one jitted cast + reshard) onto a mesh of the same
 devices reshaped to `(data = n / t, fsdp = 1, tensor = t)`: tensor-parallel over groups of `t`
 consecutive devices, replicated across the groups, the batch split over the groups. A decode step
-then moves no weights between devices (activations only, within a group). `t` is the smallest
-divisor of the device count (and of the attention heads) whose share of the copy fits in half a
-device's memory; `t = 1` is a replicated copy, one model per device. The copy is in the compute
-dtype by default, so the sampler computes exactly what it computed from the training layout.
+then moves no weights between devices (activations only, within a group). Among the divisors of
+the device count (and of the KV heads) whose share of the copy fits in half a device's memory, `t`
+is the one whose decode step is fastest on the chip (`bench.decode_time`: decoding is bound by the
+bytes each device reads per token, the copy's 1 / t share of them falls with t, the group's
+all-reduces grow with it); on a device without those figures (CPU), the smallest that fits. `t = 1`
+is a replicated copy, one model per device. The copy is in the compute dtype by default, so the
+sampler computes exactly what it computed from the training layout.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
+from hs2p_jax.bench import decode_time
+from hs2p_jax.bench.flops import device_family
 from hs2p_jax.errors import UserError
 from hs2p_jax.model import create
 from hs2p_jax.model.config import LlamaConfig
@@ -63,6 +68,11 @@ class RolloutLayout:
     return f"rollout copy: {self.dtype}, {kind} (mesh data={d} fsdp=1 tensor={t})"
 
 
+def copy_bytes(params: Any, dtype: str) -> int:
+  """Bytes of the whole copy of `params` (arrays or ShapeDtypeStructs) in `dtype`."""
+  return sum(int(np.prod(a.shape)) * jnp.dtype(_cast_dtype(a.dtype, dtype)).itemsize for a in jax.tree.leaves(params))
+
+
 def _cast_dtype(dtype, target: str):
   return jnp.dtype(target) if jnp.issubdtype(dtype, jnp.floating) else dtype
 
@@ -84,34 +94,51 @@ def device_memory(device: jax.Device) -> int | None:
   return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def choose_tensor(copy_bytes: int, devices: int, cfg: LlamaConfig, rows: int, memory: int | None) -> int:
-  """The smallest tensor-parallel degree t (module docstring) for a copy of `copy_bytes` in all,
-  whose `rows` decode rows split over the devices / t groups; 1 where `memory` is unknown."""
-  ok = [t for t in range(1, devices + 1)
-        if devices % t == 0 and cfg.num_heads % t == 0 and cfg.num_kv_heads % t == 0 and rows % (devices // t) == 0]
-  if not ok:
-    return 0
-  if memory is None:
-    return ok[0]
-  for t in ok:
-    if copy_bytes / t <= COPY_FRACTION * memory:
-      return t
-  return ok[-1]
+def degrees(devices: int, cfg: LlamaConfig, rows: int) -> list[int]:
+  """Tensor-parallel degrees a copy can take: divisors of `devices` and of the heads whose
+  devices / t groups split the `rows` decode rows."""
+  return [t for t in range(1, devices + 1)
+          if devices % t == 0 and cfg.num_heads % t == 0 and cfg.num_kv_heads % t == 0 and rows % (devices // t) == 0]
+
+
+def smallest_fitting(copy_bytes: int, devices: int, cfg: LlamaConfig, rows: int, memory: int | None) -> int:
+  """The smallest degree (`degrees`) whose share of a `copy_bytes` copy fits COPY_FRACTION of
+  `memory`: the first where memory is unknown, the largest where none fits, 0 where there is none."""
+  ok = degrees(devices, cfg, rows)
+  fits = [t for t in ok if memory is None or copy_bytes / t <= COPY_FRACTION * memory]
+  return (fits or ok[-1:] or [0])[0]
+
+
+def choose_tensor(copy_bytes: int, devices: int, cfg: LlamaConfig, rows: int, memory: int | None,
+                  chip: str | None = None, context: float = 0.0, dtype: str | None = None) -> int:
+  """The rollout copy's degree (module docstring) for a `copy_bytes` copy in `dtype` (default
+  cfg.dtype) on `devices` devices of `chip` with `memory` bytes each, `rows` rows decoding with
+  `context` cached tokens; 0 where no degree splits the rows and heads."""
+  t0 = smallest_fitting(copy_bytes, devices, cfg, rows, memory)
+  if not t0 or not decode_time.known(chip):
+    return t0
+  fits = [t for t in degrees(devices, cfg, rows)
+          if t == t0 or memory is None or copy_bytes / t <= COPY_FRACTION * memory]
+  times = {t: decode_time.decode_time(cfg, copy_bytes, dtype or cfg.dtype, devices, t, rows, context, chip).seconds
+           for t in fits}
+  return min(times, key=lambda t: (times[t], t))
 
 
 def layout_for(abstract_params: Any, cfg: LlamaConfig, train_mesh: Mesh, rules: Rules, *, tensor: int = 0,
-               dtype: str = "auto", rows: int, memory: int | None = None) -> RolloutLayout:
+               dtype: str = "auto", rows: int, context: float = 0.0, memory: int | None = None,
+               chip: str | None = None) -> RolloutLayout:
   """The rollout layout of a policy (`abstract_params`: its state, concrete or abstract) trained
-  on `train_mesh`: `tensor` 0 chooses the degree (`choose_tensor`, with `memory` bytes per device,
-  default the first device's), `dtype` "auto" is the compute dtype; `rows` decode at once."""
+  on `train_mesh`: `tensor` 0 chooses the degree (`choose_tensor`, for `rows` rows decoding with
+  `context` cached tokens on devices of `chip` with `memory` bytes; both default to the first
+  device's), `dtype` "auto" is the compute dtype."""
   dtype = cfg.dtype if dtype == "auto" else dtype
   n = train_mesh.size
   if tensor == 0:
-    mem = memory
-    if mem is None and isinstance(train_mesh, Mesh):
-      mem = device_memory(np.asarray(train_mesh.devices).flat[0])
-    size = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_params)) * jnp.dtype(dtype).itemsize
-    tensor = choose_tensor(size, n, cfg, rows, mem)
+    if isinstance(train_mesh, Mesh):
+      first = np.asarray(train_mesh.devices).flat[0]
+      memory = device_memory(first) if memory is None else memory
+      chip = chip or device_family(first.device_kind)
+    tensor = choose_tensor(copy_bytes(abstract_params, dtype), n, cfg, rows, memory, chip, context, dtype)
     if tensor == 0:
       raise UserError(f"reinforce.rollout_tensor: no tensor-parallel degree splits {rows} decode rows and "
                       f"{cfg.num_kv_heads} KV heads over {n} devices; set reinforce.rollout_copy=false")

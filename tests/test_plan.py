@@ -235,9 +235,12 @@ def test_cli_plans_a_reinforce_step_phase_by_phase():
   tiny, b = PRESETS["tiny"], r["batch"]
   kv = 2 * tiny.num_layers * (b["rollouts"] / 2) * (b["prompt_len"] + b["new_tokens"] / 2) * tiny.num_kv_heads \
       * tiny.head_dim * 4
-  assert r["rollout"]["decode_bytes_per_step"] == int(r["rollout"]["bytes_per_device"] + kv)
-  assert r["rollout"]["generate_seconds_at_peak_bandwidth"] == round(
-      r["rollout"]["decode_bytes_per_step"] * b["new_tokens"] / 3.35e12, 2)
+  d = r["rollout"]["decode"]  # tiny rows: all-reduces would cost more than the bytes they save
+  assert d["chosen"]["tensor"] == d["smallest"]["tensor"] == 1 and d["chosen"]["comm_seconds_per_token"] == 0
+  assert d["chosen"]["bytes_per_token"] == int(r["rollout"]["bytes_per_device"] + kv)
+  assert d["chosen"]["seconds_per_token"] == pytest.approx(max(d["chosen"]["bytes_per_token"] / 3.35e12,
+                                                               d["chosen"]["flops_per_token"] / 494.7e12))
+  assert d["chosen"]["seconds_per_rollout"] == pytest.approx(d["chosen"]["seconds_per_token"] * b["new_tokens"])
   res = a["resident"]
   cfg = PRESETS["tiny"]
   assert res["policy"] == res["reference"] == 4 * r["model"]["params"]["policy"]  # replicated float32
@@ -284,3 +287,20 @@ def test_cli_plans_a_dpo_step():
   assert a["model_flops_per_device"] == pytest.approx(f["total"] / 2)
   assert 0.8 < c["flops_ratio"] < 1.25 and c["peak"] > a["resident_total"]
   assert "compiling the DPO step" in proc.stderr and r["verdict"]["fits"]
+
+
+@pytest.mark.parametrize("size,chip,smallest,chosen", [("70b", "v5p-256", 4, 8), ("8b", "v5p-16", 1, 4)])
+def test_the_paper_reinforce_plans_report_decode_time_at_the_chosen_and_the_smallest_degree(size, chip, smallest,
+                                                                                            chosen):
+  proc = _run_plan(["--config", os.path.join(REPO, f"configs/paper/llama-3.1-{size}/reinforce.yaml"), "--chip", chip,
+                    "--compile", "none"])
+  assert proc.returncode == 0, proc.stderr
+  ro = json.loads(proc.stdout)["rollout"]
+  d = ro["decode"]
+  assert (ro["tensor"], d["chosen"]["tensor"], d["smallest"]["tensor"]) == (chosen, chosen, smallest)
+  assert ro["mesh"]["tensor"] == chosen and ro["bytes_per_device"] < d["chosen"]["bytes_per_token"]
+  # a larger degree reads less per token and spends some of it in all-reduces
+  assert d["chosen"]["bytes_per_token"] < d["smallest"]["bytes_per_token"]
+  assert d["chosen"]["comm_seconds_per_token"] > d["smallest"]["comm_seconds_per_token"]
+  assert d["chosen"]["seconds_per_rollout"] < d["smallest"]["seconds_per_rollout"]
+  assert "chosen   tensor=" in proc.stderr and "smallest tensor=" in proc.stderr

@@ -17,19 +17,54 @@ from hs2p_jax.rollout import choose_tensor
 GiB = 1 << 30
 
 
-def test_choose_tensor_takes_the_smallest_degree_that_fits_half_a_device():
+def test_without_chip_figures_the_smallest_degree_that_fits_half_a_device():
   cfg70 = preset("llama-3.1-70b")  # 64 heads, 8 KV heads
   copy = 141 * 10**9  # bf16 70B
   assert choose_tensor(copy, 128, cfg70, rows=128, memory=95 * GiB) == 4  # 35 GB <= 47.5 GiB; 2: 70 GB does not
   assert choose_tensor(copy, 128, cfg70, rows=128, memory=192 * GiB) == 2
   assert choose_tensor(16 * 10**9, 8, preset("llama-3.1-8b"), rows=128, memory=95 * GiB) == 1  # 8B: replicated
   assert choose_tensor(copy, 128, cfg70, rows=128, memory=None) == 1  # unknown memory (CPU): replicated
+  assert choose_tensor(copy, 128, cfg70, rows=128, memory=None, chip="cpu") == 1
   # rows must split over the n / t groups: 8 rows on 16 devices need t >= 2
   assert choose_tensor(10, 16, cfg70, rows=8, memory=None) == 2
   # nothing fits: the largest degree allowed
   assert choose_tensor(10**13, 16, cfg70, rows=16, memory=GiB) == 8
   # no degree divides the KV heads and splits the rows
   assert choose_tensor(10, 3, preset("tiny"), rows=1, memory=None) == 0
+
+
+def _decode_seconds(cfg, copy, n, t, rows, context, bw, peak, link, hop):
+  """An independent statement of bench.decode_time's model: HBM bytes or FLOPs, plus ring all-reduces."""
+  group = rows * t / n
+  d, L = cfg.hidden_size, cfg.num_layers
+  weights = L * (d * cfg.head_dim * 2 * (cfg.num_heads + cfg.num_kv_heads) + 3 * d * cfg.intermediate_size)
+  kv_bytes = 2 * L * group * context * (cfg.num_kv_heads / t) * cfg.head_dim * 2
+  flops = (2 * weights + 2 * d * cfg.vocab_size + 4 * L * context * cfg.num_heads * cfg.head_dim) * group / t
+  comm = 0 if t == 1 else 2 * L * (2 * (t - 1) * hop + 2 * (t - 1) / t * group * d * 2 / link)
+  return max((copy / t + kv_bytes) / bw, flops / peak) + comm
+
+
+@pytest.mark.parametrize("name,n,copy,memory,chip,smallest", [
+    ("llama-3.1-70b", 128, 141 * 10**9, 95 * GiB, "v5p", 4), ("llama-3.1-8b", 8, 16 * 10**9, 95 * GiB, "v5p", 1),
+    ("llama-3.1-70b", 16, 141 * 10**9, 80 * GiB, "h100", 4)])
+def test_the_degree_is_chosen_for_decode_time_among_those_that_fit(name, n, copy, memory, chip, smallest):
+  from hs2p_jax.bench.decode_time import LINKS, NETWORK_LINK, decode_time
+  from hs2p_jax.bench.flops import PEAK_BANDWIDTH, PEAK_FLOPS
+  from hs2p_jax.rollout import degrees, smallest_fitting
+  cfg = preset(name).replace(dtype="bfloat16")
+  rows, context = 128, 2048 + 1024
+  assert smallest_fitting(copy, n, cfg, rows, memory) == smallest
+  chosen = choose_tensor(copy, n, cfg, rows, memory, chip, context)
+  fitting = [t for t in degrees(n, cfg, rows) if copy / t <= memory / 2]
+  figures = PEAK_BANDWIDTH[chip], PEAK_FLOPS[chip]["bfloat16"]
+  want = {t: _decode_seconds(cfg, copy, n, t, rows, context, *figures,
+                             *(NETWORK_LINK if chip == "h100" and t > 8 else LINKS[chip])) for t in fitting}
+  got = {t: decode_time(cfg, copy, "bfloat16", n, t, rows, context, chip).seconds for t in fitting}
+  assert got == pytest.approx(want, rel=1e-9)
+  assert chosen == min(want, key=want.get) and chosen > smallest  # bandwidth-bound: a larger degree wins
+  assert got[chosen] < got[smallest]
+  # the 70B copy: 8 KV heads bound the degree, and the all-reduces keep it from being free
+  assert decode_time(cfg, copy, "bfloat16", n, chosen, rows, context, chip).comm_seconds > 0
 
 
 SCRIPT = r"""

@@ -34,13 +34,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from hs2p_jax.bench.flops import PEAK_BANDWIDTH, PEAK_FLOPS, attention_forward_flops, decode_flops, forward_flops
+from hs2p_jax.bench import decode_time
+from hs2p_jax.bench.flops import PEAK_FLOPS, attention_forward_flops, decode_flops, forward_flops
 from hs2p_jax.config import ReinforceRunConfig
 from hs2p_jax.model.attention import choose
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.plan import compile as comp
 from hs2p_jax.plan.rm import num_params
 from hs2p_jax.plan.target import Target, final_verdict, gpu_warnings, verdict
+from hs2p_jax.rollout import copy_bytes, smallest_fitting
 from hs2p_jax.sample import SamplingConfig, generate_from_state
 from hs2p_jax.sharding import MESH_AXES, Rules, batch_split, rules_from, use_mesh
 from hs2p_jax.train import reinforce_trainer as rt
@@ -167,7 +169,7 @@ def compile_phases(cfg: ReinforceRunConfig, policy: LlamaConfig, reward: tuple[L
   def at(n: int, scan: bool = True, c: ReinforceRunConfig = cfg) -> rt.Phases:
     return rt.blueprint(c, mesh, rules, policy.replace(num_layers=n, scan_layers=scan and policy.scan_layers),
                         (reward[0].replace(num_layers=n, scan_layers=scan and reward[0].scan_layers), reward[1]),
-                        memory=target.hbm_bytes)
+                        memory=target.hbm_bytes, chip=target.chip.name if target.chip else None)
 
   res = resident(full)
   try:
@@ -246,20 +248,24 @@ def notes_for(cfg: ReinforceRunConfig, mesh, rules: Rules, layout=None) -> list[
 
 
 def rollout_report(cfg: ReinforceRunConfig, policy: LlamaConfig, ph: rt.Phases, target: Target) -> dict[str, Any]:
-  """The sampler's copy: layout, bytes per device, and what a decode step reads."""
+  """The sampler's copy: layout, bytes per device, and a decode step's time (`bench.decode_time`)
+  at the degree chosen and at the smallest that fits (the choice before decode time decided it)."""
   lay, s = ph.layout, shapes(cfg)
   if lay is None:
     return {"copy": False, "note": "sampling from the training params and layout (reinforce.rollout_copy=false)"}
   params = ph.update.state.params
   out = {"copy": True, "dtype": lay.dtype, "tensor": lay.tensor, "mesh": dict(lay.mesh.shape),
          "bytes_per_device": lay.bytes_per_device(params), "note": lay.describe()}
-  rows = s.rollouts / lay.mesh.shape["data"]  # a decode step reads the device's share of the copy and of the KV cache
-  kv = 2 * policy.num_layers * rows * (s.prompt_len + s.new_tokens / 2) * policy.num_kv_heads / lay.tensor \
-      * policy.head_dim * jnp.dtype(lay.dtype).itemsize
-  step_bytes = int(out["bytes_per_device"] + kv)
-  bw = PEAK_BANDWIDTH.get(target.chip.name) if target.chip else None
-  out.update(decode_bytes_per_step=step_bytes,
-             generate_seconds_at_peak_bandwidth=round(step_bytes * s.new_tokens / bw, 2) if bw else None)
+  chip = target.chip.name if target.chip else None
+  if not decode_time.known(chip):
+    return out
+  size, context = copy_bytes(params, lay.dtype), s.prompt_len + s.new_tokens / 2
+  smallest = smallest_fitting(size, target.devices, policy, s.rollouts, target.hbm_bytes)
+  out["decode"] = {
+      name: decode_time.decode_time(policy, size, lay.dtype, target.devices, t, s.rollouts, context, chip)
+      .as_dict(s.new_tokens) for name, t in (("chosen", lay.tensor), ("smallest", smallest))}
+  out["decode"]["basis"] = (f"{s.rollouts} rows, {context:g} cached tokens on average, peak HBM bandwidth and FLOPs, "
+                            "ring all-reduces (hs2p_jax.bench.decode_time): a lower bound")
   return out
 
 
@@ -269,7 +275,8 @@ def build_report(cfg: ReinforceRunConfig, config_path: str, target: Target, mode
   reward = rt.reward_architecture(cfg, policy, download=False) or (policy, 9, "the policy's architecture")
   rules = rules_from(cfg.mesh.rules)
   amesh = AbstractMesh(target.mesh, MESH_AXES)
-  ph = rt.blueprint(cfg, amesh, rules, policy, reward[:2], memory=target.hbm_bytes)
+  ph = rt.blueprint(cfg, amesh, rules, policy, reward[:2], memory=target.hbm_bytes,
+                    chip=target.chip.name if target.chip else None)
   res, s = resident(ph), shapes(cfg)
   prefill = prefill_rows(cfg, amesh, rules, ph.layout)
   mf = model_flops(cfg, policy, reward[0], prefill)

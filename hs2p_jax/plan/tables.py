@@ -115,6 +115,18 @@ def render_lm(r: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _decode(d: dict[str, Any] | None, new_tokens: int) -> list[str]:
+  if not d:
+    return []
+  lines = [f"  decode step ({d['basis']}):"]
+  for name in ("chosen", "smallest"):
+    x = d[name]
+    lines.append(f"    {name:<8} tensor={x['tensor']:<3} reads {size(x['bytes_per_token'])} per device and token, "
+                 f"all-reduces {x['comm_seconds_per_token'] * 1e3:.2f} ms: {x['seconds_per_token'] * 1e3:.2f} ms a "
+                 f"token, {x['seconds_per_rollout']:.1f} s for {new_tokens} tokens")
+  return lines
+
+
 def render_reinforce(r: dict[str, Any]) -> str:
   """The REINFORCE plan as a table."""
   a, b, c, ro = r["analytic"], r["batch"], r["compiled"], r["rollout"]
@@ -125,9 +137,7 @@ def render_reinforce(r: dict[str, Any]) -> str:
            f"step: {b['prompts']} prompts x {b['samples']} samples, {b['prompt_len']} + {b['new_tokens']} tokens; "
            f"updates on {b['minibatch']} rollouts",
            f"sampler: {ro['note']}" + (f", {size(ro['bytes_per_device'])} per device" if ro["copy"] else ""),
-           *([f"  decoding reads {size(ro['decode_bytes_per_step'])} per device and token: "
-              f"{ro['generate_seconds_at_peak_bandwidth']} s for the {b['new_tokens']} tokens at peak HBM bandwidth"]
-             if ro.get("generate_seconds_at_peak_bandwidth") else []),
+           *_decode(ro.get("decode"), b["new_tokens"]),
            "", f"  resident per device (policy float32, frozen models {r['model']['frozen_dtype']})", *_resident(a)]
   lines += _step_time(a, 1)
   if c["status"] == "ok":

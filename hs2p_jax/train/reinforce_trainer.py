@@ -64,10 +64,11 @@ def reward_architecture(cfg: ReinforceRunConfig, policy: LlamaConfig, download: 
 
 
 def blueprint(cfg: ReinforceRunConfig, mesh: Any, rules: Rules, policy: LlamaConfig | None = None,
-              reward: tuple[LlamaConfig, int] | None = None, memory: int | None = None) -> Phases:
+              reward: tuple[LlamaConfig, int] | None = None, memory: int | None = None,
+              chip: str | None = None) -> Phases:
   """The run's state (policy + AdamW, frozen reference and reward model) and its jitted phases;
   `policy` / `reward` override the architectures (`reward` None: no reward model in the state);
-  `memory`: bytes per device, for the rollout layout's choice."""
+  `memory` (bytes per device) and `chip`, for the rollout layout's choice (default: the devices')."""
   rc = cfg.reinforce
   policy = policy or architecture(cfg.policy)[0]
   stored = frozen_dtype(rc.frozen_dtype, policy.dtype)
@@ -79,7 +80,9 @@ def blueprint(cfg: ReinforceRunConfig, mesh: Any, rules: Rules, policy: LlamaCon
   temp = objective_temperature(rc.temperature)  # the loss and KL read the sampler's distribution
   replicated = NamedSharding(mesh, P())
   layout = layout_for(state.params, policy, mesh, rules, tensor=rc.rollout_tensor, dtype=rc.rollout_dtype,
-                      rows=rc.prompts_per_step * rc.samples_per_prompt, memory=memory) if rc.rollout_copy else None
+                      rows=rc.prompts_per_step * rc.samples_per_prompt,
+                      context=cfg.data.max_length + rc.max_new_tokens / 2, memory=memory,
+                      chip=chip) if rc.rollout_copy else None
   return Phases(
       update=Step(state, make_policy_step(state.graphdef, state.tx, share, temp, rc.micro_batches)),
       logprobs=jax.jit(make_logprob_fn(state.graphdef, share, temp)),
