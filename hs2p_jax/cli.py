@@ -77,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--to-hf", help="output Hugging Face directory (export)")
   p.add_argument("--head", default="lm", choices=["lm", "reward"], help="import as causal LM or reward model")
   p.add_argument("--num-attributes", type=int, default=9)
+  p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                 help="export's weights (default: the checkpoint's compute dtype)")
   p.add_argument("--score", nargs=2, metavar=("PROMPT", "RESPONSE"),
                  help="after import, score this prompt/response pair with the model's reward head")
   _add_set(p, "data.template=chat model.dtype=bfloat16")

@@ -13,43 +13,59 @@ from hs2p_jax.errors import UserError
 
 
 def convert_command(args) -> int:
-  import jax
-
-  from hs2p_jax.checkpoint import ModelMeta, load_model, resolve_model_dir, save_model
+  """Import (`--hf`, `--gguf` -> `--out`) or export (`--checkpoint` -> `--to-hf`), on every process of
+  the run, the model sharded over the mesh (default: FSDP over every device)."""
+  from hs2p_jax.checkpoint import load_model, resolve_model_dir
   from hs2p_jax.config import load_tool
-  from hs2p_jax.convert import export_hf, load_gguf, load_hf
+  from hs2p_jax.convert import export_hf
   from hs2p_jax.distributed import initialize
-  from hs2p_jax.tokenizer import load_tokenizer
+  from hs2p_jax.sharding import make_mesh, rules_from
 
-  cfg = load_tool("convert", args.overrides, {"template": "steerlm"}, data_keys=("template",))
+  cfg = load_tool("convert", ["mesh.data=1", "mesh.fsdp=-1", *args.overrides], {"template": "steerlm"},
+                  data_keys=("template",))
+  if args.dtype and not args.checkpoint:
+    raise UserError("convert --dtype applies to the export (--checkpoint ... --to-hf DIR); "
+                    "an import keeps float32 parameters (--set model.dtype=... sets the compute dtype)")
   initialize(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id, cfg.dist.local_device_ids,
              cfg.dist.heartbeat_timeout)
-  if args.checkpoint:
-    if not args.to_hf:
-      raise UserError("convert --checkpoint needs --to-hf DIR")
-    model, _ = load_model(args.checkpoint)
-    tok_dir = storage.join(resolve_model_dir(args.checkpoint), "tokenizer")
-    if not storage.isdir(tok_dir):
-      tok_dir = None
-    elif storage.is_url(tok_dir):
-      tok_dir = storage.local_copy(tok_dir)
-    if storage.is_url(args.to_hf):  # Hugging Face's layout is files in a directory: made here, then uploaded
-      with tempfile.TemporaryDirectory(prefix="hs2p-export-") as tmp:
-        export_hf(model, os.path.join(tmp, "hf"), tokenizer_dir=tok_dir)
-        if jax.process_index() == 0:
-          storage.rmtree(args.to_hf)
-          storage.upload_dir(os.path.join(tmp, "hf"), args.to_hf)
-    else:
-      export_hf(model, args.to_hf, tokenizer_dir=tok_dir)
-    print(json.dumps({"exported": storage.absolute(args.to_hf)}))
-    return 0
+  mesh, rules = make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
+  if not args.checkpoint:
+    return _import(args, cfg, mesh, rules)
+  if not args.to_hf:
+    raise UserError("convert --checkpoint needs --to-hf DIR")
+  model, meta = load_model(args.checkpoint, mesh, rules)
+  dtype = args.dtype or meta.config.dtype  # a bfloat16-trained run exports bfloat16
+  tok_dir = storage.join(resolve_model_dir(args.checkpoint), "tokenizer")
+  if not storage.isdir(tok_dir):
+    tok_dir = None
+  elif storage.is_url(tok_dir):
+    tok_dir = storage.local_copy(tok_dir)
+  if storage.is_url(args.to_hf):  # Hugging Face's layout is files in a directory: made here, then uploaded
+    import jax
+    with tempfile.TemporaryDirectory(prefix="hs2p-export-") as tmp:
+      export_hf(model, os.path.join(tmp, "hf"), tokenizer_dir=tok_dir, dtype=dtype)
+      if jax.process_index() == 0:
+        storage.rmtree(args.to_hf)
+        storage.upload_dir(os.path.join(tmp, "hf"), args.to_hf)
+  else:
+    export_hf(model, args.to_hf, tokenizer_dir=tok_dir, dtype=dtype)
+  print(json.dumps({"exported": storage.absolute(args.to_hf), "dtype": dtype}))
+  return 0
+
+
+def _import(args, cfg, mesh, rules) -> int:
+  """`--hf` / `--gguf` -> a model checkpoint at `--out`, each process reading the regions its devices hold."""
+  from hs2p_jax.checkpoint import ModelMeta, save_model
+  from hs2p_jax.convert import load_gguf, load_hf
+  from hs2p_jax.tokenizer import load_tokenizer
+
   if not args.out:
     raise UserError("convert --hf/--gguf needs --out CKPT")
   if args.hf:
-    model = load_hf(args.hf, head=args.head, num_attributes=args.num_attributes)
+    model = load_hf(args.hf, head=args.head, num_attributes=args.num_attributes, mesh=mesh, rules=rules)
     tokenizer = load_tokenizer(args.hf) if _has_tokenizer(args.hf) else None
   else:
-    model = load_gguf(args.gguf, head=args.head, num_attributes=args.num_attributes)
+    model = load_gguf(args.gguf, head=args.head, num_attributes=args.num_attributes, mesh=mesh, rules=rules)
     tokenizer = load_tokenizer("gguf:" + args.gguf)
   runtime = cfg.model.fields()
   meta = ModelMeta(kind=args.head, config=model.cfg.replace(**runtime) if runtime else model.cfg,

@@ -1,29 +1,21 @@
-"""Hugging Face Llama directories (config.json + safetensors, single or sharded) in and out."""
+"""Hugging Face Llama directories (config.json + safetensors, single or sharded) in: read region by
+region onto the mesh (`convert.state`); out: `convert.hf_export`."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any
 
-import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
-from hs2p_jax.atomic import atomic_dir, write_json
-from hs2p_jax.convert.mapping import ours_to_hf
+from hs2p_jax.convert.mapping import HEAD_BIAS_FILE
 from hs2p_jax.convert.state import ReadStats, TensorSource, fill_model, head_init
 from hs2p_jax.errors import UserError
-from hs2p_jax.model import LlamaForCausalLM, RewardModel, create, from_hf_config, to_hf_config
+from hs2p_jax.model import LlamaForCausalLM, RewardModel, create, from_hf_config
 from hs2p_jax.sharding import DEFAULT_RULES, Rules
-
-HEAD_BIAS_FILE = "hs2p_reward_head.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
-_SHARD_BYTES = 4 << 30
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -125,79 +117,3 @@ def load_hf(path: str, *, head: str = "lm", num_attributes: int = 9, dtype: str 
   kind = "lm" if head == "lm" else "reward"
   return fill_model(lambda: create(kind, cfg, num_attributes, seed), cfg, source, path,
                     init_missing=init_missing, mesh=mesh, rules=rules)
-
-
-def flat_numpy(model: nnx.Module) -> dict[tuple[str, ...], np.ndarray]:
-  """{state path: host numpy array} of a model, gathered from every process."""
-  from jax.experimental import multihost_utils
-
-  out = {}
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    value = var.get_value()
-    if jax.process_count() > 1 and not value.is_fully_addressable:
-      value = multihost_utils.process_allgather(value, tiled=True)
-    out[path] = np.asarray(jax.device_get(value))
-  return out
-
-
-def save_tensors(out_dir: str, tensors: dict[str, np.ndarray]) -> None:
-  """Writes `tensors` as model.safetensors, or as 4 GiB shards with an index past that size."""
-  from safetensors.numpy import save_file
-
-  total = sum(a.nbytes for a in tensors.values())
-  if total <= _SHARD_BYTES:
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    return
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for name, arr in tensors.items():
-    if size + arr.nbytes > _SHARD_BYTES and shards[-1]:
-      shards.append({})
-      size = 0
-    shards[-1][name] = arr
-    size += arr.nbytes
-  weight_map = {}
-  for i, shard in enumerate(shards):
-    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
-    weight_map.update({k: fname for k in shard})
-  write_json(os.path.join(out_dir, "model.safetensors.index.json"),
-             {"metadata": {"total_size": total}, "weight_map": weight_map})
-
-
-def export_hf(model: LlamaForCausalLM | RewardModel, out_dir: str, tokenizer_dir: str | None = None,
-              overwrite: bool = False) -> None:
-  """Writes `model` as a Hugging Face directory (float32 safetensors + config.json), atomically.
-
-  A causal LM becomes `LlamaForCausalLM`; a reward model `LlamaForSequenceClassification` with
-  `num_labels` = its outputs. That class's head has no bias, so the bias goes to a side file
-  (`hs2p_reward_head.safetensors`) that `load_hf` reads back and transformers ignores.
-  """
-  cfg = model.cfg
-  flat = flat_numpy(model)
-  tensors = ours_to_hf(flat, cfg)
-  if isinstance(model, RewardModel):
-    bias = tensors.pop("score.bias")
-    extra = {"num_labels": model.num_attributes, "id2label": {str(i): f"LABEL_{i}" for i in range(model.num_attributes)},
-             "label2id": {f"LABEL_{i}": i for i in range(model.num_attributes)}}
-    if cfg.pad_token_id is None:
-      extra["pad_token_id"] = cfg.eos_ids[0] if cfg.eos_ids else 0
-    hf_cfg = to_hf_config(cfg, "LlamaForSequenceClassification", **extra)
-  else:
-    bias = None
-    hf_cfg = to_hf_config(cfg, "LlamaForCausalLM")
-  if cfg.tie_word_embeddings:
-    tensors.pop("lm_head.weight", None)
-  if jax.process_index() != 0:
-    return
-  with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-    save_tensors(tmp, tensors)
-    if bias is not None:
-      from safetensors.numpy import save_file
-      save_file({"score.bias": bias}, os.path.join(tmp, HEAD_BIAS_FILE))
-    write_json(os.path.join(tmp, "config.json"), hf_cfg)
-    if tokenizer_dir:
-      for name in TOKENIZER_FILES:
-        src = os.path.join(tokenizer_dir, name)
-        if os.path.isfile(src):
-          shutil.copy(src, os.path.join(tmp, name))

@@ -105,6 +105,8 @@ GLOBAL_TENSORS: tuple[tuple[Path, str, Transform, Transform], ...] = (
 )
 
 LAYER_PREFIX = "model.layers.{}."
+# LlamaForSequenceClassification's head has no bias: ours goes to this side file, which transformers ignores
+HEAD_BIAS_FILE = "hs2p_reward_head.safetensors"
 STACK_ROOT: Path = ("model", "layers")
 
 
@@ -117,17 +119,4 @@ def hf_to_ours(names: set[str], cfg: LlamaConfig) -> dict[Path, tuple[list[str],
       out[path] = ([name], to_ours)
   for path, name, to_ours, _ in LAYER_TENSORS:
     out[STACK_ROOT + path] = ([LAYER_PREFIX.format(i) + name for i in range(cfg.num_layers)], to_ours)
-  return out
-
-
-def ours_to_hf(flat: dict[Path, np.ndarray], cfg: LlamaConfig) -> dict[str, np.ndarray]:
-  """Our flat state {path: array} -> {HF tensor name: array} (stacked layers split)."""
-  out: dict[str, np.ndarray] = {}
-  for path, name, _, to_hf in GLOBAL_TENSORS:
-    if path in flat:
-      out[name] = np.ascontiguousarray(to_hf(np.asarray(flat[path]), cfg))
-  for path, name, _, to_hf in LAYER_TENSORS:
-    stacked = np.asarray(flat[STACK_ROOT + path])
-    for i in range(cfg.num_layers):
-      out[LAYER_PREFIX.format(i) + name] = np.ascontiguousarray(to_hf(stacked[i], cfg))
   return out

@@ -154,7 +154,7 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
 
 
 def to_hf_config(cfg: LlamaConfig, architecture: str = "LlamaForCausalLM", **extra: Any) -> dict[str, Any]:
-  """The Hugging Face `config.json` dict for `cfg` (float32 weights)."""
+  """The Hugging Face `config.json` dict for `cfg` (float32 weights unless `extra` says torch_dtype)."""
   rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
   if cfg.rope_scaling:
     rope_parameters = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **cfg.rope_scaling_dict}
