@@ -101,6 +101,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--devices", type=int, default=None, help="number of devices to plan for")
   p.add_argument("--compile", choices=["auto", "host", "tpu", "none"], default="auto",
                  help="compiled numbers: host CPU devices, TPU AOT (needs libtpu, minutes), or none")
+  p.add_argument("--pair-tokens", default=None, metavar="PROMPT,RESPONSE",
+                 help="packed pair configs: FLOPs of a step of pairs this long (default: the worst case)")
   return ap
 
 

@@ -76,10 +76,6 @@ def validate(cfg) -> None:
         (rl.share_prompt and (minibatch // rl.micro_batches) % rl.samples_per_prompt):
       raise UserError(f"reinforce.micro_batches={rl.micro_batches} must divide the {minibatch} rollouts of an update"
                       + (" into whole prompts (share_prompt)" if rl.share_prompt else ""))
-    policy = getattr(cfg, "policy", None)
-    if rl.share_prompt and _is_model(policy) and policy.attention == "splash":
-      raise UserError("reinforce.share_prompt=true needs policy.attention reference, xla or cudnn "
-                      "(the splash kernel cannot mask one sample from another)")
     if rl.rollout_tensor < 0:
       raise UserError(f"reinforce.rollout_tensor={rl.rollout_tensor}: must be >= 0 (0 chooses)")
     if not 0.0 < rl.top_p <= 1.0 or rl.temperature < 0:
@@ -105,10 +101,6 @@ def validate(cfg) -> None:
         raise UserError(f"data.{key} filters helpsteer3-preference records; data.format={data.format!r}")
     if data.share_prompt and not data.packing:
       raise UserError("data.share_prompt=true needs data.packing=true (a shared pair is one packed segment)")
-    model = getattr(cfg, "model", None)
-    if data.share_prompt and _is_model(model) and model.attention == "splash":
-      raise UserError("data.share_prompt=true needs model.attention reference, xla or cudnn "
-                      "(the splash kernel cannot mask one side of a pair from the other)")
 
 
 def _is_model(section) -> bool:

@@ -19,7 +19,7 @@ def test_each_share_of_a_batch_points_at_its_own_rows_where_its_blocks_interleav
   from hs2p_jax.train.feed import FeedLayout, pad_examples
   split = 4
   shares = [FeedLayout(0, 2, split, (0, 2)), FeedLayout(1, 2, split, (1, 3))]
-  local_rows, local_pairs = 4, 1  # one pair per process, padded to 2 entries (split / slots)
+  local_rows = 4  # and one pair per process, padded to 2 entries (split / slots)
   global_ids = np.zeros((2 * local_rows, 3), np.int32)
   global_rows = np.zeros((2 * 2, 2), np.int64)
   for p, layout in enumerate(shares):

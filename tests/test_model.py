@@ -109,11 +109,12 @@ def test_flash_attention_call_equals_reference_with_packing_branches_and_padding
 
 
 @pytest.mark.parametrize("platform, dtype, branches, cache, want", [
-    ("tpu", "bfloat16", False, False, "splash"), ("tpu", "bfloat16", True, False, "xla"),
+    ("tpu", "bfloat16", False, False, "splash"), ("tpu", "bfloat16", 2, False, "splash"),
+    ("tpu", "bfloat16", 4, False, "xla"),
     ("tpu", "bfloat16", False, True, "xla"), ("gpu", "bfloat16", False, False, "cudnn"),
-    ("gpu", "bfloat16", True, False, "cudnn"), ("gpu", "float32", False, False, "xla"),
+    ("gpu", "bfloat16", 2, False, "cudnn"), ("gpu", "float32", False, False, "xla"),
     ("gpu", "float16", False, True, "xla"), ("cpu", "bfloat16", False, False, "reference"),
-    ("cpu", "float32", True, True, "reference")])
+    ("cpu", "float32", 2, True, "reference")])
 def test_auto_attention_picks_the_kernel_by_platform(platform, dtype, branches, cache, want):
   from hs2p_jax.model.attention import choose
   assert choose("auto", platform, dtype, branches=branches, cache=cache) == want

@@ -304,3 +304,62 @@ def test_the_paper_reinforce_plans_report_decode_time_at_the_chosen_and_the_smal
   assert d["chosen"]["comm_seconds_per_token"] > d["smallest"]["comm_seconds_per_token"]
   assert d["chosen"]["seconds_per_rollout"] < d["smallest"]["seconds_per_rollout"]
   assert "chosen   tensor=" in proc.stderr and "smallest tensor=" in proc.stderr
+
+
+def test_pair_tokens_give_the_rows_the_loader_packs_such_pairs_into(tmp_path):
+  """`--pair-tokens P,R`: rows of a micro-batch of such pairs with and without the prompt shared
+  (first fit of equal units: whole units per row, rows bucketed like the loader's), model FLOPs by hand."""
+  from hs2p_jax.bench.flops import decoder_matmul_params
+  from hs2p_jax.data.batching import bucket_rows
+  cfg = tmp_path / "tiny.yaml"
+  cfg.write_text(TINY)
+  t, split, pairs = 256, 4, 8
+  for p, r in ((60, 20), (200, 30), (10, 200)):
+    reports = {}
+    for share in (False, True):
+      proc = _run_plan(["--config", str(cfg), "--devices", str(split), "--compile", "none", "--pair-tokens", f"{p},{r}",
+                        "--set", f"data.max_length={t}", "data.packing=true", f"data.share_prompt={share}",
+                        f"train.micro_batch_size={pairs}"])
+      assert proc.returncode == 0, proc.stderr
+      reports[share] = json.loads(proc.stdout)
+    unshared = -(-2 * pairs // (t // (p + r)))
+    fits = p + 2 * r <= t
+    shared = -(-pairs // (t // (p + 2 * r))) if fits else unshared
+    pk = reports[True]["packing"]
+    assert (pk["rows_unshared"], pk["rows_shared"]) == (bucket_rows(unshared, split, 2 * pairs, "pow2"),
+                                                        bucket_rows(shared, split, 2 * pairs, "pow2"))
+    assert reports[False]["packing"]["rows"] == pk["rows_unshared"] and pk["rows"] == pk["rows_shared"]
+    c = PRESETS["tiny"].replace(num_layers=2)
+    attn = lambda n: 12 * c.num_layers * n * c.num_heads * c.head_dim  # noqa: E731  per token pair
+    want = 6 * decoder_matmul_params(c) * (p + 2 * r) + attn(2 * (p + r) ** 2 - p * p) if fits else \
+        6 * decoder_matmul_params(c) * 2 * (p + r) + attn(2 * (p + r) ** 2)
+    assert reports[True]["analytic"]["model_flops"] == pytest.approx(want * pairs)  # one micro-batch a step
+  proc = _run_plan(["--config", str(cfg), "--compile", "none", "--pair-tokens", "60,20"])
+  assert proc.returncode != 0 and "--pair-tokens: for packed preference-pair configs" in proc.stderr
+  proc = _run_plan(["--config", str(cfg), "--compile", "none", "--pair-tokens", "60"])
+  assert proc.returncode != 0 and "expected PROMPT,RESPONSE" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="TPU AOT compilation needs libtpu")
+def test_a_shared_prompt_plan_compiles_splash_on_its_own_rows_with_fewer_flops(tmp_path):
+  """Packed pairs sharing their prompt, compiled by libtpu for v5p:2x2x1: splash (once per branch),
+  the compiled step at the rows such pairs take (4 instead of 8), fewer FLOPs than unshared."""
+  cfg = tmp_path / "tiny.yaml"
+  cfg.write_text(TINY.replace("  num_layers: 2\n", "  num_layers: 2\n  attention: auto\n"))
+  reports = {}
+  for share in (False, True):
+    proc = _run_plan(["--config", str(cfg), "--chip", "v5p-8", "--compile", "tpu", "--pair-tokens", "60,20",
+                      "--set", "data.max_length=256", "data.packing=true", f"data.share_prompt={share}",
+                      "train.micro_batch_size=8"])
+    assert proc.returncode == 0, proc.stderr
+    reports[share] = json.loads(proc.stdout)
+  plain, shared = reports[False], reports[True]
+  assert plain["model"]["attention"] == shared["model"]["attention"] == "splash"
+  assert (plain["packing"]["rows"], shared["packing"]["rows"]) == (8, 4)
+  cp, cs = plain["compiled"], shared["compiled"]
+  assert cp["status"] == cs["status"] == "ok" and shared["verdict"]["fits"]
+  # the kernel runs twice on half the rows: the same attention; XLA's matmuls on half the rows
+  assert cs["kernel_flops_per_device"] == pytest.approx(cp["kernel_flops_per_device"])
+  assert cs["flops_per_device"] < 0.6 * cp["flops_per_device"]
+  assert shared["analytic"]["model_flops"] < plain["analytic"]["model_flops"]

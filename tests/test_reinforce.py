@@ -73,12 +73,14 @@ def letter_reward(prompts, responses):
   return np.asarray([sum("a" <= c <= "z" for c in r) / max(len(r), 1) for r in responses], np.float32)
 
 
-def test_shared_prompt_logprobs_and_gradients_equal_per_row_ones():
+@pytest.mark.parametrize("attention", ["reference", "splash"])  # splash: once per sample's branch
+def test_shared_prompt_logprobs_and_gradients_equal_per_row_ones(attention):
   import jax
   from flax import nnx
   from conftest import padded_batch
   from hs2p_jax.model import create, preset
   graphdef, params = nnx.split(create("lm", preset("tiny", num_layers=2), seed=3))
+  shared_graphdef = nnx.split(create("lm", preset("tiny", num_layers=2, attention=attention), seed=3))[0]
   rng = np.random.RandomState(4)
   k, tr = 3, 5
   prompts, pmask = padded_batch(rng, [6, 3], 6, "left", vocab=272, low=16)  # left-aligned, as rollouts are
@@ -87,13 +89,13 @@ def test_shared_prompt_logprobs_and_gradients_equal_per_row_ones():
   resp = (np.arange(tr)[None] < rng.randint(1, tr + 1, (2 * k, 1))).astype(np.int32)  # rows end early
   adv = rng.randn(2 * k).astype(np.float32)
 
-  def loss(p, fn):
-    logp = fn(nnx.merge(graphdef, p), ids, mask, tokens, resp)
+  def loss(p, fn, g=graphdef):
+    logp = fn(nnx.merge(g, p), ids, mask, tokens, resp)
     return reinforce_loss(logp, adv, resp), logp
 
   shared = lambda *a: shared_prompt_logprobs(*a, k)
   (la, lpa), ga = jax.value_and_grad(loss, has_aux=True)(params, response_logprobs)
-  (lb, lpb), gb = jax.value_and_grad(loss, has_aux=True)(params, shared)
+  (lb, lpb), gb = jax.value_and_grad(loss, has_aux=True)(params, shared, shared_graphdef)
   on = resp.astype(bool)
   np.testing.assert_allclose(np.asarray(lpb)[on], np.asarray(lpa)[on], atol=1e-5)
   assert float(lb) == pytest.approx(float(la), rel=1e-5)
@@ -150,8 +152,6 @@ def test_shared_prompt_minibatches_must_hold_whole_prompts(tmp_path):
   with pytest.raises(UserError, match="updates_per_rollout must divide prompts_per_step"):
     rl_config(tmp_path, **{"reinforce.share_prompt": "true", "reinforce.prompts_per_step": 2,
                            "reinforce.updates_per_rollout": 4})
-  with pytest.raises(UserError, match="reinforce.share_prompt=true needs policy.attention"):
-    rl_config(tmp_path, **{"reinforce.share_prompt": "true", "policy.attention": "splash"})
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 5, 64])

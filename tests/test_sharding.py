@@ -58,6 +58,17 @@ want = jax.value_and_grad(loss(lambda q, k, v: reference_attention(q, k, v, segm
                           (0, 1, 2))(q, k, v)
 results["splash_max_diff"] = max(float(jnp.max(jnp.abs(a - b)) / (1 + jnp.max(jnp.abs(b))))
                                  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+# pairs sharing their prompt: row 3 is [prompt | chosen | rejected], row 1 two such segments
+from hs2p_jax.model.attention import branch_mask
+branch = np.zeros((4, 20), np.int32); branch[3, 6:12] = 1; branch[3, 12:] = 2; branch[1, 3:6] = 1; branch[1, 6:9] = 2
+branch[1, 12:15] = 1; branch[1, 15:] = 2
+branch = jnp.asarray(branch)
+with use_mesh(trainer.mesh, trainer.rules):
+  got = jax.jit(jax.value_and_grad(loss(lambda q, k, v: splash_attention(q, k, v, seg, branch)), (0, 1, 2)))(q, k, v)
+want = jax.value_and_grad(loss(lambda q, k, v: reference_attention(
+    q, k, v, segment_causal_mask(slots, slots, seg, seg) & branch_mask(branch, branch))), (0, 1, 2))(q, k, v)
+results["splash_branches_max_diff"] = max(float(jnp.max(jnp.abs(a - b)) / (1 + jnp.max(jnp.abs(b))))
+                                          for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
 print(json.dumps(results))
 """
 
@@ -103,6 +114,7 @@ def test_one_device_and_eight_devices_log_the_same_losses(tmp_path):
   assert eight["generate"]["two_tokens"] == one["generate"]["two_tokens"]  # repeated prefill = shared prefill
   np.testing.assert_allclose(eight["generate"]["two_logprobs"], one["generate"]["two_logprobs"], atol=1e-4)
   assert one["splash_max_diff"] < 1e-5 and eight["splash_max_diff"] < 1e-5  # loss and grads vs reference
+  assert one["splash_branches_max_diff"] < 1e-5 and eight["splash_branches_max_diff"] < 1e-5
   np.testing.assert_allclose(eight["generate"]["logprobs"], one["generate"]["logprobs"], atol=1e-4)
   prov = json.load(open(tmp_path / "eight_bt_3_pairs" / "provenance.json"))
   assert prov["batch"] == {"micro_batch_rows": 6, "batch_split": 4, "micro_batches": 1, "padded_rows": 8}

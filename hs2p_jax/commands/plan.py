@@ -16,6 +16,7 @@ from hs2p_jax.atomic import write_json
 from hs2p_jax.config import DPORunConfig, ReinforceRunConfig, RunConfig, SFTRunConfig
 from hs2p_jax.errors import UserError
 from hs2p_jax.plan import compile as comp, lm, reinforce, rm, tables
+from hs2p_jax.plan.packing import PairProfile
 from hs2p_jax.plan.target import resolve_target
 
 # kind -> (config class, plan module, table)
@@ -49,7 +50,12 @@ def plan_command(args) -> int:
   target = resolve_target(args.chip, args.devices, cfg.mesh)
   mode = comp.compile_mode(getattr(args, "compile", None), target)
   comp.start_backend(mode, target.devices)
-  report = module.build_report(cfg, args.config, target, mode)
+  extra = {}
+  if getattr(args, "pair_tokens", None):
+    if kind != "rm":
+      raise UserError(f"--pair-tokens: for packed reward-model configs; {args.config} is a {kind} config")
+    extra["profile"] = PairProfile.parse(args.pair_tokens)
+  report = module.build_report(cfg, args.config, target, mode, **extra)
   sys.stderr.write(render(report))
   print(json.dumps(report, indent=2))
   if args.out:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -70,23 +72,47 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
   return out.transpose(0, 3, 1, 2, 4).reshape(b, tp, h, dh)[:, :t].astype(q.dtype)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+def _splash_branched(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                     branch_ids: jax.Array | None, branches: int = 2) -> jax.Array:
+  """`_splash_local`, with `branch_ids` [B, T] in 0..`branches` (`branch_mask`: responses after their
+  shared prompt, on branches 1, 2, ...). Splash masks by segment equality only, which cannot let
+  every branch see the trunk (0) but not the other branches; so it runs once per branch j, with the
+  other branches split off their segment, which is exact for the trunk and branch j, and each token
+  takes its own branch's run: `branches` times the attention of the row."""
+  if branch_ids is None:
+    return _splash_local(q, k, v, segment_ids)
+  out = None
+  for j in range(1, branches + 1):
+    other = (branch_ids != 0) & (branch_ids != j)
+    run = _splash_local(q, k, v, segment_ids * 2 + other)  # padding (segment 0) stays 0
+    out = run if out is None else jnp.where((branch_ids == j)[..., None, None], run, out)
+  return out
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                     branch_ids: jax.Array | None = None, branches: int = 2) -> jax.Array:
   """Causal attention within segments through the Pallas TPU splash kernel (interpreted elsewhere,
-  for tests): q [B, T, H, Dh], k/v [B, T, Hkv, Dh], segment_ids [B, T] -> [B, T, H, Dh].
+  for tests): q [B, T, H, Dh], k/v [B, T, Hkv, Dh], segment_ids [B, T] -> [B, T, H, Dh]; with
+  `branch_ids` [B, T] (1..`branches`) also restricted as `branch_mask` says (`_splash_branched`).
 
   Under a mesh the kernel runs per shard (shard_map): batch and heads split as the activation
   rules say, the sequence whole. Rows of padding (segment 0) attend among themselves."""
   mesh = current_mesh()
+  local = functools.partial(_splash_branched, branches=branches)
   if mesh is None or mesh.size == 1:
-    return _splash_local(q, k, v, segment_ids)
+    return local(q, k, v, segment_ids, branch_ids)
   q_spec = logical_to_spec(("act_batch", None, "act_heads", None), q.shape, mesh)
   kv_spec = logical_to_spec(("act_batch", None, "act_kv_heads", None), k.shape, mesh)
   if q_spec[2] != kv_spec[2]:  # keep each query group with its KV head
     q_spec = P(q_spec[0], None, kv_spec[2], None)
   if q_spec[0] != kv_spec[0]:
     kv_spec = P(q_spec[0], None, kv_spec[2], None)
-  return jax.shard_map(_splash_local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(q_spec[0], None)),
-                       out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+  rows = P(q_spec[0], None)
+  if branch_ids is None:
+    return jax.shard_map(_splash_local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, rows),
+                         out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, rows, rows),
+                       out_specs=q_spec, check_vma=False)(q, k, v, segment_ids, branch_ids)
 
 
 def platform() -> str:
@@ -99,17 +125,18 @@ def platform() -> str:
   return jax.default_backend()
 
 
-def choose(impl: str, platform_name: str, dtype: str, *, branches: bool = False, cache: bool = False) -> str:
-  """The kernel `impl` means here. "auto": the Pallas splash kernel on TPU (XLA's where pairs share a
-  prompt: splash masks by segment only), cuDNN flash attention on GPU in bfloat16/float16 (XLA's in
-  float32, which cuDNN does not take), the reference einsum on CPU; decoding with a KV cache (one
-  query row against the cache) uses XLA's kernel, or the reference on CPU."""
+def choose(impl: str, platform_name: str, dtype: str, *, branches: int = 0, cache: bool = False) -> str:
+  """The kernel `impl` means here. "auto": the Pallas splash kernel on TPU (rows with up to 2
+  branches too, `_splash_branched`, which runs once per branch; XLA's kernel for more), cuDNN flash
+  attention on GPU in bfloat16/float16 (XLA's in float32, which cuDNN does not take), the reference
+  einsum on CPU; decoding with a KV cache (one query row against the cache) uses XLA's kernel, or
+  the reference on CPU. `branches`: how many branches the rows' branch ids have (0: none)."""
   if impl != "auto":
     return impl
   if cache:
     return "reference" if platform_name == "cpu" else "xla"
   if platform_name == "tpu":
-    return "xla" if branches else "splash"
+    return "splash" if branches <= 2 else "xla"
   if platform_name in ("gpu", "cuda", "rocm"):
     return "cudnn" if dtype in ("bfloat16", "float16") else "xla"
   return "reference"
@@ -124,14 +151,15 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, i
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "reference",
-              segment_ids: jax.Array | None = None) -> jax.Array:
+              segment_ids: jax.Array | None = None, branch_ids: jax.Array | None = None,
+              branches: int = 2) -> jax.Array:
   """Grouped-query attention by `impl` (resolved by `choose`): "reference" (einsum), "xla"
   (jax.nn.dot_product_attention with the full mask), "cudnn" (`flash_attention`; needs no KV cache:
-  queries are the sequence itself), "splash" (Pallas TPU kernel; needs `segment_ids`). `mask`
-  [B, Tq, Tk] is the full mask (causal included); with a KV cache, `segment_ids` is None and
-  "cudnn" and "splash" run XLA's kernel and the reference."""
+  queries are the sequence itself), "splash" (Pallas TPU kernel; needs `segment_ids`, and takes
+  `branch_ids` in 0..`branches`). `mask` [B, Tq, Tk] is the full mask (causal and branches included); with a KV
+  cache, `segment_ids` is None and "cudnn" and "splash" run XLA's kernel and the reference."""
   if impl == "splash" and segment_ids is not None:
-    return splash_attention(q, k, v, segment_ids)
+    return splash_attention(q, k, v, segment_ids, branch_ids, branches)
   if impl == "cudnn" and segment_ids is not None:
     return flash_attention(q, k, v, mask, "cudnn")
   if impl in ("reference", "splash"):

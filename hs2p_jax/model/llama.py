@@ -95,7 +95,8 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, mask, kv=None, slot=None, segments=None, impl=None, layer=None):
     """x [B, T, D]; positions [B, T]; mask [B, T, S]; kv: (k, v) [L, B, S, Hkv, Dh], all layers'
     cache, of which this layer's slots [slot, slot + T) are written in place, or None;
-    segments [B, T] segment ids (no cache; for kernels that build the mask themselves) or None;
+    segments: (segment ids, branch ids or None [B, T], the number of branches) (no cache; for
+    kernels that build the mask themselves) or None;
     impl: the attention kernel (`attention.choose`), default cfg.attention; layer: [] this layer's
     index into the cache."""
     dt = x.dtype
@@ -113,7 +114,7 @@ class Attention(nnx.Module):
       kv = tuple(_constrain_cache(jax.lax.dynamic_update_slice(c, n.astype(c.dtype)[None], at))
                  for c, n in zip(kv, (k, v)))
       k, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False) for c in kv)
-    out = attention(q, k, v, mask, impl or self.cfg.attention, segments)
+    out = attention(q, k, v, mask, impl or self.cfg.attention, *(segments or (None, None, 0)))
     out = checkpoint_name(out, "attn_out")
     return project(out, self.wo[...].astype(dt), 2, wg), kv
 
@@ -177,14 +178,15 @@ class Llama(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
-               branch_ids: jax.Array | None = None,
+               branch_ids: jax.Array | None = None, branches: int = 2,
                cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
     """Hidden states [B, T, D] after the final norm; with `cache`, also the updated cache.
 
     input_ids, attention_mask [B, T] (mask 1 = token, 0 = pad, either side). segment_ids [B, T]
     (packed sequences, 0 = pad) replaces attention_mask; positions default to the index within
     each segment. branch_ids [B, T] (with explicit positions, no cache) further restricts a token
-    to keys on branch 0 or its own branch (`attention.branch_mask`: pairs sharing a prompt). With
+    to keys on branch 0 or its own branch (`attention.branch_mask`: pairs sharing a prompt), one of
+    1..`branches` (2 for a pair; the splash kernel runs once per branch). With
     a cache, the T new tokens are written at slots [index, index + T).
     """
     cfg = self.cfg
@@ -193,11 +195,10 @@ class Llama(nnx.Module):
     if segment_ids is None:
       segment_ids = (jnp.ones((b, t), jnp.int32) if attention_mask is None
                      else (jnp.asarray(attention_mask) != 0).astype(jnp.int32))
-    impl = choose_attention(cfg.attention, platform(), cfg.dtype, branches=branch_ids is not None,
+    impl = choose_attention(cfg.attention, platform(), cfg.dtype, branches=branches if branch_ids is not None else 0,
                             cache=cache is not None)
-    if branch_ids is not None and (cache is not None or positions is None or impl == "splash"):
-      raise ValueError("branch_ids need explicit positions, no KV cache, and attention other than splash "
-                       "(the splash kernel masks by segment only)")
+    if branch_ids is not None and (cache is not None or positions is None):
+      raise ValueError("branch_ids need explicit positions and no KV cache")
     if cache is None:
       if positions is None:
         positions = segment_positions(segment_ids)
@@ -217,7 +218,8 @@ class Llama(nnx.Module):
     x = constrain(x, BTD)
     kv = None if cache is None else (cache.k, cache.v)
     slot = None if cache is None else cache.index
-    x, kv = self._layers(x, positions, mask, kv, slot, segment_ids if cache is None else None, impl)
+    x, kv = self._layers(x, positions, mask, kv, slot, (segment_ids, branch_ids, branches) if cache is None else None,
+                         impl)
     x = self.norm(x)
     if cache is None:
       return x

@@ -165,10 +165,11 @@ def kernel_flops(compiled: dict[str, Any], attention_flops: float, model_flops_p
   compiled["flops_ratio"] = round(total / model_flops_per_device, 3)
 
 
-def page_lowering(page: Any, cfg: Any, section: str, arch: Any, rules: Any) -> Callable[[Any, int, bool], Any]:
+def page_lowering(page: Any, cfg: Any, section: str, arch: Any, rules: Any,
+                  flop_rows: int | None = None) -> Callable[[Any, int, bool], Any]:
   """`lower_at(mesh, layers, for_flops)` for `compile_step`: a trainer page's own step (its
   `blueprint` and `batch_spec`) at `layers` layers of `arch`; for FLOPs, layers unrolled and one
-  micro-batch of `cfg.<section>`."""
+  micro-batch of `cfg.<section>`, of `flop_rows` rows where given (a typical packed batch)."""
   sc = getattr(cfg, section)
   one_micro = dataclasses.replace(cfg, **{section: dataclasses.replace(sc, batch_size=sc.micro_batch_size or
                                                                         sc.batch_size)})
@@ -176,5 +177,6 @@ def page_lowering(page: Any, cfg: Any, section: str, arch: Any, rules: Any) -> C
   def lower_at(mesh, layers: int, for_flops: bool):
     c = one_micro if for_flops else cfg
     at = arch.replace(num_layers=layers, scan_layers=arch.scan_layers and not for_flops)
-    return page.blueprint(c, mesh, rules, at).lower(page.batch_spec(c, mesh, rules))
+    rows = {"rows": flop_rows} if for_flops and flop_rows else {}
+    return page.blueprint(c, mesh, rules, at).lower(page.batch_spec(c, mesh, rules, **rows))
   return lower_at

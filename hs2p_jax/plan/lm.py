@@ -79,7 +79,7 @@ def build_report(cfg: DPORunConfig | SFTRunConfig, config_path: str, target: Tar
   compiled = comp.compile_step(lowering(cfg, model_cfg, rules), target, mode, cfg.mesh, model_cfg.num_layers,
                                sc.batch_size // micro, "DPO step" if dpo else "SFT step")
   kernel = choose(model_cfg.attention, "tpu" if mode == "tpu" else "cpu", model_cfg.dtype,
-                  branches=cfg.data.share_prompt)
+                  branches=2 * cfg.data.share_prompt)
   lay = layout(cfg, batch_split(amesh, rules))
   rows, t = lay["real_rows"] * lay["micro_batches"], lay["seq_len"]
   attn = attention_flops(model_cfg, rows, t) + (attention_forward_flops(model_cfg, rows, t) if dpo else 0)
@@ -92,7 +92,7 @@ def build_report(cfg: DPORunConfig | SFTRunConfig, config_path: str, target: Tar
       "model": {"policy": source, "params": num_params(step.state.params), "layers": model_cfg.num_layers,
                 "dtype": model_cfg.dtype, "remat": model_cfg.remat,
                 "attention": choose(model_cfg.attention, target.platform, model_cfg.dtype,
-                                    branches=cfg.data.share_prompt),
+                                    branches=2 * cfg.data.share_prompt),
                 "frozen_dtype": step.state.frozen_parts["reference"].dtype if dpo else None},
       "objective": f"dpo ({sc.variant}, beta {sc.beta})" if dpo else "sft",
       "target": target.describe(), "batch": lay, "analytic": analytic, "compiled": compiled,

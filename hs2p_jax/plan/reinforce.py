@@ -287,7 +287,7 @@ def build_report(cfg: ReinforceRunConfig, config_path: str, target: Target, mode
               "step_seconds_at_50_mfu": per_device / (0.5 * peak_rate) if peak_rate else None,
               "prefill_rows": prefill}
   compiled = compile_phases(cfg, policy, reward[:2], target, mode, ph)
-  kernel = choose(policy.attention, "tpu" if mode == "tpu" else "cpu", policy.dtype, branches=cfg.reinforce.share_prompt)
+  kernel = choose(policy.attention, "tpu" if mode == "tpu" else "cpu", policy.dtype, branches=cfg.reinforce.samples_per_prompt * cfg.reinforce.share_prompt)
   # the splash kernel's attention FLOPs: two log-prob forwards and the update's forward and backward
   # (5 forwards' worth) of the policy, one of the reward model
   t = s.prompt_len + s.new_tokens
@@ -302,7 +302,7 @@ def build_report(cfg: ReinforceRunConfig, config_path: str, target: Target, mode
                 "layers": policy.num_layers, "dtype": policy.dtype, "remat": policy.remat,
                 "frozen_dtype": state.frozen_parts["reference"].dtype,
                 "attention": choose(policy.attention, target.platform, policy.dtype,
-                                    branches=cfg.reinforce.share_prompt)},
+                                    branches=cfg.reinforce.samples_per_prompt * cfg.reinforce.share_prompt)},
       "target": target.describe(),
       "rollout": rollout_report(cfg, policy, ph, target),
       "batch": {"prompts": s.prompts, "samples": s.samples, "rollouts": s.rollouts, "prompt_len": s.prompt_len,

@@ -40,7 +40,9 @@ from hs2p_jax.bench.flops import PEAK_FLOPS, attention_flops, train_flops
 from hs2p_jax.config import RunConfig
 from hs2p_jax.model.attention import choose
 from hs2p_jax.model.config import LlamaConfig
-from hs2p_jax.plan import compile as comp
+from hs2p_jax.errors import UserError
+from hs2p_jax.plan import compile as comp, packing
+from hs2p_jax.plan.packing import PairProfile
 from hs2p_jax.plan.tables import size
 from hs2p_jax.plan.target import Target, final_verdict, gpu_warnings
 from hs2p_jax.sharding import MESH_AXES, Rules, batch_split, logical_to_spec, rules_from
@@ -163,32 +165,50 @@ def warnings_for(cfg: RunConfig, target: Target, analytic: dict[str, Any], rules
   return out + gpu_warnings(target)
 
 
-def lowering(cfg: RunConfig, arch: LlamaConfig, rules: Rules):
-  """`lower_at(mesh, layers, for_flops)` of the run's own step (`plan.compile.compile_step`)."""
-  return comp.page_lowering(rm_trainer, cfg, "train", arch, rules)
+def lowering(cfg: RunConfig, arch: LlamaConfig, rules: Rules, flop_rows: int | None = None):
+  """`lower_at(mesh, layers, for_flops)` of the run's own step (`plan.compile.compile_step`); the
+  FLOPs at `flop_rows` rows per micro-batch (packed: a typical batch's) instead of the worst case."""
+  return comp.page_lowering(rm_trainer, cfg, "train", arch, rules, flop_rows)
 
 
-def build_report(cfg: RunConfig, config_path: str, target: Target, mode: str) -> dict[str, Any]:
-  """The plan of a reward-model run as one JSON-serialisable dict."""
+def packed_report(cfg: RunConfig, model_cfg: LlamaConfig, profile: PairProfile, split: int) -> dict[str, Any]:
+  """`plan.packing.report` for the config's micro-batches (`--pair-tokens`: packed pair configs only)."""
+  if not cfg.data.packing or rm_trainer.task(cfg) != "pairs":
+    raise UserError("--pair-tokens: for packed preference-pair configs (data.packing=true, train.objective=bt)")
+  tc = cfg.train
+  micro = tc.micro_batch_size or tc.batch_size
+  return packing.report(model_cfg, profile, micro, tc.batch_size // micro, cfg.data.max_length, split,
+                        cfg.data.buckets, cfg.data.share_prompt)
+
+
+def build_report(cfg: RunConfig, config_path: str, target: Target, mode: str,
+                 profile: PairProfile | None = None) -> dict[str, Any]:
+  """The plan of a reward-model run as one JSON-serialisable dict; with `profile` (packed pair
+  configs), FLOPs of a step of such pairs (`plan.packing`) beside the worst-case memory."""
   model_cfg, source = architecture(cfg.model, download=False)
   rules = rules_from(cfg.mesh.rules)
   amesh = AbstractMesh(target.mesh, MESH_AXES)
+  branches = 2 * cfg.data.share_prompt
   # the kernel `attention: auto` picks on the target (the compiled step picks by its devices)
   on_target = model_cfg.replace(attention=choose(model_cfg.attention, target.platform, model_cfg.dtype,
-                                                 branches=cfg.data.share_prompt))
+                                                 branches=branches))
   step = rm_trainer.blueprint(cfg, amesh, rules, on_target)
   an = analytic(cfg, on_target, step, rm_trainer.batch_spec(cfg, amesh, rules), amesh, rules)
-  an["model_flops"] = model_flops(cfg, model_cfg)
+  packed = packed_report(cfg, model_cfg, profile, batch_split(amesh, rules)) if profile else None
+  an["model_flops"] = packed["model_flops"] if packed else model_flops(cfg, model_cfg)
   an["model_flops_per_device"] = an["model_flops"] / target.devices
   peak = PEAK_FLOPS.get(target.chip.name, {}).get(model_cfg.dtype) if target.chip else None
   an["peak_flops_per_device"] = peak
   an["step_seconds_at_50_mfu"] = an["model_flops_per_device"] / (0.5 * peak) if peak else None
   tc = cfg.train
-  compiled = comp.compile_step(lowering(cfg, model_cfg, rules), target, mode, cfg.mesh, model_cfg.num_layers,
-                               tc.batch_size // (tc.micro_batch_size or tc.batch_size))
-  kernel = choose(model_cfg.attention, "tpu" if mode == "tpu" else "cpu", model_cfg.dtype, branches=cfg.data.share_prompt)
-  comp.kernel_flops(compiled, model_flops(cfg, model_cfg, attention_only=True) / target.devices
-                    if kernel == "splash" else 0.0, an["model_flops_per_device"])
+  micro_batches = tc.batch_size // (tc.micro_batch_size or tc.batch_size)
+  compiled = comp.compile_step(lowering(cfg, model_cfg, rules, packed["rows"] if packed else None), target, mode,
+                               cfg.mesh, model_cfg.num_layers, micro_batches)
+  kernel = choose(model_cfg.attention, "tpu" if mode == "tpu" else "cpu", model_cfg.dtype, branches=branches)
+  # the splash kernel's attention over every row it runs on, once per branch where pairs share a prompt
+  attn = (attention_flops(model_cfg, packed["rows"] * micro_batches, cfg.data.max_length) if packed
+          else model_flops(cfg, model_cfg, attention_only=True)) * max(branches, 1)
+  comp.kernel_flops(compiled, attn / target.devices if kernel == "splash" else 0.0, an["model_flops_per_device"])
   return {
       "config": config_path, "kind": "rm",
       "model": {"name": source, "params": num_params(step.state.params), "layers": model_cfg.num_layers,
@@ -197,6 +217,7 @@ def build_report(cfg: RunConfig, config_path: str, target: Target, mode: str) ->
       "objective": tc.objective if tc.objective == "regression" else f"bt ({tc.bt_variant})",
       "target": target.describe(),
       "batch": batch_layout(cfg, batch_split(amesh, rules)),
+      **({"packing": packed} if packed else {}),
       "analytic": an,
       "compiled": compiled,
       "verdict": final_verdict(compiled, an["total"], target),

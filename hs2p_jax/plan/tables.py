@@ -55,6 +55,15 @@ def _resident(a: dict[str, Any]) -> list[str]:
           + [row("total", a["resident_total"])])
 
 
+def _packing(p: dict[str, Any] | None) -> list[str]:
+  if not p:
+    return []
+  pr = p["profile"]
+  return [f"packed pairs of {pr['prompt']} + 2 x {pr['response']} tokens: {p['pairs_per_micro_batch']} per micro-batch "
+          f"take {p['rows_unshared']} rows, {p['rows_shared']} with the prompt shared; FLOPs at {p['rows']} rows "
+          "(memory: the worst case above)"]
+
+
 def render_rm(report: dict[str, Any]) -> str:
   """The human-readable plan of a reward-model step (the JSON report, as a table)."""
   m, a, lay = report["model"], report["analytic"], report["batch"]
@@ -66,6 +75,7 @@ def render_rm(report: dict[str, Any]) -> str:
       _target_line(report["target"]),
       f"batch: {report['objective']}, {lay['micro_batches']} micro-batch(es) of {lay['rows']} rows x "
       f"{lay['seq_len']} tokens; {act['rows_per_device']} row(s) per device",
+      *_packing(report.get("packing")),
       "",
       "  per device (analytic)",
       row("params (float32)", a["params"]),

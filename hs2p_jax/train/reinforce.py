@@ -75,7 +75,8 @@ def shared_prompt_logprobs(lm: LlamaForCausalLM, prompt_ids: jax.Array, prompt_m
   positions = jnp.concatenate([jnp.maximum(jnp.cumsum(seg[:, :tp], axis=1) - 1, 0),
                                jnp.tile(prompt_len + t[None], (1, k))], axis=1)
   branch = jnp.concatenate([jnp.zeros((tp,), jnp.int32), jnp.repeat(jnp.arange(1, k + 1, dtype=jnp.int32), tr)])
-  hidden = lm.model(ids, segment_ids=seg, positions=positions, branch_ids=jnp.broadcast_to(branch, ids.shape))
+  hidden = lm.model(ids, segment_ids=seg, positions=positions, branch_ids=jnp.broadcast_to(branch, ids.shape),
+                    branches=k)
   # sample j's token t is predicted at its token t - 1, or for t = 0 at the prompt's last slot
   pred = jnp.where(t[None] == 0, tp - 1, tp + jnp.arange(k, dtype=jnp.int32)[:, None] * tr + t[None] - 1)
   out = token_logprobs(lm, hidden[:, pred.reshape(-1)], tokens.reshape(p, k * tr), temperature=temperature)

@@ -40,12 +40,13 @@ def blueprint(cfg: RunConfig, mesh: Any, rules: Rules, arch: LlamaConfig | None 
   return Step(state, make_train_step(state.graphdef, state.tx, objective(cfg)))
 
 
-def batch_spec(cfg: RunConfig, mesh: Any, rules: Rules) -> dict[str, jax.ShapeDtypeStruct]:
-  """The step's stacked batch at data.max_length tokens, placed as the feed places it."""
+def batch_spec(cfg: RunConfig, mesh: Any, rules: Rules, rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+  """The step's stacked batch at data.max_length tokens, placed as the feed places it: one row per
+  sequence, or `rows` rows (a packed batch)."""
   tc = cfg.train
   micro = tc.micro_batch_size or tc.batch_size
   return stacked_spec(task(cfg), micro, tc.batch_size // micro, cfg.data.max_length, mesh, rules,
-                      cfg.model.num_attributes, shared=cfg.data.share_prompt)
+                      cfg.model.num_attributes, shared=cfg.data.share_prompt, rows=rows)
 
 
 def trainer(cfg: RunConfig, out_dir: str) -> Trainer:
