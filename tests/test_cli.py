@@ -155,7 +155,7 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
   code, out, err = run_cli(capsys, "pipeline", "--config", os.path.join(root, "configs/quickstart/pipeline.yaml"),
                            "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
                            "expo.search=1.0:1.4:0.2", "data.builtin_size=64", "dpo.steps=2", "compare.prompts=8",
-                           "compare.max_new_tokens=8")
+                           "compare.max_new_tokens=8", "data.buckets=[160]")
   assert code == 0, err
   report = (tmp_path / "q" / "report.md").read_text()
   for needle in ("Regression, helpfulness only", "Scaled BT + ExPO", "expo_search.png", "reinforce_curves.png",
@@ -182,7 +182,7 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
   code, _, err = run_cli(capsys, "pipeline", "--config", os.path.join(root, "configs/quickstart/pipeline.yaml"),
                          "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
                          "expo.search=1.0:1.4:0.2", "data.builtin_size=64", "dpo.steps=2", "compare.prompts=8",
-                         "compare.max_new_tokens=8")
+                         "compare.max_new_tokens=8", "data.buckets=[160]")
   assert code == 0 and "stage: regression" not in err and "stage: compare" not in err
 
 

@@ -65,7 +65,7 @@ def test_pair_logprobs_equal_per_sequence_forwards(tmp_path, packing, share):
 
 def dpo_config(tmp_path, **extra):
   sets = {"dpo.steps": 40, "dpo.eval_every": 20, "dpo.save_every": 1000, "policy.num_layers": 2,
-          "data.builtin_size": 64}
+          "data.builtin_size": 64, "data.buckets": "[160]"}
   sets.update(extra)
   return config_lib.load(config_lib.DPORunConfig, os.path.join(REPO, "configs/quickstart/dpo.yaml"),
                          [f"{k}={v}" for k, v in sets.items()])

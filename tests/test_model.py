@@ -108,6 +108,65 @@ def test_flash_attention_call_equals_reference_with_packing_branches_and_padding
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
+def test_flash_attention_with_row_lengths_equals_reference_on_right_padded_rows():
+  """The cuDNN path's call for right-padded rows (sequence lengths, no mask), run by XLA here: the
+  reference's values and gradients at the real tokens; a row of padding stays finite."""
+  from hs2p_jax.model.attention import flash_attention, segment_causal_mask
+  rng = np.random.RandomState(5)
+  q, k, v = (jnp.asarray(rng.randn(3, 12, h, 8), jnp.float32) for h in (4, 2, 2))
+  lengths = jnp.asarray([12, 7, 0], jnp.int32)  # full, padded, all padding (a filler row)
+  seg = (jnp.arange(12)[None] < lengths[:, None]).astype(jnp.int32)
+  slots = jnp.arange(12)
+  mask = segment_causal_mask(slots, slots, seg, seg)
+  real = np.asarray(seg)[..., None, None] != 0
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.where(real, f(q, k, v), 0.0) ** 2)
+  got = jax.value_and_grad(loss(lambda q, k, v: flash_attention(q, k, v, mask, "xla", lengths)), (0, 1, 2))(q, k, v)
+  want = jax.value_and_grad(loss(lambda q, k, v: reference_attention(q, k, v, mask)), (0, 1, 2))(q, k, v)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert np.isfinite(np.asarray(a)).all()
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_the_reward_step_hands_cudnn_its_row_lengths(monkeypatch, tmp_path):
+  """Right-padded loader rows carry `row_lengths`; with attention "cudnn" the model passes them to the
+  kernel (run by XLA here) and scores what the reference scores; packed rows carry none."""
+  from conftest import separable_pairs, write_jsonl
+  from hs2p_jax.config import DataConfig
+  from hs2p_jax.data import make_loader
+  from hs2p_jax.model import attention as attention_lib
+  from hs2p_jax.tokenizer import load_tokenizer
+  from hs2p_jax.train.rm import reward_outputs
+  seen = []
+
+  def flash_by_xla(q, k, v, mask, implementation="cudnn", lengths=None):
+    seen.append(lengths is not None)
+    return original(q, k, v, mask, "xla", lengths)
+
+  original = attention_lib.flash_attention
+  monkeypatch.setattr(attention_lib, "flash_attention", flash_by_xla)
+  data = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(6))
+  tok = load_tokenizer("bytes")
+  batches = {}
+  for packing in (False, True):
+    cfg = DataConfig(train=data, format="pairs", template="chat", max_length=64, pad_multiple=16, packing=packing)
+    loader = make_loader(cfg, tok, split="train", task="pairs", batch_size=6, shuffle=False, repeat=False,
+                         cache_dir=str(tmp_path / "cache"))
+    batches[packing] = next(iter(loader))
+  plain, packed = batches[False], batches[True]
+  assert "row_lengths" not in packed
+  np.testing.assert_array_equal(plain["row_lengths"], plain["segment_ids"].sum(axis=1))
+  t = np.arange(plain["segment_ids"].shape[1])
+  np.testing.assert_array_equal(plain["segment_ids"], (t[None] < plain["row_lengths"][:, None]).astype(np.int32))
+  ref = create("reward", preset("tiny", num_layers=2), num_attributes=9, seed=2)
+  _, state = nnx.split(ref)
+  cudnn = nnx.merge(nnx.split(nnx.eval_shape(lambda: create("reward", preset("tiny", num_layers=2, attention="cudnn"),
+                                                               num_attributes=9, seed=2)))[0], state)
+  got = reward_outputs(cudnn, {k: jnp.asarray(v) for k, v in plain.items()})
+  want = reward_outputs(ref, {k: jnp.asarray(v) for k, v in plain.items()})
+  assert seen and all(seen)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("platform, dtype, branches, cache, want", [
     ("tpu", "bfloat16", False, False, "splash"), ("tpu", "bfloat16", 2, False, "splash"),
     ("tpu", "bfloat16", 4, False, "xla"),

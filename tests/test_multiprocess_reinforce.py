@@ -22,7 +22,7 @@ def test_reinforce_on_two_processes_equals_one_process_with_two_devices(tmp_path
   root = os.path.join(os.path.dirname(__file__), "..")
   cmd = [sys.executable, "-m", "hs2p_jax", "reinforce", "--config", os.path.join(root, "configs/quickstart/reinforce.yaml")]
   common = ["reinforce.steps=2", f"reward_model={tmp_path / 'rm' / 'model'}", "data.builtin_size=32",
-            "reinforce.max_new_tokens=8", "policy.num_layers=1"]
+            "reinforce.max_new_tokens=8", "policy.num_layers=1", "data.buckets=[128]"]
   # one process: data parallel, sampling from the training params; two: FSDP over the processes,
   # sampling from the rollout copy (replicated: resharded across the processes before decoding)
   subprocess.run(cmd + ["--out", str(tmp_path / "one"), "--set", *common, "mesh.data=2", "reinforce.rollout_copy=false"],

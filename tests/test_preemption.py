@@ -58,7 +58,7 @@ def test_reinforce_preempted_resumes_with_the_uninterrupted_numbers(tmp_path):
   save_model(rm_dir, rm, ModelMeta("reward", rm.cfg, template="chat"), load_tokenizer("bytes"))
   cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/quickstart/reinforce.yaml")
   sets = [f"reward_model={rm_dir}", "policy.num_layers=1", "reinforce.steps=20", "reinforce.save_every=1000",
-          "reinforce.max_new_tokens=8", "reinforce.sample_every=3", "data.builtin_size=64", "mesh.data=1"]
+          "reinforce.max_new_tokens=8", "reinforce.sample_every=3", "data.builtin_size=64", "mesh.data=1", "data.buckets=[128]"]
   straight = str(tmp_path / "straight")
   subprocess.run(_cmd("reinforce", cfg, straight, sets), env=ENV, check=True, capture_output=True)
   out = str(tmp_path / "run")

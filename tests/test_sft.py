@@ -104,7 +104,8 @@ def test_justifier_quickstart_trains_and_the_judge_runs(tmp_path):
   from hs2p_jax.train.sft_trainer import train_sft
   out = tmp_path / "run"
   cfg = config_lib.load(config_lib.SFTRunConfig, os.path.join(REPO, "configs/quickstart/justifier.yaml"),
-                        ["sft.steps=30", "sft.eval_every=15", "sft.batch_size=8", "policy.num_layers=2", "data.builtin_size=32"])
+                        ["sft.steps=30", "sft.eval_every=15", "sft.batch_size=8", "policy.num_layers=2", "data.builtin_size=32",
+                         "data.buckets=[512]"])
   train_sft(cfg, str(out))
   recs = read_metrics(str(out / "metrics.jsonl"))
   vals = [r["val_loss"] for r in recs if "val_loss" in r]

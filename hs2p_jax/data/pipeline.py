@@ -125,6 +125,7 @@ class _Batches:
                         self.max_length, self.buckets)
       filler_rows = [seqs[0][:0]] * (round_up(len(seqs), self.row_multiple) - len(seqs))  # all padding
       out["input_ids"], out["segment_ids"] = pad_right(seqs + filler_rows, t, self.pad_id)
+      out["row_lengths"] = out["segment_ids"].sum(axis=1, dtype=np.int32)  # right-padded: kernels take lengths
       out["score_row"] = np.arange(len(seqs), dtype=np.int32)
       out["score_index"] = np.array([len(s) - 1 for s in seqs], np.int32)
       if self.starts is not None:  # pairs: row 2k chosen of pair k, row 2k + 1 its rejected
@@ -202,6 +203,11 @@ class Loader:
   def shapes(self) -> list[tuple[int, int]]:
     """Every (R, T) of this process's token arrays the batches can come in (`data.buckets`)."""
     return self._batches.shapes()
+
+  @property
+  def packing(self) -> bool:
+    """Whether rows are packed (else one right-padded sequence a row, with `row_lengths`)."""
+    return self._batches.packing
 
   def __len__(self) -> int:
     if self.num_batches is None:

@@ -142,26 +142,34 @@ def choose(impl: str, platform_name: str, dtype: str, *, branches: int = 0, cach
   return "reference"
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "cudnn") -> jax.Array:
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "cudnn",
+                    lengths: jax.Array | None = None) -> jax.Array:
   """Causal attention through `jax.nn.dot_product_attention` with `is_causal` (the kernel skips the
-  blocks above the diagonal) and the segment / padding / branch part of `mask` [B, T, S] as one
-  boolean [B, 1, T, S] shared by every head: no [B, H, T, S] logits, probabilities or bias.
-  implementation "cudnn" on GPU; "xla" runs the same call anywhere (the tests)."""
+  blocks above the diagonal). With `lengths` [B] (rows right-padded, one sequence each) the kernel
+  takes them as sequence lengths: no mask at all (a row of padding counts one token, so that no
+  query row is empty). Otherwise the segment / padding / branch part of `mask` [B, T, S] goes as one
+  boolean [B, 1, T, S] shared by every head: no [B, H, T, S] logits or probabilities, but a
+  materialised bias. implementation "cudnn" on GPU; "xla" runs the same call anywhere (the tests)."""
+  if lengths is not None:
+    n = jnp.maximum(lengths, 1).astype(jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n,
+                                        implementation=implementation)
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True, implementation=implementation)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "reference",
               segment_ids: jax.Array | None = None, branch_ids: jax.Array | None = None,
-              branches: int = 2) -> jax.Array:
+              branches: int = 2, lengths: jax.Array | None = None) -> jax.Array:
   """Grouped-query attention by `impl` (resolved by `choose`): "reference" (einsum), "xla"
   (jax.nn.dot_product_attention with the full mask), "cudnn" (`flash_attention`; needs no KV cache:
   queries are the sequence itself), "splash" (Pallas TPU kernel; needs `segment_ids`, and takes
-  `branch_ids` in 0..`branches`). `mask` [B, Tq, Tk] is the full mask (causal and branches included); with a KV
-  cache, `segment_ids` is None and "cudnn" and "splash" run XLA's kernel and the reference."""
+  `branch_ids` in 0..`branches`). `mask` [B, Tq, Tk] is the full mask (causal and branches included);
+  `lengths` [B]: rows right-padded, one sequence each ("cudnn" takes them instead of the mask); with a
+  KV cache, `segment_ids` is None and "cudnn" and "splash" run XLA's kernel and the reference."""
   if impl == "splash" and segment_ids is not None:
     return splash_attention(q, k, v, segment_ids, branch_ids, branches)
   if impl == "cudnn" and segment_ids is not None:
-    return flash_attention(q, k, v, mask, "cudnn")
+    return flash_attention(q, k, v, mask, "cudnn", lengths if branch_ids is None else None)
   if impl in ("reference", "splash"):
     return reference_attention(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")

@@ -95,8 +95,8 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, mask, kv=None, slot=None, segments=None, impl=None, layer=None):
     """x [B, T, D]; positions [B, T]; mask [B, T, S]; kv: (k, v) [L, B, S, Hkv, Dh], all layers'
     cache, of which this layer's slots [slot, slot + T) are written in place, or None;
-    segments: (segment ids, branch ids or None [B, T], the number of branches) (no cache; for
-    kernels that build the mask themselves) or None;
+    segments: (segment ids, branch ids or None [B, T], the number of branches, row lengths [B] or
+    None) (no cache; for kernels that build the mask themselves) or None;
     impl: the attention kernel (`attention.choose`), default cfg.attention; layer: [] this layer's
     index into the cache."""
     dt = x.dtype
@@ -114,7 +114,7 @@ class Attention(nnx.Module):
       kv = tuple(_constrain_cache(jax.lax.dynamic_update_slice(c, n.astype(c.dtype)[None], at))
                  for c, n in zip(kv, (k, v)))
       k, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False) for c in kv)
-    out = attention(q, k, v, mask, impl or self.cfg.attention, *(segments or (None, None, 0)))
+    out = attention(q, k, v, mask, impl or self.cfg.attention, *(segments or (None, None, 0, None)))
     out = checkpoint_name(out, "attn_out")
     return project(out, self.wo[...].astype(dt), 2, wg), kv
 
@@ -178,7 +178,7 @@ class Llama(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
-               branch_ids: jax.Array | None = None, branches: int = 2,
+               branch_ids: jax.Array | None = None, branches: int = 2, lengths: jax.Array | None = None,
                cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
     """Hidden states [B, T, D] after the final norm; with `cache`, also the updated cache.
 
@@ -186,7 +186,9 @@ class Llama(nnx.Module):
     (packed sequences, 0 = pad) replaces attention_mask; positions default to the index within
     each segment. branch_ids [B, T] (with explicit positions, no cache) further restricts a token
     to keys on branch 0 or its own branch (`attention.branch_mask`: pairs sharing a prompt), one of
-    1..`branches` (2 for a pair; the splash kernel runs once per branch). With
+    1..`branches` (2 for a pair; the splash kernel runs once per branch). lengths [B] (no cache):
+    every row is one sequence of that many tokens from slot 0, padding after it (the cuDNN kernel
+    then takes the lengths instead of a mask). With
     a cache, the T new tokens are written at slots [index, index + T).
     """
     cfg = self.cfg
@@ -218,7 +220,7 @@ class Llama(nnx.Module):
     x = constrain(x, BTD)
     kv = None if cache is None else (cache.k, cache.v)
     slot = None if cache is None else cache.index
-    x, kv = self._layers(x, positions, mask, kv, slot, (segment_ids, branch_ids, branches) if cache is None else None,
+    x, kv = self._layers(x, positions, mask, kv, slot, (segment_ids, branch_ids, branches, lengths) if cache is None else None,
                          impl)
     x = self.norm(x)
     if cache is None:

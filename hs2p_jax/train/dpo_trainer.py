@@ -37,7 +37,7 @@ def batch_spec(cfg: DPORunConfig, mesh: Any, rules: Rules) -> dict[str, jax.Shap
   dc = cfg.dpo
   micro = dc.micro_batch_size or dc.batch_size
   return stacked_spec("pairs", micro, dc.batch_size // micro, cfg.data.max_length, mesh, rules, targets=True,
-                      shared=cfg.data.share_prompt)
+                      shared=cfg.data.share_prompt, right_padded=not cfg.data.packing)
 
 
 def trainer(cfg: DPORunConfig, out_dir: str) -> Trainer:

@@ -28,7 +28,7 @@ from hs2p_jax.sharding import DEFAULT_RULES, Rules, batch_split, logical_to_spec
 
 # Arrays whose first (row) axis is the batch; everything else is small and replicated.
 ROW_ARRAYS = ("input_ids", "segment_ids", "positions", "branch_ids", "prompt_ids", "prompt_mask", "tokens",
-              "response_mask", "target_pred", "chosen_pair", "rejected_pair")
+              "response_mask", "target_pred", "chosen_pair", "rejected_pair", "row_lengths")
 # Arrays with one entry per example (pair), split over the batch axes like the rows; padded with
 # entries that score nothing (`valid` False) to split evenly.
 EXAMPLE_ARRAYS = ("score_row", "score_index", "valid", "example_id", "magnitude", "labels", "label_mask")
@@ -260,7 +260,8 @@ class StepFeed:
     """Every stacked global batch this feed can give (one per shape of `data.buckets`), as
     ShapeDtypeStructs: what the step is compiled for before the first step."""
     return [stacked_spec(task, examples, self.k, t, self.mesh, self.rules, num_attributes, targets, shared,
-                         rows=r * self.layout.slots) for r, t in self.data.shapes()]
+                         rows=r * self.layout.slots, right_padded=not self.data.packing)
+            for r, t in self.data.shapes()]
 
 
 @jax.jit
@@ -275,8 +276,8 @@ def stack_micro_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.nd
   out: dict[str, list[np.ndarray]] = {}
   for b in batches:
     for key, arr in b.items():
-      if key in ROW_ARRAYS and arr.ndim == 2:
-        arr = np.pad(arr, ((0, r - arr.shape[0]), (0, t - arr.shape[1])), constant_values=_fill(key))
+      if key in ROW_ARRAYS:  # [R, T], or [R] (row_lengths)
+        arr = np.pad(arr, [(0, r - arr.shape[0]), (0, t - arr.shape[-1])][:arr.ndim], constant_values=_fill(key))
       out.setdefault(key, []).append(arr)
   return {k: np.stack(v) for k, v in out.items()}
 
@@ -287,12 +288,12 @@ def _fill(key: str) -> int:
 
 def stacked_spec(task: str, examples: int, micro_batches: int, seq_len: int, mesh: Any, rules: Rules = DEFAULT_RULES,
                  num_attributes: int = 9, targets: bool = False, shared: bool = False,
-                 rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+                 rows: int | None = None, right_padded: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
   """The stacked batch a `StepFeed` gives at its longest (`seq_len` tokens), as ShapeDtypeStructs placed
   as `put_batch` places them: for `task` regression / pairs / sft, `examples` (pairs) per micro-batch,
   k = `micro_batches`; `targets`: log-prob targets (DPO, SFT); `shared`: pairs sharing their prompt
-  (positions, branch_ids). Rows: one per sequence (two per pair), padded to split over the batch axes, or
-  `rows` (packed batches)."""
+  (positions, branch_ids); `right_padded`: one sequence per row, with its length (row_lengths). Rows:
+  one per sequence (two per pair), padded to split over the batch axes, or `rows` (packed batches)."""
   k, t = micro_batches, seq_len
   split = batch_split(mesh, rules)
   r = rows or -(-examples * (2 if task == "pairs" else 1) // split) * split
@@ -312,5 +313,7 @@ def stacked_spec(task: str, examples: int, micro_batches: int, seq_len: int, mes
     shapes.update({key: ((k, r, t), i32) for key in ("target_pred", "chosen_pair", "rejected_pair")})
   if shared:
     shapes.update({key: ((k, r, t), i32) for key in ("positions", "branch_ids")})
+  if right_padded:
+    shapes["row_lengths"] = ((k, r), i32)
   return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(key, shape, mesh, rules, stacked=True))
           for key, (shape, dtype) in shapes.items()}

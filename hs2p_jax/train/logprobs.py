@@ -39,7 +39,7 @@ def target_logprobs(lm: LlamaForCausalLM, batch: dict[str, jax.Array]) -> jax.Ar
   [R, T]: the row position whose logits predict the token, -1 where it is no target), 0 elsewhere;
   one forward over the rows (packed, branched or plain)."""
   hidden = lm.model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch.get("positions"),
-                    branch_ids=batch.get("branch_ids"))  # [R, T, D]
+                    branch_ids=batch.get("branch_ids"), lengths=batch.get("row_lengths"))  # [R, T, D]
   pred = batch["target_pred"]
   h = jnp.take_along_axis(hidden, jnp.maximum(pred, 0)[..., None], axis=1)  # the predicting positions' states
   return jnp.where(pred >= 0, token_logprobs(lm, h, batch["input_ids"]), 0.0)

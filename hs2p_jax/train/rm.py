@@ -39,7 +39,7 @@ class Objective:
 def reward_outputs(model: RewardModel, batch: Batch) -> jax.Array:
   """Head outputs at each example's score position: [P, 2, A] (pairs) or [B, A] (regression)."""
   hidden = model.model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch.get("positions"),
-                       branch_ids=batch.get("branch_ids"))  # [R, T, D]
+                       branch_ids=batch.get("branch_ids"), lengths=batch.get("row_lengths"))  # [R, T, D]
   picked = hidden[batch["score_row"], batch["score_index"]]  # [..., D]
   return model.head(picked)
 

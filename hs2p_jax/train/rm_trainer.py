@@ -46,7 +46,8 @@ def batch_spec(cfg: RunConfig, mesh: Any, rules: Rules, rows: int | None = None)
   tc = cfg.train
   micro = tc.micro_batch_size or tc.batch_size
   return stacked_spec(task(cfg), micro, tc.batch_size // micro, cfg.data.max_length, mesh, rules,
-                      cfg.model.num_attributes, shared=cfg.data.share_prompt, rows=rows)
+                      cfg.model.num_attributes, shared=cfg.data.share_prompt, rows=rows,
+                      right_padded=not cfg.data.packing)
 
 
 def trainer(cfg: RunConfig, out_dir: str) -> Trainer:

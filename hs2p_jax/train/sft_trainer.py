@@ -30,7 +30,8 @@ def batch_spec(cfg: SFTRunConfig, mesh: Any, rules: Rules) -> dict[str, jax.Shap
   """The step's stacked SFT batch at data.max_length tokens."""
   sc = cfg.sft
   micro = sc.micro_batch_size or sc.batch_size
-  return stacked_spec("sft", micro, sc.batch_size // micro, cfg.data.max_length, mesh, rules)
+  return stacked_spec("sft", micro, sc.batch_size // micro, cfg.data.max_length, mesh, rules,
+                      right_padded=not cfg.data.packing)
 
 
 def trainer(cfg: SFTRunConfig, out_dir: str) -> Trainer:
