@@ -43,6 +43,9 @@ with use_mesh(trainer.mesh, trainer.rules):
 results["generate"] = {"tokens": np.asarray(out.tokens).tolist(), "logprobs": np.asarray(out.logprobs).tolist(),
                        "samples_tokens": np.asarray(multi.tokens).tolist(),
                        "two_tokens": np.asarray(two.tokens).tolist(), "two_logprobs": np.asarray(two.logprobs).tolist()}
+print(json.dumps(results))
+if jax.device_count() == 1:  # one device: the kernels' checks are tests/test_model.py's and test_share_prompt.py's
+  sys.exit(0)
 # the splash kernel per shard (shard_map over batch and heads) against the reference attention
 import jax.numpy as jnp
 from hs2p_jax.model.attention import reference_attention, segment_causal_mask, splash_attention
@@ -97,7 +100,7 @@ def test_one_device_and_eight_devices_log_the_same_losses(tmp_path):
   }
   # 3 pairs = 6 rows: on data*fsdp = 4 devices the loader pads them to 8 rows (the batch still splits)
   objectives["bt_3_pairs"] = {**objectives["bt"], "train.batch_size": 3}
-  common = {"train.steps": 3, "train.batch_size": 8, "train.lr": 3e-3, "model.num_layers": 2}
+  common = {"train.steps": 2, "train.batch_size": 8, "train.lr": 3e-3, "model.num_layers": 2}
   mesh8 = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
   one = run_in_subprocess(1, [(k, str(tmp_path / f"one_{k}"), tiny_overrides(tmp_path, **{**common, **v}))
                               for k, v in objectives.items()])
@@ -113,8 +116,7 @@ def test_one_device_and_eight_devices_log_the_same_losses(tmp_path):
   assert eight["generate"]["samples_tokens"] == one["generate"]["samples_tokens"]
   assert eight["generate"]["two_tokens"] == one["generate"]["two_tokens"]  # repeated prefill = shared prefill
   np.testing.assert_allclose(eight["generate"]["two_logprobs"], one["generate"]["two_logprobs"], atol=1e-4)
-  assert one["splash_max_diff"] < 1e-5 and eight["splash_max_diff"] < 1e-5  # loss and grads vs reference
-  assert one["splash_branches_max_diff"] < 1e-5 and eight["splash_branches_max_diff"] < 1e-5
+  assert eight["splash_max_diff"] < 1e-5 and eight["splash_branches_max_diff"] < 1e-5  # loss and grads vs reference
   np.testing.assert_allclose(eight["generate"]["logprobs"], one["generate"]["logprobs"], atol=1e-4)
   prov = json.load(open(tmp_path / "eight_bt_3_pairs" / "provenance.json"))
   assert prov["batch"] == {"micro_batch_rows": 6, "batch_split": 4, "micro_batches": 1, "padded_rows": 8}
