@@ -7,7 +7,7 @@ its own block of every global batch (`hs2p_jax/train/feed.py`), so the ratio sho
 cost beyond the devices: on one CPU host they also share its cores, so a ratio near 1 means feeding
 adds nothing measurable. The losses of both runs are compared too (they must agree).
 
-  python benchmarks/feed.py [--steps 60] [--skip 10] [--config FILE] [--set key=value ...]
+  python benchmarks/feed.py [--steps 60] [--skip 10] [--config FILE] [--set key=value ...] [--one-thread-per-device]
 """
 
 from __future__ import annotations
@@ -57,7 +57,13 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=60)
   ap.add_argument("--skip", type=int, default=10, help="steps left out of the rate (compilation, warm-up)")
   ap.add_argument("--set", nargs="*", default=[], dest="sets")
+  ap.add_argument("--one-thread-per-device", action="store_true",
+                  help="XLA's CPU dots single-threaded in both runs: each device one core, as each host "
+                       "would own its cores (two processes on one host otherwise each spread over both)")
   args = ap.parse_args()
+  if args.one_thread_per_device:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                               "intra_op_parallelism_threads=1").strip()
   sets = [f"train.steps={args.steps}", "train.log_every=1", f"train.save_every={args.steps}", "train.eval_every=0",
           "data.validation=null", "data.eval_pairs=null", "mesh.data=-1", *args.sets]
   runs = {}
@@ -71,6 +77,7 @@ def main() -> None:
   worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(one["losses"], two["losses"]))
   print(json.dumps({
       "config": os.path.relpath(args.config, ROOT), "steps": args.steps, "rate_after_step": args.skip,
+      "one_thread_per_device": args.one_thread_per_device,
       "load_avg_1m": os.getloadavg()[0],
       **{name: {k: round(v, 1) if isinstance(v, float) else v for k, v in r.items() if k != "losses"}
          for name, r in runs.items()},
