@@ -164,3 +164,15 @@ def test_two_processes_import_and_export_what_one_does(tmp_path):
   proc = subprocess.run(hs2p + ["--checkpoint", str(tmp_path / "ckpt1"), "--to-hf", str(tmp_path / "hf1")],
                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True)
   assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].endswith("hf1 already exists")
+
+
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(tiny_hf_dir, tmp_path):
+  from hs2p_jax.convert import export_hf, load_hf
+  from hs2p_jax.errors import UserError
+  path, _ = tiny_hf_dir
+  lm = load_hf(path)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(UserError, match="the export could not be written"):
+    export_hf(lm, str(blocker / "hf"))
+  assert sorted(os.listdir(tmp_path)) == ["a_file", "tiny_hf"]

@@ -150,11 +150,24 @@ def export_hf(model: nnx.Module, out_dir: str, tokenizer_dir: str | None = None,
     raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
   if not overwrite and _exists_anywhere(out_dir):
     raise UserError(f"{out_dir} already exists")
+  groups = entries(model)
+  files = shard_files(groups, np.dtype(DTYPES[dtype][1]).itemsize, shard_bytes)
+  names = _file_names(len(files))
+  try:
+    _write(model, out_dir, overwrite, dtype, groups, files, names, tokenizer_dir)
+  except OSError as e:  # a full disk, an unwritable directory: one line; atomic_dir left nothing behind
+    raise UserError(f"{out_dir}: the export could not be written ({e.strerror or e})") from None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("hs2p_export_hf_done")
+
+
+def _write(model: nnx.Module, out_dir: str, overwrite: bool, dtype: str, groups: list[list[Entry]],
+           files: list[list[Entry]], names: list[str], tokenizer_dir: str | None) -> None:
+  """Gathers each group (every process) and, on process 0, appends it to its shard in a temporary
+  directory renamed to `out_dir` at the end."""
   code, np_dtype = DTYPES[dtype]
   itemsize = np.dtype(np_dtype).itemsize
-  groups = entries(model)
-  files = shard_files(groups, itemsize, shard_bytes)
-  names = _file_names(len(files))
   file_of = {e.name: i for i, f in enumerate(files) for e in f}
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   gather = gather_fn(model, dtype)
@@ -187,9 +200,6 @@ def export_hf(model: nnx.Module, out_dir: str, tokenizer_dir: str | None = None,
       bias = gather({("head_bias",): bias.get_value()}, np.int32(0))[("head_bias",)]
     if primary:
       _finish(tmp, files, names, itemsize, model, dtype, bias, tokenizer_dir)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("hs2p_export_hf_done")
 
 
 def _finish(tmp: str, files: list[list[Entry]], names: list[str], itemsize: int, model: nnx.Module, dtype: str,
