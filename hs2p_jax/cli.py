@@ -50,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--max-length", type=int, default=1024)
   p.add_argument("--out", help="write the JSON report here")
+  p.add_argument("--scores", help="write each pair's rewards here (JSONL: id, chosen, rejected; pairs format)")
   p.add_argument("--judge", default="reward", choices=["reward", "generative"],
                  help="reward: a reward model scores both responses; generative: an LM checkpoint (the Pairwise "
                       "Justifier) states which is better, in both orders")
@@ -76,12 +77,30 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--out", help="output model checkpoint (import)")
   p.add_argument("--to-hf", help="output Hugging Face directory (export)")
   p.add_argument("--head", default="lm", choices=["lm", "reward"], help="import as causal LM or reward model")
-  p.add_argument("--num-attributes", type=int, default=9)
+  p.add_argument("--num-attributes", type=int, default=None,
+                 help="reward head outputs on import (default: the directory's score head, else 9)")
+  p.add_argument("--reward", metavar="ATTR|ATTR=W,...",
+                 help="export a one-output reward model (num_labels=1): the head folded to this attribute or "
+                      "weighted mix, e.g. helpfulness or helpfulness=0.65,correctness=0.8; its bias goes to "
+                      "config.json (hs2p_reward.bias)")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                  help="export's weights (default: the checkpoint's compute dtype)")
   p.add_argument("--score", nargs=2, metavar=("PROMPT", "RESPONSE"),
                  help="after import, score this prompt/response pair with the model's reward head")
   _add_set(p, "data.template=chat model.dtype=bfloat16")
+
+  p = sub.add_parser("serve", help="a reward model behind HTTP (OpenRLHF /get_reward, vLLM /classify)")
+  p.add_argument("--checkpoint", required=True, help="reward-model checkpoint or run directory")
+  p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+  p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the ready line says which)")
+  p.add_argument("--token", default=None,
+                 help="require 'Authorization: Bearer TOKEN' (default: $HS2P_SERVE_TOKEN, else no token)")
+  p.add_argument("--max-length", type=int, default=1024, help="longest input in tokens (default %(default)s)")
+  p.add_argument("--truncate", action="store_true",
+                 help="cut longer inputs as training does (the prompt's start first) instead of a 400")
+  p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default %(default)s)")
+  p.add_argument("--name", default=None, help="the model's name in the API (default: the checkpoint's)")
+  _add_set(p, "mesh.tensor=2 model.dtype=bfloat16 data.template=chat")
 
   p = sub.add_parser("bench", help="throughput benchmarks (JSON)")
   p.add_argument("what", choices=["rm", "sample", "data"])
@@ -154,6 +173,9 @@ def _dispatch(args) -> int:
   if args.command == "convert":
     from hs2p_jax.commands.convert import convert_command
     return convert_command(args)
+  if args.command == "serve":
+    from hs2p_jax.commands.serve import serve_command
+    return serve_command(args)
   if args.command == "bench":
     from hs2p_jax.commands.bench import bench_command
     return bench_command(args)

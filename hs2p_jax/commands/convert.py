@@ -30,11 +30,19 @@ def convert_command(args) -> int:
              cfg.dist.heartbeat_timeout)
   mesh, rules = make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
   if not args.checkpoint:
+    if args.reward:
+      raise UserError("convert --reward applies to the export (--checkpoint ... --to-hf DIR)")
     return _import(args, cfg, mesh, rules)
   if not args.to_hf:
     raise UserError("convert --checkpoint needs --to-hf DIR")
   model, meta = load_model(args.checkpoint, mesh, rules)
   dtype = args.dtype or meta.config.dtype  # a bfloat16-trained run exports bfloat16
+  reward = None
+  if args.reward:
+    from hs2p_jax.model.reward import reward_weights_from_spec
+    if meta.kind != "reward":
+      raise UserError(f"convert --reward: {args.checkpoint} is a {meta.kind} checkpoint, not a reward model")
+    reward = reward_weights_from_spec(args.reward, meta.num_attributes)
   tok_dir = storage.join(resolve_model_dir(args.checkpoint), "tokenizer")
   if not storage.isdir(tok_dir):
     tok_dir = None
@@ -43,13 +51,16 @@ def convert_command(args) -> int:
   if storage.is_url(args.to_hf):  # Hugging Face's layout is files in a directory: made here, then uploaded
     import jax
     with tempfile.TemporaryDirectory(prefix="hs2p-export-") as tmp:
-      export_hf(model, os.path.join(tmp, "hf"), tokenizer_dir=tok_dir, dtype=dtype)
+      export_hf(model, os.path.join(tmp, "hf"), tokenizer_dir=tok_dir, dtype=dtype, reward=reward)
       if jax.process_index() == 0:
         storage.rmtree(args.to_hf)
         storage.upload_dir(os.path.join(tmp, "hf"), args.to_hf)
   else:
-    export_hf(model, args.to_hf, tokenizer_dir=tok_dir, dtype=dtype)
-  print(json.dumps({"exported": storage.absolute(args.to_hf), "dtype": dtype}))
+    export_hf(model, args.to_hf, tokenizer_dir=tok_dir, dtype=dtype, reward=reward)
+  report = {"exported": storage.absolute(args.to_hf), "dtype": dtype}
+  if reward is not None:
+    report["num_labels"] = 1
+  print(json.dumps(report))
   return 0
 
 
@@ -65,11 +76,11 @@ def _import(args, cfg, mesh, rules) -> int:
     model = load_hf(args.hf, head=args.head, num_attributes=args.num_attributes, mesh=mesh, rules=rules)
     tokenizer = load_tokenizer(args.hf) if _has_tokenizer(args.hf) else None
   else:
-    model = load_gguf(args.gguf, head=args.head, num_attributes=args.num_attributes, mesh=mesh, rules=rules)
+    model = load_gguf(args.gguf, head=args.head, num_attributes=args.num_attributes or 9, mesh=mesh, rules=rules)
     tokenizer = load_tokenizer("gguf:" + args.gguf)
   runtime = cfg.model.fields()
   meta = ModelMeta(kind=args.head, config=model.cfg.replace(**runtime) if runtime else model.cfg,
-                   num_attributes=args.num_attributes, template=cfg.data.template)
+                   num_attributes=getattr(model, "num_attributes", args.num_attributes or 9), template=cfg.data.template)
   save_model(args.out, model, meta, tokenizer, overwrite=True)
   report = {"checkpoint": storage.absolute(args.out), "kind": args.head, "params": int(model.cfg.num_params()),
             "layers": model.cfg.num_layers}

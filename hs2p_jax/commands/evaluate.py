@@ -165,7 +165,18 @@ def rewardbench2_command(args, cfg, mesh, rules) -> int:
   return 0
 
 
+def write_scores(path: str, rewards: np.ndarray, ids: np.ndarray) -> None:
+  """One JSON line a pair, in the data's order: {"id": its index in the data, "chosen", "rejected"}."""
+  from hs2p_jax.atomic import write_text
+  order = np.argsort(ids, kind="stable")
+  write_text(path, "".join(json.dumps({"id": int(ids[i]), "chosen": float(rewards[i, 0]),
+                                       "rejected": float(rewards[i, 1])}) + "\n" for i in order))
+
+
 def eval_command(args) -> int:
+  if args.scores and (args.judge != "reward" or args.format == "rewardbench2"):
+    from hs2p_jax.errors import UserError
+    raise UserError("eval --scores writes a reward model's pair scores (not with --judge generative or rewardbench2)")
   cfg, mesh, rules = tool_config("eval", args.checkpoint, args.overrides, args.data, args.format, args.max_length)
   if args.judge == "generative":
     return judge_command(args, cfg, mesh, rules)
@@ -182,6 +193,8 @@ def eval_command(args) -> int:
   print(format_table(report), file=sys.stderr)
   if args.out and jax.process_index() == 0:
     write_json(args.out, report)
+  if args.scores and jax.process_index() == 0:
+    write_scores(args.scores, rewards, ids)
   print(json.dumps({k: report[k] for k in ("accuracy", "pairs") if k in report} |
                    ({"sections": report["sections"]} if "sections" in report else {})))
   return 0

@@ -11,11 +11,22 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from hs2p_jax.convert.mapping import HEAD_BIAS_FILE
+from hs2p_jax.convert.mapping import HEAD_BIAS_FILE, REWARD_KEY
 from hs2p_jax.convert.state import ReadStats, TensorSource, fill_model, head_init
 from hs2p_jax.errors import UserError
 from hs2p_jax.model import LlamaForCausalLM, RewardModel, create, from_hf_config
 from hs2p_jax.sharding import DEFAULT_RULES, Rules
+
+
+def _recorded_bias(hf: dict[str, Any], path: str) -> float | None:
+  """The folded head's bias a scalar export recorded in its config.json (hf_export.REWARD_KEY)."""
+  record = hf.get(REWARD_KEY)
+  if record is None:
+    return None
+  try:
+    return float(record["bias"])
+  except (KeyError, TypeError, ValueError):
+    raise UserError(f"{path}/config.json: {REWARD_KEY} has no numeric 'bias'") from None
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -90,12 +101,13 @@ def safetensors_source(path: str, stats: ReadStats | None = None) -> TensorSourc
   return out
 
 
-def load_hf(path: str, *, head: str = "lm", num_attributes: int = 9, dtype: str = "float32",
+def load_hf(path: str, *, head: str = "lm", num_attributes: int | None = None, dtype: str = "float32",
             mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, seed: int = 0, stats: ReadStats | None = None,
             **config_overrides: Any) -> LlamaForCausalLM | RewardModel:
   """A Hugging Face Llama directory -> `LlamaForCausalLM` (head="lm") or `RewardModel` (head="reward").
 
-  A reward model reads the directory's `score` head when it has one of `num_attributes` outputs,
+  A reward model reads the directory's `score` head (its outputs: `num_attributes`, default the
+  head's, or 9 without one) and its bias (a scalar export's from config.json, else the side file),
   else starts a fresh head (normal(0.02) kernel, zero bias, seeded). `dtype` is the compute dtype;
   parameters are float32. With `mesh`, every parameter is placed sharded by `rules`, and each
   process reads from the files only the regions its devices hold (`stats` counts the bytes).
@@ -111,9 +123,14 @@ def load_hf(path: str, *, head: str = "lm", num_attributes: int = 9, dtype: str 
   if head == "reward":
     if "score.weight" in source:
       shape = source["score.weight"].shape
+      if num_attributes is None:
+        num_attributes = shape[0]
       if shape[0] != num_attributes:
         raise UserError(f"{path}: score.weight has {shape[0]} outputs, num_attributes={num_attributes}")
-    init_missing = {("head_kernel",): head_init(seed), ("head_bias",): np.zeros}
+    bias = _recorded_bias(hf, path)
+    init_missing = {("head_kernel",): head_init(seed),
+                    ("head_bias",): (lambda shape: np.full(shape, bias, np.float32)) if bias is not None else np.zeros}
+  num_attributes = num_attributes or 9
   kind = "lm" if head == "lm" else "reward"
   return fill_model(lambda: create(kind, cfg, num_attributes, seed), cfg, source, path,
                     init_missing=init_missing, mesh=mesh, rules=rules)

@@ -28,10 +28,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hs2p_jax.atomic import atomic_dir, write_json
-from hs2p_jax.convert.mapping import (GLOBAL_TENSORS, HEAD_BIAS_FILE, LAYER_PREFIX, LAYER_TENSORS, STACK_ROOT, Path,
-                                      hf_shape)
+from hs2p_jax.convert.mapping import (GLOBAL_TENSORS, HEAD_BIAS_FILE, LAYER_PREFIX, LAYER_TENSORS, REWARD_KEY,
+                                      STACK_ROOT, Path, hf_shape)
 from hs2p_jax.errors import UserError
 from hs2p_jax.model import RewardModel, to_hf_config
+from hs2p_jax.model.reward import ATTRIBUTES, scalar_head
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
@@ -124,37 +125,51 @@ def _exists_anywhere(path: str) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(here)))
 
 
-def hf_config(model: nnx.Module, dtype: str) -> dict[str, Any]:
+def hf_config(model: nnx.Module, dtype: str, reward: dict[str, Any] | None = None) -> dict[str, Any]:
   """The `config.json` of the export: LlamaForCausalLM, or LlamaForSequenceClassification with
-  `num_labels` = the reward model's outputs."""
+  `num_labels` = the reward model's outputs; `reward` (a scalar export: its weights and the folded
+  head's bias) is recorded under `REWARD_KEY`."""
   cfg = model.cfg
   if not isinstance(model, RewardModel):
     return to_hf_config(cfg, "LlamaForCausalLM", torch_dtype=dtype)
   n = model.num_attributes
-  extra = {"num_labels": n, "id2label": {str(i): f"LABEL_{i}" for i in range(n)},
-           "label2id": {f"LABEL_{i}": i for i in range(n)}, "torch_dtype": dtype}
+  labels = ["reward"] if reward is not None else [f"LABEL_{i}" for i in range(n)]
+  extra = {"num_labels": n, "id2label": {str(i): name for i, name in enumerate(labels)},
+           "label2id": {name: i for i, name in enumerate(labels)}, "torch_dtype": dtype}
+  if reward is not None:
+    extra[REWARD_KEY] = reward
   if cfg.pad_token_id is None:
     extra["pad_token_id"] = cfg.eos_ids[0] if cfg.eos_ids else 0
   return to_hf_config(cfg, "LlamaForSequenceClassification", **extra)
 
 
 def export_hf(model: nnx.Module, out_dir: str, tokenizer_dir: str | None = None, overwrite: bool = False,
-              dtype: str = "float32", shard_bytes: int = SHARD_BYTES) -> None:
+              dtype: str = "float32", shard_bytes: int = SHARD_BYTES, reward: np.ndarray | None = None) -> None:
   """Writes `model` as a Hugging Face directory with `dtype` weights, atomically (module docstring).
 
   Every process calls it. A causal LM becomes `LlamaForCausalLM`; a reward model
-  `LlamaForSequenceClassification`, whose head has no bias: the bias goes to a side file
-  (`hs2p_reward_head.safetensors`) that `load_hf` reads back and transformers ignores.
+  `LlamaForSequenceClassification`, whose head has no bias. With `reward` ([A] weights), the head is
+  folded to one output (`num_labels=1`, the one-score reward model TRL, OpenRLHF and verl load)
+  and its bias recorded in config.json (`REWARD_KEY`); without, all A outputs are written and the
+  bias goes to a side file (`hs2p_reward_head.safetensors`) that transformers ignores. `load_hf`
+  reads either bias back.
   """
   if dtype not in DTYPES:
     raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+  if reward is not None and not isinstance(model, RewardModel):
+    raise UserError("a scalar reward export (--reward) needs a reward model; this checkpoint is a causal LM")
   if not overwrite and _exists_anywhere(out_dir):
     raise UserError(f"{out_dir} already exists")
+  record = None
+  if reward is not None:
+    names = ATTRIBUTES if model.num_attributes == len(ATTRIBUTES) else [str(i) for i in range(model.num_attributes)]
+    record = {"weights": {n: float(w) for n, w in zip(names, reward) if w != 0}}
+    model = scalar_head(model, reward)
   groups = entries(model)
   files = shard_files(groups, np.dtype(DTYPES[dtype][1]).itemsize, shard_bytes)
   names = _file_names(len(files))
   try:
-    _write(model, out_dir, overwrite, dtype, groups, files, names, tokenizer_dir)
+    _write(model, out_dir, overwrite, dtype, groups, files, names, tokenizer_dir, record)
   except OSError as e:  # a full disk, an unwritable directory: one line; atomic_dir left nothing behind
     raise UserError(f"{out_dir}: the export could not be written ({e.strerror or e})") from None
   if jax.process_count() > 1:
@@ -163,7 +178,8 @@ def export_hf(model: nnx.Module, out_dir: str, tokenizer_dir: str | None = None,
 
 
 def _write(model: nnx.Module, out_dir: str, overwrite: bool, dtype: str, groups: list[list[Entry]],
-           files: list[list[Entry]], names: list[str], tokenizer_dir: str | None) -> None:
+           files: list[list[Entry]], names: list[str], tokenizer_dir: str | None,
+           record: dict[str, Any] | None) -> None:
   """Gathers each group (every process) and, on process 0, appends it to its shard in a temporary
   directory renamed to `out_dir` at the end."""
   code, np_dtype = DTYPES[dtype]
@@ -199,22 +215,25 @@ def _write(model: nnx.Module, out_dir: str, overwrite: bool, dtype: str, groups:
     if bias is not None:  # small: replicated
       bias = gather({("head_bias",): bias.get_value()}, np.int32(0))[("head_bias",)]
     if primary:
-      _finish(tmp, files, names, itemsize, model, dtype, bias, tokenizer_dir)
+      _finish(tmp, files, names, itemsize, model, dtype, bias, tokenizer_dir, record)
 
 
 def _finish(tmp: str, files: list[list[Entry]], names: list[str], itemsize: int, model: nnx.Module, dtype: str,
-            bias: jax.Array | None, tokenizer_dir: str | None) -> None:
-  """The index (several shards), the head bias's side file, config.json and the tokenizer."""
+            bias: jax.Array | None, tokenizer_dir: str | None, record: dict[str, Any] | None) -> None:
+  """The index (several shards), the head's bias (config.json of a scalar export, else a side file),
+  config.json and the tokenizer."""
   if len(files) > 1:
     total = sum(int(np.prod(e.shape)) * itemsize for f in files for e in f)
     write_json(os.path.join(tmp, "model.safetensors.index.json"),
                {"metadata": {"total_size": total}, "weight_map": {e.name: names[i] for i, f in enumerate(files)
                                                                   for e in f}})
-  if bias is not None:
+  if record is not None:
+    record = {**record, "bias": float(np.asarray(bias.addressable_data(0))[0])}
+  elif bias is not None:
     from safetensors.numpy import save_file
     save_file({"score.bias": np.asarray(bias.addressable_data(0)).astype(DTYPES[dtype][1])},
               os.path.join(tmp, HEAD_BIAS_FILE))
-  write_json(os.path.join(tmp, "config.json"), hf_config(model, dtype))
+  write_json(os.path.join(tmp, "config.json"), hf_config(model, dtype, record))
   if tokenizer_dir:
     for name in TOKENIZER_FILES:
       src = os.path.join(tokenizer_dir, name)

@@ -107,6 +107,9 @@ GLOBAL_TENSORS: tuple[tuple[Path, str, Transform, Transform], ...] = (
 LAYER_PREFIX = "model.layers.{}."
 # LlamaForSequenceClassification's head has no bias: ours goes to this side file, which transformers ignores
 HEAD_BIAS_FILE = "hs2p_reward_head.safetensors"
+# config.json key of a one-output (scalar) export: {"weights": {attribute: w}, "bias": b}. The head's
+# bias is folded out: transformers' score + b is hs2p's reward.
+REWARD_KEY = "hs2p_reward"
 STACK_ROOT: Path = ("model", "layers")
 
 

@@ -104,3 +104,46 @@ def _render_chat(tokenizer: Any, prompt: str, response: Optional[str]) -> Pieces
     return Pieces(text[:p0], text[p0:p1], text[p1:], "", "")
   r0, r1 = spans[-1]
   return Pieces(text[:p0], text[p0:p1], text[p1:r0], text[r0:r1], text[r1:])
+
+
+
+class Frame(NamedTuple):
+  """What a single-turn rendering puts around the prompt and the response (a multi-turn prompt's
+  inner turns are part of its prompt); `strip`: whitespace at the edges of the texts is the frame's."""
+
+  head: str
+  mid: str
+  tail: str
+  strip: bool
+
+
+def template_frame(template: str, tokenizer: Any = None) -> Frame:
+  """`template`'s frame (the chat template's, rendered around placeholder texts)."""
+  if template == "steerlm":
+    return Frame(STEERLM_HEAD, ASSISTANT_MARK, STEERLM_TAIL, False)
+  p = render(template, "\x00PROMPT\x00", "\x00RESPONSE\x00", tokenizer)
+  return Frame(p.head, p.mid, p.tail, True)
+
+
+def split_rendered(text: str, frame: Frame) -> Optional[Pieces]:
+  """A rendered prompt + response -> the pieces `render` made of it; None if `text` is not in `frame`."""
+  head, mid, tail, strip = frame
+  if not (text.startswith(head) and text.endswith(tail)) or len(text) < len(head) + len(tail):
+    return None
+  body = text[len(head):len(text) - len(tail)]
+  cut = body.rfind(mid)
+  if cut < 0:
+    return None
+  prompt, response = body[:cut], body[cut + len(mid):]
+  (p0, p1), (r0, r1) = (_edges(prompt), _edges(response)) if strip else ((0, len(prompt)), (0, len(response)))
+  return Pieces(head + prompt[:p0], prompt[p0:p1], prompt[p1:] + mid + response[:r0], response[r0:r1],
+                response[r1:] + tail)
+
+
+def _edges(content: str) -> tuple[int, int]:
+  """The span of `content` that `render` finds as the text (stripped, unless that leaves nothing)."""
+  stripped = content.strip()
+  if not stripped:
+    return 0, len(content)
+  start = content.find(stripped)
+  return start, start + len(stripped)

@@ -93,3 +93,36 @@ class RewardModel(nnx.Module):
 def scalar_reward(outputs: jax.Array, weights: jax.Array) -> jax.Array:
   """[B, A] head outputs, [A] weights -> [B] scalar rewards."""
   return outputs @ jnp.asarray(weights, outputs.dtype)
+
+
+def reward_weights_from_spec(spec: str, num_attributes: int) -> np.ndarray:
+  """[A] weights of a `--reward` spec: an attribute or weighting name (`attribute_weights`), or
+  `ATTR=W,...` (attributes by name or index, the rest 0)."""
+  if "=" not in spec:
+    return attribute_weights(spec, num_attributes)
+  names = ATTRIBUTES if num_attributes == len(ATTRIBUTES) else tuple(str(i) for i in range(num_attributes))
+  w = np.zeros(num_attributes, np.float32)
+  for item in spec.split(","):
+    key, _, value = item.partition("=")
+    key = key.strip()
+    index = names.index(key) if key in names else int(key) if key.isdigit() else -1
+    if not 0 <= index < num_attributes:
+      raise UserError(f"reward {spec!r}: {key!r} is not one of the head's outputs ({', '.join(names)})")
+    try:
+      w[index] = float(value)
+    except ValueError:
+      raise UserError(f"reward {spec!r}: {item!r} is not ATTR=WEIGHT") from None
+  return w
+
+
+def scalar_head(model: RewardModel, weights: np.ndarray) -> RewardModel:
+  """`model` with its head folded to one output, `weights @ outputs`: kernel [D, A] @ w -> [D, 1],
+  bias . w -> [1]. The backbone is shared, not copied."""
+  w = jnp.asarray(weights, jnp.float32)
+  if w.shape != (model.num_attributes,):
+    raise UserError(f"reward weights: {w.shape[0]} weights for a head with {model.num_attributes} outputs")
+  out = nnx.eval_shape(lambda: RewardModel(model.cfg, 1, rngs=nnx.Rngs(0)))
+  out.model = model.model
+  out.head_kernel = nnx.Param(model.head_kernel[...] @ w[:, None], axes=("embed", "attributes"))
+  out.head_bias = nnx.Param((model.head_bias[...] @ w)[None], axes=("attributes",))
+  return out

@@ -66,16 +66,16 @@ class RewardScorer:
     return cls(graphdef, params, meta, load_checkpoint_tokenizer(checkpoint), mesh, rules, **kwargs)
 
   def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-    seqs = self._encode(prompts, responses)
-    rows = self._rows()
+    seqs = self.encode(prompts, responses)
+    rows = self.rows
     return self._score([seqs[i:i + rows] for i in range(0, len(seqs), rows)])
 
   def score_groups(self, prompts: Sequence[str], completions: Sequence[Sequence[str]]) -> list[np.ndarray]:
     """[len(completions[i])] rewards of each prompt's completions, all of a prompt's in one batch:
     a batch takes whole groups up to `batch_size` rows; a larger group is a batch of its own."""
     flat_p = [p for p, cs in zip(prompts, completions) for _ in cs]
-    seqs = self._encode(flat_p, [c for cs in completions for c in cs])
-    chunks, start, rows = [], 0, self._rows()
+    seqs = self.encode(flat_p, [c for cs in completions for c in cs])
+    chunks, start, rows = [], 0, self.rows
     for cs in completions:
       if chunks and chunks[-1][1] + len(cs) <= rows:
         chunks[-1][1] += len(cs)
@@ -86,10 +86,13 @@ class RewardScorer:
     bounds = np.cumsum([0] + [len(cs) for cs in completions])
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
-  def _rows(self) -> int:
+  @property
+  def rows(self) -> int:
+    """Sequences per forward pass: `batch_size` rounded up to split over the mesh's batch axes."""
     return round_up(self.batch_size, batch_split(self.mesh, self.rules))  # rows that split over the batch axes
 
-  def _encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[np.ndarray]:
+  def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[np.ndarray]:
+    """Token sequences of (prompt, response) pairs rendered in the model's template, cut to `max_length`."""
     zeros = np.zeros(NUM_LABELS, np.float32)
     examples = [RatingExample(p, r, zeros, zeros.astype(bool), f"rollout {i}")
                 for i, (p, r) in enumerate(zip(prompts, responses))]
@@ -97,18 +100,19 @@ class RewardScorer:
     return [s[0] for s in enc.seqs]
 
   def _score(self, chunks: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
-    """Rewards of the sequences of `chunks`, one forward pass a chunk (padded to a multiple of the
-    batch rows: few compiled shapes), concatenated."""
-    pad_id = self.tokenizer.pad_token_id or 0
-    out = []
-    for chunk in chunks:
-      n = len(chunk)
-      chunk = list(chunk) + [chunk[-1]] * (round_up(n, self._rows()) - n)  # fixed shapes: one compile per bucket
-      t = bucket_length(max(len(s) for s in chunk), 32, self.max_length, "pow2")
-      ids, seg = pad_right(chunk, t, pad_id)
-      batch = {"input_ids": ids, "segment_ids": seg, "score_row": np.arange(len(chunk), dtype=np.int32),
-               "score_index": np.asarray([len(s) - 1 for s in chunk], np.int32)}
-      with use_mesh(self.mesh, self.rules):
-        outputs = np.asarray(self._eval(self.params, put_batch(batch, self.mesh, self.rules)))
-      out.append((outputs @ self.weights)[:n])
+    """Rewards of the sequences of `chunks`, one forward pass a chunk, concatenated."""
+    out = [self.forward(chunk, bucket_length(max(len(s) for s in chunk), 32, self.max_length, "pow2"))
+           for chunk in chunks]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+  def forward(self, seqs: Sequence[np.ndarray], length: int) -> np.ndarray:
+    """[n] rewards of n sequences of at most `length` tokens, one forward pass on a batch of
+    [n rounded up to a multiple of the batch rows, length] (fixed shapes: one compile per length)."""
+    n = len(seqs)
+    seqs = list(seqs) + [seqs[-1]] * (round_up(n, self.rows) - n)
+    ids, seg = pad_right(seqs, length, self.tokenizer.pad_token_id or 0)
+    batch = {"input_ids": ids, "segment_ids": seg, "score_row": np.arange(len(seqs), dtype=np.int32),
+             "score_index": np.asarray([len(s) - 1 for s in seqs], np.int32)}
+    with use_mesh(self.mesh, self.rules):
+      outputs = np.asarray(self._eval(self.params, put_batch(batch, self.mesh, self.rules)))
+    return (outputs @ self.weights)[:n]

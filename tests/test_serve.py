@@ -1,0 +1,268 @@
+"""`hs2p serve` as a real process, called over HTTP by a real client (httpx): OpenRLHF's `/get_reward`,
+vLLM's `/classify`, the scores `hs2p eval` gives, batching without compiling, 4xx errors, the bearer
+token, SIGTERM draining, and two processes scoring what one does."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import requires_smollm2, write_jsonl
+
+TOKEN = "s3cret"
+MAX_LENGTH = 512
+
+
+def _checkpoint(path: str) -> str:
+  """A 2-layer reward model (9 outputs, a non-zero head bias) in the chat template, byte tokenizer."""
+  from hs2p_jax.checkpoint import ModelMeta, save_model
+  from hs2p_jax.model import create, preset
+  from hs2p_jax.tokenizer import byte_tokenizer
+  cfg = preset("tiny", num_layers=2, dtype="float32")
+  rm = create("reward", cfg, 9, seed=1)
+  rm.head_bias[...] = np.linspace(-1, 1, 9).astype(np.float32)
+  save_model(path, rm, ModelMeta(kind="reward", config=cfg, num_attributes=9, template="chat",
+                                 reward_weights="nemotron-4-340b"), byte_tokenizer())
+  return path
+
+
+def _pairs(n: int = 12) -> list[dict]:
+  rng = np.random.default_rng(0)
+  out = []
+  for i in range(n):
+    prompt = f"Question {i}: " + "why " * int(rng.integers(1, 30)) + "?"
+    if i % 4 == 3:  # a multi-turn prompt in the HelpSteer2 convention
+      prompt += "\n<extra_id_1>Assistant\nBecause.\n<extra_id_1>User\nAnd then?"
+    out.append({"prompt": prompt, "chosen": " Answer " * int(rng.integers(1, 20)) + f"{i} ",
+                "rejected": f"No {i}." * int(rng.integers(1, 10))})
+  return out
+
+
+class Server:
+  """An `hs2p serve` process on a free port; `url` once it says it listens."""
+
+  def __init__(self, args: list[str], env: dict | None = None, processes: int = 1):
+    from test_multiprocess import free_port
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    cmd = [sys.executable, "-m", "hs2p_jax", "serve", "--port", "0", *args]
+    if processes > 1:
+      port = free_port()
+      cmds = [cmd + ["--set", f"dist.coordinator=127.0.0.1:{port}", f"dist.num_processes={processes}",
+                     f"dist.process_id={i}"] for i in range(processes)]
+    else:
+      cmds = [cmd]
+    self.procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for c in cmds]
+    while True:  # the ready line, after loading and compiling (gloo writes its own lines to stdout)
+      line = self.procs[0].stdout.readline()
+      if not line:
+        raise AssertionError(self.procs[0].stderr.read()[-3000:])
+      if line.startswith("{"):
+        break
+    self.ready = json.loads(line)
+    self.url = self.ready["listening"]
+
+  def stop(self) -> list[tuple[int, str]]:
+    self.procs[0].send_signal(signal.SIGTERM)
+    return [(p.wait(timeout=120), p.stderr.read()) for p in self.procs]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+  """(server, checkpoint, pairs, hs2p eval's scores of them)."""
+  tmp = tmp_path_factory.mktemp("serve")
+  ckpt = _checkpoint(str(tmp / "rm"))
+  pairs = _pairs()
+  data = write_jsonl(tmp / "pairs.jsonl", pairs)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  subprocess.run([sys.executable, "-m", "hs2p_jax", "eval", "--checkpoint", ckpt, "--data", data, "--format", "pairs",
+                  "--max-length", str(MAX_LENGTH), "--scores", str(tmp / "scores.jsonl")], env=env, check=True,
+                 capture_output=True)
+  scores = [json.loads(line) for line in (tmp / "scores.jsonl").read_text().splitlines()]
+  server = Server(["--checkpoint", ckpt, "--max-length", str(MAX_LENGTH), "--batch-size", "4"],
+                  env={"HS2P_SERVE_TOKEN": TOKEN})
+  yield server, ckpt, pairs, scores
+  if server.procs[0].poll() is None:
+    server.stop()
+
+
+def _texts(ckpt: str, pairs: list[dict]) -> tuple[list[str], list[str]]:
+  """Each pair's chosen and rejected conversations rendered in the checkpoint's template, as a client sends them."""
+  from hs2p_jax.checkpoint import load_checkpoint_tokenizer
+  from hs2p_jax.data.templates import render
+  tok = load_checkpoint_tokenizer(ckpt)
+  return ([render("chat", p["prompt"], p["chosen"], tok).text for p in pairs],
+          [render("chat", p["prompt"], p["rejected"], tok).text for p in pairs])
+
+
+def _auth() -> dict:
+  return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_get_reward_and_classify_score_what_hs2p_eval_scores(served):
+  import httpx
+  server, ckpt, pairs, scores = served
+  chosen, rejected = _texts(ckpt, pairs)
+  want = np.asarray([[s["chosen"], s["rejected"]] for s in scores])
+  with httpx.Client(base_url=server.url, headers=_auth(), timeout=60) as client:
+    r = client.post("/get_reward", json={"query": chosen + rejected, "prompts": [p["prompt"] for p in pairs] * 2,
+                                         "labels": [""] * (2 * len(pairs))})  # OpenRLHF's request
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["rewards"] == body["scores"]
+    got = np.asarray(body["rewards"]).reshape(2, -1).T
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    for route in ("/classify", "/v1/classify"):  # vLLM's request: one text or a list
+      r = client.post(route, json={"model": server.ready["model"], "input": rejected})
+      assert r.status_code == 200, r.text
+      data = r.json()["data"]
+      assert [d["index"] for d in data] == list(range(len(pairs))) and all(d["num_classes"] == 1 for d in data)
+      np.testing.assert_allclose([d["probs"][0] for d in data], want[:, 1], atol=1e-5)
+      assert r.json()["usage"]["prompt_tokens"] > 0
+    r = client.post("/classify", json={"input": chosen[0]})
+    assert r.json()["data"][0]["probs"][0] == pytest.approx(want[0, 0], abs=1e-5)
+    r = client.post("/score", json={"prompts": [p["prompt"] for p in pairs], "responses": [p["chosen"] for p in pairs]})
+    np.testing.assert_allclose(r.json()["rewards"], want[:, 0], atol=1e-5)  # hs2p's own route renders itself
+    models = client.get("/v1/models").json()["data"][0]
+    assert models["id"] == server.ready["model"] and models["max_model_len"] == MAX_LENGTH
+
+
+def test_concurrent_requests_are_batched_without_compiling(served):
+  import httpx
+  server, ckpt, pairs, scores = served
+  chosen, rejected = _texts(ckpt, pairs)
+  texts = chosen + rejected
+  want = {t: s for t, s in zip(texts, [s["chosen"] for s in scores] + [s["rejected"] for s in scores])}
+  rng = np.random.default_rng(1)
+  requests = [[texts[j] for j in rng.choice(len(texts), size=int(rng.integers(1, 6)))] for _ in range(64)]
+  with httpx.Client(base_url=server.url, headers=_auth(), timeout=120,
+                    limits=httpx.Limits(max_connections=64)) as client:
+    before = client.get("/health").json()
+
+    def call(query):
+      return client.post("/get_reward", json={"query": query})
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+      answers = list(pool.map(call, requests))
+    after = client.get("/health").json()
+  for query, r in zip(requests, answers):
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["rewards"], [want[t] for t in query], atol=1e-5)
+  assert after["compilations"] == before["compilations"]  # every batch shape was compiled at start-up
+  inputs = sum(len(q) for q in requests)
+  assert after["batches"] - before["batches"] < inputs  # requests shared forward passes
+
+
+@pytest.mark.parametrize("method,route,body,status,says", [
+    ("POST", "/get_reward", b'{"query": ["a"', 400, "not valid JSON"),
+    ("POST", "/get_reward", b'{"query": "a"}', 400, "query: Input should be a valid list"),
+    ("POST", "/get_reward", b'{"query": []}', 400, "query: List should have at least 1 item"),
+    ("POST", "/get_reward", b'{"query": [1, 2]}', 400, "query.0: Input should be a valid string"),
+    ("POST", "/get_reward", b'{"query": ["a", "b"], "prompts": ["a"]}', 400, "1 prompts for 2 queries"),
+    ("POST", "/get_reward", b'{"query": [""]}', 400, "input 0 is empty"),
+    ("POST", "/get_reward", json.dumps({"query": ["ok", "x" * 600]}).encode(), 400, "input 1 has 600 tokens"),
+    ("POST", "/classify", b'{"input": []}', 400, "input: an empty list"),
+    ("POST", "/classify", b'{"input": 7}', 400, "input: expected a string or a list of strings"),
+    ("POST", "/v1/classify", b'{"model": "gpt-9", "input": "a"}', 404, "'gpt-9' does not exist"),
+    ("POST", "/score", b'{"prompts": ["a"], "responses": []}', 400, "responses: List should have at least 1"),
+    ("POST", "/nowhere", b'{}', 404, "no route POST /nowhere"),
+    ("GET", "/get_reward", b'', 405, "Method Not Allowed"),
+])
+def test_malformed_requests_get_a_4xx_and_the_server_keeps_serving(served, method, route, body, status, says):
+  import httpx
+  server = served[0]
+  with httpx.Client(base_url=server.url, headers=_auth(), timeout=60) as client:
+    r = client.request(method, route, content=body)
+    assert r.status_code == status and says in r.json()["message"], r.text
+    assert r.json()["code"] == status
+    ok = client.post("/get_reward", json={"query": ["still here"]})
+    assert ok.status_code == 200 and len(ok.json()["rewards"]) == 1
+
+
+def test_the_token_is_required(served):
+  import httpx
+  server = served[0]
+  with httpx.Client(base_url=server.url, timeout=60) as client:
+    assert client.get("/health").status_code == 200  # health checks need no token
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+      r = client.post("/get_reward", json={"query": ["a"]}, headers=headers)
+      assert r.status_code == 401 and "Bearer" in r.json()["message"]
+    assert client.get("/v1/models").status_code == 401
+    assert client.post("/get_reward", json={"query": ["a"]}, headers=_auth()).status_code == 200
+
+
+def test_sigterm_answers_the_requests_in_flight_then_exits_0(served):
+  """Last in this file: it stops the module's server."""
+  import httpx
+  server = served[0]
+  texts = [f"{i} " + "long input " * 20 for i in range(600)]
+  with httpx.Client(base_url=server.url, headers=_auth(), timeout=300) as client:
+    start = client.get("/health").json()["batches"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      pending = pool.submit(client.post, "/get_reward", json={"query": texts})
+      deadline = time.time() + 120
+      while client.get("/health").json()["batches"] == start and time.time() < deadline:
+        time.sleep(0.01)  # scoring has begun: the request is in flight
+      server.procs[0].send_signal(signal.SIGTERM)
+      r = pending.result(timeout=300)
+  assert r.status_code == 200 and len(r.json()["rewards"]) == len(texts)
+  code = server.procs[0].wait(timeout=120)
+  err = server.procs[0].stderr.read()
+  assert code == 0, err[-2000:]
+  assert "stopped after" in err
+
+
+@requires_smollm2
+def test_texts_are_tokenized_as_training_tokenized_the_example():
+  """Whatever the tokenizer's merges across piece boundaries, a rendered text is split back into the
+  template's pieces: the tokens equal `data.encode`'s for the same example, both templates."""
+  from hs2p_jax.data.encode import encode
+  from hs2p_jax.data.examples import RatingExample
+  from hs2p_jax.data.templates import render
+  from hs2p_jax.serve.texts import BadText, TextEncoder
+  from hs2p_jax.tokenizer import load_tokenizer
+  tok = load_tokenizer("gguf:smollm2")
+  examples = [("What is 2+2?", "4."), ("  Leading and trailing spaces.  ", "\n\nAn answer.\n"),
+              ("First?\n<extra_id_1>Assistant\nYes.\n<extra_id_1>User\nSecond?", "Two."),
+              ("Tell me something long.", "word " * 300)]
+  zeros = np.zeros(9, np.float32)
+  for template in ("steerlm", "chat"):
+    for max_length, truncate in ((4096, False), (96, True)):
+      enc = encode([RatingExample(p, r, zeros, zeros.astype(bool), "t") for p, r in examples], tok, template,
+                   max_length)
+      texts = [render(template, p, r, tok).text for p, r in examples]
+      got = TextEncoder(tok, template, max_length, truncate=truncate)(texts)
+      for g, want in zip(got, enc.seqs):
+        np.testing.assert_array_equal(g, want[0])
+  whole = "plain text, not in any template"
+  assert TextEncoder(tok, "chat", 64)([whole])[0].tolist() == tok(whole, add_special_tokens=False)["input_ids"]
+  with pytest.raises(BadText, match="input 0 has"):
+    TextEncoder(tok, "chat", 96)([render("chat", "q", "word " * 300, tok).text])
+
+
+@pytest.mark.slow
+def test_two_processes_serve_what_one_does(served, tmp_path):
+  """Process 0 listens, both compute each batch: the same rewards; SIGTERM to process 0 ends both with 0."""
+  import httpx
+  _, ckpt, pairs, scores = served
+  chosen, _ = _texts(ckpt, pairs)
+  server = Server(["--checkpoint", ckpt, "--max-length", str(MAX_LENGTH), "--set", "mesh.data=-1"],
+                  env={"JAX_NUM_CPU_DEVICES": "1"}, processes=2)
+  try:
+    assert server.ready["processes"] == 2
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+      with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda q: client.post("/get_reward", json={"query": q}),
+                                [chosen[i::4] for i in range(4)]))
+  finally:
+    ends = server.stop()
+  for i, r in enumerate(answers):
+    np.testing.assert_allclose(r.json()["rewards"], [s["chosen"] for s in scores][i::4], atol=1e-5)
+  assert [code for code, _ in ends] == [0, 0], [err[-2000:] for _, err in ends]
