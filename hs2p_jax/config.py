@@ -138,6 +138,8 @@ class ReinforceConfig(OptimizerConfig):
   rollout_dtype: str = "auto"          # the copy's dtype (auto: policy.dtype, the compute dtype)
   frozen_dtype: str = "auto"           # the reference's and reward model's matrices (auto: policy.dtype)
   reward_scale: float = 1.0
+  reward_timeout: float = 120.0        # served reward model (reward_model: http://...): seconds a request may take
+  reward_retries: int = 5              # ... and tries after the first before the run stops (backoff 1, 2, 4, ... s)
   lr: float = 1e-6
   warmup_steps: int = 0
   seed: int = 0
@@ -153,7 +155,8 @@ class ReinforceRunConfig:
   """`hs2p reinforce` configuration: a policy (its reference is a frozen copy) and a reward model."""
 
   policy: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(kind="lm"))
-  reward_model: Optional[str] = None   # model checkpoint (kind reward); its own tokenizer and template
+  reward_model: Optional[str] = None   # model checkpoint (kind reward; its own tokenizer and template), or the
+                                       # URL of an `hs2p serve` of one (http://HOST:PORT; token: $HS2P_SERVE_TOKEN)
   data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(format="prompts", template="chat",
                                                                          buckets="pow2"))
   reinforce: ReinforceConfig = dataclasses.field(default_factory=ReinforceConfig)

@@ -265,6 +265,18 @@ def test_cli_plans_a_reinforce_step_phase_by_phase():
   assert "per device and phase" in proc.stderr and r["verdict"]["fits"]
 
 
+def test_a_served_reward_model_is_not_in_the_reinforce_plan():
+  """`reward_model: http://...`: the run holds no reward model, and neither does its plan."""
+  proc = _run_plan(["--config", os.path.join(REPO, "configs/quickstart/reinforce.yaml"), "--devices", "2",
+                    "--chip", "h100", "--set", "mesh.data=2", "reward_model=http://rm-host:8000"])
+  assert proc.returncode == 0, proc.stderr
+  r = json.loads(proc.stdout)
+  assert r["model"]["reward_model"] == "served at http://rm-host:8000 (not on these devices)"
+  assert r["model"]["params"]["reward_model"] == 0 and "reward_model" not in r["analytic"]["resident"]
+  assert r["compiled"]["status"] == "ok" and "score" not in r["compiled"]["phases"]
+  assert r["analytic"]["model_flops"]["score"] == 0
+
+
 def test_cli_plans_a_dpo_step():
   """The quickstart DPO step compiled on 2 CPU devices; model FLOPs by hand."""
   proc = _run_plan(["--config", os.path.join(REPO, "configs/quickstart/dpo.yaml"), "--devices", "2",

@@ -198,6 +198,44 @@ def test_the_token_is_required(served):
     assert client.post("/get_reward", json={"query": ["a"]}, headers=_auth()).status_code == 200
 
 
+def _reinforce_rewards(tmp_path, reward_model: str, name: str) -> list[float]:
+  from hs2p_jax import config as config_lib
+  from hs2p_jax.train.reinforce_trainer import trainer
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join('{"prompt": "Say something %d"}\n' % i for i in range(8)))
+  sets = {"policy.preset": "tiny", "policy.num_layers": 1, "policy.tokenizer": "bytes", "data.train": str(prompts),
+          "data.format": "prompts", "data.template": "chat", "data.max_length": 64, "data.pad_multiple": 16,
+          "reinforce.prompts_per_step": 4, "reinforce.samples_per_prompt": 4, "reinforce.max_new_tokens": 8,
+          "reinforce.steps": 3, "reinforce.lr": 3e-3, "reinforce.save_every": 1000, "mesh.data": 1,
+          "reinforce.stop_strings": "[]", "reward_model": reward_model, "reinforce.frozen_dtype": "float32"}
+  cfg = config_lib.load(config_lib.ReinforceRunConfig, None, [f"{k}={v}" for k, v in sets.items()])
+  trainer(cfg, str(tmp_path / name)).run()
+  return [json.loads(line)["reward"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reinforce_against_the_served_reward_model_logs_the_in_process_rewards(served, tmp_path, monkeypatch):
+  server, ckpt, _, _ = served
+  monkeypatch.setenv("HS2P_SERVE_TOKEN", TOKEN)  # the client sends the server's token
+  here = _reinforce_rewards(tmp_path, ckpt, "in_process")
+  remote = _reinforce_rewards(tmp_path, server.url, "served")
+  assert len(here) == len(remote) == 3
+  np.testing.assert_allclose(remote, here, rtol=1e-4)
+  assert len(set(here)) > 1  # the policy changed what it is scored on
+
+
+def test_a_reward_server_that_is_not_there_is_one_line(tmp_path):
+  from test_multiprocess import free_port
+
+  from hs2p_jax.errors import UserError
+  from hs2p_jax.serve.client import RemoteScorer, ServerGone
+  url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+  with pytest.raises(UserError, match=f"reward_model={url}: no reward server answers there"):
+    RemoteScorer(url, timeout=5, retries=0).check(72)
+  with pytest.raises(ServerGone, match="did not answer .* after 2 tries; the last checkpoint is intact") as e:
+    RemoteScorer(url, timeout=5, retries=1)(["p"], ["r"])
+  assert e.value.status == 75
+
+
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(served):
   """Last in this file: it stops the module's server."""
   import httpx

@@ -47,6 +47,7 @@ from hs2p_jax.sample import SamplingConfig, generate_from_state
 from hs2p_jax.sharding import MESH_AXES, Rules, batch_split, rules_from, use_mesh
 from hs2p_jax.train import reinforce_trainer as rt
 from hs2p_jax.train.feed import batch_sharding
+from hs2p_jax.serve.client import is_served
 from hs2p_jax.train.model_init import architecture
 from hs2p_jax.train.rm_scorer import score_spec
 
@@ -77,8 +78,10 @@ def shapes(cfg: ReinforceRunConfig) -> Shapes:
 
 
 def phases(cfg: ReinforceRunConfig) -> tuple[str, ...]:
-  """The phases a step of `cfg` runs: `copy` (the policy into the rollout layout) where it has one."""
-  return PHASES if cfg.reinforce.rollout_copy else PHASES[1:]
+  """The phases a step of `cfg` runs: `copy` (the policy into the rollout layout) where it has one;
+  `score` where the reward model is on these devices (not served at a URL)."""
+  out = PHASES if cfg.reinforce.rollout_copy else PHASES[1:]
+  return tuple(p for p in out if p != "score" or not is_served(cfg.reward_model))
 
 
 def resident(ph: rt.Phases) -> dict[str, int]:
@@ -148,7 +151,7 @@ def _decode_step(ph: rt.Phases, s: Shapes):
     return jax.jit(step).lower(params, tok)
 
 
-def compile_phases(cfg: ReinforceRunConfig, policy: LlamaConfig, reward: tuple[LlamaConfig, int], target: Target,
+def compile_phases(cfg: ReinforceRunConfig, policy: LlamaConfig, reward: tuple[LlamaConfig, int] | None, target: Target,
                    mode: str, full: rt.Phases) -> dict[str, Any]:
   """Compiled per-device memory of each phase and FLOPs of the step; status ok / skipped / failed."""
   t0 = time.time()
@@ -157,7 +160,7 @@ def compile_phases(cfg: ReinforceRunConfig, policy: LlamaConfig, reward: tuple[L
     return started
   mesh, compiler = started
   rules, s = rules_from(cfg.mesh.rules), shapes(cfg)
-  depth, rm_depth = policy.num_layers, reward[0].num_layers
+  depth, rm_depth = policy.num_layers, reward[0].num_layers if reward else 0
   layers, flop_layers = comp.depths(depth)
   opts = comp.options(mode)
   print(f"hs2p plan: compiling the REINFORCE phases ({', '.join(phases(cfg))}) at "
@@ -168,7 +171,8 @@ def compile_phases(cfg: ReinforceRunConfig, policy: LlamaConfig, reward: tuple[L
 
   def at(n: int, scan: bool = True, c: ReinforceRunConfig = cfg) -> rt.Phases:
     return rt.blueprint(c, mesh, rules, policy.replace(num_layers=n, scan_layers=scan and policy.scan_layers),
-                        (reward[0].replace(num_layers=n, scan_layers=scan and reward[0].scan_layers), reward[1]),
+                        (reward[0].replace(num_layers=n, scan_layers=scan and reward[0].scan_layers), reward[1])
+                        if reward else None,
                         memory=target.hbm_bytes, chip=target.chip.name if target.chip else None)
 
   res = resident(full)
@@ -198,8 +202,8 @@ def compile_phases(cfg: ReinforceRunConfig, policy: LlamaConfig, reward: tuple[L
           "flops_layers_compiled": flop_layers, "seconds": round(time.time() - t0, 1)}
 
 
-def model_flops(cfg: ReinforceRunConfig, policy_cfg: LlamaConfig, rm_cfg: LlamaConfig, prefill_rows: int) -> dict:
-  """Model FLOPs of one REINFORCE step, by phase (module docstring)."""
+def model_flops(cfg: ReinforceRunConfig, policy_cfg: LlamaConfig, rm_cfg: LlamaConfig | None, prefill_rows: int) -> dict:
+  """Model FLOPs of one REINFORCE step, by phase (module docstring); `rm_cfg` None: served elsewhere."""
   s = shapes(cfg)
   t = s.prompt_len + s.new_tokens
   if cfg.reinforce.share_prompt:  # one row [prompt | sample 1 | ... | sample k] per prompt
@@ -210,7 +214,7 @@ def model_flops(cfg: ReinforceRunConfig, policy_cfg: LlamaConfig, rm_cfg: LlamaC
   out = {"copy": 0, "generate": forward_flops(policy_cfg, prefill_rows, s.prompt_len, head_tokens=prefill_rows)
          + decode_flops(policy_cfg, s.rollouts, s.new_tokens, s.prompt_len),
          "logprobs": 2 * fwd,                       # policy and reference
-         "score": forward_flops(rm_cfg, s.rollouts, t, head_tokens=0),
+         "score": forward_flops(rm_cfg, s.rollouts, t, head_tokens=0) if rm_cfg else 0,
          "update": 3 * fwd}                         # forward + backward
   out["total"] = sum(out.values())
   return out
@@ -272,33 +276,37 @@ def rollout_report(cfg: ReinforceRunConfig, policy: LlamaConfig, ph: rt.Phases, 
 def build_report(cfg: ReinforceRunConfig, config_path: str, target: Target, mode: str) -> dict[str, Any]:
   """The REINFORCE plan as one JSON-serialisable dict."""
   policy, source = architecture(cfg.policy, download=False)
-  reward = rt.reward_architecture(cfg, policy, download=False) or (policy, 9, "the policy's architecture")
+  served = is_served(cfg.reward_model)
+  reward = None if served else (rt.reward_architecture(cfg, policy, download=False)
+                                or (policy, 9, "the policy's architecture"))
   rules = rules_from(cfg.mesh.rules)
   amesh = AbstractMesh(target.mesh, MESH_AXES)
-  ph = rt.blueprint(cfg, amesh, rules, policy, reward[:2], memory=target.hbm_bytes,
+  ph = rt.blueprint(cfg, amesh, rules, policy, reward[:2] if reward else None, memory=target.hbm_bytes,
                     chip=target.chip.name if target.chip else None)
   res, s = resident(ph), shapes(cfg)
   prefill = prefill_rows(cfg, amesh, rules, ph.layout)
-  mf = model_flops(cfg, policy, reward[0], prefill)
+  mf = model_flops(cfg, policy, reward[0] if reward else None, prefill)
   peak_rate = PEAK_FLOPS.get(target.chip.name, {}).get(policy.dtype) if target.chip else None
   per_device = mf["total"] / target.devices
   analytic = {"resident": res, "resident_total": sum(res.values()), "model_flops": mf,
               "model_flops_per_device": per_device, "peak_flops_per_device": peak_rate,
               "step_seconds_at_50_mfu": per_device / (0.5 * peak_rate) if peak_rate else None,
               "prefill_rows": prefill}
-  compiled = compile_phases(cfg, policy, reward[:2], target, mode, ph)
+  compiled = compile_phases(cfg, policy, reward[:2] if reward else None, target, mode, ph)
   kernel = choose(policy.attention, "tpu" if mode == "tpu" else "cpu", policy.dtype, branches=cfg.reinforce.samples_per_prompt * cfg.reinforce.share_prompt)
   # the splash kernel's attention FLOPs: two log-prob forwards and the update's forward and backward
   # (5 forwards' worth) of the policy, one of the reward model
   t = s.prompt_len + s.new_tokens
-  attn = 5 * attention_forward_flops(policy, s.rollouts, t) + attention_forward_flops(reward[0], s.rollouts, t)
+  attn = 5 * attention_forward_flops(policy, s.rollouts, t) + (attention_forward_flops(reward[0], s.rollouts, t)
+                                                               if reward else 0)
   comp.kernel_flops(compiled, attn / target.devices if kernel == "splash" else 0.0, per_device)
   state = ph.update.state
   return {
       "config": config_path, "kind": "reinforce",
-      "model": {"policy": source, "reward_model": reward[2],
+      "model": {"policy": source,
+                "reward_model": f"served at {cfg.reward_model} (not on these devices)" if served else reward[2],
                 "params": {"policy": num_params(state.params),
-                           "reward_model": num_params(state.frozen["reward_model"])},
+                           "reward_model": num_params(state.frozen["reward_model"]) if not served else 0},
                 "layers": policy.num_layers, "dtype": policy.dtype, "remat": policy.remat,
                 "frozen_dtype": state.frozen_parts["reference"].dtype,
                 "attention": choose(policy.attention, target.platform, policy.dtype,

@@ -2,7 +2,7 @@
 
 The run holds the policy (trained) with its AdamW state, the frozen reference (the initial policy,
 kept once under `DIR/frozen/reference`) and the frozen reward model (`reward_model=CKPT`, read from
-its checkpoint into the run's layout), both in `reinforce.frozen_dtype` (default: the policy's
+its checkpoint into the run's layout; `reward_model=http://...` scores through `hs2p serve` instead), both in `reinforce.frozen_dtype` (default: the policy's
 compute dtype). Its batch source is the rollouts (`train.rollouts`).
 """
 
@@ -23,6 +23,7 @@ from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.errors import UserError
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.rollout import RolloutLayout, layout_for
+from hs2p_jax.serve.client import RemoteScorer, is_served
 from hs2p_jax.sharding import Rules, make_mesh, rules_from
 from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train.feed import batch_sharding
@@ -49,10 +50,10 @@ class Phases:
 def reward_architecture(cfg: ReinforceRunConfig, policy: LlamaConfig, download: bool = True
                         ) -> tuple[LlamaConfig, int, str] | None:
   """(architecture, outputs, origin) of the reward model, computing in the policy's dtype and
-  kernels; None without `reward_model`. Plans (`download=False`) fall back to the policy's shapes
+  kernels; None without `reward_model` or where it is served (a URL). Plans (`download=False`) fall back to the policy's shapes
   where the checkpoint is not on this machine."""
   path = cfg.reward_model
-  if not path:
+  if not path or is_served(path):  # served elsewhere: not in this run's state
     return None
   if not download and not is_local_checkpoint(path):
     return policy, 9, f"the policy's architecture ({path}: not read by plan here)"
@@ -111,7 +112,8 @@ def rollout_spec(cfg: ReinforceRunConfig, mesh: Any, rules: Rules, rows: int, ad
 
 def trainer(cfg: ReinforceRunConfig, out_dir: str, scorer: Callable | None = None) -> Trainer:
   """The REINFORCE run of `cfg` in `out_dir`. `scorer(prompts, responses) -> [N] rewards` defaults to
-  the reward-model checkpoint `cfg.reward_model`; any function of texts can stand in (e.g. a rule)."""
+  the reward-model checkpoint `cfg.reward_model` (or the server at that URL, `serve.client`); any
+  function of texts can stand in (e.g. a rule)."""
   if not cfg.reward_model and scorer is None:
     raise UserError("reinforce: set reward_model=CKPT (a reward-model checkpoint)")
   if cfg.policy.kind != "lm":
@@ -129,6 +131,9 @@ def trainer(cfg: ReinforceRunConfig, out_dir: str, scorer: Callable | None = Non
   if phases.layout is not None and jax.process_index() == 0:
     print(phases.layout.describe(), file=sys.stderr, flush=True)
   frozen_from = {"reference": INITIAL}
+  if scorer is None and is_served(cfg.reward_model):
+    scorer = RemoteScorer(cfg.reward_model, timeout=rc.reward_timeout, retries=rc.reward_retries)
+    scorer.check(cfg.data.max_length + rc.max_new_tokens)
   if scorer is None:
     frozen_from["reward_model"] = cfg.reward_model
     scorer = RewardScorer(state.frozen_graphdefs["reward_model"], None, read_meta(cfg.reward_model),
@@ -136,7 +141,8 @@ def trainer(cfg: ReinforceRunConfig, out_dir: str, scorer: Callable | None = Non
                           max_length=cfg.data.max_length + rc.max_new_tokens, eval_fn=phases.score)
   eos = tuple(policy.eos_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
   source = RolloutSource(cfg, loader, phases, scorer, tokenizer, eos)
-  model_info = {"reward_model": storage.absolute(cfg.reward_model) if cfg.reward_model else None}
+  model_info = {"reward_model": storage.absolute(cfg.reward_model) if cfg.reward_model and not is_served(
+      cfg.reward_model) else cfg.reward_model}
   return Trainer(cfg, out_dir, section=rc, model=cfg.policy, step=phases.update, source=source, tokenizer=tokenizer,
                  meta=model_meta(cfg.policy, policy, cfg.data.template), frozen_from=frozen_from,
                  datasets={"prompts": (loader, rc.steps, rc.prompts_per_step)}, model_info=model_info)
