@@ -59,7 +59,8 @@ def serve_command(args) -> int:
   t0 = time.perf_counter()
   engine.warm_up()
   print(f"hs2p serve: compiled {len(engine.lengths)} lengths ({', '.join(map(str, engine.lengths))}) x "
-        f"{engine.rows} rows in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        f"{len(engine.row_sizes)} row counts ({', '.join(map(str, engine.row_sizes))}) in "
+        f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
   if not leader:
     engine.follow()
     return 0

