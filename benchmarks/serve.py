@@ -119,7 +119,13 @@ def _bench_model(ckpt: str, what: str, data: str, fmt: str, args) -> dict:
   finally:
     proc.terminate()
     proc.wait(timeout=120)
-  out["max_abs_diff_vs_eval"] = float(max(np.max(np.abs(np.asarray(v) - want)) for v in served.values()))
+  # a pair longer than --max-length is cut alike on both sides by eval and each text alone by the
+  # server (which sees no pairs): compare the pairs that fit
+  from hs2p_jax.serve.texts import TextEncoder
+  whole = [len(s) <= args.max_length for s in TextEncoder(scorer.tokenizer, "chat", 1 << 30)(texts)]
+  fits = np.asarray([a and b for a, b in zip(whole[::2], whole[1::2]) for _ in range(2)])
+  out["texts_of_pairs_cut"] = int((~fits).sum())
+  out["max_abs_diff_vs_eval"] = float(max(np.max(np.abs(np.asarray(v) - want)[fits]) for v in served.values()))
   return out
 
 
