@@ -156,6 +156,9 @@ def export_hf(model: nnx.Module, out_dir: str, tokenizer_dir: str | None = None,
   """
   if dtype not in DTYPES:
     raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+  if getattr(model.cfg, "lora_rank", 0):
+    raise UserError("the model has LoRA adapters, which Hugging Face's Llama layout cannot hold: "
+                    "export hs2p_jax.model.merge_lora(model)")
   if reward is not None and not isinstance(model, RewardModel):
     raise UserError("a scalar reward export (--reward) needs a reward model; this checkpoint is a causal LM")
   if not overwrite and _exists_anywhere(out_dir):

@@ -21,5 +21,15 @@ def create(kind: str, cfg: LlamaConfig, num_attributes: int = 9, seed: int = 0) 
   raise UserError(f"model kind {kind!r}: expected one of {', '.join(KINDS)}")
 
 
+def merge_lora(model: LlamaForCausalLM | RewardModel) -> LlamaForCausalLM | RewardModel:
+  """`model` with its LoRA adapters folded into the weights (`model.lora`); a model without them as it is."""
+  from hs2p_jax.model import lora
+  if not model.cfg.lora_rank:
+    return model
+  if isinstance(model, RewardModel):
+    return lora.merged(model, lambda cfg: RewardModel(cfg, model.num_attributes, rngs=nnx.Rngs(0)))
+  return lora.merged(model, lambda cfg: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+
+
 __all__ = ["ATTRIBUTES", "HELPFULNESS", "KINDS", "KVCache", "Llama", "LlamaConfig", "LlamaForCausalLM",
-           "RewardModel", "create", "from_hf_config", "preset", "to_hf_config"]
+           "RewardModel", "create", "merge_lora", "from_hf_config", "preset", "to_hf_config"]

@@ -10,6 +10,7 @@ from hs2p_jax.errors import UserError
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn", "splash")  # see model/attention.py `choose`
 WEIGHT_GRADS = ("flat", "autodiff")  # see hs2p_jax/model/linear.py
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # model/lora.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +39,25 @@ class LlamaConfig:
   remat: str = "none"
   attention: str = "reference"
   weight_grad: str = "flat"
+  # LoRA adapters (model/lora.py) of this rank on the projections `lora_targets` names (PEFT's
+  # names); 0: none. Their product is scaled by lora_alpha / lora_rank.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = LORA_TARGETS
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, dict):
       object.__setattr__(self, "rope_scaling", tuple(sorted((k, float(v)) for k, v in self.rope_scaling.items())))
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    if isinstance(self.lora_targets, (list, str)):
+      object.__setattr__(self, "lora_targets", (self.lora_targets,) if isinstance(self.lora_targets, str)
+                         else tuple(self.lora_targets))
+    unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+    if unknown:
+      raise UserError(f"model.lora.targets: {', '.join(unknown)} unknown; expected some of {', '.join(LORA_TARGETS)}")
+    if self.lora_rank < 0 or (self.lora_rank and not self.lora_targets):
+      raise UserError(f"model.lora.rank={self.lora_rank}: expected 0 (no adapters) or a positive rank with targets")
     if self.num_heads % self.num_kv_heads:
       raise UserError(f"model: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.remat not in REMAT_POLICIES:

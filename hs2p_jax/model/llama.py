@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 from hs2p_jax.model.attention import attention, branch_mask, platform, segment_causal_mask
 from hs2p_jax.model.attention import choose as choose_attention
 from hs2p_jax.model.config import LlamaConfig
-from hs2p_jax.model.linear import project
+from hs2p_jax.model import lora
 from hs2p_jax.model.rope import apply_rope, inverse_frequencies
 from hs2p_jax.sharding import constrain
 
@@ -91,6 +91,7 @@ class Attention(nnx.Module):
     self.wk = param(rngs, (d, hkv, dh), ("embed", "kv_heads", "head_dim"), stack)
     self.wv = param(rngs, (d, hkv, dh), ("embed", "kv_heads", "head_dim"), stack)
     self.wo = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), stack)
+    lora.attach(self, cfg, "attn", rngs)
 
   def __call__(self, x, positions, mask, kv=None, slot=None, segments=None, impl=None, layer=None):
     """x [B, T, D]; positions [B, T]; mask [B, T, S]; kv: (k, v) [L, B, S, Hkv, Dh], all layers'
@@ -99,12 +100,11 @@ class Attention(nnx.Module):
     None) (no cache; for kernels that build the mask themselves) or None;
     impl: the attention kernel (`attention.choose`), default cfg.attention; layer: [] this layer's
     index into the cache."""
-    dt = x.dtype
     inv_freq = inverse_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling_dict)
     wg = self.cfg.weight_grad
-    q = project(x, self.wq[...].astype(dt), 1, wg)  # [B, T, H, Dh]
-    k = project(x, self.wk[...].astype(dt), 1, wg)  # [B, T, Hkv, Dh]
-    v = project(x, self.wv[...].astype(dt), 1, wg)
+    q = lora.projection(self, "wq", x, 1, wg)  # [B, T, H, Dh]
+    k = lora.projection(self, "wk", x, 1, wg)  # [B, T, Hkv, Dh]
+    v = lora.projection(self, "wv", x, 1, wg)
     q = constrain(apply_rope(q, positions, inv_freq), ("act_batch", "act_seq", "act_heads", None))
     k = constrain(apply_rope(k, positions, inv_freq), ("act_batch", "act_seq", "act_kv_heads", None))
     v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
@@ -116,7 +116,7 @@ class Attention(nnx.Module):
       k, v = (jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False) for c in kv)
     out = attention(q, k, v, mask, impl or self.cfg.attention, *(segments or (None, None, 0, None)))
     out = checkpoint_name(out, "attn_out")
-    return project(out, self.wo[...].astype(dt), 2, wg), kv
+    return lora.projection(self, "wo", out, 2, wg), kv
 
 
 class MLP(nnx.Module):
@@ -126,13 +126,14 @@ class MLP(nnx.Module):
     self.gate = param(rngs, (d, f), ("embed", "mlp"), stack)
     self.up = param(rngs, (d, f), ("embed", "mlp"), stack)
     self.down = param(rngs, (f, d), ("mlp", "embed"), stack)
+    lora.attach(self, cfg, "mlp", rngs)
 
   def __call__(self, x):
-    dt, wg = x.dtype, self.weight_grad
-    g = project(x, self.gate[...].astype(dt), 1, wg)
-    u = project(x, self.up[...].astype(dt), 1, wg)
+    wg = self.weight_grad
+    g = lora.projection(self, "gate", x, 1, wg)
+    u = lora.projection(self, "up", x, 1, wg)
     h = constrain(jax.nn.silu(g) * u, ("act_batch", "act_seq", "act_mlp"))
-    return project(h, self.down[...].astype(dt), 1, wg)
+    return lora.projection(self, "down", h, 1, wg)
 
 
 class DecoderLayer(nnx.Module):

@@ -1,0 +1,124 @@
+"""LoRA adapters on the decoder's projections (`model/lora.py`): the base model's outputs at
+initialisation, gradients only for the adapters and the head, merged weights equal to the adapted
+forward, the adapters' own gradients against the merged model's."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hs2p_jax.model import create, merge_lora, preset
+from hs2p_jax.model.lora import TARGETS, trainable
+
+
+def _models(rank: int = 4, targets=None, scan: bool = True, kind: str = "reward"):
+  """(base, adapted) with the same base weights; the adapted model's B made non-zero on request."""
+  base_cfg = preset("tiny", num_layers=2, dtype="float32", scan_layers=scan)
+  extra = {"lora_targets": targets} if targets is not None else {}
+  cfg = base_cfg.replace(lora_rank=rank, lora_alpha=8.0, **extra)
+  base, adapted = create(kind, base_cfg, 3, seed=0), create(kind, cfg, 3, seed=1)
+  nnx.update(adapted, nnx.state(base, nnx.Param))  # the base's weights, the adapters' own
+  return base, adapted
+
+
+def _randomise_b(model, seed: int = 0) -> None:
+  rng = np.random.default_rng(seed)
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+    if path[-1].endswith("_lora_b"):
+      var.set_value(jnp.asarray(rng.normal(0, 0.05, var.shape), jnp.float32))
+
+
+def _batch():
+  rng = np.random.default_rng(3)
+  ids = rng.integers(3, 256, (2, 12)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 9:] = 0
+  return ids, mask
+
+
+def test_at_initialisation_the_adapted_model_is_the_base_model_exactly():
+  base, adapted = _models()
+  ids, mask = _batch()
+  np.testing.assert_array_equal(np.asarray(adapted(ids, mask)), np.asarray(base(ids, mask)))
+  shapes = {"/".join(map(str, p)): v.shape for p, v in nnx.to_flat_state(nnx.state(adapted, nnx.LoRAParam))}
+  cfg = adapted.cfg
+  d, h, hkv, dh, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+  assert len(shapes) == 2 * len(TARGETS)  # every projection by default
+  assert shapes["model/layers/attn/wq_lora_a"] == (2, d, 4) and shapes["model/layers/attn/wq_lora_b"] == (2, 4, h, dh)
+  assert shapes["model/layers/attn/wk_lora_b"] == (2, 4, hkv, dh)
+  assert shapes["model/layers/attn/wo_lora_a"] == (2, h, dh, 4) and shapes["model/layers/attn/wo_lora_b"] == (2, 4, d)
+  assert shapes["model/layers/mlp/down_lora_a"] == (2, f, 4) and shapes["model/layers/mlp/down_lora_b"] == (2, 4, d)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_the_merged_model_equals_the_adapted_forward(scan):
+  base, adapted = _models(scan=scan)
+  _randomise_b(adapted)
+  ids, mask = _batch()
+  out = np.asarray(adapted(ids, mask))
+  assert np.abs(out - np.asarray(base(ids, mask))).max() > 1e-3  # the adapters change the outputs
+  merged = merge_lora(adapted)
+  assert merged.cfg.lora_rank == 0 and not nnx.state(merged, nnx.LoRAParam)
+  np.testing.assert_allclose(np.asarray(merged(ids, mask)), out, atol=1e-5)
+  # by hand: one stacked weight's update, W + (alpha / r) A.B per layer
+  a = np.asarray(adapted.model.layers.attn.wo_lora_a[...])
+  b = np.asarray(adapted.model.layers.attn.wo_lora_b[...])
+  want = np.asarray(base.model.layers.attn.wo[...]) + 2.0 * np.einsum("lhdr,lre->lhde", a, b)
+  np.testing.assert_allclose(np.asarray(merged.model.layers.attn.wo[...]), want, atol=1e-6)
+
+
+def test_gradients_reach_only_the_adapters_and_the_head_and_equal_the_merged_models():
+  _, adapted = _models(targets=("q_proj", "v_proj", "down_proj"))
+  _randomise_b(adapted)
+  ids, mask = _batch()
+  graphdef, train, frozen = nnx.split(adapted, trainable(adapted.cfg), ...)
+  names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(train)}
+  assert names == {"head_kernel", "head_bias", *(f"model/layers/{m}/{w}_lora_{s}" for m, w in
+                                                  (("attn", "wq"), ("attn", "wv"), ("mlp", "down")) for s in "ab")}
+
+  def loss(train):
+    return jnp.sum(nnx.merge(graphdef, train, frozen)(ids, mask) ** 2)
+
+  grads = jax.grad(loss)(train)
+  flat = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
+  assert all(np.abs(g).max() > 0 for g in flat.values())
+  # the same loss through the merged weights, differentiated with respect to A and B by autodiff
+  scale = adapted.cfg.lora_alpha / adapted.cfg.lora_rank
+  base_state = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(adapted, nnx.Param))}
+  plain = merge_lora(adapted)
+  pgraph, pstate = nnx.split(plain)
+
+  def merged_loss(ab):
+    flat_p = dict(nnx.to_flat_state(pstate))
+    for (m, w) in (("attn", "wq"), ("attn", "wv"), ("mlp", "down")):
+      a, b = ab[f"{m}/{w}_a"], ab[f"{m}/{w}_b"]
+      k = a.ndim - 2
+      delta = jax.vmap(lambda x, y: jnp.tensordot(x, y, axes=1))(a, b)
+      assert delta.shape[1:1 + k] == a.shape[1:1 + k]
+      path = ("model", "layers", m, w)
+      flat_p[path] = flat_p[path].replace(base_state[f"model/layers/{m}/{w}"] + scale * delta)
+    state = nnx.from_flat_state(flat_p)
+    return jnp.sum(nnx.merge(pgraph, state)(ids, mask) ** 2)
+
+  ab = {f"{m}/{w}_{s}": base_state[f"model/layers/{m}/{w}_lora_{s}"] for m, w in
+        (("attn", "wq"), ("attn", "wv"), ("mlp", "down")) for s in "ab"}
+  want = jax.grad(merged_loss)(ab)
+  for key, g in want.items():
+    m, rest = key.split("/")
+    w, s = rest.rsplit("_", 1)
+    np.testing.assert_allclose(flat[f"model/layers/{m}/{w}_lora_{s}"], np.asarray(g), rtol=2e-4, atol=1e-6)
+
+
+def test_lora_config_is_checked_by_name():
+  from hs2p_jax.errors import UserError
+  with pytest.raises(UserError, match="qkv_proj unknown"):
+    preset("tiny", lora_rank=4, lora_targets=("q_proj", "qkv_proj"))
+  with pytest.raises(UserError, match="lora.rank=-1"):
+    preset("tiny", lora_rank=-1)
+  assert preset("tiny", lora_rank=2, lora_targets=["q_proj"]).lora_targets == ("q_proj",)
+  lm = create("lm", preset("tiny", num_layers=1, lora_rank=2, lora_targets=("gate_proj",)), seed=0)
+  assert {p[-1] for p, _ in nnx.to_flat_state(nnx.state(lm, nnx.LoRAParam))} == {"gate_lora_a", "gate_lora_b"}
+  assert merge_lora(lm).cfg.lora_rank == 0
