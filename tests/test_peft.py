@@ -1,0 +1,128 @@
+"""LoRA adapters exchanged with PEFT (`convert/peft.py`): ours load with `PeftModel.from_pretrained`
+over the base's Hugging Face export and score what we score (head included); PEFT's load into ours."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import need_torch, padded_batch, torch_positions
+
+TARGETS = ("q_proj", "k_proj", "o_proj", "up_proj", "down_proj")
+
+
+def _adapted(base, rank: int = 4, seed: int = 0):
+  """`base` (a model without adapters) with adapters of `rank` on TARGETS, all of them non-zero."""
+  import jax.numpy as jnp
+
+  from hs2p_jax.model import LlamaForCausalLM, RewardModel
+  cfg = base.cfg.replace(lora_rank=rank, lora_alpha=8.0, lora_targets=TARGETS)
+  model = (RewardModel(cfg, base.num_attributes, rngs=nnx.Rngs(seed)) if isinstance(base, RewardModel)
+           else LlamaForCausalLM(cfg, rngs=nnx.Rngs(seed)))
+  nnx.update(model, nnx.state(base, nnx.Param))
+  rng = np.random.default_rng(seed)
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+    var.set_value(jnp.asarray(rng.normal(0, 0.05, var.shape), jnp.float32))
+  return model
+
+
+def _torch_out(model, ids, mask):
+  torch = need_torch()
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(torch_positions(mask))).logits.float().numpy()
+
+
+def test_our_reward_adapter_loads_in_peft_and_scores_what_we_score(tiny_hf_dir, tmp_path):
+  need_torch()
+  import transformers
+  from peft import PeftModel
+
+  from hs2p_jax.convert import export_hf, load_hf
+  from hs2p_jax.convert.peft import export_adapter
+  path, _ = tiny_hf_dir
+  base = load_hf(path, head="reward", num_attributes=3, seed=1)
+  export_hf(base, str(tmp_path / "base"))
+  rm = _adapted(base)
+  rm.head_bias[...] = np.asarray([0.3, -0.2, 1.0], np.float32)
+  export_adapter(rm, str(tmp_path / "adapter"), base=str(tmp_path / "base"))
+  config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+  assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+  assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["target_modules"] == list(TARGETS)
+
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base"))
+  peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+  ids, mask = padded_batch(np.random.RandomState(0), [11, 7], 11, "right")
+  ours = np.asarray(rm(ids, mask))
+  assert np.abs(ours - np.asarray(base(ids, mask))).max() > 1e-3  # the adapter and head matter
+  np.testing.assert_allclose(_torch_out(peft_model, ids, mask) + [0.3, -0.2, 1.0], ours, atol=1e-4)
+
+
+def test_a_peft_adapter_loads_into_ours(tiny_hf_dir, tmp_path):
+  torch = need_torch()
+  import transformers
+  from peft import LoraConfig, get_peft_model
+
+  from hs2p_jax.convert import load_hf
+  from hs2p_jax.convert.peft import lora_fields, load_adapter
+  from hs2p_jax.model import create
+  path, _ = tiny_hf_dir
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)  # a fresh score head
+  torch.manual_seed(0)
+  peft_model = get_peft_model(hf, LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=6, init_lora_weights=False,
+                                              target_modules=["v_proj", "o_proj", "gate_proj"]))
+  peft_model.save_pretrained(str(tmp_path / "theirs"))
+  peft_model.eval()
+  score = peft_model.base_model.model.score.modules_to_save["default"].weight.detach().numpy()
+
+  base = load_hf(path, head="reward", num_attributes=3)
+  fields = lora_fields(str(tmp_path / "theirs"))
+  assert fields == {"lora_rank": 2, "lora_alpha": 6.0, "lora_targets": ("v_proj", "o_proj", "gate_proj")}
+  ours = create("reward", base.cfg.replace(**fields), 3)
+  nnx.update(ours, nnx.state(base, nnx.Param))
+  load_adapter(ours, str(tmp_path / "theirs"))
+  np.testing.assert_array_equal(np.asarray(ours.head_kernel[...]).T, score)
+  ids, mask = padded_batch(np.random.RandomState(1), [10, 6], 10, "right")
+  np.testing.assert_allclose(np.asarray(ours(ids, mask)), _torch_out(peft_model, ids, mask), atol=1e-4)
+
+
+def test_a_policy_adapter_is_a_causal_lm_adapter(tiny_hf_dir, tmp_path):
+  need_torch()
+  import transformers
+  from peft import PeftModel
+
+  from hs2p_jax.convert import load_hf
+  from hs2p_jax.convert.peft import export_adapter
+  path, _ = tiny_hf_dir
+  lm = _adapted(load_hf(path))
+  export_adapter(lm, str(tmp_path / "adapter"))
+  config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+  assert config["task_type"] == "CAUSAL_LM" and config["modules_to_save"] is None
+  peft_model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path),
+                                         str(tmp_path / "adapter")).eval()
+  ids, mask = padded_batch(np.random.RandomState(2), [9, 9], 9, "right")
+  np.testing.assert_allclose(_torch_out(peft_model, ids, mask), np.asarray(lm(ids, mask)), atol=1e-4)
+
+
+def test_adapters_that_do_not_fit_are_named(tmp_path):
+  from hs2p_jax.convert.peft import load_adapter, read_adapter_config
+  from hs2p_jax.errors import UserError
+  from hs2p_jax.model import create, preset
+  d = tmp_path / "a"
+  d.mkdir()
+  (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                     "target_modules": ["q_proj", "lm_head"]}))
+  with pytest.raises(UserError, match="target_modules"):
+    read_adapter_config(str(d))
+  (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": True,
+                                                     "target_modules": ["q_proj"]}))
+  with pytest.raises(UserError, match="use_dora=True is not supported"):
+    read_adapter_config(str(d))
+  (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                     "target_modules": ["q_proj"]}))
+  model = create("lm", preset("tiny", num_layers=1, lora_rank=4, lora_targets=("q_proj",)))
+  with pytest.raises(UserError, match="a rank-2 adapter of q_proj; the model has rank 4"):
+    load_adapter(model, str(d))
