@@ -83,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
                  help="export a one-output reward model (num_labels=1): the head folded to this attribute or "
                       "weighted mix, e.g. helpfulness or helpfulness=0.65,correctness=0.8; its bias goes to "
                       "config.json (hs2p_reward.bias)")
+  g = p.add_mutually_exclusive_group()
+  g.add_argument("--adapter", action="store_true",
+                 help="a LoRA checkpoint's adapters (and reward head) as a PEFT adapter directory")
+  g.add_argument("--merge", action="store_true", help="a LoRA checkpoint with its adapters folded into the weights")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                  help="export's weights (default: the checkpoint's compute dtype)")
   p.add_argument("--score", nargs=2, metavar=("PROMPT", "RESPONSE"),

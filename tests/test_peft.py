@@ -126,3 +126,33 @@ def test_adapters_that_do_not_fit_are_named(tmp_path):
   model = create("lm", preset("tiny", num_layers=1, lora_rank=4, lora_targets=("q_proj",)))
   with pytest.raises(UserError, match="a rank-2 adapter of q_proj; the model has rank 4"):
     load_adapter(model, str(d))
+
+
+def test_convert_exports_a_lora_checkpoint_as_an_adapter_or_merged(tiny_hf_dir, tmp_path):
+  """`hs2p convert --checkpoint LORA_CKPT --to-hf DIR --adapter | --merge`; without either, one line."""
+  import os
+  import subprocess
+  import sys
+
+  need_torch()
+  import transformers
+
+  from hs2p_jax.checkpoint import ModelMeta, save_model
+  from hs2p_jax.convert import load_hf
+  path, _ = tiny_hf_dir
+  rm = _adapted(load_hf(path, head="reward", num_attributes=3))
+  ckpt = str(tmp_path / "ckpt")
+  save_model(ckpt, rm, ModelMeta("reward", rm.cfg, 3))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  hs2p = [sys.executable, "-m", "hs2p_jax", "convert", "--checkpoint", ckpt, "--to-hf"]
+  bare = subprocess.run(hs2p + [str(tmp_path / "x")], env=env, capture_output=True, text=True)
+  assert bare.returncode == 2 and "has LoRA adapters: export them (--adapter" in bare.stderr
+  subprocess.run(hs2p + [str(tmp_path / "adapter"), "--adapter"], env=env, check=True, capture_output=True)
+  subprocess.run(hs2p + [str(tmp_path / "merged"), "--merge", "--reward", "0=1"], env=env, check=True,
+                 capture_output=True)
+  assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "hs2p_reward_head.safetensors"]
+  ids, mask = padded_batch(np.random.RandomState(3), [8, 5], 8, "right")
+  merged = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged"))
+  bias = json.loads((tmp_path / "merged" / "config.json").read_text())["hs2p_reward"]["bias"]
+  np.testing.assert_allclose(_torch_out(merged, ids, mask)[:, 0] + bias, np.asarray(rm(ids, mask))[:, 0], atol=1e-4)

@@ -36,6 +36,16 @@ def convert_command(args) -> int:
   if not args.to_hf:
     raise UserError("convert --checkpoint needs --to-hf DIR")
   model, meta = load_model(args.checkpoint, mesh, rules)
+  if (args.adapter or args.merge) and not meta.config.lora_rank:
+    raise UserError(f"convert --{'adapter' if args.adapter else 'merge'}: {args.checkpoint} has no LoRA adapters")
+  if meta.config.lora_rank and not (args.adapter or args.merge):
+    raise UserError(f"convert: {args.checkpoint} has LoRA adapters: export them (--adapter, PEFT's format) "
+                    "or the merged model (--merge)")
+  if args.adapter:
+    return _export_adapter(args, model, mesh)
+  if args.merge:
+    from hs2p_jax.model import merge_lora
+    model = merge_lora(model)
   dtype = args.dtype or meta.config.dtype  # a bfloat16-trained run exports bfloat16
   reward = None
   if args.reward:
@@ -61,6 +71,19 @@ def convert_command(args) -> int:
   if reward is not None:
     report["num_labels"] = 1
   print(json.dumps(report))
+  return 0
+
+
+def _export_adapter(args, model, mesh) -> int:
+  """`--adapter`: the checkpoint's adapters (and reward head) as a PEFT directory."""
+  from hs2p_jax.convert.peft import export_adapter
+  if args.reward or args.dtype:
+    raise UserError("convert --adapter writes float32 adapters and the head as trained (no --reward, --dtype)")
+  if storage.is_url(args.to_hf):
+    raise UserError("convert --adapter: write the adapter to a local directory")
+  export_adapter(model, args.to_hf, base=None)
+  print(json.dumps({"exported": storage.absolute(args.to_hf), "adapter": "peft-lora",
+                    "rank": model.cfg.lora_rank}))
   return 0
 
 
