@@ -7,11 +7,23 @@ from typing import Any, Optional
 
 from hs2p_jax.config_checks import validate
 from hs2p_jax.errors import UserError
+from hs2p_jax.model.config import LORA_TARGETS
 from hs2p_jax.sharding import MeshConfig
 from hs2p_jax.yaml_config import build, merge, parse_overrides, read_with_includes, read_yaml, to_dict
 
 # the loader is re-exported: `config.build`, `config.parse_overrides`, ... (callers import them from here)
 __all__ = ["build", "load", "load_tool", "merge", "parse_overrides", "read_yaml", "to_dict"]
+
+
+@dataclasses.dataclass
+class LoraConfig:
+  """LoRA adapters (`hs2p_jax/model/lora.py`); rank 0: none, every parameter trains."""
+
+  rank: int = 0
+  alpha: float = 16.0                  # the adapters' product is scaled by alpha / rank
+  dropout: float = 0.0                 # (not yet: 0 only)
+  targets: list = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))  # PEFT's module names
+  train_head: bool = True              # a reward model's head (kernel and bias) trains in full
 
 
 @dataclasses.dataclass
@@ -30,6 +42,7 @@ class ModelConfig:
   attention: str = "reference"
   weight_grad: str = "flat"            # "flat" (one GEMM per weight gradient) or "autodiff"; see model/linear.py
   seed: int = 0
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
 
 @dataclasses.dataclass

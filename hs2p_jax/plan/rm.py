@@ -136,9 +136,11 @@ def analytic(cfg: RunConfig, model_cfg: LlamaConfig, step: Any, batch: Any, mesh
   layout = batch_layout(cfg, batch_split(mesh, rules))
   params = device_bytes(step.state.params)
   grads = params * (2 if layout["micro_batches"] > 1 else 1)
-  act = activations(model_cfg, layout, step.state.params, mesh, rules)
+  base = step.state.frozen.get("base")  # a LoRA run: params are the adapters and head, the weights frozen here
+  act = activations(model_cfg, layout, base if base is not None else step.state.params, mesh, rules)
   act_total = sum(v for k, v in act.items() if k not in ("rows_per_device", "saved_per_layer"))
   out = {"params": params, "optimizer": device_bytes(step.state.opt_state), "gradients": grads,
+         **({"frozen_base": device_bytes(base)} if base is not None else {}),
          "batch": device_bytes(batch), "activations": act_total}
   out["total"] = sum(out.values())
   out["activation_terms"] = act

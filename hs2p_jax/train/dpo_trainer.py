@@ -44,6 +44,9 @@ def trainer(cfg: DPORunConfig, out_dir: str) -> Trainer:
   """The DPO run of `cfg` in `out_dir` (its data read, its weights not yet)."""
   if cfg.policy.kind != "lm":
     raise UserError("train-dpo: policy.kind must be lm")
+  if cfg.policy.lora.rank:
+    raise UserError(f"policy.lora.rank={cfg.policy.lora.rank}: train-dpo does not train LoRA adapters yet "
+                    "(train-rm does)")
   dc, mesh, rules = cfg.dpo, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
   micro = dc.micro_batch_size or dc.batch_size
   tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))

@@ -25,7 +25,7 @@ from hs2p_jax.convert.hf import read_config
 from hs2p_jax.convert.state import ReadStats, head_init
 from hs2p_jax.distributed import once_per_host
 from hs2p_jax.errors import UserError
-from hs2p_jax.model import RewardModel, create, preset
+from hs2p_jax.model import RewardModel, create, merge_lora, preset
 from hs2p_jax.model.config import LlamaConfig, from_hf_config
 from hs2p_jax.model.reward import attribute_weights
 from hs2p_jax.sharding import DEFAULT_RULES, Rules, state_shardings
@@ -36,8 +36,14 @@ _METADATA_FILES = ["*.json", "tokenizer*", "*.jinja"]
 
 
 def _runtime(mc: ModelConfig) -> dict:
+  lc = mc.lora
+  if lc.dropout:
+    raise UserError(f"model.lora.dropout={lc.dropout}: adapter dropout is not supported yet (use 0)")
+  if not lc.train_head:
+    raise UserError("model.lora.train_head=false: not supported yet (the head trains in full)")
   out = {"dtype": mc.dtype, "scan_layers": mc.scan_layers, "remat": mc.remat, "attention": mc.attention,
-         "weight_grad": mc.weight_grad}
+         "weight_grad": mc.weight_grad, "lora_rank": lc.rank, "lora_alpha": float(lc.alpha),
+         "lora_targets": tuple(lc.targets)}
   if mc.num_layers is not None:
     out["num_layers"] = mc.num_layers
   return out
@@ -128,18 +134,52 @@ def as_reward_model(src: nnx.Module, num_attributes: int, seed: int) -> RewardMo
   return rm
 
 
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
+
+
+def with_adapters(model: nnx.Module, lora: dict[str, Any], seed: int, mesh: Mesh | None, rules: Rules) -> nnx.Module:
+  """`model` with fresh LoRA adapters of `lora` (LlamaConfig's fields; B zero: it computes what
+  `model` computes); only the adapters are initialised, the weights are `model`'s, not copied. A
+  model with other adapters has them merged first; one with these adapters is returned as it is."""
+  if not lora.get("lora_rank"):
+    return merge_lora(model)
+  if {k: getattr(model.cfg, k) for k in LORA_KEYS} == lora:
+    return model
+  model = merge_lora(model)
+  cfg = model.cfg.replace(**lora)
+  n = getattr(model, "num_attributes", 9)
+  kind = "reward" if isinstance(model, RewardModel) else "lm"
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create(kind, cfg, n, seed)))
+  adapters_abstract = nnx.state(nnx.merge(graphdef, abstract), nnx.LoRAParam)
+  shardings = state_shardings(adapters_abstract, mesh, rules) if mesh is not None else None
+  adapters = jax.jit(lambda: nnx.state(create(kind, cfg, n, seed), nnx.LoRAParam), out_shardings=shardings)()
+  state = dict(nnx.to_flat_state(nnx.state(model)))
+  state.update(nnx.to_flat_state(adapters))
+  return nnx.merge(graphdef, nnx.from_flat_state(state))
+
+
 def load_source(mc: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
                 stats: ReadStats | None = None) -> nnx.Module:
   """The model of a run's `model:` section with its weights, read onto `mesh` (`stats` counts the
-  bytes read from the source files: each process reads only its devices' shards)."""
-  kind, runtime = mc.kind, _runtime(mc)
-  stats = stats if stats is not None else ReadStats()
+  bytes read from the source files: each process reads only its devices' shards), with fresh
+  adapters where `model.lora` asks for them."""
+  runtime = _runtime(mc)
+  lora = {k: runtime.pop(k) for k in LORA_KEYS}
+  model = _load_weights(mc, runtime, mesh, rules, stats if stats is not None else ReadStats())
+  if not lora["lora_rank"] and not model.cfg.lora_rank:
+    return model
+  return with_adapters(model, lora, mc.seed, mesh, rules)
+
+
+def _load_weights(mc: ModelConfig, runtime: dict[str, Any], mesh: Mesh | None, rules: Rules,
+                  stats: ReadStats) -> nnx.Module:
+  kind = mc.kind
   if mc.init_from:
     architecture(mc)  # the kind and depth checks
     model, meta = load_model(mc.init_from, mesh, rules, **{k: v for k, v in runtime.items() if k != "num_layers"})
     stats.add(sum(s.data.nbytes for x in jax.tree.leaves(nnx.state(model)) for s in x.addressable_shards))
     if meta.kind != kind or (kind == "reward" and meta.num_attributes != mc.num_attributes):
-      model = as_reward_model(model, mc.num_attributes, mc.seed)
+      model = as_reward_model(merge_lora(model), mc.num_attributes, mc.seed)
     return model
   if mc.source and mc.source.startswith("gguf:"):
     return load_gguf(mc.source[5:], head=kind, num_attributes=mc.num_attributes, mesh=mesh, rules=rules,

@@ -118,6 +118,9 @@ def trainer(cfg: ReinforceRunConfig, out_dir: str, scorer: Callable | None = Non
     raise UserError("reinforce: set reward_model=CKPT (a reward-model checkpoint)")
   if cfg.policy.kind != "lm":
     raise UserError("reinforce: policy.kind must be lm")
+  if cfg.policy.lora.rank:
+    raise UserError(f"policy.lora.rank={cfg.policy.lora.rank}: reinforce does not train LoRA adapters yet "
+                    "(train-rm does)")
   rc, mesh, rules = cfg.reinforce, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
   policy = architecture(cfg.policy)[0]
   reward = reward_architecture(cfg, policy) if scorer is None else None  # fails now, before any data or weights

@@ -22,6 +22,7 @@ from flax import nnx
 
 from hs2p_jax.losses import bt_losses
 from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
+from hs2p_jax.train.state import model_from
 from hs2p_jax.model.reward import RewardModel
 
 Batch = dict[str, jax.Array]
@@ -66,8 +67,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
   summed loss are accumulated over them and divided by the total count.
   """
 
-  def sum_loss(params, batch):
-    model = nnx.merge(graphdef, params)
+  def sum_loss(params, base, batch):
+    model = model_from(graphdef, (params, *base))
     total, count, extra = loss_terms(model, batch, objective)
     return total, {"loss": total, "count": count, "correct": extra.get("correct", jnp.zeros(())),
                    "examples": extra["examples"]}
@@ -75,8 +76,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def step(params, opt_state, frozen, batches):
-    del frozen  # a reward model trains against no frozen model
-    grads, sums = summed_grads(grad_fn, params, batches)
+    base = (frozen["base"],) if "base" in frozen else ()  # a LoRA run's base; nothing else is frozen
+    grads, sums = summed_grads(grad_fn, params, batches, base)
     params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["count"])
     metrics = {"loss": sums["loss"] / jnp.maximum(sums["count"], 1.0), "grad_norm": grad_norm,
                "examples": sums["examples"]}
@@ -88,9 +89,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
 
 
 def make_eval_step(graphdef: nnx.GraphDef):
-  """A pure `eval(params, batch) -> outputs` ([P, 2, A] or [B, A] float32)."""
+  """A pure `eval(params, batch) -> outputs` ([P, 2, A] or [B, A] float32); params as
+  `state.model_from` takes them."""
 
   def evaluate(params, batch):
-    return reward_outputs(nnx.merge(graphdef, params), batch)
+    return reward_outputs(model_from(graphdef, params), batch)
 
   return evaluate

@@ -77,7 +77,7 @@ def trainer(cfg: RunConfig, out_dir: str) -> Trainer:
       if name not in sets:
         continue
       with use_mesh(mesh, rules):
-        res = collect(eval_step, t.params, sets[name][0], mesh, rules, tc.eval_batches)
+        res = collect(eval_step, t.model_params(), sets[name][0], mesh, rules, tc.eval_batches)
       if name == "eval_pairs":
         out["val_pair_accuracy"] = pair_metrics(res["outputs"] @ weights)["accuracy"]
       elif task(cfg) == "pairs":

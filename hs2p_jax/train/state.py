@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from hs2p_jax.model import create
+from hs2p_jax.model import create, lora
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.sharding import Rules, opt_state_shardings, state_shardings, use_mesh
 
@@ -64,16 +64,40 @@ def store_as(params: Any, dtype: str) -> Any:
   return jax.tree.map(one, params, is_leaf=_is_var)
 
 
-def abstract_part(part: Part, mesh: Any, rules: Rules) -> tuple[nnx.GraphDef, Any]:
-  """(graphdef, abstract params: ShapeDtypeStructs in the part's storage dtypes, with shardings)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: create(part.kind, part.config, part.num_attributes)))
+def _placed(state: Any, dtype: str, mesh: Any, rules: Rules) -> Any:
+  """Abstract `state` with its shardings, the castable matrices in `dtype`."""
   shardings = state_shardings(state, mesh, rules)
 
   def one(v, s):
     x = v.get_value()
-    dtype = part.dtype if castable(v) and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
-    return v.replace(jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=s.get_value()))
-  return graphdef, jax.tree.map(one, state, shardings, is_leaf=_is_var)
+    want = dtype if castable(v) and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+    return v.replace(jax.ShapeDtypeStruct(x.shape, jnp.dtype(want), sharding=s.get_value()))
+  return jax.tree.map(one, state, shardings, is_leaf=_is_var)
+
+
+def abstract_part(part: Part, mesh: Any, rules: Rules) -> tuple[nnx.GraphDef, Any]:
+  """(graphdef, abstract params: ShapeDtypeStructs in the part's storage dtypes, with shardings)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: create(part.kind, part.config, part.num_attributes)))
+  return graphdef, _placed(state, part.dtype, mesh, rules)
+
+
+def lora_split(part: Part, mesh: Any, rules: Rules) -> tuple[nnx.GraphDef, Any, Any]:
+  """A LoRA model's (graphdef, abstract trainable params in float32, abstract frozen base in the
+  compute dtype), split by `lora.trainable`."""
+  model = nnx.eval_shape(lambda: create(part.kind, part.config, part.num_attributes))
+  graphdef, train, base = nnx.split(model, lora.trainable(part.config), ...)
+  return graphdef, _placed(train, part.dtype, mesh, rules), _placed(base, part.config.dtype, mesh, rules)
+
+
+def model_from(graphdef: nnx.GraphDef, params: Any) -> nnx.Module:
+  """The model of `params`: one State, or a tuple of States (a LoRA run's trainable params and base)."""
+  return nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
+
+
+def subset(tree: Any, like: Any) -> Any:
+  """The arrays of State `tree` at the paths of State `like`."""
+  flat = dict(nnx.to_flat_state(tree))
+  return nnx.from_flat_state({path: flat[path] for path, _ in nnx.to_flat_state(like)})
 
 
 def shardings_of(tree: Any) -> Any:
@@ -115,13 +139,27 @@ class RunState:
   def build(cls, trainable: Part, frozen: dict[str, Part], tx: optax.GradientTransformation, mesh: Any,
             rules: Rules) -> "RunState":
     """The abstract state of a run on `mesh` (a Mesh or an AbstractMesh); nothing is allocated."""
-    graphdef, params = abstract_part(trainable, mesh, rules)
+    frozen = dict(frozen)
+    if trainable.config.lora_rank:  # the base is frozen, in the compute dtype: part "base"
+      graphdef, params, base = lora_split(trainable, mesh, rules)
+      frozen_base = ("base", Part(trainable.kind, trainable.config, trainable.num_attributes, trainable.config.dtype))
+    else:
+      graphdef, params = abstract_part(trainable, mesh, rules)
+      base = frozen_base = None
     abs_opt = jax.eval_shape(tx.init, params)
     opt_sh = opt_state_shardings(abs_opt, shardings_of(params), mesh)
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, opt_sh)
     built = {name: abstract_part(part, mesh, rules) for name, part in frozen.items()}
-    return cls(mesh, rules, tx, trainable, dict(frozen), graphdef, {n: g for n, (g, _) in built.items()},
+    if frozen_base is not None:
+      frozen[frozen_base[0]] = frozen_base[1]
+      built[frozen_base[0]] = (graphdef, base)
+    return cls(mesh, rules, tx, trainable, frozen, graphdef, {n: g for n, (g, _) in built.items()},
                params, opt_state, {n: p for n, (_, p) in built.items()})
+
+  @property
+  def lora(self) -> bool:
+    """Whether the trainable params are LoRA adapters (and head) over the frozen part "base"."""
+    return "base" in self.frozen_parts
 
   def checkpointed(self) -> dict[str, Any]:
     """The abstract tree a run's checkpoints hold (and restore into): params and optimizer state."""
@@ -135,6 +173,7 @@ class RunState:
   def freeze(self, name: str, params: Any) -> Any:
     """Frozen part `name` as a copy of `params` (e.g. the initial policy) in its storage dtype and shardings."""
     part = self.frozen_parts[name]
+    params = subset(params, self.frozen[name])  # e.g. a LoRA model's base, of the whole model
     with use_mesh(self.mesh, self.rules):
       return jax.jit(lambda p: store_as(jax.tree.map(jnp.copy, p), part.dtype),
                      out_shardings=shardings_of(self.frozen[name]))(params)
@@ -162,7 +201,8 @@ class Step:
                    out_shardings=(shardings_of(st.params), shardings_of(st.opt_state), None))
 
   def frozen_args(self, frozen: dict[str, Any]) -> dict[str, Any]:
-    return {name: frozen[name] for name in self.takes}
+    """The frozen models the step reads: those it `takes`, and a LoRA run's base."""
+    return {name: frozen[name] for name in self.takes + (("base",) if self.state.lora else ())}
 
   def args(self, batch: dict[str, jax.ShapeDtypeStruct]) -> tuple:
     """The step's abstract arguments for the abstract `batch`: what `hs2p plan` compiles."""

@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from hs2p_jax import provenance, storage
 from hs2p_jax.checkpoint import ModelMeta, resolve_model_dir, restore_tree, save_model
@@ -35,7 +34,7 @@ from hs2p_jax.train.feed import feed_layout
 from hs2p_jax.train.loop import LoopConfig, run as run_loop
 from hs2p_jax.train.model_init import load_params
 from hs2p_jax.train.optim import schedule
-from hs2p_jax.train.state import Step
+from hs2p_jax.train.state import Step, model_from, store_as, subset
 
 INITIAL = "initial"  # `frozen_from`: the trainable model as the run starts
 
@@ -78,7 +77,7 @@ def on_validation(sets: dict[str, Any], section: Any, mesh: Any, rules: Any, fn_
     if "validation" not in sets:
       return {}
     with use_mesh(mesh, rules):
-      res = collect(fn_of(t), t.params, sets["validation"][0], mesh, rules, section.eval_batches)
+      res = collect(fn_of(t), t.model_params(), sets["validation"][0], mesh, rules, section.eval_batches)
     return {f"val_{k}": v for k, v in metrics_of(res).items()}
   return evaluate
 
@@ -99,6 +98,8 @@ class Trainer:
     self.mesh, self.rules, self.graphdef = self.state.mesh, self.state.rules, self.state.graphdef
     self.tokenizer, self.meta = tokenizer, meta
     self.frozen_from = dict(frozen_from or {})
+    if self.state.lora:  # the base a LoRA run's adapters train over: kept once, like a reference
+      self.frozen_from["base"] = INITIAL
     self._evaluate = evaluate
     self.datasets, self.batch_info, self.notes = datasets or {}, batch_info, notes
     self.model_info = {"source": model.source, "init_from": model.init_from, **(model_info or {})}
@@ -128,11 +129,12 @@ class Trainer:
     if restored is None:
       if self.params is not None:
         return  # started fresh already (evaluated before the run)
-      self.params = self._read_source()
+      initial = self._read_source()
+      self.params = subset(initial, self.state.params)  # a LoRA run: the adapters and the head
       self.opt_state = self.state.init_opt_state(self.params)
     else:
       self.params, self.opt_state = restored["params"], restored["opt_state"]
-    initial = self.params if restored is None else None
+      initial = None
     for name, src in self.frozen_from.items():
       if src != INITIAL:
         path = resolve_model_dir(src)
@@ -146,6 +148,14 @@ class Trainer:
         self.frozen[name] = self.state.freeze(name, initial)
     if restored is not None and not self.source_reads.bytes_read:
       self._say("resume: state restored from the run's checkpoint; the source weights were not read")
+
+  def model_params(self, float32: bool = False) -> Any:
+    """What `state.model_from` makes the model of: the params, or a LoRA run's (params, base) (the
+    base's matrices back in float32 with `float32`)."""
+    if not self.state.lora:
+      return self.params
+    base = self.frozen["base"]
+    return self.params, (store_as(base, "float32") if float32 else base)
 
   def _read_source(self) -> Any:
     return load_params(self.model_cfg, self.state.params, self.mesh, self.rules, self.source_reads)
@@ -194,7 +204,8 @@ class Trainer:
     return self._evaluate(self) if self._evaluate is not None else {}
 
   def save_final(self) -> None:
-    save_model(storage.join(self.out_dir, "model"), nnx.merge(self.graphdef, self.params), self.meta, self.tokenizer,
+    save_model(storage.join(self.out_dir, "model"), model_from(self.graphdef, self.model_params(float32=True)),
+               self.meta, self.tokenizer,
                overwrite=True)
 
   def run(self) -> dict[str, Any]:
