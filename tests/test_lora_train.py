@@ -67,11 +67,12 @@ def test_lora_train_rm_trains_the_adapters_and_the_head_over_an_unchanged_base(t
 def test_lora_train_rm_resumes_exactly(tmp_path):
   from hs2p_jax.train import rm_trainer
   straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-  rm_trainer.trainer(_cfg(tmp_path, **{"train.save_every": 3}), straight).run()
-  rm_trainer.trainer(_cfg(tmp_path, **{"train.save_every": 3, "train.steps": 3}), stopped).run()
-  rm_trainer.trainer(_cfg(tmp_path, **{"train.save_every": 3}), stopped).run()
+  sets = {"train.save_every": 2, "train.steps": 4, "train.eval_every": 0}
+  rm_trainer.trainer(_cfg(tmp_path, **sets), straight).run()
+  rm_trainer.trainer(_cfg(tmp_path, **{**sets, "train.steps": 2}), stopped).run()
+  rm_trainer.trainer(_cfg(tmp_path, **sets), stopped).run()
   a, b = read_metrics(os.path.join(straight, "metrics.jsonl")), read_metrics(os.path.join(stopped, "metrics.jsonl"))
-  assert [r["step"] for r in b] == list(range(1, 7))
+  assert [r["step"] for r in b] == list(range(1, 5))
   for ra, rb in zip(a, b):
     assert ra["loss"] == rb["loss"], (ra["step"], ra["loss"], rb["loss"])
   assert os.path.isdir(os.path.join(stopped, "frozen", "base"))  # the base kept once, not in every checkpoint
@@ -96,10 +97,9 @@ def test_the_lora_plan_counts_optimizer_state_for_the_adapters_only():
   repo = os.path.join(os.path.dirname(__file__), "..")
   plan = lambda *sets: json.loads(subprocess.run(  # noqa: E731
       [sys.executable, "-m", "hs2p_jax", "plan", "--config", os.path.join(repo, "configs/quickstart/regression.yaml"),
-       "--devices", "1", "--chip", "h100", "--set", *sets], env={**os.environ, "JAX_PLATFORMS": "cpu"},
+       "--devices", "1", "--chip", "h100", "--compile", "none", "--set", *sets], env={**os.environ, "JAX_PLATFORMS": "cpu"},
       check=True, capture_output=True, text=True).stdout)
   full, lora = plan("model.lora.rank=0"), plan("model.lora.rank=8")
   a, b = full["analytic"], lora["analytic"]
   assert b["frozen_base"] + b["params"] >= a["params"] > b["frozen_base"]  # the base: all but the head
   assert b["optimizer"] < a["optimizer"] / 4 and b["gradients"] < a["gradients"] / 4
-  assert lora["compiled"]["status"] == "ok"

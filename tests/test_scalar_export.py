@@ -75,17 +75,18 @@ def test_bad_reward_specs_and_lm_checkpoints_are_refused_by_name(tiny_hf_dir, tm
 @pytest.mark.slow
 @requires_smollm2
 def test_smollm2_scalar_export_scores_what_hs2p_eval_scores(tmp_path):
-  """SmolLM2-135M with a reward head: `hs2p eval --scores` and transformers' one-output model on the
-  exported directory, the same pairs tokenized as eval tokenizes them: equal up to the recorded bias."""
+  """A SmolLM2-shaped reward model (SmolLM2-135M's widths, heads, vocabulary and tokenizer; 4 layers,
+  random weights): `hs2p eval --scores` and transformers' one-output model on the exported directory,
+  the same pairs tokenized as eval tokenizes them: equal up to the recorded bias."""
   torch = need_torch()
   import transformers
 
   from hs2p_jax.checkpoint import ModelMeta, load_checkpoint_tokenizer, save_model
-  from hs2p_jax.convert import load_gguf
   from hs2p_jax.data.encode import encode
   from hs2p_jax.data.examples import PairExample
+  from hs2p_jax.model import create, preset
   from hs2p_jax.tokenizer import load_tokenizer
-  rm = load_gguf("smollm2", head="reward", num_attributes=9, seed=2)
+  rm = create("reward", preset("smollm2-135m", num_layers=4), 9, seed=2)
   rm.head_bias[...] = np.arange(9, dtype=np.float32) / 4 - 1
   ckpt = str(tmp_path / "rm")
   save_model(ckpt, rm, ModelMeta(kind="reward", config=rm.cfg, num_attributes=9, reward_weights="helpfulness"),

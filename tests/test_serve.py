@@ -18,7 +18,7 @@ import pytest
 from conftest import requires_smollm2, write_jsonl
 
 TOKEN = "s3cret"
-MAX_LENGTH = 512
+MAX_LENGTH = 256
 
 
 def _checkpoint(path: str) -> str:
@@ -38,10 +38,10 @@ def _pairs(n: int = 12) -> list[dict]:
   rng = np.random.default_rng(0)
   out = []
   for i in range(n):
-    prompt = f"Question {i}: " + "why " * int(rng.integers(1, 30)) + "?"
+    prompt = f"Question {i}: " + "why " * int(rng.integers(1, 10)) + "?"
     if i % 4 == 3:  # a multi-turn prompt in the HelpSteer2 convention
       prompt += "\n<extra_id_1>Assistant\nBecause.\n<extra_id_1>User\nAnd then?"
-    out.append({"prompt": prompt, "chosen": " Answer " * int(rng.integers(1, 20)) + f"{i} ",
+    out.append({"prompt": prompt, "chosen": " Answer " * int(rng.integers(1, 8)) + f"{i} ",
                 "rejected": f"No {i}." * int(rng.integers(1, 10))})
   return out
 
@@ -240,7 +240,7 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(served):
   """Last in this file: it stops the module's server."""
   import httpx
   server = served[0]
-  texts = [f"{i} " + "long input " * 20 for i in range(600)]
+  texts = [f"{i} " + "long input " * 10 for i in range(600)]
   with httpx.Client(base_url=server.url, headers=_auth(), timeout=300) as client:
     start = client.get("/health").json()["batches"]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -291,7 +291,7 @@ def test_two_processes_serve_what_one_does(served, tmp_path):
   import httpx
   _, ckpt, pairs, scores = served
   chosen, _ = _texts(ckpt, pairs)
-  server = Server(["--checkpoint", ckpt, "--max-length", str(MAX_LENGTH), "--set", "mesh.data=-1"],
+  server = Server(["--checkpoint", ckpt, "--max-length", str(MAX_LENGTH), "--batch-size", "2", "--set", "mesh.data=-1"],
                   env={"JAX_NUM_CPU_DEVICES": "1"}, processes=2)
   try:
     assert server.ready["processes"] == 2
