@@ -122,3 +122,22 @@ def test_lora_config_is_checked_by_name():
   lm = create("lm", preset("tiny", num_layers=1, lora_rank=2, lora_targets=("gate_proj",)), seed=0)
   assert {p[-1] for p, _ in nnx.to_flat_state(nnx.state(lm, nnx.LoRAParam))} == {"gate_lora_a", "gate_lora_b"}
   assert merge_lora(lm).cfg.lora_rank == 0
+
+
+def test_expo_extrapolates_lora_models_on_their_merged_weights(tmp_path):
+  """ExPO is linear in the weights, not in A and B: a LoRA tuned model over a plain base loads merged,
+  and factor f gives W + f (W_tuned - W) on every weight."""
+  from hs2p_jax.checkpoint import ModelMeta, save_model
+  from hs2p_jax.commands.expo import load_pair
+  from hs2p_jax.expo import extrapolate
+  base, adapted = _models()
+  _randomise_b(adapted)
+  from hs2p_jax.tokenizer import byte_tokenizer
+  save_model(str(tmp_path / "base"), base, ModelMeta("reward", base.cfg, 3), byte_tokenizer())
+  save_model(str(tmp_path / "tuned"), adapted, ModelMeta("reward", adapted.cfg, 3), byte_tokenizer())
+  graphdef, b, t, meta, _ = load_pair(str(tmp_path / "base"), str(tmp_path / "tuned"))
+  assert meta.config.lora_rank == 0 and not nnx.state(nnx.merge(graphdef, t), nnx.LoRAParam)
+  out = nnx.merge(graphdef, extrapolate(b, t, 2.0))
+  w0 = np.asarray(base.model.layers.attn.wq[...])
+  w1 = np.asarray(merge_lora(adapted).model.layers.attn.wq[...])
+  np.testing.assert_allclose(np.asarray(out.model.layers.attn.wq[...]), w0 + 2.0 * (w1 - w0), atol=1e-5)

@@ -16,7 +16,7 @@ from hs2p_jax.errors import UserError
 
 def load_pair(base: str, tuned: str, mesh=None, rules=None, runtime: dict | None = None):
   """(graphdef, base params, tuned params, tuned meta, tokenizer) after checking they match; the
-  params are loaded onto `mesh` (sharded by `rules`), one copy of each."""
+  params are loaded onto `mesh` (sharded by `rules`), one copy of each, LoRA adapters merged in."""
   from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model, read_meta
   from hs2p_jax.sharding import DEFAULT_RULES
   base_meta, tuned_meta = read_meta(base), read_meta(tuned)
@@ -24,8 +24,12 @@ def load_pair(base: str, tuned: str, mesh=None, rules=None, runtime: dict | None
       _shape_fields(base_meta.config) != _shape_fields(tuned_meta.config):
     raise UserError(f"expo: {base} and {tuned} are different architectures")
   rules = rules or DEFAULT_RULES
+  from hs2p_jax.model import merge_lora
   base_model, _ = load_model(base, mesh, rules, **(runtime or {}))
   tuned_model, tuned_meta = load_model(tuned, mesh, rules, **(runtime or {}))
+  # LoRA models extrapolate their merged weights: W + f * (W_t - W) is linear in W, not in A and B
+  base_model, tuned_model = merge_lora(base_model), merge_lora(tuned_model)
+  tuned_meta = dataclasses.replace(tuned_meta, config=tuned_model.cfg)
   graphdef, base_params = nnx.split(base_model)
   _, tuned_params = nnx.split(tuned_model)
   return graphdef, base_params, tuned_params, tuned_meta, load_checkpoint_tokenizer(tuned)
