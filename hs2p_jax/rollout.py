@@ -29,7 +29,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 from hs2p_jax.bench import decode_time
 from hs2p_jax.bench.flops import device_family
 from hs2p_jax.errors import UserError
-from hs2p_jax.model import create
+from hs2p_jax.model import create, merge_lora, model_from
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.sharding import MESH_AXES, Rules, batch_split, state_shardings
 
@@ -46,21 +46,27 @@ class RolloutLayout:
   shardings: Any           # NamedShardings of the copy, on `mesh`
   dtype: str
   tensor: int
+  plain: Any = dataclasses.field(repr=False, compare=False, default=None)  # the copy's abstract params, float32
   _copy: Any = dataclasses.field(repr=False, compare=False, default=None)
 
   def copy(self, params: Any) -> Any:
-    """The decode copy of training `params` (cast to `dtype`, placed on `mesh`); one compiled call."""
+    """The decode copy of the training params (cast to `dtype`, placed on `mesh`; a LoRA policy's
+    (adapters, base) merged first); one compiled call."""
     return self._copy(params)
 
-  def abstract(self, params: Any) -> Any:
-    """ShapeDtypeStructs of the copy of `params` (for `hs2p plan`)."""
+  def abstract(self) -> Any:
+    """ShapeDtypeStructs of the copy (for `hs2p plan`)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, _cast_dtype(a.dtype, self.dtype), sharding=s),
-                        params, self.shardings)
+                        self.plain, self.shardings)
 
-  def bytes_per_device(self, params: Any) -> int:
-    """Bytes of the copy of `params` on each device."""
+  def bytes_per_device(self) -> int:
+    """Bytes of the copy on each device."""
     return sum(int(np.prod(s.shard_shape(a.shape))) * jnp.dtype(_cast_dtype(a.dtype, self.dtype)).itemsize
-               for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(self.shardings)))
+               for a, s in zip(jax.tree.leaves(self.plain), jax.tree.leaves(self.shardings)))
+
+  def copy_bytes(self) -> int:
+    """Bytes of the whole copy."""
+    return copy_bytes(self.plain, self.dtype)
 
   def describe(self) -> str:
     d, t = self.mesh.shape["data"], self.tensor
@@ -124,21 +130,23 @@ def choose_tensor(copy_bytes: int, devices: int, cfg: LlamaConfig, rows: int, me
   return min(times, key=lambda t: (times[t], t))
 
 
-def layout_for(abstract_params: Any, cfg: LlamaConfig, train_mesh: Mesh, rules: Rules, *, tensor: int = 0,
-               dtype: str = "auto", rows: int, context: float = 0.0, memory: int | None = None,
-               chip: str | None = None) -> RolloutLayout:
-  """The rollout layout of a policy (`abstract_params`: its state, concrete or abstract) trained
-  on `train_mesh`: `tensor` 0 chooses the degree (`choose_tensor`, for `rows` rows decoding with
-  `context` cached tokens on devices of `chip` with `memory` bytes; both default to the first
-  device's), `dtype` "auto" is the compute dtype."""
+def layout_for(cfg: LlamaConfig, train_mesh: Mesh, rules: Rules, *, tensor: int = 0, dtype: str = "auto",
+               rows: int, context: float = 0.0, memory: int | None = None, chip: str | None = None,
+               train_graphdef: nnx.GraphDef | None = None) -> RolloutLayout:
+  """The rollout layout of a policy of architecture `cfg` trained on `train_mesh`: `tensor` 0
+  chooses the degree (`choose_tensor`, for `rows` rows decoding with `context` cached tokens on
+  devices of `chip` with `memory` bytes; both default to the first device's), `dtype` "auto" is the
+  compute dtype. The copy is of the model without adapters: a LoRA policy (`cfg.lora_rank`) is
+  copied from its (adapters, base) merged through `train_graphdef`, so decoding pays nothing for them."""
   dtype = cfg.dtype if dtype == "auto" else dtype
   n = train_mesh.size
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create("lm", cfg.replace(dtype=dtype, lora_rank=0))))
   if tensor == 0:
     if isinstance(train_mesh, Mesh):
       first = np.asarray(train_mesh.devices).flat[0]
       memory = device_memory(first) if memory is None else memory
       chip = chip or device_family(first.device_kind)
-    tensor = choose_tensor(copy_bytes(abstract_params, dtype), n, cfg, rows, memory, chip, context, dtype)
+    tensor = choose_tensor(copy_bytes(abstract, dtype), n, cfg, rows, memory, chip, context, dtype)
     if tensor == 0:
       raise UserError(f"reinforce.rollout_tensor: no tensor-parallel degree splits {rows} decode rows and "
                       f"{cfg.num_kv_heads} KV heads over {n} devices; set reinforce.rollout_copy=false")
@@ -148,18 +156,23 @@ def layout_for(abstract_params: Any, cfg: LlamaConfig, train_mesh: Mesh, rules: 
   split = batch_split(mesh, rules, "cache_batch")
   if rows % split:
     raise UserError(f"reinforce.rollout_tensor={tensor}: {rows} decode rows do not split over its {split} groups")
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: create("lm", cfg.replace(dtype=dtype))))
   shardings = state_shardings(abstract, mesh, rules)
   stacked = jax.tree.map(lambda v: v.replace((v.get_metadata().get("axes") or (None,))[0] == "layers"), abstract,
                          is_leaf=lambda v: isinstance(v, nnx.Variable))
-  return RolloutLayout(mesh, rules, graphdef, shardings, dtype, tensor,
-                       jax.jit(functools.partial(_cast_and_move, dtype, shardings, stacked), out_shardings=shardings))
+  if cfg.lora_rank and train_graphdef is None:
+    raise ValueError("layout_for: a LoRA policy's copy needs its train_graphdef to merge the adapters")
+  return RolloutLayout(mesh, rules, graphdef, shardings, dtype, tensor, abstract,
+                       jax.jit(functools.partial(_cast_and_move, dtype, shardings, stacked, train_graphdef),
+                               out_shardings=shardings))
 
 
-def _cast_and_move(dtype: str, shardings: Any, stacked: Any, params: Any) -> Any:
+def _cast_and_move(dtype: str, shardings: Any, stacked: Any, train_graphdef: Any, params: Any) -> Any:
   """Casts `params` to `dtype` and moves them to `shardings`, a layer at a time for stacked
   parameters: XLA moves between these layouts by gathering a whole array, so this bounds the
-  transient to one layer of one matrix instead of the largest stacked tensor."""
+  transient to one layer of one matrix instead of the largest stacked tensor. A LoRA policy's
+  (adapters, base) is merged first (`W + scale·A·B`, in float32 before the cast)."""
+  if isinstance(params, tuple):
+    params = nnx.state(merge_lora(model_from(train_graphdef, params)))
   def one(a, sh, is_stacked):
     a = a.astype(_cast_dtype(a.dtype, dtype))
     if not is_stacked:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hs2p_jax.model import model_from
 from hs2p_jax.model.llama import KVCache, LlamaForCausalLM
 from hs2p_jax.sharding import batch_split, constrain, current_mesh, current_rules
 
@@ -91,7 +92,7 @@ def generate_from_state(graphdef: nnx.GraphDef, state, input_ids: jax.Array, att
                         key: jax.Array, cfg: SamplingConfig, stops=None) -> GenerateOutput:
   """`generate` on a split model (graphdef, state): the jit-compiled core. `stops`: the
   (table, accept) of `stops.automaton` for stop strings matched on the decoded text, or None."""
-  lm: LlamaForCausalLM = nnx.merge(graphdef, state)
+  lm: LlamaForCausalLM = model_from(graphdef, state)  # a LoRA policy: (adapters, base)
   ids, mask = left_align(input_ids, attention_mask)
   b, t = ids.shape
   n = cfg.max_new_tokens

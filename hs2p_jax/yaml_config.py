@@ -150,9 +150,15 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 
 def read_with_includes(path: str) -> dict[str, Any]:
+  """The mapping of `path` over those of its `include:` (a file, or a list merged in order; paths
+  relative to `path`'s directory)."""
   data = read_yaml(path)
   inc = data.pop("include", None)
   if inc:
-    base = read_with_includes(os.path.join(os.path.dirname(path), inc))
+    base: dict[str, Any] = {}
+    for one in [inc] if isinstance(inc, str) else inc:
+      if not isinstance(one, str):
+        raise UserError(f"{path}: include: expected a file name or a list of them, got {one!r}")
+      base = merge(base, read_with_includes(os.path.join(os.path.dirname(path), one)))
     data = merge(base, data)
   return data

@@ -80,14 +80,11 @@ def test_lora_train_rm_resumes_exactly(tmp_path):
 
 def test_lora_settings_not_yet_supported_are_named(tmp_path):
   from hs2p_jax.errors import UserError
-  from hs2p_jax.train import dpo_trainer, rm_trainer
+  from hs2p_jax.train import rm_trainer
   with pytest.raises(UserError, match="model.lora.dropout=0.1: adapter dropout is not supported yet"):
     rm_trainer.trainer(_cfg(tmp_path, **{"model.lora.dropout": 0.1}), str(tmp_path / "a"))
   with pytest.raises(UserError, match="model.lora.targets: qkv unknown"):
     rm_trainer.trainer(_cfg(tmp_path, **{"model.lora.targets": "[qkv]"}), str(tmp_path / "b"))
-  dpo = config_lib.load(config_lib.DPORunConfig, None, ["policy.preset=tiny", "policy.lora.rank=2"])
-  with pytest.raises(UserError, match="train-dpo does not train LoRA adapters yet"):
-    dpo_trainer.trainer(dpo, str(tmp_path / "c"))
 
 
 def test_the_lora_plan_counts_optimizer_state_for_the_adapters_only():

@@ -22,7 +22,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 def test_two_processes_equal_one_process_with_two_devices(tmp_path, command, config, length, keys):
   section = "dpo" if command == "train-dpo" else "sft"
   cmd = [sys.executable, "-m", "hs2p_jax", command, "--config", os.path.join(ROOT, "configs/quickstart", config)]
-  common = [f"{section}.steps=2", f"{section}.log_every=1", "data.builtin_size=32", "policy.num_layers=1",
+  common = [f"{section}.steps=2", f"{section}.log_every=1", f"{section}.batch_size=8", f"{section}.eval_batches=2",
+            "data.builtin_size=32", "policy.num_layers=1",
             "mesh.data=1", "mesh.fsdp=2", f"data.buckets=[{length}]"]  # one padded length: one compile
   subprocess.run(cmd + ["--out", str(tmp_path / "one"), "--set", *common], check=True, capture_output=True,
                  env={**_one_device(), "JAX_NUM_CPU_DEVICES": "2"})

@@ -86,7 +86,28 @@ def test_a_peft_adapter_loads_into_ours(tiny_hf_dir, tmp_path):
   load_adapter(ours, str(tmp_path / "theirs"))
   np.testing.assert_array_equal(np.asarray(ours.head_kernel[...]).T, score)
   ids, mask = padded_batch(np.random.RandomState(1), [10, 6], 10, "right")
-  np.testing.assert_allclose(np.asarray(ours(ids, mask)), _torch_out(peft_model, ids, mask), atol=1e-4)
+  theirs = _torch_out(peft_model, ids, mask)
+  np.testing.assert_allclose(np.asarray(ours(ids, mask)), theirs, atol=1e-4)
+
+  # model.init_from: the PEFT directory over model.source, the base: the adapters continue (same
+  # model.lora), or are merged into the weights (model.lora.rank 0: every weight trains)
+  from hs2p_jax import config as config_lib
+  from hs2p_jax.errors import UserError
+  from hs2p_jax.train.model_init import architecture, load_source
+  sets = ["model.kind=reward", "model.num_attributes=3", f"model.source={path}",
+          f"model.init_from={tmp_path / 'theirs'}", "model.lora.rank=2", "model.lora.alpha=6",
+          "model.lora.targets=[v_proj,o_proj,gate_proj]"]
+  mc = config_lib.load(config_lib.RunConfig, None, sets).model
+  assert architecture(mc)[0].lora_rank == 2
+  continued = load_source(mc)
+  assert continued.cfg.lora_rank == 2
+  np.testing.assert_allclose(np.asarray(continued(ids, mask)), theirs, atol=1e-4)
+  merged = load_source(config_lib.load(config_lib.RunConfig, None, sets + ["model.lora.rank=0"]).model)
+  assert merged.cfg.lora_rank == 0
+  np.testing.assert_allclose(np.asarray(merged(ids, mask)), theirs, atol=1e-4)
+  no_base = config_lib.load(config_lib.RunConfig, None, [s for s in sets if not s.startswith("model.source")]).model
+  with pytest.raises(UserError, match="a PEFT adapter; set model.source to its base model"):
+    architecture(no_base)
 
 
 def test_a_policy_adapter_is_a_causal_lm_adapter(tiny_hf_dir, tmp_path):

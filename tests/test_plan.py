@@ -84,6 +84,27 @@ def test_70b_regression_does_not_fit_8_h100s():
   assert any("XLA_PYTHON_CLIENT_MEM_FRACTION" in w for w in r["warnings"])
 
 
+@pytest.mark.parametrize("config, chip, devices", [
+    ("llama-3.1-70b/regression_helpfulness_lora.yaml", "v5p", 4),  # v5p-8: 4 chips
+    ("llama-3.1-70b/bt_scaled_from_regression_lora.yaml", "v5p", 4),
+    ("llama-3.1-8b/bt_scaled_from_regression_lora.yaml", "h100", 1)])
+def test_the_lora_rows_fit_their_slices(config, chip, devices):
+  """The 70B reward model on adapters fits one v5p-8 slice (full tuning needs v5p-256), the 8B one
+  H100: the base in bfloat16 and kept once, AdamW state for the adapters and the head only."""
+  cfg = load(RunConfig, os.path.join(REPO, "configs/paper", config))
+  r = build_report(cfg, "test", plan.resolve_target(chip, devices, cfg.mesh), "none")
+  a, model = r["analytic"], cfg.model
+  assert model.lora.rank == 16 and r["verdict"]["verdict"] == "fits", r["verdict"]
+  n = PRESETS[model.preset].num_params()
+  assert 2 * n / devices * 0.9 < a["frozen_base"] < 2 * n / devices  # bf16, split over the chips (no LM head)
+  assert a["optimizer"] == pytest.approx(2 * a["params"], rel=1e-3) and a["params"] < 0.02 * a["frozen_base"]
+  full = build_report(load(RunConfig, os.path.join(REPO, "configs/paper", config), ["model.lora.rank=0"]), "test",
+                      plan.resolve_target(chip, devices, cfg.mesh), "none")
+  assert full["verdict"]["verdict"] == "does not fit"
+  # model FLOPs: no weight gradient for the frozen base (4N + 6 N_lora per token against 6N)
+  assert 0.6 < a["model_flops"] / full["analytic"]["model_flops"] < 0.75
+
+
 def test_tensor_parallel_splits_heads_and_mlp():
   fsdp = report_for(LLAMA_70B + ["mesh.data=1", "mesh.fsdp=8"], "h200", 8)["analytic"]
   mixed = report_for(LLAMA_70B + ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"], "h200", 8)["analytic"]

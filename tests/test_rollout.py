@@ -89,9 +89,9 @@ for dtype in ("float32", "bfloat16"):
   gd, st = nnx.split(lm)
   with use_mesh(mesh, DEFAULT_RULES):
     ref = generate_from_state(gd, st, ids, mask, jax.random.key(3), sc)
-  out[f"{dtype}/0"] = {"tensor": layout_for(st, cfg, mesh, DEFAULT_RULES, rows=8).tensor}  # auto
+  out[f"{dtype}/0"] = {"tensor": layout_for(cfg, mesh, DEFAULT_RULES, rows=8).tensor}  # auto
   for t in (1, 2, 4):
-    lay = layout_for(st, cfg, mesh, DEFAULT_RULES, tensor=t, rows=8)
+    lay = layout_for(cfg, mesh, DEFAULT_RULES, tensor=t, rows=8)
     cp = lay.copy(st)
     sample = dtype == "float32" or t == 1  # bfloat16 tensor-parallel samples differ (see the test)
     with use_mesh(lay.mesh, lay.rules):
@@ -111,7 +111,7 @@ for dtype in ("float32", "bfloat16"):
         "logprob_diff": float(np.max(np.abs(np.asarray(got.logprobs) - np.asarray(ref.logprobs)))),
         "lengths_equal": bool(np.array_equal(np.asarray(got.lengths), np.asarray(ref.lengths)))}
 try:
-  layout_for(st, cfg, mesh, DEFAULT_RULES, tensor=3, rows=8)
+  layout_for(cfg, mesh, DEFAULT_RULES, tensor=3, rows=8)
 except UserError as e:
   out["error"] = str(e)
 print(json.dumps(out))
@@ -164,7 +164,7 @@ def test_layout_rows_must_split(tmp_path):
   cfg = preset("tiny", num_layers=1)
   _, st = nnx.split(create("lm", cfg))
   mesh = make_mesh(MeshConfig(data=-1), jax.devices()[:1])
-  lay = layout_for(st, cfg, mesh, DEFAULT_RULES, rows=3)
+  lay = layout_for(cfg, mesh, DEFAULT_RULES, rows=3)
   assert lay.tensor == 1 and lay.describe().startswith("rollout copy: float32, replicated")
   with pytest.raises(UserError, match="must be >= 0"):
     from hs2p_jax import config as config_lib

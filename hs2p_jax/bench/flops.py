@@ -3,7 +3,8 @@
 Model FLOPs of a training step (the standard 6N + attention count, causal masking not discounted):
   6 * N * tokens + 12 * L * T^2 * (H * Dh) * rows,
 where N = decoder matmul weights (L * (D * Dh * (2H + 2Hkv) + 3 * D * F)); the embedding lookup,
-norms and the reward head (A outputs read at one token per row) are left out. MFU = those FLOPs
+norms and the reward head (A outputs read at one token per row) are left out. With LoRA adapters
+the frozen weights need no weight gradient: 4 * N (forward, input gradient) + 6 * N_lora per token. MFU = those FLOPs
 per second over the device's peak dense rate for the compute dtype (unknown, so null, on CPU).
 """
 
@@ -48,6 +49,17 @@ def decoder_matmul_params(cfg) -> int:
   return cfg.num_layers * (attn + 3 * d * cfg.intermediate_size)
 
 
+def lora_matmul_params(cfg) -> int:
+  """N_lora: weights of the LoRA adapters' matrix products, r * (K + M) per adapted K x M projection."""
+  r = getattr(cfg, "lora_rank", 0)
+  if not r:
+    return 0
+  d, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  dims = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "gate_proj": (d, f),
+          "up_proj": (d, f), "down_proj": (f, d)}
+  return cfg.num_layers * sum(r * sum(dims[t]) for t in cfg.lora_targets)
+
+
 def attention_flops(cfg, rows: int, seq: int) -> float:
   """The attention term of `train_flops`: 12 * L * T^2 * (H * Dh) per row (forward and backward)."""
   return float(12 * cfg.num_layers * seq * seq * cfg.num_heads * cfg.head_dim * rows)
@@ -61,7 +73,8 @@ def attention_forward_flops(cfg, rows: int, seq: int) -> float:
 def forward_flops(cfg, rows: int, seq: int, head_tokens: int = 0) -> float:
   """Model FLOPs of a forward pass over `rows` sequences of `seq` tokens: 2N per token, attention
   (`attention_forward_flops`), and the LM head (2 * D * V) at `head_tokens` positions."""
-  return float(2 * decoder_matmul_params(cfg) * rows * seq + attention_forward_flops(cfg, rows, seq)
+  return float(2 * (decoder_matmul_params(cfg) + lora_matmul_params(cfg)) * rows * seq
+               + attention_forward_flops(cfg, rows, seq)
                + 2 * cfg.hidden_size * cfg.vocab_size * head_tokens)
 
 
@@ -76,8 +89,9 @@ def decode_flops(cfg, rows: int, new_tokens: int, prompt_len: int) -> float:
 
 def train_flops(cfg, rows: int, seq: int) -> float:
   """Model FLOPs of one training step on `rows` sequences of `seq` tokens (see module docstring)."""
-  return float(6 * decoder_matmul_params(cfg) * rows * seq) + attention_flops(cfg, rows, seq)
-
+  per_token = (4 * decoder_matmul_params(cfg) + 6 * lora_matmul_params(cfg) if getattr(cfg, "lora_rank", 0)
+               else 6 * decoder_matmul_params(cfg))
+  return float(per_token * rows * seq) + attention_flops(cfg, rows, seq)
 
 
 def sample_step_bytes(cfg, batch: int, context: float) -> int:

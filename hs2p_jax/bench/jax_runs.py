@@ -208,8 +208,8 @@ class SampleRun:
 
     self.copy, mesh, gen_graphdef, gen_state = None, self.mesh, graphdef, abs_state
     if layout == "rollout" and self.mesh is not None:
-      lay = layout_for(abs_state, cfg, self.mesh, DEFAULT_RULES, rows=self.rows)
-      mesh, gen_graphdef, gen_state = lay.mesh, lay.graphdef, lay.abstract(abs_state)
+      lay = layout_for(cfg, self.mesh, DEFAULT_RULES, rows=self.rows)
+      mesh, gen_graphdef, gen_state = lay.mesh, lay.graphdef, lay.abstract()
 
     def compile_for(n: int):
       scfg = SamplingConfig(max_new_tokens=n, temperature=temperature, eos_ids=(), pad_id=0, num_samples=samples)

@@ -21,6 +21,12 @@ def create(kind: str, cfg: LlamaConfig, num_attributes: int = 9, seed: int = 0) 
   raise UserError(f"model kind {kind!r}: expected one of {', '.join(KINDS)}")
 
 
+def model_from(graphdef: nnx.GraphDef, params) -> nnx.Module:
+  """The model of a split: `params` is one State, or a tuple of States (a LoRA run's trainable
+  params and its frozen base)."""
+  return nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
+
+
 def merge_lora(model: LlamaForCausalLM | RewardModel) -> LlamaForCausalLM | RewardModel:
   """`model` with its LoRA adapters folded into the weights (`model.lora`); a model without them as it is."""
   from hs2p_jax.model import lora
@@ -32,4 +38,4 @@ def merge_lora(model: LlamaForCausalLM | RewardModel) -> LlamaForCausalLM | Rewa
 
 
 __all__ = ["ATTRIBUTES", "HELPFULNESS", "KINDS", "KVCache", "Llama", "LlamaConfig", "LlamaForCausalLM",
-           "RewardModel", "create", "merge_lora", "from_hf_config", "preset", "to_hf_config"]
+           "RewardModel", "create", "merge_lora", "model_from", "from_hf_config", "preset", "to_hf_config"]

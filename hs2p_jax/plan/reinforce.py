@@ -31,18 +31,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
 from hs2p_jax.bench import decode_time
 from hs2p_jax.bench.flops import PEAK_FLOPS, attention_forward_flops, decode_flops, forward_flops
 from hs2p_jax.config import ReinforceRunConfig
+from hs2p_jax.model import model_from
 from hs2p_jax.model.attention import choose
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.plan import compile as comp
 from hs2p_jax.plan.rm import num_params
 from hs2p_jax.plan.target import Target, final_verdict, gpu_warnings, verdict
-from hs2p_jax.rollout import copy_bytes, smallest_fitting
+from hs2p_jax.rollout import smallest_fitting
 from hs2p_jax.sample import SamplingConfig, generate_from_state
 from hs2p_jax.sharding import MESH_AXES, Rules, batch_split, rules_from, use_mesh
 from hs2p_jax.train import reinforce_trainer as rt
@@ -108,8 +108,8 @@ def sampler_state(ph: rt.Phases) -> tuple[Any, Rules, Any, Any]:
   """(mesh, rules, graphdef, abstract params) the sampler runs with: the rollout copy's, or the policy's."""
   st, lay = ph.update.state, ph.layout
   if lay is None:
-    return st.mesh, st.rules, st.graphdef, st.params
-  return lay.mesh, lay.rules, lay.graphdef, lay.abstract(st.params)
+    return st.mesh, st.rules, st.graphdef, st.model_params(st.params, st.frozen)
+  return lay.mesh, lay.rules, lay.graphdef, lay.abstract()
 
 
 def lower(phase: str, cfg: ReinforceRunConfig, ph: rt.Phases, new_tokens: int | None = None):
@@ -117,7 +117,7 @@ def lower(phase: str, cfg: ReinforceRunConfig, ph: rt.Phases, new_tokens: int | 
   st, s = ph.update.state, shapes(cfg)
   mesh, rules = st.mesh, st.rules
   if phase == "copy":
-    return ph.layout._copy.lower(st.params)
+    return ph.layout._copy.lower(st.model_params(st.params, st.frozen))
   if phase == "generate":
     s_mesh, s_rules, graphdef, params = sampler_state(ph)
     prompts = jax.ShapeDtypeStruct((s.prompts, s.prompt_len), jnp.int32, sharding=NamedSharding(mesh, P()))
@@ -126,7 +126,7 @@ def lower(phase: str, cfg: ReinforceRunConfig, ph: rt.Phases, new_tokens: int | 
       return generate_from_state.lower(graphdef, params, prompts, prompts, key, sampling(cfg, new_tokens))
   with use_mesh(mesh, rules):
     if phase == "logprobs":
-      return ph.logprobs.lower(st.params, rt.rollout_spec(cfg, mesh, rules, s.rollouts))
+      return ph.logprobs.lower(st.model_params(st.params, st.frozen), rt.rollout_spec(cfg, mesh, rules, s.rollouts))
     if phase == "score":
       return ph.score.lower(st.frozen["reward_model"], score_spec(mesh, rules, s.prompt_len + s.new_tokens))
   if phase == "update":
@@ -141,7 +141,7 @@ def _decode_step(ph: rt.Phases, s: Shapes):
   mesh, rules, graphdef, params = sampler_state(ph)
 
   def step(params, tok):
-    lm = nnx.merge(graphdef, params)
+    lm = model_from(graphdef, params)
     cache = _constrain_cache(KVCache.init(lm.cfg, tok.shape[0], s.prompt_len + s.new_tokens))
     hidden, cache = lm.model(tok[:, None], jnp.ones_like(tok)[:, None], cache=cache)
     return lm.logits(hidden)[:, 0], cache
@@ -257,13 +257,12 @@ def rollout_report(cfg: ReinforceRunConfig, policy: LlamaConfig, ph: rt.Phases, 
   lay, s = ph.layout, shapes(cfg)
   if lay is None:
     return {"copy": False, "note": "sampling from the training params and layout (reinforce.rollout_copy=false)"}
-  params = ph.update.state.params
   out = {"copy": True, "dtype": lay.dtype, "tensor": lay.tensor, "mesh": dict(lay.mesh.shape),
-         "bytes_per_device": lay.bytes_per_device(params), "note": lay.describe()}
+         "bytes_per_device": lay.bytes_per_device(), "note": lay.describe()}
   chip = target.chip.name if target.chip else None
   if not decode_time.known(chip):
     return out
-  size, context = copy_bytes(params, lay.dtype), s.prompt_len + s.new_tokens / 2
+  size, context = lay.copy_bytes(), s.prompt_len + s.new_tokens / 2
   smallest = smallest_fitting(size, target.devices, policy, s.rollouts, target.hbm_bytes)
   out["decode"] = {
       name: decode_time.decode_time(policy, size, lay.dtype, target.devices, t, s.rollouts, context, chip)

@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from hs2p_jax.model import model_from
 from hs2p_jax.losses import dpo_losses, dpo_rewards
 from hs2p_jax.model.llama import LlamaForCausalLM
 from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
 from hs2p_jax.train.logprobs import per_owner, target_logprobs
+from hs2p_jax.train.state import with_base
 
 Batch = dict[str, jax.Array]
 
@@ -49,18 +51,19 @@ def _sums(logp: jax.Array, ref: jax.Array, counts: jax.Array, batch: Batch, vari
 def make_dpo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, variant: str, beta: float):
   """A pure `step(params, opt_state, frozen, batches) -> (params, opt_state, metrics)`: the mean
   DPO loss over the valid pairs of k stacked micro-batches ([k, R, T], ...), gradients accumulated;
-  the reference (`frozen["reference"]`)'s log-probs are computed in the same step (forward only)."""
+  the reference (`frozen["reference"]`)'s log-probs are computed in the same step (forward only).
+  A LoRA run's `frozen` also holds the base, under the policy's adapters and the reference's."""
 
-  def sum_loss(params, ref_params, batch):
-    logp, counts = pair_logprobs(nnx.merge(graphdef, params), batch)
-    ref, _ = pair_logprobs(nnx.merge(graphdef, ref_params), batch)
+  def sum_loss(params, frozen, batch):
+    logp, counts = pair_logprobs(model_from(graphdef, with_base(params, frozen)), batch)
+    ref, _ = pair_logprobs(model_from(graphdef, with_base(frozen["reference"], frozen)), batch)
     sums = _sums(logp, jax.lax.stop_gradient(ref), counts, batch, variant, beta)
     return sums["loss"], sums
 
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def step(params, opt_state, frozen, batches):
-    grads, sums = summed_grads(grad_fn, params, batches, frozen["reference"])
+    grads, sums = summed_grads(grad_fn, params, batches, frozen)
     params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["pairs"])
     return params, opt_state, {"grad_norm": grad_norm, **metrics_of(sums)}
 
@@ -78,11 +81,12 @@ def metrics_of(sums: dict[str, Any]) -> dict[str, Any]:
 
 def make_dpo_eval(graphdef: nnx.GraphDef) -> Callable:
   """A pure `eval(params, ref_params, batch) -> [P, 6]`: policy log-probs (chosen, rejected),
-  reference log-probs (chosen, rejected), response token counts (chosen, rejected)."""
+  reference log-probs (chosen, rejected), response token counts (chosen, rejected); params as
+  `model.model_from` takes them."""
 
   def evaluate(params, ref_params, batch):
-    logp, counts = pair_logprobs(nnx.merge(graphdef, params), batch)
-    ref, _ = pair_logprobs(nnx.merge(graphdef, ref_params), batch)
+    logp, counts = pair_logprobs(model_from(graphdef, params), batch)
+    ref, _ = pair_logprobs(model_from(graphdef, ref_params), batch)
     return jnp.concatenate([logp, ref, counts], axis=1)
 
   return evaluate

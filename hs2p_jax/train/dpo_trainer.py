@@ -19,15 +19,16 @@ from hs2p_jax.train import dpo
 from hs2p_jax.train.feed import StepFeed, micro_batch_rows, stacked_spec
 from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta, tokenizer_spec
 from hs2p_jax.train.optim import optimizer_from
-from hs2p_jax.train.state import Part, RunState, Step, frozen_dtype
+from hs2p_jax.train.state import Part, RunState, Step, frozen_dtype, initial_copy
 from hs2p_jax.train.trainer import INITIAL, Trainer, on_validation, replicated_jit, run_datasets
 
 
 def blueprint(cfg: DPORunConfig, mesh: Any, rules: Rules, arch: LlamaConfig | None = None) -> Step:
-  """The policy (trained), its AdamW state and the frozen reference, and the jitted DPO step."""
+  """The policy (trained), its AdamW state and the frozen reference, and the jitted DPO step. A
+  LoRA policy trains its adapters over the frozen base; its reference is its initial adapters."""
   dc = cfg.dpo
   arch = arch or architecture(cfg.policy)[0]
-  reference = Part("lm", arch, dtype=frozen_dtype(dc.frozen_dtype, arch.dtype))
+  reference = initial_copy(arch, frozen_dtype(dc.frozen_dtype, arch.dtype))
   state = RunState.build(Part("lm", arch), {"reference": reference}, optimizer_from(dc), mesh, rules)
   return Step(state, dpo.make_dpo_step(state.graphdef, state.tx, dc.variant, dc.beta), takes=("reference",))
 
@@ -44,9 +45,6 @@ def trainer(cfg: DPORunConfig, out_dir: str) -> Trainer:
   """The DPO run of `cfg` in `out_dir` (its data read, its weights not yet)."""
   if cfg.policy.kind != "lm":
     raise UserError("train-dpo: policy.kind must be lm")
-  if cfg.policy.lora.rank:
-    raise UserError(f"policy.lora.rank={cfg.policy.lora.rank}: train-dpo does not train LoRA adapters yet "
-                    "(train-rm does)")
   dc, mesh, rules = cfg.dpo, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
   micro = dc.micro_batch_size or dc.batch_size
   tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))
@@ -55,7 +53,7 @@ def trainer(cfg: DPORunConfig, out_dir: str) -> Trainer:
   check_tokenizer(tokenizer, step.state.trainable.config)
   eval_step = replicated_jit(dpo.make_dpo_eval(step.state.graphdef), mesh)
   evaluate = on_validation(  # loss, implicit-reward accuracy and margin, rewards and drift
-      sets, dc, mesh, rules, lambda t: lambda p, b: eval_step(p, t.frozen["reference"], b),
+      sets, dc, mesh, rules, lambda t: lambda p, b: eval_step(p, t.frozen_params("reference"), b),
       lambda res: dpo.eval_metrics(res["outputs"], res["magnitude"], dc.variant, dc.beta))
   meta = model_meta(cfg.policy, step.state.trainable.config, cfg.data.template)
   batch = {**micro_batch_rows("dpo.micro_batch_size", micro, 2, mesh, rules, cfg.mesh.allow_padding, cfg.data.packing),

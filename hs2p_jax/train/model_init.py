@@ -53,7 +53,7 @@ def tokenizer_spec(mc: ModelConfig) -> str:
   """The tokenizer `mc` implies: explicit, else that of its checkpoint or source, else bytes."""
   if mc.tokenizer not in ("auto", None):
     return mc.tokenizer
-  if mc.init_from:
+  if mc.init_from and not is_peft_adapter(mc.init_from):
     tok_dir = storage.join(resolve_model_dir(mc.init_from), "tokenizer")
     if storage.isdir(tok_dir):
       return storage.local_copy(tok_dir) if storage.is_url(tok_dir) else tok_dir  # small: any process may copy
@@ -91,6 +91,10 @@ def architecture(mc: ModelConfig, download: bool = True) -> tuple[LlamaConfig, s
   """The model's LlamaConfig (its runtime keys applied) and where it came from, from metadata only.
   `download=False` (hs2p plan) never asks the hub: a hub source not on disk falls back to the preset."""
   runtime = _runtime(mc)
+  if mc.init_from and is_peft_adapter(mc.init_from):  # adapters over the base model.source names
+    _peft_base(mc)
+    return architecture(dataclasses.replace(mc, init_from=None), download)[0], \
+        f"model.init_from={mc.init_from} (PEFT adapter) over model.source={mc.source}"
   if mc.init_from and not download and not is_local_checkpoint(mc.init_from):
     return preset(mc.preset, **runtime), f"model.preset={mc.preset} ({mc.init_from}: not read by plan here)"
   if mc.init_from:
@@ -171,9 +175,30 @@ def load_source(mc: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAUL
   return with_adapters(model, lora, mc.seed, mesh, rules)
 
 
+def is_peft_adapter(path: str | None) -> bool:
+  """Whether `path` is a PEFT adapter directory (adapter_config.json) on this machine."""
+  from hs2p_jax.convert.peft import CONFIG
+  return bool(path) and not storage.is_url(path) and os.path.isfile(os.path.join(path, CONFIG))
+
+
+def _peft_base(mc: ModelConfig) -> None:
+  """Checks that a PEFT `model.init_from` has its base: `model.source`, the base's weights."""
+  if mc.source:
+    return
+  from hs2p_jax.convert.peft import read_adapter_config
+  named = read_adapter_config(mc.init_from).get("base_model_name_or_path")
+  hint = f" (its adapter_config.json names {named})" if named else ""
+  raise UserError(f"model.init_from={mc.init_from}: a PEFT adapter; set model.source to its base model{hint}")
+
+
 def _load_weights(mc: ModelConfig, runtime: dict[str, Any], mesh: Mesh | None, rules: Rules,
                   stats: ReadStats) -> nnx.Module:
   kind = mc.kind
+  if mc.init_from and is_peft_adapter(mc.init_from):  # the base from model.source, then the adapters (and head)
+    from hs2p_jax.convert.peft import lora_fields, load_adapter
+    _peft_base(mc)
+    model = _load_weights(dataclasses.replace(mc, init_from=None), runtime, mesh, rules, stats)
+    return load_adapter(with_adapters(model, lora_fields(mc.init_from), mc.seed, mesh, rules), mc.init_from)
   if mc.init_from:
     architecture(mc)  # the kind and depth checks
     model, meta = load_model(mc.init_from, mesh, rules, **{k: v for k, v in runtime.items() if k != "num_layers"})

@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from hs2p_jax.model import model_from
 from hs2p_jax.model.llama import LlamaForCausalLM
 from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
 from hs2p_jax.train.logprobs import token_logprobs
+from hs2p_jax.train.state import with_base
 
 
 def rloo_baseline(rewards: jax.Array, ended: jax.Array) -> jax.Array:
@@ -124,15 +126,15 @@ def interleave(a: jax.Array, m: int, group: int = 1) -> jax.Array:
 
 def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, share_prompt_k: int | None = None,
                      temperature: float = 1.0, micro_batches: int = 1):
-  """A pure `step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)` (`frozen`: {}) on a rollout minibatch
+  """A pure `step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)` (`frozen`: a LoRA run's base) on a rollout minibatch
   (`prompt_ids`, `prompt_mask`, `tokens`, `response_mask`, `advantages`); with `share_prompt_k`,
   rows come in groups of k sharing a prompt, computed once (`shared_prompt_logprobs`). Log-probs
   under softmax(logits / temperature) (`objective_temperature`). With `micro_batches` m, the rows
   go through the model m slices at a time and the gradient of the summed loss is accumulated, so
   the step equals the one-pass step (the loss is one masked mean over all the minibatch's tokens)."""
 
-  def sum_loss(params, batch):  # (sum over response tokens of -logp * advantage, token count)
-    logp = _logprobs(nnx.merge(graphdef, params), batch, share_prompt_k, temperature)
+  def sum_loss(params, frozen, batch):  # (sum over response tokens of -logp * advantage, token count)
+    logp = _logprobs(model_from(graphdef, with_base(params, frozen)), batch, share_prompt_k, temperature)
     m = batch["response_mask"].astype(jnp.float32)
     total = -jnp.sum(logp * batch["advantages"][:, None] * m)
     return total, {"loss": total, "tokens": jnp.sum(m)}
@@ -140,12 +142,12 @@ def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, s
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def step(params, opt_state, frozen, batch):
-    del frozen  # the KL term is in the advantages, computed before the update
+    # frozen: a LoRA run's base, else {} (the KL term is in the advantages, computed before the update)
     if micro_batches == 1:
-      (_, sums), grads = grad_fn(params, batch)
+      (_, sums), grads = grad_fn(params, frozen, batch)
     else:
       stacked = jax.tree.map(lambda a: interleave(a, micro_batches, share_prompt_k or 1), batch)
-      grads, sums = summed_grads(grad_fn, params, stacked)
+      grads, sums = summed_grads(grad_fn, params, stacked, frozen)
     params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["tokens"])
     return params, opt_state, {"loss": sums["loss"] / jnp.maximum(sums["tokens"], 1.0), "grad_norm": grad_norm}
 
@@ -153,9 +155,10 @@ def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, s
 
 
 def make_logprob_fn(graphdef: nnx.GraphDef, share_prompt_k: int | None = None, temperature: float = 1.0):
-  """A pure `logprobs(params, batch) -> [N, Tr]` under the model `params` describe, at `temperature`."""
+  """A pure `logprobs(params, batch) -> [N, Tr]` under the model `params` describe (as
+  `model.model_from` takes them), at `temperature`."""
 
   def fn(params, batch):
-    return _logprobs(nnx.merge(graphdef, params), batch, share_prompt_k, temperature)
+    return _logprobs(model_from(graphdef, params), batch, share_prompt_k, temperature)
 
   return fn

@@ -32,7 +32,7 @@ from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.reinforce import kl_per_token, make_logprob_fn, make_policy_step, masked_mean, objective_temperature
 from hs2p_jax.train.rm_scorer import RewardScorer, score_fn
 from hs2p_jax.train.rollouts import RolloutSource
-from hs2p_jax.train.state import Part, RunState, Step, frozen_dtype
+from hs2p_jax.train.state import Part, RunState, Step, frozen_dtype, initial_copy
 from hs2p_jax.train.trainer import INITIAL, Trainer
 
 
@@ -73,17 +73,17 @@ def blueprint(cfg: ReinforceRunConfig, mesh: Any, rules: Rules, policy: LlamaCon
   rc = cfg.reinforce
   policy = policy or architecture(cfg.policy)[0]
   stored = frozen_dtype(rc.frozen_dtype, policy.dtype)
-  frozen = {"reference": Part("lm", policy, dtype=stored)}
+  frozen = {"reference": initial_copy(policy, stored)}
   if reward is not None:
     frozen["reward_model"] = Part("reward", reward[0], reward[1], dtype=stored)
   state = RunState.build(Part("lm", policy), frozen, optimizer_from(rc), mesh, rules)
   share = rc.samples_per_prompt if rc.share_prompt else None  # rows come in prompt-major groups of k
   temp = objective_temperature(rc.temperature)  # the loss and KL read the sampler's distribution
   replicated = NamedSharding(mesh, P())
-  layout = layout_for(state.params, policy, mesh, rules, tensor=rc.rollout_tensor, dtype=rc.rollout_dtype,
+  layout = layout_for(policy, mesh, rules, tensor=rc.rollout_tensor, dtype=rc.rollout_dtype,
                       rows=rc.prompts_per_step * rc.samples_per_prompt,
                       context=cfg.data.max_length + rc.max_new_tokens / 2, memory=memory,
-                      chip=chip) if rc.rollout_copy else None
+                      chip=chip, train_graphdef=state.graphdef) if rc.rollout_copy else None
   return Phases(
       update=Step(state, make_policy_step(state.graphdef, state.tx, share, temp, rc.micro_batches)),
       logprobs=jax.jit(make_logprob_fn(state.graphdef, share, temp)),
@@ -118,9 +118,6 @@ def trainer(cfg: ReinforceRunConfig, out_dir: str, scorer: Callable | None = Non
     raise UserError("reinforce: set reward_model=CKPT (a reward-model checkpoint)")
   if cfg.policy.kind != "lm":
     raise UserError("reinforce: policy.kind must be lm")
-  if cfg.policy.lora.rank:
-    raise UserError(f"policy.lora.rank={cfg.policy.lora.rank}: reinforce does not train LoRA adapters yet "
-                    "(train-rm does)")
   rc, mesh, rules = cfg.reinforce, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
   policy = architecture(cfg.policy)[0]
   reward = reward_architecture(cfg, policy) if scorer is None else None  # fails now, before any data or weights

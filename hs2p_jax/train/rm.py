@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from hs2p_jax.model import model_from
 from hs2p_jax.losses import bt_losses
 from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
-from hs2p_jax.train.state import model_from
+from hs2p_jax.train.state import with_base
 from hs2p_jax.model.reward import RewardModel
 
 Batch = dict[str, jax.Array]
@@ -61,14 +62,14 @@ def loss_terms(model: RewardModel, batch: Batch, objective: Objective) -> tuple[
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, objective: Objective,
                     schedule: Callable[[Any], Any] | None = None):
-  """A pure `step(params, opt_state, frozen, batches) -> (params, opt_state, metrics)` (`frozen`: {}).
+  """A pure `step(params, opt_state, frozen, batches) -> (params, opt_state, metrics)` (`frozen`: a LoRA run's base, else {}).
 
   `batches` holds k micro-batches stacked on a leading axis ([k, R, T], ...); gradients of the
   summed loss are accumulated over them and divided by the total count.
   """
 
-  def sum_loss(params, base, batch):
-    model = model_from(graphdef, (params, *base))
+  def sum_loss(params, frozen, batch):
+    model = model_from(graphdef, with_base(params, frozen))
     total, count, extra = loss_terms(model, batch, objective)
     return total, {"loss": total, "count": count, "correct": extra.get("correct", jnp.zeros(())),
                    "examples": extra["examples"]}
@@ -76,8 +77,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def step(params, opt_state, frozen, batches):
-    base = (frozen["base"],) if "base" in frozen else ()  # a LoRA run's base; nothing else is frozen
-    grads, sums = summed_grads(grad_fn, params, batches, base)
+    grads, sums = summed_grads(grad_fn, params, batches, frozen)  # frozen: a LoRA run's base, else {}
     params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["count"])
     metrics = {"loss": sums["loss"] / jnp.maximum(sums["count"], 1.0), "grad_norm": grad_norm,
                "examples": sums["examples"]}
@@ -90,7 +90,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
 
 def make_eval_step(graphdef: nnx.GraphDef):
   """A pure `eval(params, batch) -> outputs` ([P, 2, A] or [B, A] float32); params as
-  `state.model_from` takes them."""
+  `model.model_from` takes them."""
 
   def evaluate(params, batch):
     return reward_outputs(model_from(graphdef, params), batch)

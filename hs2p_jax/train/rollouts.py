@@ -80,9 +80,9 @@ class RolloutSource:
     t0 = time.time()
     if ph.layout is not None:  # cast and resharded once, not at every token
       lay = ph.layout
-      mesh, rules, graphdef, params = lay.mesh, lay.rules, lay.graphdef, lay.copy(trainer.params)
+      mesh, rules, graphdef, params = lay.mesh, lay.rules, lay.graphdef, lay.copy(trainer.model_params())
     else:
-      mesh, rules, graphdef, params = state.mesh, state.rules, state.graphdef, trainer.params
+      mesh, rules, graphdef, params = state.mesh, state.rules, state.graphdef, trainer.model_params()
     with use_mesh(mesh, rules):  # one prefill per prompt, k samples from its cache
       out = generate_from_state(graphdef, params, ids, mask, key, self.sampling, self.stops)
     del params  # the decode copy lives for the sampling only
@@ -94,8 +94,8 @@ class RolloutSource:
     upd = {"prompt_ids": ids, "prompt_mask": mask, "tokens": tokens, "response_mask": resp_mask}
     dev = put_batch(upd, state.mesh, state.rules)
     with use_mesh(state.mesh, state.rules):
-      logp = ph.logprobs(trainer.params, dev)
-      ref_logp = ph.logprobs(trainer.frozen["reference"], dev)
+      logp = ph.logprobs(trainer.model_params(), dev)
+      ref_logp = ph.logprobs(trainer.frozen_params("reference"), dev)
       kl = host_global(ph.kl(logp, ref_logp, dev["response_mask"]))
     prompts = [self.loader.examples[int(i)].prompt for i in np.repeat(batch["example_id"], k)]
     responses = [response_text(self.tokenizer, tokens[i], int(lengths[i]), rc.stop_strings, self.eos_ids)

@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from hs2p_jax.model import model_from
 from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
 from hs2p_jax.train.logprobs import per_owner, target_logprobs
+from hs2p_jax.train.state import with_base
 
 Batch = dict[str, jax.Array]
 
@@ -28,11 +30,11 @@ def example_logprobs(lm, batch: Batch) -> tuple[jax.Array, jax.Array]:
 
 
 def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
-  """A pure `step(params, opt_state, frozen, batches) -> (params, opt_state, metrics)` (`frozen`: {}) over k stacked
+  """A pure `step(params, opt_state, frozen, batches) -> (params, opt_state, metrics)` (`frozen`: a LoRA run's base) over k stacked
   micro-batches: the token-mean NLL of the valid examples' responses, gradients accumulated."""
 
-  def sum_loss(params, batch):
-    sums, counts = example_logprobs(nnx.merge(graphdef, params), batch)
+  def sum_loss(params, frozen, batch):
+    sums, counts = example_logprobs(model_from(graphdef, with_base(params, frozen)), batch)
     valid = batch["valid"].astype(jnp.float32)
     loss = -jnp.sum(sums * valid)
     return loss, {"loss": loss, "tokens": jnp.sum(counts * valid)}
@@ -40,8 +42,7 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def step(params, opt_state, frozen, batches):
-    del frozen
-    grads, sums = summed_grads(grad_fn, params, batches)
+    grads, sums = summed_grads(grad_fn, params, batches, frozen)  # frozen: a LoRA run's base, else {}
     params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["tokens"])
     return params, opt_state, {"loss": sums["loss"] / jnp.maximum(sums["tokens"], 1.0), "grad_norm": grad_norm,
                                "target_tokens": sums["tokens"]}
@@ -50,10 +51,11 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
 
 
 def make_sft_eval(graphdef: nnx.GraphDef) -> Callable:
-  """A pure `eval(params, batch) -> [N, 2]`: each example's response log-prob sum and token count."""
+  """A pure `eval(params, batch) -> [N, 2]`: each example's response log-prob sum and token count;
+  params as `model.model_from` takes them."""
 
   def evaluate(params, batch):
-    sums, counts = example_logprobs(nnx.merge(graphdef, params), batch)
+    sums, counts = example_logprobs(model_from(graphdef, params), batch)
     return jnp.stack([sums, counts], axis=1)
 
   return evaluate

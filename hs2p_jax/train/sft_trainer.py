@@ -38,9 +38,6 @@ def trainer(cfg: SFTRunConfig, out_dir: str) -> Trainer:
   """The SFT run of `cfg` in `out_dir` (its data read, its weights not yet)."""
   if cfg.policy.kind != "lm":
     raise UserError("train-sft: policy.kind must be lm")
-  if cfg.policy.lora.rank:
-    raise UserError(f"policy.lora.rank={cfg.policy.lora.rank}: train-sft does not train LoRA adapters yet "
-                    "(train-rm does)")
   sc, mesh, rules = cfg.sft, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
   micro = sc.micro_batch_size or sc.batch_size
   tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))

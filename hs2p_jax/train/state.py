@@ -38,6 +38,7 @@ class Part:
   config: LlamaConfig
   num_attributes: int = 9
   dtype: str = "float32"     # float32 for the trainable model; the compute dtype for frozen ones
+  adapters: bool = False     # a frozen copy of a LoRA run's trainable params only, over its base
 
 
 def frozen_dtype(setting: str, compute_dtype: str) -> str:
@@ -89,9 +90,17 @@ def lora_split(part: Part, mesh: Any, rules: Rules) -> tuple[nnx.GraphDef, Any, 
   return graphdef, _placed(train, part.dtype, mesh, rules), _placed(base, part.config.dtype, mesh, rules)
 
 
-def model_from(graphdef: nnx.GraphDef, params: Any) -> nnx.Module:
-  """The model of `params`: one State, or a tuple of States (a LoRA run's trainable params and base)."""
-  return nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
+def with_base(tree: Any, frozen: dict[str, Any]) -> Any:
+  """What `model_from` takes for `tree` (trainable params, or a frozen copy of them) in a step whose
+  frozen models are `frozen`: with a LoRA run's base where it has one."""
+  return (tree, frozen["base"]) if "base" in frozen else tree
+
+
+def initial_copy(arch: LlamaConfig, stored: str) -> Part:
+  """The frozen copy of a policy as its run starts (the DPO / REINFORCE reference): the whole model
+  with its matrices in `stored`; of a LoRA policy, only its initial adapters (float32, read over the
+  run's base: the base is not copied)."""
+  return Part("lm", arch, dtype="float32" if arch.lora_rank else stored, adapters=bool(arch.lora_rank))
 
 
 def subset(tree: Any, like: Any) -> Any:
@@ -149,7 +158,10 @@ class RunState:
     abs_opt = jax.eval_shape(tx.init, params)
     opt_sh = opt_state_shardings(abs_opt, shardings_of(params), mesh)
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, opt_sh)
-    built = {name: abstract_part(part, mesh, rules) for name, part in frozen.items()}
+    built = {name: (graphdef, params) if part.adapters else abstract_part(part, mesh, rules)
+             for name, part in frozen.items()}
+    if any(part.adapters for part in frozen.values()) and frozen_base is None:
+      raise ValueError("a frozen part of adapters needs a LoRA trainable part")
     if frozen_base is not None:
       frozen[frozen_base[0]] = frozen_base[1]
       built[frozen_base[0]] = (graphdef, base)
@@ -160,6 +172,14 @@ class RunState:
   def lora(self) -> bool:
     """Whether the trainable params are LoRA adapters (and head) over the frozen part "base"."""
     return "base" in self.frozen_parts
+
+  def model_params(self, params: Any, frozen: dict[str, Any]) -> Any:
+    """What `model_from(self.graphdef, .)` takes for the trainable `params`: with the base in a LoRA run."""
+    return (params, frozen["base"]) if self.lora else params
+
+  def frozen_params(self, name: str, frozen: dict[str, Any]) -> Any:
+    """What `model_from(self.frozen_graphdefs[name], .)` takes for frozen part `name`."""
+    return (frozen[name], frozen["base"]) if self.frozen_parts[name].adapters else frozen[name]
 
   def checkpointed(self) -> dict[str, Any]:
     """The abstract tree a run's checkpoints hold (and restore into): params and optimizer state."""

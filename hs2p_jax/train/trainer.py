@@ -29,12 +29,13 @@ from hs2p_jax.config import ModelConfig, to_dict
 from hs2p_jax.convert.state import ReadStats
 from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.eval.scoring import collect
+from hs2p_jax.model import model_from
 from hs2p_jax.sharding import batch_split, use_mesh
 from hs2p_jax.train.feed import feed_layout
 from hs2p_jax.train.loop import LoopConfig, run as run_loop
 from hs2p_jax.train.model_init import load_params
 from hs2p_jax.train.optim import schedule
-from hs2p_jax.train.state import Step, model_from, store_as, subset
+from hs2p_jax.train.state import Step, store_as, subset
 
 INITIAL = "initial"  # `frozen_from`: the trainable model as the run starts
 
@@ -150,12 +151,16 @@ class Trainer:
       self._say("resume: state restored from the run's checkpoint; the source weights were not read")
 
   def model_params(self, float32: bool = False) -> Any:
-    """What `state.model_from` makes the model of: the params, or a LoRA run's (params, base) (the
+    """What `model.model_from` makes the model of: the params, or a LoRA run's (params, base) (the
     base's matrices back in float32 with `float32`)."""
     if not self.state.lora:
       return self.params
     base = self.frozen["base"]
     return self.params, (store_as(base, "float32") if float32 else base)
+
+  def frozen_params(self, name: str) -> Any:
+    """What `model.model_from` makes frozen model `name` of (`RunState.frozen_params`)."""
+    return self.state.frozen_params(name, self.frozen)
 
   def _read_source(self) -> Any:
     return load_params(self.model_cfg, self.state.params, self.mesh, self.rules, self.source_reads)
