@@ -100,3 +100,17 @@ def test_the_lora_plan_counts_optimizer_state_for_the_adapters_only():
   a, b = full["analytic"], lora["analytic"]
   assert b["frozen_base"] + b["params"] >= a["params"] > b["frozen_base"]  # the base: all but the head
   assert b["optimizer"] < a["optimizer"] / 4 and b["gradients"] < a["gradients"] / 4
+
+
+def test_the_quickstart_lora_config_learns(tmp_path):
+  """configs/quickstart/scaled_bt_lora.yaml (half its steps): adapters alone lift validation accuracy above chance."""
+  from hs2p_jax.train import rm_trainer
+  repo = os.path.join(os.path.dirname(__file__), "..")
+  cfg = config_lib.load(config_lib.RunConfig, os.path.join(repo, "configs/quickstart/scaled_bt_lora.yaml"),
+                        ["train.steps=40", "train.eval_every=40", "train.save_every=1000", "data.buckets=[160]"])
+  assert cfg.model.lora.rank == 8
+  t = rm_trainer.trainer(cfg, str(tmp_path / "run"))
+  start = t.evaluate()
+  t.run()
+  recs = read_metrics(os.path.join(tmp_path, "run", "metrics.jsonl"))
+  assert recs[-1]["val_accuracy"] > 0.6 and recs[-1]["val_loss"] < start["val_loss"], (start, recs[-1])
