@@ -124,20 +124,28 @@ def test_lora_config_is_checked_by_name():
   assert merge_lora(lm).cfg.lora_rank == 0
 
 
-def test_expo_extrapolates_lora_models_on_their_merged_weights(tmp_path):
-  """ExPO is linear in the weights, not in A and B: a LoRA tuned model over a plain base loads merged,
-  and factor f gives W + f (W_tuned - W) on every weight."""
+def test_expo_on_adapters_equals_expo_on_the_merged_weights(tmp_path):
+  """ExPO on a LoRA tuned model keeps A and scales B (and extrapolates the rest, head included): the
+  result stays a LoRA model and equals W + f (W_tuned - W) on the merged weights."""
   from hs2p_jax.checkpoint import ModelMeta, save_model
   from hs2p_jax.commands.expo import load_pair
   from hs2p_jax.expo import extrapolate
   base, adapted = _models()
   _randomise_b(adapted)
+  adapted.head_kernel[...] = base.head_kernel[...] + 0.1  # the head trained in full
   from hs2p_jax.tokenizer import byte_tokenizer
   save_model(str(tmp_path / "base"), base, ModelMeta("reward", base.cfg, 3), byte_tokenizer())
   save_model(str(tmp_path / "tuned"), adapted, ModelMeta("reward", adapted.cfg, 3), byte_tokenizer())
   graphdef, b, t, meta, _ = load_pair(str(tmp_path / "base"), str(tmp_path / "tuned"))
-  assert meta.config.lora_rank == 0 and not nnx.state(nnx.merge(graphdef, t), nnx.LoRAParam)
-  out = nnx.merge(graphdef, extrapolate(b, t, 2.0))
+  assert meta.config.lora_rank == adapted.cfg.lora_rank
+  lora_out = nnx.merge(graphdef, extrapolate(b, t, 2.0))
+  np.testing.assert_array_equal(np.asarray(lora_out.model.layers.attn.wq_lora_a[...]),
+                                np.asarray(adapted.model.layers.attn.wq_lora_a[...]))
+  np.testing.assert_allclose(np.asarray(lora_out.model.layers.attn.wq_lora_b[...]),
+                             2.0 * np.asarray(adapted.model.layers.attn.wq_lora_b[...]), rtol=1e-6)
+  out = merge_lora(lora_out)
   w0 = np.asarray(base.model.layers.attn.wq[...])
   w1 = np.asarray(merge_lora(adapted).model.layers.attn.wq[...])
   np.testing.assert_allclose(np.asarray(out.model.layers.attn.wq[...]), w0 + 2.0 * (w1 - w0), atol=1e-5)
+  h0, h1 = np.asarray(base.head_kernel[...]), np.asarray(adapted.head_kernel[...])
+  np.testing.assert_allclose(np.asarray(out.head_kernel[...]), h0 + 2.0 * (h1 - h0), atol=1e-6)

@@ -16,7 +16,8 @@ from hs2p_jax.errors import UserError
 
 def load_pair(base: str, tuned: str, mesh=None, rules=None, runtime: dict | None = None):
   """(graphdef, base params, tuned params, tuned meta, tokenizer) after checking they match; the
-  params are loaded onto `mesh` (sharded by `rules`), one copy of each, LoRA adapters merged in."""
+  params are loaded onto `mesh` (sharded by `rules`), one copy of each. A LoRA tuned model stays
+  one (`at_adapter_start`); the base's own adapters, if any, are merged in."""
   from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model, read_meta
   from hs2p_jax.sharding import DEFAULT_RULES
   base_meta, tuned_meta = read_meta(base), read_meta(tuned)
@@ -27,12 +28,29 @@ def load_pair(base: str, tuned: str, mesh=None, rules=None, runtime: dict | None
   from hs2p_jax.model import merge_lora
   base_model, _ = load_model(base, mesh, rules, **(runtime or {}))
   tuned_model, tuned_meta = load_model(tuned, mesh, rules, **(runtime or {}))
-  # LoRA models extrapolate their merged weights: W + f * (W_t - W) is linear in W, not in A and B
-  base_model, tuned_model = merge_lora(base_model), merge_lora(tuned_model)
+  base_model = merge_lora(base_model)
+  if tuned_model.cfg.lora_rank:
+    base_model = at_adapter_start(tuned_model, base_model)
   tuned_meta = dataclasses.replace(tuned_meta, config=tuned_model.cfg)
   graphdef, base_params = nnx.split(base_model)
   _, tuned_params = nnx.split(tuned_model)
   return graphdef, base_params, tuned_params, tuned_meta, load_checkpoint_tokenizer(tuned)
+
+
+def at_adapter_start(tuned: nnx.Module, base: nnx.Module) -> nnx.Module:
+  """`base` (no adapters) in the structure of the LoRA model `tuned`: its weights, with tuned's A and
+  a zero B. Then `extrapolate(base, tuned, f)` keeps A and scales B by f, so the result is a LoRA
+  model (its adapters export as they are) computing exactly what ExPO on the merged weights gives:
+  W_b + f·(W_t + s·A·B - W_b) = [W_b + f·(W_t - W_b)] + s·A·(f·B), the head extrapolated with them."""
+  from hs2p_jax.model.lora import SUFFIX_B
+  graphdef, state = nnx.split(tuned)
+  flat = dict(nnx.to_flat_state(state))
+  for path, var in nnx.to_flat_state(nnx.state(base)):
+    flat[path] = var
+  for path, var in list(flat.items()):
+    if str(path[-1]).endswith(SUFFIX_B):
+      flat[path] = var.replace(jax.numpy.zeros_like(var.get_value()))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def _shape_fields(cfg) -> tuple:
