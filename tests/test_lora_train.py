@@ -78,6 +78,13 @@ def test_lora_train_rm_resumes_exactly(tmp_path):
   assert os.path.isdir(os.path.join(stopped, "frozen", "base"))  # the base kept once, not in every checkpoint
 
 
+def test_a_frozen_head_stays_with_the_base(tmp_path):
+  from hs2p_jax.train import rm_trainer
+  t = rm_trainer.trainer(_cfg(tmp_path, **{"model.lora.train_head": "false"}), str(tmp_path / "run"))
+  assert all("_lora_" in p for p in _flat(t.state.params))
+  assert {"head_kernel", "head_bias"} <= set(_flat(t.state.frozen["base"]))
+
+
 def test_lora_settings_not_yet_supported_are_named(tmp_path):
   from hs2p_jax.errors import UserError
   from hs2p_jax.train import rm_trainer

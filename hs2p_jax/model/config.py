@@ -44,6 +44,7 @@ class LlamaConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = LORA_TARGETS
+  lora_train_head: bool = True   # with adapters, a reward model's head trains in full (else it stays frozen)
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, dict):

@@ -75,9 +75,12 @@ def projection(module: nnx.Module, weight: str, x: jax.Array, in_dims: int, weig
 
 def trainable(cfg: Any) -> Any:
   """The nnx filter of what trains: everything without adapters; with them, the adapters and the
-  reward head (kernel and bias: a head is never a low-rank update of nothing)."""
+  reward head (kernel and bias: a head is never a low-rank update of nothing) unless
+  `cfg.lora_train_head` is false."""
   if not cfg.lora_rank:
     return nnx.Param
+  if not getattr(cfg, "lora_train_head", True):
+    return nnx.LoRAParam
   return nnx.Any(nnx.LoRAParam, nnx.PathContains("head_kernel"), nnx.PathContains("head_bias"))
 
 
