@@ -91,3 +91,64 @@ def test_grpo_advantages_are_group_normalised():
   g = s.reshape(2, 4)
   want = ((g - g.mean(1, keepdims=True)) / (g.std(1, keepdims=True) + 1e-6)).ravel()
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_the_critic_starts_as_the_reward_model_and_the_first_minibatch_is_unclipped():
+  """An ActorCritic with the critic copied from a reward model: its value after each row's last
+  token is the reward model's score of that sequence; on the rollout's first minibatch the ratio is
+  1 and nothing is clipped; during the critic's warm-up only the critic moves."""
+  import types
+
+  import jax
+  from flax import nnx
+  from hs2p_jax.model import create, preset
+  from hs2p_jax.model.actor_critic import response_values
+  from hs2p_jax.train.optim import actor_critic_optimizer
+  from hs2p_jax.train.reinforce import response_logprobs
+  actor_cfg, critic_cfg = preset("tiny", num_layers=1), preset("tiny", num_layers=2)
+  rm, lm = create("reward", critic_cfg, 9, seed=3), create("lm", actor_cfg, seed=1)
+  ac = create("actor_critic", actor_cfg, 9, critic=critic_cfg)
+  nnx.update(ac.actor, nnx.state(lm))
+  nnx.update(ac.critic, nnx.state(rm))
+  rng = np.random.default_rng(0)
+  n, tp, tr = 4, 6, 5
+  prompt_len, lengths = np.array([6, 3, 4, 2]), np.array([5, 2, 0, 4])
+  prompts = rng.integers(16, 250, (n, tp)).astype(np.int32)
+  pmask = (np.arange(tp)[None] >= tp - prompt_len[:, None]).astype(np.int32)  # left-padded
+  prompts *= pmask
+  tokens = rng.integers(16, 250, (n, tr)).astype(np.int32)
+  rmask = (np.arange(tr)[None] < lengths[:, None]).astype(np.int32)
+  w = np.eye(9, dtype=np.float32)[4]
+  values = np.asarray(response_values(ac.critic, prompts, pmask, tokens, rmask, w))
+  for i in range(n):
+    seq = np.concatenate([prompts[i, tp - prompt_len[i]:], tokens[i, :lengths[i]]])[None]
+    assert values[i, lengths[i]] == pytest.approx(float(np.asarray(rm(seq))[0] @ w), rel=1e-5, abs=1e-6), i
+
+  batch = {"prompt_ids": prompts, "prompt_mask": pmask, "tokens": tokens, "response_mask": rmask}
+  old_logp = np.asarray(response_logprobs(ac.actor, prompts, pmask, tokens, rmask))
+  scores = rng.normal(size=n).astype(np.float32)
+  rewards = ppo.token_rewards(jnp.asarray(scores), jnp.asarray(old_logp), jnp.asarray(old_logp), rmask, 0.01)
+  adv, ret = ppo.gae(rewards, jnp.asarray(values[:, :-1]), rmask, 1.0, 0.95)
+  batch.update(old_logp=old_logp, old_values=values[:, :-1], advantages=np.asarray(ppo.whiten(adv, rmask)),
+               returns=np.asarray(ret))
+  opt_cfg = types.SimpleNamespace(lr=1e-3, critic_lr=1e-3, warmup_steps=0, critic_warmup_steps=2, weight_decay=0.0,
+                                  b1=0.9, b2=0.98, eps=1e-8, grad_clip=1.0)
+  tx = actor_critic_optimizer(opt_cfg)
+  graphdef, params = nnx.split(ac)
+  opt_state = tx.init(params)
+  step = jax.jit(ppo.make_ppo_step(graphdef, tx, w))
+  flat = lambda p: {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(p)}  # noqa: E731
+  start = flat(params)
+  metrics = []
+  for _ in range(4):
+    params, opt_state, m = step(params, opt_state, {}, batch)
+    metrics.append({k: float(v) for k, v in m.items()})
+    if len(metrics) == 2:  # the critic's warm-up: the actor has not moved
+      now = flat(params)
+      assert all(np.array_equal(now[k], start[k]) for k in start if k[0] == "actor")
+      assert any(not np.array_equal(now[k], start[k]) for k in start if k[0] == "critic")
+  first = metrics[0]
+  assert first["ratio"] == pytest.approx(1.0, abs=1e-6) and first["clip_fraction"] == 0.0
+  assert first["approx_kl"] == pytest.approx(0.0, abs=1e-9)
+  assert metrics[-1]["approx_kl"] > 0.0  # the actor moved after the warm-up
+  assert metrics[-1]["value_loss"] < first["value_loss"]

@@ -5,19 +5,24 @@ from __future__ import annotations
 from flax import nnx
 
 from hs2p_jax.errors import UserError
+from hs2p_jax.model.actor_critic import ActorCritic
 from hs2p_jax.model.config import LlamaConfig, from_hf_config, preset, to_hf_config
 from hs2p_jax.model.llama import KVCache, Llama, LlamaForCausalLM
 from hs2p_jax.model.reward import ATTRIBUTES, HELPFULNESS, RewardModel
 
-KINDS = ("lm", "reward")
+KINDS = ("lm", "reward", "actor_critic")
 
 
-def create(kind: str, cfg: LlamaConfig, num_attributes: int = 9, seed: int = 0) -> LlamaForCausalLM | RewardModel:
-  """A freshly initialised model: kind "lm" (causal LM) or "reward" (`num_attributes` outputs)."""
+def create(kind: str, cfg: LlamaConfig, num_attributes: int = 9, seed: int = 0, critic: LlamaConfig | None = None
+           ) -> LlamaForCausalLM | RewardModel | ActorCritic:
+  """A freshly initialised model: kind "lm" (causal LM), "reward" (`num_attributes` outputs) or
+  "actor_critic" (PPO's: an lm of `cfg` and a reward model of `critic`)."""
   if kind == "lm":
     return LlamaForCausalLM(cfg, rngs=nnx.Rngs(seed))
   if kind == "reward":
     return RewardModel(cfg, num_attributes, rngs=nnx.Rngs(seed))
+  if kind == "actor_critic" and critic is not None:
+    return ActorCritic(cfg, critic, num_attributes, rngs=nnx.Rngs(seed))
   raise UserError(f"model kind {kind!r}: expected one of {', '.join(KINDS)}")
 
 
@@ -37,5 +42,5 @@ def merge_lora(model: LlamaForCausalLM | RewardModel) -> LlamaForCausalLM | Rewa
   return lora.merged(model, lambda cfg: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
 
 
-__all__ = ["ATTRIBUTES", "HELPFULNESS", "KINDS", "KVCache", "Llama", "LlamaConfig", "LlamaForCausalLM",
+__all__ = ["ATTRIBUTES", "ActorCritic", "HELPFULNESS", "KINDS", "KVCache", "Llama", "LlamaConfig", "LlamaForCausalLM",
            "RewardModel", "create", "merge_lora", "model_from", "from_hf_config", "preset", "to_hf_config"]

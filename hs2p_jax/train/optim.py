@@ -27,13 +27,14 @@ def decay_mask(params):
   return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def make_optimizer(lr: float, warmup_steps: int = 10, weight_decay: float = 0.1, b1: float = 0.9,
+def make_optimizer(lr: float | optax.Schedule, warmup_steps: int = 10, weight_decay: float = 0.1, b1: float = 0.9,
                    b2: float = 0.98, eps: float = 1e-8, grad_clip: float = 1.0) -> optax.GradientTransformation:
-  """clip_by_global_norm(grad_clip) -> AdamW(schedule(lr, warmup_steps), b1, b2, eps, weight_decay)."""
+  """clip_by_global_norm(grad_clip) -> AdamW(schedule(lr, warmup_steps), b1, b2, eps, weight_decay)
+  (`lr` a schedule: used as it is)."""
   parts = []
   if grad_clip and grad_clip > 0:
     parts.append(optax.clip_by_global_norm(grad_clip))
-  parts.append(optax.adamw(schedule(lr, warmup_steps), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+  parts.append(optax.adamw(lr if callable(lr) else schedule(lr, warmup_steps), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                            mask=decay_mask))
   return optax.chain(*parts)
 
@@ -41,3 +42,16 @@ def make_optimizer(lr: float, warmup_steps: int = 10, weight_decay: float = 0.1,
 def optimizer_from(cfg) -> optax.GradientTransformation:
   """`make_optimizer` from an `OptimizerConfig` (train: or reinforce: section)."""
   return make_optimizer(cfg.lr, cfg.warmup_steps, cfg.weight_decay, cfg.b1, cfg.b2, cfg.eps, cfg.grad_clip)
+
+
+def actor_critic_optimizer(cfg) -> optax.GradientTransformation:
+  """PPO's: the actor and the critic of an `ActorCritic` each with their own AdamW and gradient
+  clipping (`make_optimizer` settings of `cfg`), at `cfg.lr` and `cfg.critic_lr`; the actor's
+  learning rate is 0 for the first `cfg.critic_warmup_steps` steps (the critic learns first)."""
+  actor, hold = schedule(cfg.lr, cfg.warmup_steps), cfg.critic_warmup_steps
+  actor_lr = (lambda step: jnp.where(step < hold, 0.0, actor(step - hold))) if hold else actor
+  one = lambda lr: make_optimizer(lr, cfg.warmup_steps, cfg.weight_decay, cfg.b1, cfg.b2, cfg.eps,  # noqa: E731
+                                  cfg.grad_clip)
+  def labels(params):  # "actor" / "critic": each leaf's top-level key
+    return jax.tree_util.tree_map_with_path(lambda path, _: str(getattr(path[0], "key", path[0])), params)
+  return optax.multi_transform({"actor": one(actor_lr), "critic": one(cfg.critic_lr)}, labels)

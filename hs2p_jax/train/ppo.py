@@ -13,10 +13,18 @@ the rollout batch's response tokens. GRPO's group-normalised advantage is here t
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import optax
+from flax import nnx
 
-from hs2p_jax.train.reinforce import kl_per_token, masked_mean
+from hs2p_jax.model import model_from
+from hs2p_jax.model.actor_critic import response_values
+from hs2p_jax.train.accumulate import apply_mean_grads
+from hs2p_jax.train.reinforce import kl_per_token, masked_mean, response_logprobs
+from hs2p_jax.train.state import with_base
 
 
 def token_rewards(scores: jax.Array, logp: jax.Array, ref_logp: jax.Array, mask: jax.Array, beta: float,
@@ -92,3 +100,32 @@ def grpo_advantages(scores: jax.Array, k: int, eps: float = 1e-6) -> jax.Array:
   over their standard deviation; rows prompt-major (N = P * k)."""
   s = scores.reshape(-1, k).astype(jnp.float32)
   return ((s - s.mean(axis=1, keepdims=True)) / (s.std(axis=1, keepdims=True) + eps)).reshape(-1)
+
+
+def make_ppo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, weights: Any, clip: float = 0.2,
+                  value_clip: float = 0.2, temperature: float = 1.0):
+  """A pure `step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)` of an
+  `ActorCritic` on a rollout minibatch: `prompt_ids`, `prompt_mask` [N, Tp], `tokens`,
+  `response_mask`, and from the rollout `old_logp`, `old_values`, `advantages`, `returns` [N, Tr].
+  The actor's clipped surrogate and the critic's clipped value loss are summed (their parameters
+  are disjoint, so each gets its own loss's gradient; `tx` gives them their own learning rates)."""
+  w = jnp.asarray(weights, jnp.float32)
+
+  def losses(params, frozen, batch):
+    model = model_from(graphdef, with_base(params, frozen))
+    args = (batch["prompt_ids"], batch["prompt_mask"], batch["tokens"], batch["response_mask"])
+    logp = response_logprobs(model.actor, *args, temperature=temperature)
+    values = response_values(model.critic, *args, w)[:, :-1]
+    mask = batch["response_mask"]
+    pl, ps = policy_loss(logp, batch["old_logp"], batch["advantages"], mask, clip)
+    vl, vs = value_loss(values, batch["old_values"], batch["returns"], mask, value_clip)
+    return pl + vl, {"loss": pl, "value_loss": vl, **ps, **vs}
+
+  grad_fn = jax.value_and_grad(losses, has_aux=True)
+
+  def step(params, opt_state, frozen, batch):
+    (_, metrics), grads = grad_fn(params, frozen, batch)
+    params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, jnp.ones(()))
+    return params, opt_state, {**metrics, "grad_norm": grad_norm}
+
+  return step

@@ -39,6 +39,11 @@ class Part:
   num_attributes: int = 9
   dtype: str = "float32"     # float32 for the trainable model; the compute dtype for frozen ones
   adapters: bool = False     # a frozen copy of a LoRA run's trainable params only, over its base
+  critic: LlamaConfig | None = None  # kind "actor_critic": the critic's architecture
+
+  def build(self) -> nnx.Module:
+    """A fresh model of this part (call under `nnx.eval_shape` for its abstract state)."""
+    return create(self.kind, self.config, self.num_attributes, critic=self.critic)
 
 
 def frozen_dtype(setting: str, compute_dtype: str) -> str:
@@ -78,14 +83,14 @@ def _placed(state: Any, dtype: str, mesh: Any, rules: Rules) -> Any:
 
 def abstract_part(part: Part, mesh: Any, rules: Rules) -> tuple[nnx.GraphDef, Any]:
   """(graphdef, abstract params: ShapeDtypeStructs in the part's storage dtypes, with shardings)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: create(part.kind, part.config, part.num_attributes)))
+  graphdef, state = nnx.split(nnx.eval_shape(part.build))
   return graphdef, _placed(state, part.dtype, mesh, rules)
 
 
 def lora_split(part: Part, mesh: Any, rules: Rules) -> tuple[nnx.GraphDef, Any, Any]:
   """A LoRA model's (graphdef, abstract trainable params in float32, abstract frozen base in the
   compute dtype), split by `lora.trainable`."""
-  model = nnx.eval_shape(lambda: create(part.kind, part.config, part.num_attributes))
+  model = nnx.eval_shape(part.build)
   graphdef, train, base = nnx.split(model, lora.trainable(part.config), ...)
   return graphdef, _placed(train, part.dtype, mesh, rules), _placed(base, part.config.dtype, mesh, rules)
 
