@@ -32,7 +32,7 @@ from hs2p_jax.sharding import DEFAULT_RULES, Rules, state_shardings
 META_FILE = "hs2p_model.json"
 FORMAT_VERSION = 1
 # Fields that change no parameter shape: a checkpoint may be loaded with them changed.
-RUNTIME_FIELDS = ("dtype", "scan_layers", "remat", "attention", "weight_grad")
+RUNTIME_FIELDS = ("dtype", "scan_layers", "remat", "attention", "weight_grad", "lora_dropout", "lora_train_head")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ class LoraConfig:
 
   rank: int = 0
   alpha: float = 16.0                  # the adapters' product is scaled by alpha / rank
-  dropout: float = 0.0                 # (not yet: 0 only)
+  dropout: float = 0.0                 # dropout on the adapters' input while training (PEFT's lora_dropout)
   targets: list = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))  # PEFT's module names
   train_head: bool = True              # a reward model's head (kernel and bias) trains in full; false:
                                        # frozen with the base (e.g. BT from a regression model's head)

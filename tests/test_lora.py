@@ -149,3 +149,38 @@ def test_expo_on_adapters_equals_expo_on_the_merged_weights(tmp_path):
   np.testing.assert_allclose(np.asarray(out.model.layers.attn.wq[...]), w0 + 2.0 * (w1 - w0), atol=1e-5)
   h0, h1 = np.asarray(base.head_kernel[...]), np.asarray(adapted.head_kernel[...])
   np.testing.assert_allclose(np.asarray(out.head_kernel[...]), h0 + 2.0 * (h1 - h0), atol=1e-6)
+
+
+def test_adapter_dropout_drops_the_adapters_input_only():
+  """`projection` with a dropout key: x·W + s·(drop(x)·A)·B, drop keeping each input entry with
+  probability 1 - p and scaling it by 1 / (1 - p); the model without a key is unaffected."""
+  import types
+
+  import jax
+  from hs2p_jax.model import lora
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 50, 16)), jnp.float32)
+  w, a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((16, 8), (16, 4), (4, 8)))
+  key = jax.random.key(7)
+  module = types.SimpleNamespace(wq=w, wq_lora_a=a, wq_lora_b=b, lora_scale=2.0, lora_dropout=0.25,
+                                 lora_dropout_key=key)
+  got = np.asarray(lora.projection(module, "wq", x, 1, "flat"))
+  keep = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 0), 0.75, x.shape))  # wq: the first weight
+  assert 0.7 < keep.mean() < 0.8
+  xd = np.where(keep, np.asarray(x) / 0.75, 0.0)
+  want = np.asarray(x) @ np.asarray(w) + 2.0 * (xd @ np.asarray(a)) @ np.asarray(b)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  del module.lora_dropout_key  # evaluation: no key, no dropout
+  np.testing.assert_allclose(np.asarray(lora.projection(module, "wq", x, 1, "flat")),
+                             np.asarray(x) @ np.asarray(w) + 2.0 * (np.asarray(x) @ np.asarray(a)) @ np.asarray(b),
+                             rtol=1e-4, atol=1e-4)
+  # a whole model: dropout changes what adapters add, never the base's part
+  base, adapted = _models()
+  adapted = create("reward", adapted.cfg.replace(lora_dropout=0.5), 3, seed=1)
+  nnx.update(adapted, nnx.state(base, nnx.Param))
+  ids = np.arange(3, 23, dtype=np.int32)[None]
+  plain = np.asarray(adapted(ids))
+  np.testing.assert_array_equal(np.asarray(lora.with_dropout(nnx.clone(adapted), key)(ids)), plain)  # B = 0
+  _randomise_b(adapted)
+  np.testing.assert_allclose(np.asarray(merge_lora(adapted)(ids)), np.asarray(adapted(ids)), atol=1e-5)
+  assert np.abs(np.asarray(lora.with_dropout(nnx.clone(adapted), key)(ids)) - np.asarray(adapted(ids))).max() > 1e-4

@@ -64,10 +64,11 @@ def test_lora_train_rm_trains_the_adapters_and_the_head_over_an_unchanged_base(t
   assert np.isfinite(np.asarray(model(ids))).all()
 
 
-def test_lora_train_rm_resumes_exactly(tmp_path):
+def test_lora_train_rm_resumes_exactly_with_adapter_dropout(tmp_path):
+  """Dropout masks come from the optimizer's step count: a resumed run draws the ones it would have."""
   from hs2p_jax.train import rm_trainer
   straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-  sets = {"train.save_every": 2, "train.steps": 4, "train.eval_every": 0}
+  sets = {"train.save_every": 2, "train.steps": 4, "train.eval_every": 0, "model.lora.dropout": 0.3}
   rm_trainer.trainer(_cfg(tmp_path, **sets), straight).run()
   rm_trainer.trainer(_cfg(tmp_path, **{**sets, "train.steps": 2}), stopped).run()
   rm_trainer.trainer(_cfg(tmp_path, **sets), stopped).run()
@@ -76,6 +77,10 @@ def test_lora_train_rm_resumes_exactly(tmp_path):
   for ra, rb in zip(a, b):
     assert ra["loss"] == rb["loss"], (ra["step"], ra["loss"], rb["loss"])
   assert os.path.isdir(os.path.join(stopped, "frozen", "base"))  # the base kept once, not in every checkpoint
+  rm_trainer.trainer(_cfg(tmp_path, **{**sets, "model.lora.dropout": 0.0}), str(tmp_path / "plain")).run()
+  plain = read_metrics(os.path.join(tmp_path, "plain", "metrics.jsonl"))
+  assert plain[0]["loss"] == a[0]["loss"]  # B = 0 at step 1: dropping the adapters' input changes nothing yet
+  assert plain[-1]["loss"] != a[-1]["loss"]  # then it does
 
 
 def test_a_frozen_head_stays_with_the_base(tmp_path):
@@ -88,8 +93,8 @@ def test_a_frozen_head_stays_with_the_base(tmp_path):
 def test_lora_settings_not_yet_supported_are_named(tmp_path):
   from hs2p_jax.errors import UserError
   from hs2p_jax.train import rm_trainer
-  with pytest.raises(UserError, match="model.lora.dropout=0.1: adapter dropout is not supported yet"):
-    rm_trainer.trainer(_cfg(tmp_path, **{"model.lora.dropout": 0.1}), str(tmp_path / "a"))
+  with pytest.raises(UserError, match=r"model.lora.dropout=1.5: expected a rate in \[0, 1\)"):
+    rm_trainer.trainer(_cfg(tmp_path, **{"model.lora.dropout": 1.5}), str(tmp_path / "a"))
   with pytest.raises(UserError, match="model.lora.targets: qkv unknown"):
     rm_trainer.trainer(_cfg(tmp_path, **{"model.lora.targets": "[qkv]"}), str(tmp_path / "b"))
 

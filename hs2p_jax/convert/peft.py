@@ -72,7 +72,7 @@ def adapter_config(model: nnx.Module, base: str | None = None) -> dict[str, Any]
   cfg = model.cfg
   reward = isinstance(model, RewardModel)
   return {"peft_type": "LORA", "task_type": "SEQ_CLS" if reward else "CAUSAL_LM", "r": cfg.lora_rank,
-          "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "target_modules": list(cfg.lora_targets),
+          "lora_alpha": cfg.lora_alpha, "lora_dropout": float(getattr(cfg, "lora_dropout", 0.0)), "target_modules": list(cfg.lora_targets),
           "modules_to_save": ["score"] if reward else None, "bias": "none", "fan_in_fan_out": False,
           "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
           "base_model_name_or_path": base, "layers_to_transform": None, "layers_pattern": None,

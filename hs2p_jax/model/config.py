@@ -45,6 +45,7 @@ class LlamaConfig:
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = LORA_TARGETS
   lora_train_head: bool = True   # with adapters, a reward model's head trains in full (else it stays frozen)
+  lora_dropout: float = 0.0      # dropout on the adapters' input in training steps (`lora.with_dropout`)
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, dict):
@@ -59,6 +60,8 @@ class LlamaConfig:
       raise UserError(f"model.lora.targets: {', '.join(unknown)} unknown; expected some of {', '.join(LORA_TARGETS)}")
     if self.lora_rank < 0 or (self.lora_rank and not self.lora_targets):
       raise UserError(f"model.lora.rank={self.lora_rank}: expected 0 (no adapters) or a positive rank with targets")
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise UserError(f"model.lora.dropout={self.lora_dropout}: expected a rate in [0, 1)")
     if self.num_heads % self.num_kv_heads:
       raise UserError(f"model: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.remat not in REMAT_POLICIES:

@@ -12,6 +12,11 @@ Why not qwix (Google's LoRA library, which tunix uses): it finds weights by inte
 `custom_vjp` (its adapter becomes a closed-over value the custom rule cannot differentiate) nor a
 stacked weight sliced inside `lax.scan` (no adapter, and no error). Tried with qwix 0.1.8.
 
+Adapter dropout (PEFT's `lora_dropout`) drops the adapters' input, not the base's, in training steps
+only: `with_dropout(model, key)` gives each adapted module a key per layer (stacked like its
+weights, so the layer scan hands each layer its own), and the steps derive `key` from the
+optimizer's step count and the micro-batch (`dropout_key`): a resumed run draws the same masks.
+
 Targets are named as Hugging Face / PEFT name them (`q_proj` ... `down_proj`), so that adapters
 exchange with PEFT under the same names.
 """
@@ -23,6 +28,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from hs2p_jax.model.linear import project
@@ -33,6 +39,7 @@ TARGETS: dict[str, tuple[str, str, int]] = {
     "o_proj": ("attn", "wo", 2), "gate_proj": ("mlp", "gate", 1), "up_proj": ("mlp", "up", 1),
     "down_proj": ("mlp", "down", 1)}
 SUFFIX_A, SUFFIX_B = "_lora_a", "_lora_b"
+_WEIGHTS = tuple(w for _, w, _ in TARGETS.values())
 
 
 def scale(cfg: Any) -> float:
@@ -44,6 +51,7 @@ def attach(module: nnx.Module, cfg: Any, module_name: str, rngs: nnx.Rngs) -> No
   if not cfg.lora_rank:
     return
   module.lora_scale = scale(cfg)
+  module.lora_dropout = float(getattr(cfg, "lora_dropout", 0.0))
   for target in cfg.lora_targets:
     owner, weight, in_dims = TARGETS[target]
     if owner != module_name:
@@ -61,14 +69,48 @@ def attach(module: nnx.Module, cfg: Any, module_name: str, rngs: nnx.Rngs) -> No
                                                      axes=(*axes[:lead], None, *m_axes)))
 
 
+class DropoutKey(nnx.Variable):
+  """Per-layer PRNG keys [L] of a module's adapter dropout (set by `with_dropout`, never trained)."""
+
+
+def with_dropout(model: nnx.Module, key: jax.Array | None) -> nnx.Module:
+  """`model` (a LoRA model with `cfg.lora_dropout` > 0) dropping its adapters' input with `key`
+  (the keys set on it in place: steps call it on the model they merge); as it is without dropout or key."""
+  cfg = model.cfg
+  if key is None or not cfg.lora_rank or not getattr(cfg, "lora_dropout", 0.0):
+    return model
+  layers = model.model.layers
+  for i, name in enumerate(("attn", "mlp")):
+    getattr(layers, name).lora_dropout_key = DropoutKey(jax.random.split(jax.random.fold_in(key, i), cfg.num_layers))
+  return model
+
+
+def dropout_key(opt_state: Any, seed: int = 0) -> jax.Array:
+  """The dropout key of a training step, from the optimizer's step count (restored on resume)."""
+  counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")  # Adam's and the schedule's: equal
+  return jax.random.fold_in(jax.random.key(seed), counts[0][1] if counts else 0)
+
+
+def training(model: nnx.Module, key: jax.Array, batch: dict[str, Any]) -> nnx.Module:
+  """`model` as a training step runs it: adapter dropout (where the model has it) keyed by the
+  step's `key` and the micro-batch's `micro_index` (`accumulate.summed_grads`)."""
+  return with_dropout(model, jax.random.fold_in(key, batch.get("micro_index", 0)))
+
+
 def projection(module: nnx.Module, weight: str, x: jax.Array, in_dims: int, weight_grad: str) -> jax.Array:
-  """`x · W` of `module`'s weight `weight` in x's dtype, plus its adapter's `scale·(x·A)·B` where it has one."""
+  """`x · W` of `module`'s weight `weight` in x's dtype, plus its adapter's `scale·(x·A)·B` where it
+  has one (its input dropped at `cfg.lora_dropout` where `with_dropout` gave the module a key)."""
   dt = x.dtype
   y = project(x, getattr(module, weight)[...].astype(dt), in_dims, weight_grad)
   a = getattr(module, weight + SUFFIX_A, None)
   if a is None:
     return y
   b = getattr(module, weight + SUFFIX_B)
+  key = getattr(module, "lora_dropout_key", None)
+  if key is not None:
+    rate = module.lora_dropout
+    keep = jax.random.bernoulli(jax.random.fold_in(key[...], _WEIGHTS.index(weight)), 1.0 - rate, x.shape)
+    x = jnp.where(keep, x / (1.0 - rate), 0).astype(dt)
   low = project(x, a[...].astype(dt), in_dims, weight_grad)   # [..., r]
   return y + (module.lora_scale * project(low, b[...].astype(dt), 1, weight_grad)).astype(dt)
 

@@ -12,7 +12,10 @@ import optax
 def summed_grads(grad_fn: Callable, params: Any, batches: Any, *args: Any) -> tuple[Any, Any]:
   """(gradient sum, aux sum) of `grad_fn(params, *args, batch) -> ((loss, aux), grads)` over the
   micro-batches stacked on the leading axis of `batches` (a scan: one micro-batch's activations
-  at a time); `aux` is a pytree of sums (the loss sum, counts, metric sums)."""
+  at a time); `aux` is a pytree of sums (the loss sum, counts, metric sums). Each micro-batch
+  carries its index as `micro_index` (a dropout key's)."""
+  if isinstance(batches, dict):
+    batches = {**batches, "micro_index": jnp.arange(jax.tree.leaves(batches)[0].shape[0], dtype=jnp.int32)}
   def micro(carry, batch):
     g_acc, a_acc = carry
     (_, aux), grads = grad_fn(params, *args, batch)

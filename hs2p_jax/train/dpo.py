@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from hs2p_jax.model import model_from
+from hs2p_jax.model import lora, model_from
 from hs2p_jax.losses import dpo_losses, dpo_rewards
 from hs2p_jax.model.llama import LlamaForCausalLM
 from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
@@ -54,8 +54,8 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, vari
   the reference (`frozen["reference"]`)'s log-probs are computed in the same step (forward only).
   A LoRA run's `frozen` also holds the base, under the policy's adapters and the reference's."""
 
-  def sum_loss(params, frozen, batch):
-    logp, counts = pair_logprobs(model_from(graphdef, with_base(params, frozen)), batch)
+  def sum_loss(params, frozen, key, batch):
+    logp, counts = pair_logprobs(lora.training(model_from(graphdef, with_base(params, frozen)), key, batch), batch)
     ref, _ = pair_logprobs(model_from(graphdef, with_base(frozen["reference"], frozen)), batch)
     sums = _sums(logp, jax.lax.stop_gradient(ref), counts, batch, variant, beta)
     return sums["loss"], sums
@@ -63,7 +63,7 @@ def make_dpo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, vari
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def step(params, opt_state, frozen, batches):
-    grads, sums = summed_grads(grad_fn, params, batches, frozen)
+    grads, sums = summed_grads(grad_fn, params, batches, frozen, lora.dropout_key(opt_state))
     params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["pairs"])
     return params, opt_state, {"grad_norm": grad_norm, **metrics_of(sums)}
 

@@ -37,11 +37,10 @@ _METADATA_FILES = ["*.json", "tokenizer*", "*.jinja"]
 
 def _runtime(mc: ModelConfig) -> dict:
   lc = mc.lora
-  if lc.dropout:
-    raise UserError(f"model.lora.dropout={lc.dropout}: adapter dropout is not supported yet (use 0)")
   out = {"dtype": mc.dtype, "scan_layers": mc.scan_layers, "remat": mc.remat, "attention": mc.attention,
          "weight_grad": mc.weight_grad, "lora_rank": lc.rank, "lora_alpha": float(lc.alpha),
-         "lora_targets": tuple(lc.targets), "lora_train_head": bool(lc.train_head)}
+         "lora_targets": tuple(lc.targets), "lora_train_head": bool(lc.train_head),
+         "lora_dropout": float(lc.dropout)}
   if mc.num_layers is not None:
     out["num_layers"] = mc.num_layers
   return out

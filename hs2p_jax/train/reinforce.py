@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from hs2p_jax.model import model_from
+from hs2p_jax.model import lora, model_from
 from hs2p_jax.model.llama import LlamaForCausalLM
 from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
 from hs2p_jax.train.logprobs import token_logprobs
@@ -133,8 +133,9 @@ def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, s
   go through the model m slices at a time and the gradient of the summed loss is accumulated, so
   the step equals the one-pass step (the loss is one masked mean over all the minibatch's tokens)."""
 
-  def sum_loss(params, frozen, batch):  # (sum over response tokens of -logp * advantage, token count)
-    logp = _logprobs(model_from(graphdef, with_base(params, frozen)), batch, share_prompt_k, temperature)
+  def sum_loss(params, frozen, key, batch):  # (sum over response tokens of -logp * advantage, token count)
+    lm = lora.training(model_from(graphdef, with_base(params, frozen)), key, batch)
+    logp = _logprobs(lm, batch, share_prompt_k, temperature)
     m = batch["response_mask"].astype(jnp.float32)
     total = -jnp.sum(logp * batch["advantages"][:, None] * m)
     return total, {"loss": total, "tokens": jnp.sum(m)}
@@ -143,11 +144,12 @@ def make_policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, s
 
   def step(params, opt_state, frozen, batch):
     # frozen: a LoRA run's base, else {} (the KL term is in the advantages, computed before the update)
+    key = lora.dropout_key(opt_state)
     if micro_batches == 1:
-      (_, sums), grads = grad_fn(params, frozen, batch)
+      (_, sums), grads = grad_fn(params, frozen, key, batch)
     else:
       stacked = jax.tree.map(lambda a: interleave(a, micro_batches, share_prompt_k or 1), batch)
-      grads, sums = summed_grads(grad_fn, params, stacked, frozen)
+      grads, sums = summed_grads(grad_fn, params, stacked, frozen, key)
     params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["tokens"])
     return params, opt_state, {"loss": sums["loss"] / jnp.maximum(sums["tokens"], 1.0), "grad_norm": grad_norm}
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from hs2p_jax.model import model_from
+from hs2p_jax.model import lora, model_from
 from hs2p_jax.losses import bt_losses
 from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
 from hs2p_jax.train.state import with_base
@@ -68,8 +68,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
   summed loss are accumulated over them and divided by the total count.
   """
 
-  def sum_loss(params, frozen, batch):
-    model = model_from(graphdef, with_base(params, frozen))
+  def sum_loss(params, frozen, key, batch):
+    model = lora.training(model_from(graphdef, with_base(params, frozen)), key, batch)
     total, count, extra = loss_terms(model, batch, objective)
     return total, {"loss": total, "count": count, "correct": extra.get("correct", jnp.zeros(())),
                    "examples": extra["examples"]}
@@ -77,7 +77,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def step(params, opt_state, frozen, batches):
-    grads, sums = summed_grads(grad_fn, params, batches, frozen)  # frozen: a LoRA run's base, else {}
+    # frozen: a LoRA run's base, else {}; the key: adapter dropout's
+    grads, sums = summed_grads(grad_fn, params, batches, frozen, lora.dropout_key(opt_state))
     params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["count"])
     metrics = {"loss": sums["loss"] / jnp.maximum(sums["count"], 1.0), "grad_norm": grad_norm,
                "examples": sums["examples"]}

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from hs2p_jax.model import model_from
+from hs2p_jax.model import lora, model_from
 from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
 from hs2p_jax.train.logprobs import per_owner, target_logprobs
 from hs2p_jax.train.state import with_base
@@ -33,8 +33,8 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
   """A pure `step(params, opt_state, frozen, batches) -> (params, opt_state, metrics)` (`frozen`: a LoRA run's base) over k stacked
   micro-batches: the token-mean NLL of the valid examples' responses, gradients accumulated."""
 
-  def sum_loss(params, frozen, batch):
-    sums, counts = example_logprobs(model_from(graphdef, with_base(params, frozen)), batch)
+  def sum_loss(params, frozen, key, batch):
+    sums, counts = example_logprobs(lora.training(model_from(graphdef, with_base(params, frozen)), key, batch), batch)
     valid = batch["valid"].astype(jnp.float32)
     loss = -jnp.sum(sums * valid)
     return loss, {"loss": loss, "tokens": jnp.sum(counts * valid)}
@@ -42,7 +42,8 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
 
   def step(params, opt_state, frozen, batches):
-    grads, sums = summed_grads(grad_fn, params, batches, frozen)  # frozen: a LoRA run's base, else {}
+    # frozen: a LoRA run's base, else {}; the key: adapter dropout's
+    grads, sums = summed_grads(grad_fn, params, batches, frozen, lora.dropout_key(opt_state))
     params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, sums["tokens"])
     return params, opt_state, {"loss": sums["loss"] / jnp.maximum(sums["tokens"], 1.0), "grad_norm": grad_norm,
                                "target_tokens": sums["tokens"]}
