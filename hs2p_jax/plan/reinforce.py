@@ -277,7 +277,7 @@ def build_report(cfg: ReinforceRunConfig, config_path: str, target: Target, mode
   policy, source = architecture(cfg.policy, download=False)
   served = is_served(cfg.reward_model)
   reward = None if served else (rt.reward_architecture(cfg, policy, download=False)
-                                or (policy, 9, "the policy's architecture"))
+                                or (policy.replace(lora_rank=0), 9, "the policy's architecture"))
   rules = rules_from(cfg.mesh.rules)
   amesh = AbstractMesh(target.mesh, MESH_AXES)
   ph = rt.blueprint(cfg, amesh, rules, policy, reward[:2] if reward else None, memory=target.hbm_bytes,

@@ -56,7 +56,7 @@ def reward_architecture(cfg: ReinforceRunConfig, policy: LlamaConfig, download: 
   if not path or is_served(path):  # served elsewhere: not in this run's state
     return None
   if not download and not is_local_checkpoint(path):
-    return policy, 9, f"the policy's architecture ({path}: not read by plan here)"
+    return policy.replace(lora_rank=0), 9, f"the policy's architecture ({path}: not read by plan here)"
   meta = read_meta(path)
   if meta.kind != "reward":
     raise UserError(f"reward_model={path}: a {meta.kind} checkpoint, not a reward model")
