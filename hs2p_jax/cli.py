@@ -60,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
   p = sub.add_parser("reinforce", help="REINFORCE (leave-one-out) against a reward model")
   _add_run_args(p)
 
+  p = sub.add_parser("ppo", help="PPO with a critic initialised from the reward model")
+  _add_run_args(p)
+
   p = sub.add_parser("train-dpo", help="DPO (regular, margin or scaled) on preference pairs")
   _add_run_args(p)
 
@@ -162,7 +165,7 @@ def _said() -> None:
 
 def _dispatch(args) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  if args.command in ("train-rm", "reinforce", "train-dpo", "train-sft"):
+  if args.command in ("train-rm", "reinforce", "ppo", "train-dpo", "train-sft"):
     from hs2p_jax.commands.train import train_command
     return train_command(args.command, args.config, args.overrides, args.out)
   if args.command == "pipeline":

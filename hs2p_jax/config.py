@@ -180,6 +180,39 @@ class ReinforceRunConfig:
 
 
 @dataclasses.dataclass
+class PPOConfig(ReinforceConfig):
+  """PPO (`hs2p ppo`): NeMo-Aligner's defaults, the paper publishing none of its own [unverified]."""
+
+  samples_per_prompt: int = 1
+  lr: float = 9e-7                     # the actor's
+  critic_lr: float = 9e-6
+  critic_warmup_steps: int = 0         # steps in which only the critic learns (the actor's LR is 0)
+  gamma: float = 1.0                   # GAE discount
+  lam: float = 0.95                    # GAE lambda
+  clip: float = 0.2                    # the policy ratio's clip
+  value_clip: float = 0.2              # the value's clip around the rollout's values
+  epochs: int = 1                      # passes over each rollout batch's updates_per_rollout minibatches
+  advantage: str = "gae"               # gae | grpo (group-normalised scores over samples_per_prompt)
+  whiten: bool = True                  # advantages whitened over the rollout batch's response tokens
+
+
+@dataclasses.dataclass
+class PPORunConfig:
+  """`hs2p ppo` configuration: a policy (actor; its reference a frozen copy), the reward model, and
+  the critic, initialised from the reward model (`critic`: another reward-model checkpoint)."""
+
+  policy: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(kind="lm"))
+  reward_model: Optional[str] = None   # model checkpoint (kind reward)
+  critic: Optional[str] = None         # the critic's initial weights (default: reward_model)
+  data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(format="prompts", template="chat",
+                                                                         buckets="pow2"))
+  ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  dist: DistConfig = dataclasses.field(default_factory=DistConfig)
+  name: str = "ppo"
+
+
+@dataclasses.dataclass
 class DPOConfig(LMTrainConfig):
   variant: str = "regular"             # regular | margin | scaled (the BT variants on DPO's implicit reward)
   beta: float = 0.1

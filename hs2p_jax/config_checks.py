@@ -20,6 +20,10 @@ _CHOICES = {
     "train.bt_variant": ("regular", "margin", "scaled"),
     "policy.kind": ("lm",),
     "reinforce.kl_estimator": ("absolute", "k1", "k3"),
+    "ppo.kl_estimator": ("absolute", "k1", "k3"),
+    "ppo.advantage": ("gae", "grpo"),
+    "ppo.rollout_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "ppo.frozen_dtype": ("auto", "float32", "bfloat16", "float16"),
     "reinforce.rollout_dtype": ("auto", "float32", "bfloat16", "float16"),
     "dpo.variant": ("regular", "margin", "scaled"),
     "dpo.frozen_dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -61,25 +65,27 @@ def validate(cfg) -> None:
       raise UserError(f"{key}.lr and {key}.warmup_steps must be >= 0")
     if hasattr(lm, "beta") and lm.beta <= 0:
       raise UserError(f"dpo.beta={lm.beta}: must be positive")
-  rl = getattr(cfg, "reinforce", None)
-  if hasattr(rl, "prompts_per_step"):
+  for sec in ("reinforce", "ppo"):
+    rl = getattr(cfg, sec, None)
+    if not hasattr(rl, "prompts_per_step"):
+      continue
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "updates_per_rollout"):
       if getattr(rl, name) <= 0:
-        raise UserError(f"reinforce.{name}={getattr(rl, name)}: must be positive")
+        raise UserError(f"{sec}.{name}={getattr(rl, name)}: must be positive")
     if (rl.prompts_per_step * rl.samples_per_prompt) % rl.updates_per_rollout:
-      raise UserError("reinforce.updates_per_rollout must divide prompts_per_step * samples_per_prompt")
+      raise UserError(f"{sec}.updates_per_rollout must divide prompts_per_step * samples_per_prompt")
     if rl.share_prompt and rl.prompts_per_step % rl.updates_per_rollout:
-      raise UserError("reinforce.share_prompt=true: reinforce.updates_per_rollout must divide prompts_per_step "
+      raise UserError(f"{sec}.share_prompt=true: {sec}.updates_per_rollout must divide prompts_per_step "
                       "(a minibatch holds whole prompts)")
     minibatch = rl.prompts_per_step * rl.samples_per_prompt // rl.updates_per_rollout
     if rl.micro_batches <= 0 or minibatch % rl.micro_batches or \
         (rl.share_prompt and (minibatch // rl.micro_batches) % rl.samples_per_prompt):
-      raise UserError(f"reinforce.micro_batches={rl.micro_batches} must divide the {minibatch} rollouts of an update"
+      raise UserError(f"{sec}.micro_batches={rl.micro_batches} must divide the {minibatch} rollouts of an update"
                       + (" into whole prompts (share_prompt)" if rl.share_prompt else ""))
     if rl.rollout_tensor < 0:
-      raise UserError(f"reinforce.rollout_tensor={rl.rollout_tensor}: must be >= 0 (0 chooses)")
+      raise UserError(f"{sec}.rollout_tensor={rl.rollout_tensor}: must be >= 0 (0 chooses)")
     if not 0.0 < rl.top_p <= 1.0 or rl.temperature < 0:
-      raise UserError("reinforce.top_p must be in (0, 1] and reinforce.temperature >= 0")
+      raise UserError(f"{sec}.top_p must be in (0, 1] and {sec}.temperature >= 0")
   dist = getattr(cfg, "dist", None)
   if hasattr(dist, "heartbeat_timeout"):
     if dist.heartbeat_timeout <= 0 or dist.step_timeout < 0:

@@ -152,3 +152,40 @@ def test_the_critic_starts_as_the_reward_model_and_the_first_minibatch_is_unclip
   assert first["approx_kl"] == pytest.approx(0.0, abs=1e-9)
   assert metrics[-1]["approx_kl"] > 0.0  # the actor moved after the warm-up
   assert metrics[-1]["value_loss"] < first["value_loss"]
+
+
+def _ppo_config(tmp_path, **extra):
+  from hs2p_jax import config as config_lib
+  from hs2p_jax.checkpoint import ModelMeta, save_model
+  from hs2p_jax.model import create, preset
+  from hs2p_jax.tokenizer import byte_tokenizer
+  rm_cfg = preset("tiny", num_layers=1)
+  if not (tmp_path / "rm").exists():
+    save_model(str(tmp_path / "rm"), create("reward", rm_cfg, 9, seed=5), ModelMeta("reward", rm_cfg, 9, template="chat"),
+               byte_tokenizer())
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join('{"prompt": "Say something %d"}\n' % i for i in range(8)))
+  sets = {"policy.preset": "tiny", "policy.num_layers": 1, "policy.tokenizer": "bytes", "data.train": str(prompts),
+          "data.format": "prompts", "data.template": "chat", "data.max_length": 64, "data.pad_multiple": 16,
+          "data.buckets": "[64]", "ppo.prompts_per_step": 8, "ppo.max_new_tokens": 8, "ppo.lr": 1e-3,
+          "ppo.critic_lr": 3e-3, "ppo.save_every": 1000, "ppo.stop_strings": "[]", "mesh.data": 1,
+          "reward_model": str(tmp_path / "rm"), **extra}
+  return config_lib.load(config_lib.PPORunConfig, None, [f"{k}={v}" for k, v in sets.items()])
+
+
+def test_ppo_trains_the_actor_and_the_critic_from_the_reward_model(tmp_path):
+  """`hs2p ppo`'s trainer: the critic starts as the reward model, every update is its rollout's first
+  minibatch (ratio 1, nothing clipped), the value loss falls, the KL starts at 0; DIR/model is the actor."""
+  from hs2p_jax.checkpoint import read_meta
+  from hs2p_jax.train.metrics import read_metrics
+  from hs2p_jax.train.ppo_trainer import trainer
+  t = trainer(_ppo_config(tmp_path, **{"ppo.steps": 8}), str(tmp_path / "run"))
+  assert set(t.state.params) == {"actor", "critic"} and set(t.state.frozen) == {"reference", "reward_model"}
+  t.run()
+  recs = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+  assert [r["step"] for r in recs] == list(range(1, 9))
+  assert all(r["ratio"] == pytest.approx(1.0, abs=1e-5) and r["clip_fraction"] == 0.0 for r in recs)
+  assert recs[0]["kl"] == 0.0 and recs[-1]["kl"] > 0.0
+  assert np.mean([r["value_loss"] for r in recs[-3:]]) < recs[0]["value_loss"]
+  assert {"loss", "reward", "kl", "value_loss", "return_mean", "approx_kl"} <= set(recs[-1])
+  assert read_meta(str(tmp_path / "run" / "model")).kind == "lm"

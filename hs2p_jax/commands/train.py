@@ -1,4 +1,4 @@
-"""`hs2p train-rm`, `hs2p reinforce`, `hs2p train-dpo` and `hs2p train-sft`."""
+"""`hs2p train-rm`, `hs2p reinforce`, `hs2p ppo`, `hs2p train-dpo` and `hs2p train-sft`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from hs2p_jax.distributed import compile_cache, initialize
 TRAINERS = {
     "train-rm": ("RunConfig", "hs2p_jax.train.rm_trainer:train_rm"),
     "reinforce": ("ReinforceRunConfig", "hs2p_jax.train.reinforce_trainer:train_reinforce"),
+    "ppo": ("PPORunConfig", "hs2p_jax.train.ppo_trainer:train_ppo"),
     "train-dpo": ("DPORunConfig", "hs2p_jax.train.dpo_trainer:train_dpo"),
     "train-sft": ("SFTRunConfig", "hs2p_jax.train.sft_trainer:train_sft"),
 }

@@ -45,6 +45,17 @@ class Phases:
   kl: Any                         # (logp, ref logp, response mask) -> [N]
   score: Any | None               # (reward-model params, scorer batch) -> [R, A]; None without a reward model
   layout: RolloutLayout | None    # the sampler's copy of the policy (None: sampling from the training layout)
+  policy_graphdef: Any = None     # the policy's graphdef (default: the update's); `policy_params(trainer)` its params
+  policy_params: Callable = dataclasses.field(default=lambda trainer: trainer.model_params())
+  values: Any = None              # PPO: (critic params, rollout batch) -> [N, Tr + 1] values
+
+  def __post_init__(self):
+    if self.policy_graphdef is None:
+      self.policy_graphdef = self.update.state.graphdef
+
+  @property
+  def policy_graphdef_config(self) -> LlamaConfig:
+    return self.update.state.trainable.config
 
 
 def reward_architecture(cfg: ReinforceRunConfig, policy: LlamaConfig, download: bool = True

@@ -8,6 +8,7 @@ hands the trainer `updates_per_rollout` minibatches, each one optimizer step.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable
 
@@ -34,17 +35,46 @@ def response_text(tokenizer, tokens: np.ndarray, length: int, stop_strings: list
   return text.strip()
 
 
+def rloo(source: "RolloutSource", r: "Rollout", trainer: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+  """REINFORCE's estimator: leave-one-out advantages per rollout ([N], `reinforce.advantages`)."""
+  rc = source.rc
+  counted = r.ended | rc.truncated_as_ended
+  rewards, base, adv = (np.asarray(a) for a in advantages(jnp.asarray(r.scores), jnp.asarray(r.kl),
+                                                          jnp.asarray(counted), rc.kl_beta, rc.samples_per_prompt))
+  return {"advantages": adv.astype(np.float32)}, {
+      "total_reward": float(rewards.mean()), "advantage_mean": float(adv.mean()), "advantage_std": float(adv.std()),
+      "baseline_mean": float(base.mean())}
+
+
+@dataclasses.dataclass
+class Rollout:
+  """One step's sampled, scored rollouts: the update rows (host) and what an estimator reads."""
+
+  rows: dict[str, np.ndarray]   # prompt_ids, prompt_mask, tokens, response_mask [N, ...]
+  dev: dict[str, jax.Array]     # the same rows on the mesh
+  logp: jax.Array               # [N, Tr] the policy's log-probs of the sampled tokens (on the mesh)
+  ref_logp: jax.Array           # [N, Tr] the reference's
+  kl: np.ndarray                # [N] masked mean KL estimate
+  scores: np.ndarray            # [N] reward-model scores (times reward_scale)
+  ended: np.ndarray             # [N] whether each response ended (EOS / stop string)
+  lengths: np.ndarray           # [N] response lengths
+
+
 class RolloutSource:
   """`next(step, trainer) -> (update minibatches on the mesh, host metrics)` (module docstring).
   `phases` are the run's jitted functions (`reinforce_trainer.Phases`); `scorer(prompts,
-  responses) -> [N]` rewards; `eos_ids` end a response."""
+  responses) -> [N]` rewards; `eos_ids` end a response; `estimate(source, rollout, trainer) ->
+  (update arrays, metrics)` turns scored rollouts into what the update step reads (REINFORCE's
+  `rloo`, PPO's GAE); `section` the run's `reinforce:` or `ppo:` settings."""
 
-  def __init__(self, cfg: Any, loader: Any, phases: Any, scorer: Callable, tokenizer: Any, eos_ids: tuple[int, ...]):
-    rc = cfg.reinforce
+  def __init__(self, cfg: Any, loader: Any, phases: Any, scorer: Callable, tokenizer: Any, eos_ids: tuple[int, ...],
+               estimate: Callable = rloo, section: Any = None):
+    rc = section if section is not None else cfg.reinforce
+    self.estimate = estimate
     self.cfg, self.rc, self.loader, self.phases = cfg, rc, loader, phases
     self.scorer, self.tokenizer = scorer, tokenizer
     self.eos_ids = eos_ids
-    self.stops = stop_automaton(tokenizer, rc.stop_strings, phases.update.state.trainable.config.vocab_size)
+    self.stops = stop_automaton(tokenizer, rc.stop_strings, phases.policy_graphdef_config.vocab_size)
     self.sampling = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_k=rc.top_k,
                                    top_p=rc.top_p, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id or 0,
                                    num_samples=rc.samples_per_prompt)
@@ -69,7 +99,7 @@ class RolloutSource:
     state = self.phases.update.state
     batches = [put_batch({k: v[i * n // u:(i + 1) * n // u] for k, v in upd.items()}, state.mesh, state.rules)
                for i in range(u)]
-    return batches, metrics
+    return batches * getattr(self.rc, "epochs", 1), metrics  # PPO: several passes over the minibatches
 
   def rollout(self, step: int, batch: dict[str, np.ndarray], trainer: Any) -> tuple[dict[str, np.ndarray], dict]:
     """Samples k responses per prompt, scores them; the update rows and the step's metrics."""
@@ -80,9 +110,9 @@ class RolloutSource:
     t0 = time.time()
     if ph.layout is not None:  # cast and resharded once, not at every token
       lay = ph.layout
-      mesh, rules, graphdef, params = lay.mesh, lay.rules, lay.graphdef, lay.copy(trainer.model_params())
+      mesh, rules, graphdef, params = lay.mesh, lay.rules, lay.graphdef, lay.copy(ph.policy_params(trainer))
     else:
-      mesh, rules, graphdef, params = state.mesh, state.rules, state.graphdef, trainer.model_params()
+      mesh, rules, graphdef, params = state.mesh, state.rules, ph.policy_graphdef, ph.policy_params(trainer)
     with use_mesh(mesh, rules):  # one prefill per prompt, k samples from its cache
       out = generate_from_state(graphdef, params, ids, mask, key, self.sampling, self.stops)
     del params  # the decode copy lives for the sampling only
@@ -94,7 +124,7 @@ class RolloutSource:
     upd = {"prompt_ids": ids, "prompt_mask": mask, "tokens": tokens, "response_mask": resp_mask}
     dev = put_batch(upd, state.mesh, state.rules)
     with use_mesh(state.mesh, state.rules):
-      logp = ph.logprobs(trainer.model_params(), dev)
+      logp = ph.logprobs(ph.policy_params(trainer), dev)
       ref_logp = ph.logprobs(trainer.frozen_params("reference"), dev)
       kl = host_global(ph.kl(logp, ref_logp, dev["response_mask"]))
     prompts = [self.loader.examples[int(i)].prompt for i in np.repeat(batch["example_id"], k)]
@@ -103,14 +133,11 @@ class RolloutSource:
     if "reward_model" in trainer.frozen:  # the scorer reads the run's frozen reward model
       self.scorer.params = trainer.frozen["reward_model"]
     scores = self.scorer(prompts, responses) * rc.reward_scale
-    counted = ended | rc.truncated_as_ended
-    rewards, base, adv = (np.asarray(a) for a in advantages(jnp.asarray(scores), jnp.asarray(kl),
-                                                            jnp.asarray(counted), rc.kl_beta, k))
-    upd["advantages"] = adv.astype(np.float32)
-    metrics = {"reward": float(scores.mean()), "kl": float(kl.mean()), "total_reward": float(rewards.mean()),
+    extra, est_metrics = self.estimate(self, Rollout(upd, dev, logp, ref_logp, kl, scores, ended, lengths), trainer)
+    upd.update(extra)
+    metrics = {"reward": float(scores.mean()), "kl": float(kl.mean()), **est_metrics,
                "response_length": float(lengths.mean()), "ended_fraction": float(ended.mean()),
-               "advantage_mean": float(adv.mean()), "advantage_std": float(adv.std()),
-               "baseline_mean": float(base.mean()), "sample_tokens_per_s": self._rate, "tokens_per_s": self._rate}
+               "sample_tokens_per_s": self._rate, "tokens_per_s": self._rate}
     if rc.sample_every and (step % rc.sample_every == 0 or step == rc.steps):
       metrics["_samples"] = [{"prompt": prompts[i], "response": responses[i], "reward": float(scores[i]),
                               "kl": float(kl[i])} for i in range(0, len(prompts), k)]

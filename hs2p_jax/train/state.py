@@ -40,6 +40,7 @@ class Part:
   dtype: str = "float32"     # float32 for the trainable model; the compute dtype for frozen ones
   adapters: bool = False     # a frozen copy of a LoRA run's trainable params only, over its base
   critic: LlamaConfig | None = None  # kind "actor_critic": the critic's architecture
+  of: str = ""               # a frozen copy of this sub-model of the trainable one (PPO's reference: "actor")
 
   def build(self) -> nnx.Module:
     """A fresh model of this part (call under `nnx.eval_shape` for its abstract state)."""
@@ -198,7 +199,7 @@ class RunState:
   def freeze(self, name: str, params: Any) -> Any:
     """Frozen part `name` as a copy of `params` (e.g. the initial policy) in its storage dtype and shardings."""
     part = self.frozen_parts[name]
-    params = subset(params, self.frozen[name])  # e.g. a LoRA model's base, of the whole model
+    params = subset(params[part.of] if part.of else params, self.frozen[name])  # e.g. a LoRA model's base
     with use_mesh(self.mesh, self.rules):
       return jax.jit(lambda p: store_as(jax.tree.map(jnp.copy, p), part.dtype),
                      out_shardings=shardings_of(self.frozen[name]))(params)

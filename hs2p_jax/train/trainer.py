@@ -92,7 +92,9 @@ class Trainer:
                evaluate: Callable[["Trainer"], dict[str, float]] | None = None,
                datasets: dict[str, tuple[Any, int | None, int | None]] | None = None,
                batch_info: dict[str, Any] | None = None, notes: tuple[str, ...] = (),
-               model_info: dict[str, Any] | None = None, compile_for: list[dict[str, Any]] | None = None):
+               model_info: dict[str, Any] | None = None, compile_for: list[dict[str, Any]] | None = None,
+               read_source: Callable[["Trainer"], Any] | None = None,
+               final_model: Callable[[Any], Any] | None = None):
     self.cfg, self.out_dir, self.section, self.model_cfg = cfg, storage.absolute(out_dir), section, model
     self.step_fn, self.source, self.loader = step, source, source.position
     self.state = step.state
@@ -110,6 +112,8 @@ class Trainer:
     self.frozen: dict[str, Any] = {}
     self.source_reads = ReadStats()
     self.compile_for = list(compile_for or [])
+    self._read = read_source   # the initial params of a trainable model `load_params` cannot read (PPO's pair)
+    self._final = final_model  # what of the trained model `DIR/model` holds (PPO: the actor)
 
   # -- the state ---------------------------------------------------------------------------------
 
@@ -163,6 +167,8 @@ class Trainer:
     return self.state.frozen_params(name, self.frozen)
 
   def _read_source(self) -> Any:
+    if self._read is not None:
+      return self._read(self)
     return load_params(self.model_cfg, self.state.params, self.mesh, self.rules, self.source_reads)
 
   def _say(self, line: str) -> None:
@@ -209,9 +215,9 @@ class Trainer:
     return self._evaluate(self) if self._evaluate is not None else {}
 
   def save_final(self) -> None:
-    save_model(storage.join(self.out_dir, "model"), model_from(self.graphdef, self.model_params(float32=True)),
-               self.meta, self.tokenizer,
-               overwrite=True)
+    model = model_from(self.graphdef, self.model_params(float32=True))
+    save_model(storage.join(self.out_dir, "model"), self._final(model) if self._final else model, self.meta,
+               self.tokenizer, overwrite=True)
 
   def run(self) -> dict[str, Any]:
     s = self.section

@@ -1,0 +1,173 @@
+"""`hs2p ppo`: PPO with a critic initialised from the reward model, on the shared trainer.
+
+The run trains an `ActorCritic` (the policy and the critic, each with its own AdamW and learning
+rate, `optim.actor_critic_optimizer`) and holds, frozen, the reference (a copy of the initial actor,
+kept once under `DIR/frozen/reference`) and the reward model. Its batch source is REINFORCE's
+rollouts (`train.rollouts`) with PPO's estimator: per-token rewards (the KL penalty on every token,
+the score at the last), the critic's values, GAE (or GRPO's group-normalised scores) and whitening;
+each rollout batch gives `updates_per_rollout` minibatches, `epochs` times. `DIR/model` holds the
+actor.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hs2p_jax import storage
+from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model, read_meta
+from hs2p_jax.config import PPORunConfig
+from hs2p_jax.data.pipeline import make_loader
+from hs2p_jax.errors import UserError
+from hs2p_jax.model.actor_critic import response_values
+from hs2p_jax.model.config import LlamaConfig
+from hs2p_jax.model.reward import attribute_weights
+from hs2p_jax.rollout import layout_for
+from hs2p_jax.serve.client import is_served
+from hs2p_jax.sharding import Rules, make_mesh, rules_from, use_mesh
+from hs2p_jax.tokenizer import load_tokenizer
+from hs2p_jax.train import ppo
+from hs2p_jax.train.feed import host_global
+from hs2p_jax.train.model_init import architecture, check_tokenizer, load_params, model_meta, tokenizer_spec
+from hs2p_jax.train.optim import actor_critic_optimizer
+from hs2p_jax.train.reinforce import kl_per_token, make_logprob_fn, masked_mean, objective_temperature
+from hs2p_jax.train.reinforce_trainer import Phases, reward_architecture
+from hs2p_jax.train.rm_scorer import RewardScorer, score_fn
+from hs2p_jax.train.rollouts import Rollout, RolloutSource
+from hs2p_jax.train.state import Part, RunState, Step, abstract_part, frozen_dtype
+from hs2p_jax.train.trainer import INITIAL, Trainer
+
+_RUNTIME = ("dtype", "remat", "attention", "scan_layers")
+
+
+def critic_source(cfg: PPORunConfig) -> str:
+  path = cfg.critic or cfg.reward_model
+  if not path or is_served(path):
+    raise UserError("ppo: the critic starts from a reward-model checkpoint: set reward_model=CKPT (or critic=CKPT)")
+  return path
+
+
+def critic_architecture(cfg: PPORunConfig, policy: LlamaConfig) -> tuple[LlamaConfig, int, np.ndarray]:
+  """(architecture, outputs, value weights) of the critic: its checkpoint's, computing as the policy does."""
+  path = critic_source(cfg)
+  meta = read_meta(path)
+  if meta.kind != "reward":
+    raise UserError(f"ppo: {path} is a {meta.kind} checkpoint, not a reward model (the critic starts from one)")
+  cfg_ = meta.config.replace(**{k: getattr(policy, k) for k in _RUNTIME})
+  return cfg_, meta.num_attributes, np.asarray(attribute_weights(meta.reward_weights, meta.num_attributes))
+
+
+def blueprint(cfg: PPORunConfig, mesh: Any, rules: Rules, policy: LlamaConfig,
+              critic: tuple[LlamaConfig, int, np.ndarray], reward: tuple[LlamaConfig, int] | None,
+              memory: int | None = None, chip: str | None = None) -> Phases:
+  """The run's state (actor-critic + AdamW, frozen reference and reward model) and its jitted phases."""
+  pc = cfg.ppo
+  stored = frozen_dtype(pc.frozen_dtype, policy.dtype)
+  frozen = {"reference": Part("lm", policy, dtype=stored, of="actor")}
+  if reward is not None:
+    frozen["reward_model"] = Part("reward", reward[0], reward[1], dtype=stored)
+  trainable = Part("actor_critic", policy, critic[1], critic=critic[0])
+  state = RunState.build(trainable, frozen, actor_critic_optimizer(pc), mesh, rules)
+  temp = objective_temperature(pc.temperature)
+  critic_graphdef = abstract_part(Part("reward", critic[0], critic[1]), mesh, rules)[0]
+  weights = jnp.asarray(critic[2], jnp.float32)
+  layout = layout_for(policy, mesh, rules, tensor=pc.rollout_tensor, dtype=pc.rollout_dtype,
+                      rows=pc.prompts_per_step * pc.samples_per_prompt,
+                      context=cfg.data.max_length + pc.max_new_tokens / 2, memory=memory,
+                      chip=chip) if pc.rollout_copy else None
+  replicated = NamedSharding(mesh, P())
+  values = jax.jit(lambda p, b: response_values(nnx.merge(critic_graphdef, p), b["prompt_ids"], b["prompt_mask"],
+                                                b["tokens"], b["response_mask"], weights), out_shardings=replicated)
+  lm_graphdef = state.frozen_graphdefs["reference"]
+  return Phases(
+      update=Step(state, ppo.make_ppo_step(state.graphdef, state.tx, critic[2], pc.clip, pc.value_clip, temp)),
+      logprobs=jax.jit(make_logprob_fn(lm_graphdef, None, temp)),
+      kl=jax.jit(lambda lp, ref, m: masked_mean(kl_per_token(lp, ref, pc.kl_estimator), m, axis=1),
+                 out_shardings=replicated),
+      score=score_fn(state.frozen_graphdefs["reward_model"], mesh) if reward is not None else None,
+      layout=layout, policy_graphdef=lm_graphdef, policy_params=lambda t: t.params["actor"], values=values)
+
+
+def estimate(source: RolloutSource, r: Rollout, trainer: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+  """PPO's estimator: the critic's values of the rollouts, per-token rewards, GAE (or GRPO's
+  group-normalised scores on every token), whitened advantages, returns."""
+  pc, ph = source.rc, source.phases
+  st = ph.update.state
+  with use_mesh(st.mesh, st.rules):
+    values = host_global(ph.values(trainer.params["critic"], r.dev))  # [N, Tr + 1]
+  mask = r.rows["response_mask"]
+  logp, ref = host_global(r.logp), host_global(r.ref_logp)
+  old_values = values[:, :-1] * mask
+  rewards = ppo.token_rewards(jnp.asarray(r.scores), logp, ref, mask, pc.kl_beta, pc.kl_estimator)
+  adv, ret = ppo.gae(rewards, old_values, mask, pc.gamma, pc.lam)  # cut rows end where they stop (NeMo)
+  if pc.advantage == "grpo":
+    seq = ppo.grpo_advantages(jnp.asarray(r.scores) - pc.kl_beta * jnp.asarray(r.kl), pc.samples_per_prompt)
+    adv = seq[:, None] * mask
+  if pc.whiten:
+    adv = ppo.whiten(adv, mask)
+  adv, ret = np.asarray(adv, np.float32), np.asarray(ret, np.float32)
+  on = mask.astype(bool)
+  last = values[np.arange(len(values)), r.lengths]
+  return ({"old_logp": np.asarray(logp, np.float32), "old_values": old_values.astype(np.float32), "advantages": adv,
+           "returns": ret},
+          {"value_mean": float(old_values[on].mean()) if on.any() else 0.0,
+           "return_mean": float(ret[on].mean()) if on.any() else 0.0,
+           "value_at_end": float(last.mean()), "advantage_std": float(adv[on].std()) if on.any() else 0.0})
+
+
+def _read_source(cfg: PPORunConfig, path: str) -> Callable[[Trainer], Any]:
+  def read(t: Trainer) -> Any:
+    st = t.state
+    actor = load_params(cfg.policy, st.params["actor"], t.mesh, t.rules, t.source_reads)
+    runtime = {k: getattr(st.trainable.critic, k) for k in _RUNTIME}
+    critic, _ = load_model(path, t.mesh, t.rules, **runtime)
+    return nnx.State({"actor": actor, "critic": nnx.state(critic)})
+  return read
+
+
+def trainer(cfg: PPORunConfig, out_dir: str, scorer: Callable | None = None) -> Trainer:
+  """The PPO run of `cfg` in `out_dir`; `scorer(prompts, responses) -> [N]` defaults to the reward
+  model `cfg.reward_model` (the critic still starts from a reward-model checkpoint)."""
+  if cfg.policy.kind != "lm":
+    raise UserError("ppo: policy.kind must be lm")
+  if cfg.policy.lora.rank:
+    raise UserError(f"policy.lora.rank={cfg.policy.lora.rank}: ppo does not train LoRA adapters yet")
+  pc, mesh, rules = cfg.ppo, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
+  policy = architecture(cfg.policy)[0]
+  critic = critic_architecture(cfg, policy)
+  reward = reward_architecture(cfg, policy) if scorer is None else None
+  if scorer is None and reward is None:
+    raise UserError("ppo: set reward_model=CKPT (a reward-model checkpoint)")
+  tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))
+  check_tokenizer(tokenizer, policy)
+  loader = make_loader(cfg.data, tokenizer, split="train", task="prompts", batch_size=pc.prompts_per_step,
+                       seed=pc.seed, shuffle=True, repeat=True, process_index=jax.process_index(),
+                       process_count=jax.process_count(), cache_dir=storage.local_dir(out_dir, "data"))
+  phases = blueprint(cfg, mesh, rules, policy, critic, reward[:2] if reward else None)
+  state = phases.update.state
+  if phases.layout is not None and jax.process_index() == 0:
+    print(phases.layout.describe(), file=sys.stderr, flush=True)
+  frozen_from = {"reference": INITIAL}
+  if scorer is None:
+    frozen_from["reward_model"] = cfg.reward_model
+    scorer = RewardScorer(state.frozen_graphdefs["reward_model"], None, read_meta(cfg.reward_model),
+                          load_checkpoint_tokenizer(cfg.reward_model), mesh, rules,
+                          max_length=cfg.data.max_length + pc.max_new_tokens, eval_fn=phases.score)
+  eos = tuple(policy.eos_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+  source = RolloutSource(cfg, loader, phases, scorer, tokenizer, eos, estimate=estimate, section=pc)
+  return Trainer(cfg, out_dir, section=pc, model=cfg.policy, step=phases.update, source=source, tokenizer=tokenizer,
+                 meta=model_meta(cfg.policy, policy, cfg.data.template), frozen_from=frozen_from,
+                 datasets={"prompts": (loader, pc.steps, pc.prompts_per_step)},
+                 model_info={"reward_model": cfg.reward_model, "critic": critic_source(cfg)},
+                 read_source=_read_source(cfg, critic_source(cfg)), final_model=lambda m: m.actor)
+
+
+def train_ppo(cfg: PPORunConfig, out_dir: str) -> dict[str, Any]:
+  """Runs (or resumes) PPO into `out_dir`; returns the last logged metrics."""
+  return trainer(cfg, out_dir).run()
