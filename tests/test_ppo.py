@@ -175,7 +175,8 @@ def _ppo_config(tmp_path, **extra):
 
 def test_ppo_trains_the_actor_and_the_critic_from_the_reward_model(tmp_path):
   """`hs2p ppo`'s trainer: the critic starts as the reward model, every update is its rollout's first
-  minibatch (ratio 1, nothing clipped), the value loss falls, the KL starts at 0; DIR/model is the actor."""
+  minibatch (ratio 1, nothing clipped), the value loss falls, the KL starts at 0; DIR/model is the
+  actor; a resumed run logs the uninterrupted one's numbers."""
   from hs2p_jax.checkpoint import read_meta
   from hs2p_jax.train.metrics import read_metrics
   from hs2p_jax.train.ppo_trainer import trainer
@@ -189,3 +190,13 @@ def test_ppo_trains_the_actor_and_the_critic_from_the_reward_model(tmp_path):
   assert np.mean([r["value_loss"] for r in recs[-3:]]) < recs[0]["value_loss"]
   assert {"loss", "reward", "kl", "value_loss", "return_mean", "approx_kl"} <= set(recs[-1])
   assert read_meta(str(tmp_path / "run" / "model")).kind == "lm"
+  # stopped after step 2 and resumed: the uninterrupted run's numbers (the LR is constant: the
+  # first 4 steps do not depend on the total)
+  trainer(_ppo_config(tmp_path, **{"ppo.steps": 2, "ppo.save_every": 2}), str(tmp_path / "b")).run()
+  trainer(_ppo_config(tmp_path, **{"ppo.steps": 4, "ppo.save_every": 2}), str(tmp_path / "b")).run()
+  b = read_metrics(str(tmp_path / "b" / "metrics.jsonl"))
+  assert [r["step"] for r in b] == [1, 2, 3, 4]
+  for ra, rb in zip(recs, b):
+    for key in ("loss", "value_loss", "reward", "kl"):
+      assert rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9), (ra["step"], key)
+
