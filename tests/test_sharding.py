@@ -93,13 +93,13 @@ def test_one_device_and_eight_devices_log_the_same_losses(tmp_path):
              "data.validation": pairs},
       "regression": {"data.format": "helpsteer2", "train.objective": "regression", "data.train": ratings,
                      "data.validation": ratings},
-      # each pair as one packed [prompt | chosen | rejected] segment: the same step as "bt"
+      # each pair as one packed [prompt | chosen | rejected] segment (test_share_prompt.py: the losses of unpacked)
       "bt_shared": {"data.format": "pairs", "train.objective": "bt", "train.bt_variant": "scaled", "data.train": pairs,
                     "data.validation": pairs, "data.packing": True, "data.share_prompt": True,
                     "data.max_length": 128},
   }
-  # 3 pairs = 6 rows: on data*fsdp = 4 devices the loader pads them to 8 rows (the batch still splits)
-  objectives["bt_3_pairs"] = {**objectives["bt"], "train.batch_size": 3}
+  # "bt": 3 pairs = 6 rows: on data*fsdp = 4 devices the loader pads them to 8 rows (the batch still splits)
+  objectives["bt"]["train.batch_size"] = 3
   common = {"train.steps": 2, "train.batch_size": 8, "train.lr": 3e-3, "model.num_layers": 1}
   mesh8 = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
   one = run_in_subprocess(1, [(k, str(tmp_path / f"one_{k}"), tiny_overrides(tmp_path, **{**common, **v}))
@@ -111,14 +111,13 @@ def test_one_device_and_eight_devices_log_the_same_losses(tmp_path):
     # float reassociation across 8 shards: relative 1e-5
     assert eight[k]["losses"] == pytest.approx(one[k]["losses"], rel=1e-5), k
     assert eight[k]["val_loss"] == pytest.approx(one[k]["val_loss"], rel=1e-5), k
-  assert eight["bt_shared"]["losses"] == pytest.approx(one["bt"]["losses"], rel=1e-4)
   assert eight["generate"]["tokens"] == one["generate"]["tokens"]  # the sampler, sharded, samples the same
   assert eight["generate"]["samples_tokens"] == one["generate"]["samples_tokens"]
   assert eight["generate"]["two_tokens"] == one["generate"]["two_tokens"]  # repeated prefill = shared prefill
   np.testing.assert_allclose(eight["generate"]["two_logprobs"], one["generate"]["two_logprobs"], atol=1e-4)
   assert eight["splash_max_diff"] < 1e-5 and eight["splash_branches_max_diff"] < 1e-5  # loss and grads vs reference
   np.testing.assert_allclose(eight["generate"]["logprobs"], one["generate"]["logprobs"], atol=1e-4)
-  prov = json.load(open(tmp_path / "eight_bt_3_pairs" / "provenance.json"))
+  prov = json.load(open(tmp_path / "eight_bt" / "provenance.json"))
   assert prov["batch"] == {"micro_batch_rows": 6, "batch_split": 4, "micro_batches": 1, "padded_rows": 8}
   specs = eight["bt"]["specs"]
   assert specs["model/layers/mlp/gate/value"] == [None, "fsdp", "tensor"]
