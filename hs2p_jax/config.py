@@ -186,7 +186,7 @@ class PPOConfig(ReinforceConfig):
   samples_per_prompt: int = 1
   lr: float = 9e-7                     # the actor's
   critic_lr: float = 9e-6
-  critic_warmup_steps: int = 0         # steps in which only the critic learns (the actor's LR is 0)
+  critic_warmup_steps: int = 0         # rollout steps in which only the critic learns (the actor's LR is 0)
   gamma: float = 1.0                   # GAE discount
   lam: float = 0.95                    # GAE lambda
   clip: float = 0.2                    # the policy ratio's clip
@@ -322,7 +322,7 @@ class JudgeStage:
 class PipelineConfig:
   """`hs2p pipeline`: stage configs (paths relative to this file) and the ExPO / eval settings.
 
-  `--set regression.KEY=V` (or bt., reinforce., dpo., justifier.) overrides one stage's config; `--set
+  `--set regression.KEY=V` (or bt., reinforce., ppo., dpo., justifier.) overrides one stage's config; `--set
   expo.KEY=V`, `eval.KEY=V`, `compare.KEY=V`, `judge.KEY=V`, `stages=[...]` the pipeline's own keys; any other key (`train.steps=6`,
   `mesh.data=2`) is applied to every stage config that has it.
   """
@@ -330,6 +330,9 @@ class PipelineConfig:
   regression: str = "regression.yaml"
   bt: str = "scaled_bt.yaml"
   reinforce: Optional[str] = "reinforce.yaml"
+  ppo: Optional[str] = "ppo.yaml"       # PPO config (stage "ppo")
+  ppo_rounds: int = 1                   # the paper's 2: round r restarts actor and reference from round r-1's
+                                        # final actor, the critic again from the reward model (DIR/ppo_round<r>)
   dpo: Optional[str] = "dpo.yaml"
   justifier: Optional[str] = "justifier.yaml"  # SFT config of the Pairwise Justifier (stage "justifier")
   stages: list = dataclasses.field(default_factory=lambda: ["regression", "bt", "expo", "eval", "reinforce"])

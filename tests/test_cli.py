@@ -155,20 +155,29 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
   code, out, err = run_cli(capsys, "pipeline", "--config", os.path.join(root, "configs/quickstart/pipeline.yaml"),
                            "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
                            "expo.search=1.0:1.4:0.2", "data.builtin_size=64", "dpo.steps=2", "compare.prompts=8",
-                           "compare.max_new_tokens=8", "data.buckets=[160]")
+                           "compare.max_new_tokens=8", "data.buckets=[160]", "ppo.steps=2", "ppo.critic_warmup_steps=1", "ppo_rounds=2",
+                           "ppo.max_new_tokens=8")
   assert code == 0, err
   report = (tmp_path / "q" / "report.md").read_text()
   for needle in ("Regression, helpfulness only", "Scaled BT + ExPO", "expo_search.png", "reinforce_curves.png",
-                 "dpo_curves.png", "Policy dpo on held-out prompts", "Policy reinforce on held-out prompts"):
-    assert needle in report
+                 "dpo_curves.png", "ppo_curves.png", "Policy dpo on held-out prompts",
+                 "Policy reinforce on held-out prompts", "| ppo | ", "| PPO | 8.74 | 1842.8 | 43.8 | 58.6 |",
+                 "| REINFORCE | 8.98 | 2199.8 | 57.6 | 85.0 |", "| Scaled DPO | 8.74 | 1514.8 | 41.0 | 52.9 |"):
+    assert needle in report, needle
   stages = {json.loads(l)["stage"] for l in open(tmp_path / "q" / "metrics.jsonl")}
-  assert stages == {"regression", "bt", "reinforce", "dpo"}
+  assert stages == {"regression", "bt", "reinforce", "ppo", "ppo_round2", "dpo"}
+  # PPO's second round starts actor and reference from the first round's actor, the critic again
+  # from the reward model: its KL starts at 0 again
+  round2 = json.loads((tmp_path / "q" / "ppo_round2" / "DONE").read_text())
+  assert round2["init_from"] == str(tmp_path / "q" / "ppo" / "model")
+  assert round2["reward_model"] == str(tmp_path / "q" / "expo" / "model")
+  assert [json.loads(l)["kl"] for l in open(tmp_path / "q" / "ppo_round2" / "metrics.jsonl")][0] == 0.0
   summary = json.loads((tmp_path / "q" / "summary.json").read_text())
   assert "RewardBench 2 scores" in report and len(summary["rewardbench2"]) == 3  # regression, BT, ExPO
   for rb2 in summary["rewardbench2"].values():
     assert rb2["Overall"] == pytest.approx(np.mean([v for k, v in rb2.items() if k != "Overall"]))
   policies = summary["policies"]
-  assert set(policies) == {"reference", "reinforce", "dpo"} and policies["reference"]["kl"] == 0.0
+  assert set(policies) == {"reference", "reinforce", "ppo", "dpo"} and policies["reference"]["kl"] == 0.0
   assert all(p["kl"] != 0.0 for name, p in policies.items() if name != "reference")
   umask = os.umask(0)
   os.umask(umask)
@@ -182,7 +191,8 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
   code, _, err = run_cli(capsys, "pipeline", "--config", os.path.join(root, "configs/quickstart/pipeline.yaml"),
                          "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
                          "expo.search=1.0:1.4:0.2", "data.builtin_size=64", "dpo.steps=2", "compare.prompts=8",
-                         "compare.max_new_tokens=8", "data.buckets=[160]")
+                         "compare.max_new_tokens=8", "data.buckets=[160]", "ppo.steps=2", "ppo.critic_warmup_steps=1", "ppo_rounds=2",
+                         "ppo.max_new_tokens=8")
   assert code == 0 and "stage: regression" not in err and "stage: compare" not in err
 
 

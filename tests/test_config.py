@@ -66,6 +66,8 @@ def test_every_shipped_config_loads():
       cls = config_lib.PipelineConfig
     elif name == "reinforce.yaml":
       cls = config_lib.ReinforceRunConfig
+    elif name.startswith("ppo"):
+      cls = config_lib.PPORunConfig
     elif name.startswith("dpo"):
       cls = config_lib.DPORunConfig
     elif name == "justifier.yaml":

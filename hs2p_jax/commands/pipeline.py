@@ -46,7 +46,8 @@ def _has_key(cls, dotted: str) -> bool:
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]], list[str]]:
   """(pipeline keys, {stage: keys}, keys for every stage) from `--set` pairs."""
   stage_cls = {"regression": config_lib.RunConfig, "bt": config_lib.RunConfig,
-               "reinforce": config_lib.ReinforceRunConfig, "dpo": config_lib.DPORunConfig,
+               "reinforce": config_lib.ReinforceRunConfig, "ppo": config_lib.PPORunConfig,
+               "dpo": config_lib.DPORunConfig,
                "justifier": config_lib.SFTRunConfig}
   own, per_stage, broadcast = [], {name: [] for name in stage_cls}, []
   for pair in overrides:
@@ -69,10 +70,12 @@ class Pipeline:
     self.cfg = config_lib.load(config_lib.PipelineConfig, config, own)
     self.base = os.path.dirname(os.path.abspath(config))
     self.out = storage.absolute(out)  # a local directory or a URL (gs://)
-    unknown = sorted(set(self.cfg.stages) - {"regression", "bt", "expo", "eval", "reinforce", "dpo", "compare",
-                                             "justifier"})
+    unknown = sorted(set(self.cfg.stages) - {"regression", "bt", "expo", "eval", "reinforce", "ppo", "dpo",
+                                             "compare", "justifier"})
     if unknown:
       raise UserError(f"{config}: unknown stage {unknown[0]!r}")
+    if self.cfg.ppo_rounds < 1:
+      raise UserError(f"{config}: ppo_rounds={self.cfg.ppo_rounds} must be at least 1")
     self.results: dict[str, Any] = {}
 
   def stage_config(self, cls, name: str, path: str, extra: dict[str, Any] | None = None):
@@ -213,6 +216,30 @@ class Pipeline:
     last = train_reinforce(cfg, self._dir("reinforce"))
     self._finish("reinforce", {"last": last, "reward_model": cfg.reward_model})
 
+  def _ppo_dirs(self) -> list[str]:
+    """The PPO rounds' stage names: ppo, ppo_round2, ..."""
+    return ["ppo"] + [f"ppo_round{r}" for r in range(2, self.cfg.ppo_rounds + 1)]
+
+  def _ppo(self) -> None:
+    """PPO against the newest reward model, its critic initialised from it; round r > 1 restarts the
+    actor and its reference from round r-1's final actor (the paper's "best round-1 checkpoint": no
+    validation here picks another) and the critic again from the reward model."""
+    from hs2p_jax.train.ppo_trainer import train_ppo
+    if not self.cfg.ppo:
+      return
+    rm = self._reward_model()
+    previous = None
+    for stage in self._ppo_dirs():
+      if not self._done(stage):
+        self._announce(stage)
+        extra = {"reward_model": rm} if rm else {}
+        if previous:
+          extra["policy"] = {"init_from": storage.join(self._dir(previous), "model")}
+        cfg = self.stage_config(config_lib.PPORunConfig, "ppo", self.cfg.ppo, extra or None)
+        last = train_ppo(cfg, self._dir(stage))
+        self._finish(stage, {"last": last, "reward_model": cfg.reward_model, "init_from": cfg.policy.init_from})
+      previous = stage
+
   def _dpo(self) -> None:
     from hs2p_jax.train.dpo_trainer import train_dpo
     if self._done("dpo") or not self.cfg.dpo:
@@ -254,7 +281,7 @@ class Pipeline:
     self._finish("justifier", {"last": last, "judge": summary})
 
   def _compare(self) -> None:
-    """The trained policies (REINFORCE, DPO) against their common start on held-out prompts."""
+    """The trained policies (REINFORCE, PPO's last round, DPO) against their common start on held-out prompts."""
     from hs2p_jax.checkpoint import load_model
     from hs2p_jax.data.load import load_examples
     from hs2p_jax.data.synthetic import resolve_source
@@ -264,11 +291,12 @@ class Pipeline:
     if self._done("compare"):
       self.results["compare"] = self._done_info("compare").get("policies", {})
       return
-    trained = {s: storage.join(self._dir(s), "model") for s in ("reinforce", "dpo")
+    stages = {"reinforce": "reinforce", "ppo": self._ppo_dirs()[-1], "dpo": "dpo"}
+    trained = {name: storage.join(self._dir(s), "model") for name, s in stages.items()
                if is_model_checkpoint(storage.join(self._dir(s), "model"))}
     rm = self._reward_model()
     if not trained or rm is None:
-      raise UserError("the compare stage needs a trained policy (reinforce or dpo stage) and a reward model")
+      raise UserError("the compare stage needs a trained policy (reinforce, ppo or dpo stage) and a reward model")
     self._announce("compare")
     c = self.cfg.compare
     rl = self.stage_config(config_lib.ReinforceRunConfig, "reinforce", self.cfg.reinforce) if self.cfg.reinforce \
@@ -334,6 +362,14 @@ class Pipeline:
       images.append(("REINFORCE: reward-model score and KL to the reference", "reinforce_curves.png"))
       notes.append(f"REINFORCE: mean RM reward {rl[0]['reward']:.4f} at step {rl[0]['step']} -> "
                    f"{rl[-1]['reward']:.4f} at step {rl[-1]['step']}; KL {rl[-1]['kl']:.4f}.")
+    ppo_runs = {s: metrics(s) for s in self._ppo_dirs() if metrics(s)}
+    if ppo_runs and plot_curves(ppo_runs, ["reward", "kl", "value_loss", "loss"],
+                                storage.join(self.out, "ppo_curves.png"), "PPO"):
+      images.append(("PPO: reward-model score, KL to the reference, the critic's value loss", "ppo_curves.png"))
+      for s, recs in ppo_runs.items():
+        notes.append(f"PPO ({s}): mean RM reward {recs[0]['reward']:.4f} at step {recs[0]['step']} -> "
+                     f"{recs[-1]['reward']:.4f} at step {recs[-1]['step']}; KL {recs[-1]['kl']:.4f}; value loss "
+                     f"{recs[0]['value_loss']:.4f} -> {recs[-1]['value_loss']:.4f}.")
     dp = metrics("dpo")
     if dp and plot_curves({"dpo": dp}, ["loss", "accuracy", "val_accuracy", "margin", "drift"],
                           storage.join(self.out, "dpo_curves.png"), "DPO"):
@@ -343,7 +379,8 @@ class Pipeline:
         notes.append(f"DPO ({done_info('dpo').get('variant')}): validation implicit-reward accuracy "
                      f"{vals[0]['val_accuracy']:.4f} at step {vals[0]['step']} -> {vals[-1]['val_accuracy']:.4f} "
                      f"at step {vals[-1]['step']}.")
-    for name, m in (self.results.get("compare") or {}).items():
+    policies = self.results.get("compare") or {}
+    for name, m in policies.items():
       notes.append(f"Policy {name} on held-out prompts: RM reward {m['reward']:.4f}, KL to the reference "
                    f"{m['kl']:.4f} per token, {m['response_length']:.1f} tokens.")
     judge = self.results.get("judge")
@@ -353,7 +390,8 @@ class Pipeline:
                    f"consistency {judge['position_consistency']:.4f}.")
     if "expo" in scores:
       notes.append("ExPO factor convention: base + factor * (tuned - base), base = regression, tuned = BT.")
-    path = write_report(self.out, rows, notes, images)
+    dpo_variant = (done_info("dpo").get("variant") or "scaled").capitalize()
+    path = write_report(self.out, rows, notes, images, policies, {"dpo": f"{dpo_variant} DPO"})
     print(f"report: {path}", file=sys.stderr)
     summary = {"report": path, "stages": {r["stage"]: r.get("sections") for r in rows}}
     rb2 = {r["stage"]: {**r["rewardbench2"]["subsets"], "Overall": r["rewardbench2"].get("overall")}

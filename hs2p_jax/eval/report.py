@@ -55,8 +55,42 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], keys: list[str], path: st
   return True
 
 
-def write_report(out_dir: str, rows: list[dict[str, Any]], notes: list[str], images: list[tuple[str, str]]) -> str:
-  """report.md: a table (our scores; the paper's for the same row) plus notes and images.
+# The paper's RLHF table (Llama-3.1-70B-Instruct trained against its reward model): MT-Bench
+# (GPT-4-Turbo), mean response length (characters), AlpacaEval 2 LC, Arena Hard.
+PAPER_POLICIES: dict[str, tuple[float, float, float, float]] = {
+    "Regular DPO": (8.66, 1502.2, 40.4, 52.8),
+    "Margin DPO": (8.58, 1496.6, 41.1, 52.6),
+    "Scaled DPO": (8.74, 1514.8, 41.0, 52.9),
+    "PPO": (8.74, 1842.8, 43.8, 58.6),
+    "REINFORCE": (8.98, 2199.8, 57.6, 85.0),
+    "Llama-3.1-70B-Instruct": (8.22, 1728.6, 38.1, 55.7),
+}
+
+
+def policy_table(policies: dict[str, dict[str, float]], paper_names: dict[str, str] | None = None) -> list[str]:
+  """Markdown lines: each compared policy's reward-model score, KL and length beside the paper's
+  figures for the same method (`paper_names` maps a policy to its paper row; the reference is the
+  policies' common start, the paper's Llama-3.1-70B-Instruct)."""
+  names = {"reinforce": "REINFORCE", "ppo": "PPO", "reference": "Llama-3.1-70B-Instruct", **(paper_names or {})}
+  lines = ["Policies on held-out prompts (ours: reward-model score of one sample per prompt, KL to the common "
+           "start per token, response tokens) beside the paper's RLHF table for the same method (its 70B "
+           "policies on MT-Bench, AlpacaEval 2 LC and Arena Hard; what the built-in data can show is the "
+           "ordering of the reward-model scores, not those benchmarks).", "",
+           "| policy | RM reward | KL / token | tokens | paper row | MT-Bench | length (chars) | AlpacaEval 2 LC "
+           "| Arena Hard |", "|---|---|---|---|---|---|---|---|---|"]
+  order = ["reference", "reinforce", "ppo", "dpo"]
+  for name, m in sorted(policies.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
+    row = names.get(name, "")
+    paper = PAPER_POLICIES.get(row)
+    figures = " | ".join(f"{v:.1f}" if i != 0 else f"{v:.2f}" for i, v in enumerate(paper)) if paper else " | | | "
+    lines.append(f"| {name} | {m['reward']:.4f} | {m['kl']:.4f} | {m['response_length']:.1f} | {row} | {figures} |")
+  return lines + [""]
+
+
+def write_report(out_dir: str, rows: list[dict[str, Any]], notes: list[str], images: list[tuple[str, str]],
+                 policies: dict[str, dict[str, float]] | None = None, paper_names: dict[str, str] | None = None) -> str:
+  """report.md: a table (our scores; the paper's for the same row), the compared policies beside the
+  paper's RLHF table (`policy_table`), notes and images.
 
   rows: {"stage", "paper_row", "sections": {...} | None, "accuracy", "val_accuracy"[, "rewardbench2"]}.
   """
@@ -86,6 +120,8 @@ def write_report(out_dir: str, rows: list[dict[str, Any]], notes: list[str], ima
       lines.append(f"| {row['stage']} | {_fmt(r.get('overall'))} | "
                    + " | ".join(_fmt(subsets.get(s.lower())) for s in SUBSETS) + " |")
     lines.append("")
+  if policies:
+    lines += policy_table(policies, paper_names)
   lines += [f"- {n}" for n in notes]
   lines.append("")
   for caption, rel in images:

@@ -44,11 +44,12 @@ def optimizer_from(cfg) -> optax.GradientTransformation:
   return make_optimizer(cfg.lr, cfg.warmup_steps, cfg.weight_decay, cfg.b1, cfg.b2, cfg.eps, cfg.grad_clip)
 
 
-def actor_critic_optimizer(cfg) -> optax.GradientTransformation:
+def actor_critic_optimizer(cfg, updates_per_step: int = 1) -> optax.GradientTransformation:
   """PPO's: the actor and the critic of an `ActorCritic` each with their own AdamW and gradient
   clipping (`make_optimizer` settings of `cfg`), at `cfg.lr` and `cfg.critic_lr`; the actor's
-  learning rate is 0 for the first `cfg.critic_warmup_steps` steps (the critic learns first)."""
-  actor, hold = schedule(cfg.lr, cfg.warmup_steps), cfg.critic_warmup_steps
+  learning rate is 0 for the first `cfg.critic_warmup_steps` rollout steps of `updates_per_step`
+  optimizer updates each (the critic learns first, as NeMo-Aligner counts its warm-up)."""
+  actor, hold = schedule(cfg.lr, cfg.warmup_steps), cfg.critic_warmup_steps * updates_per_step
   actor_lr = (lambda step: jnp.where(step < hold, 0.0, actor(step - hold))) if hold else actor
   one = lambda lr: make_optimizer(lr, cfg.warmup_steps, cfg.weight_decay, cfg.b1, cfg.b2, cfg.eps,  # noqa: E731
                                   cfg.grad_clip)

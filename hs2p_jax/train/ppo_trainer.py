@@ -73,7 +73,8 @@ def blueprint(cfg: PPORunConfig, mesh: Any, rules: Rules, policy: LlamaConfig,
   if reward is not None:
     frozen["reward_model"] = Part("reward", reward[0], reward[1], dtype=stored)
   trainable = Part("actor_critic", policy, critic[1], critic=critic[0])
-  state = RunState.build(trainable, frozen, actor_critic_optimizer(pc), mesh, rules)
+  state = RunState.build(trainable, frozen, actor_critic_optimizer(pc, pc.updates_per_rollout * pc.epochs),
+                         mesh, rules)
   temp = objective_temperature(pc.temperature)
   critic_graphdef = abstract_part(Part("reward", critic[0], critic[1]), mesh, rules)[0]
   weights = jnp.asarray(critic[2], jnp.float32)
