@@ -86,6 +86,15 @@ def validate(cfg) -> None:
       raise UserError(f"{sec}.rollout_tensor={rl.rollout_tensor}: must be >= 0 (0 chooses)")
     if not 0.0 < rl.top_p <= 1.0 or rl.temperature < 0:
       raise UserError(f"{sec}.top_p must be in (0, 1] and {sec}.temperature >= 0")
+    if sec == "ppo":
+      if rl.share_prompt:
+        raise UserError("ppo.share_prompt=true: ppo computes each rollout row on its own (share_prompt is REINFORCE's)")
+      if rl.epochs <= 0 or rl.critic_warmup_steps < 0 or rl.critic_lr < 0:
+        raise UserError("ppo.epochs must be positive, ppo.critic_warmup_steps and ppo.critic_lr >= 0")
+      if rl.advantage == "grpo" and rl.samples_per_prompt < 2:
+        raise UserError("ppo.advantage=grpo normalises over each prompt's samples: set ppo.samples_per_prompt >= 2")
+      if not (0.0 <= rl.gamma <= 1.0 and 0.0 <= rl.lam <= 1.0) or rl.clip <= 0 or rl.value_clip <= 0:
+        raise UserError("ppo.gamma and ppo.lam must be in [0, 1], ppo.clip and ppo.value_clip positive")
   dist = getattr(cfg, "dist", None)
   if hasattr(dist, "heartbeat_timeout"):
     if dist.heartbeat_timeout <= 0 or dist.step_timeout < 0:

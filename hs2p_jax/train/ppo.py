@@ -22,8 +22,8 @@ from flax import nnx
 
 from hs2p_jax.model import model_from
 from hs2p_jax.model.actor_critic import response_values
-from hs2p_jax.train.accumulate import apply_mean_grads
-from hs2p_jax.train.reinforce import kl_per_token, masked_mean, response_logprobs
+from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
+from hs2p_jax.train.reinforce import interleave, kl_per_token, masked_mean, response_logprobs
 from hs2p_jax.train.state import with_base
 
 
@@ -103,29 +103,39 @@ def grpo_advantages(scores: jax.Array, k: int, eps: float = 1e-6) -> jax.Array:
 
 
 def make_ppo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, weights: Any, clip: float = 0.2,
-                  value_clip: float = 0.2, temperature: float = 1.0):
+                  value_clip: float = 0.2, temperature: float = 1.0, micro_batches: int = 1):
   """A pure `step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)` of an
   `ActorCritic` on a rollout minibatch: `prompt_ids`, `prompt_mask` [N, Tp], `tokens`,
   `response_mask`, and from the rollout `old_logp`, `old_values`, `advantages`, `returns` [N, Tr].
   The actor's clipped surrogate and the critic's clipped value loss are summed (their parameters
-  are disjoint, so each gets its own loss's gradient; `tx` gives them their own learning rates)."""
+  are disjoint, so each gets its own loss's gradient; `tx` gives them their own learning rates).
+  With `micro_batches` m the rows go through the models m slices at a time and the gradients of
+  the token sums are accumulated: the step equals the one-pass step (each loss one masked mean
+  over all the minibatch's response tokens)."""
   w = jnp.asarray(weights, jnp.float32)
 
-  def losses(params, frozen, batch):
+  def sums(params, frozen, batch):  # (sum over response tokens of both losses, {token sums, tokens})
     model = model_from(graphdef, with_base(params, frozen))
     args = (batch["prompt_ids"], batch["prompt_mask"], batch["tokens"], batch["response_mask"])
     logp = response_logprobs(model.actor, *args, temperature=temperature)
     values = response_values(model.critic, *args, w)[:, :-1]
     mask = batch["response_mask"]
+    tokens = jnp.sum(mask.astype(jnp.float32))
     pl, ps = policy_loss(logp, batch["old_logp"], batch["advantages"], mask, clip)
     vl, vs = value_loss(values, batch["old_values"], batch["returns"], mask, value_clip)
-    return pl + vl, {"loss": pl, "value_loss": vl, **ps, **vs}
+    out = {k: v * tokens for k, v in {"loss": pl, "value_loss": vl, **ps, **vs}.items()}  # masked means -> sums
+    return out["loss"] + out["value_loss"], {**out, "tokens": tokens}
 
-  grad_fn = jax.value_and_grad(losses, has_aux=True)
+  grad_fn = jax.value_and_grad(sums, has_aux=True)
 
   def step(params, opt_state, frozen, batch):
-    (_, metrics), grads = grad_fn(params, frozen, batch)
-    params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, jnp.ones(()))
-    return params, opt_state, {**metrics, "grad_norm": grad_norm}
+    if micro_batches == 1:
+      (_, total), grads = grad_fn(params, frozen, batch)
+    else:
+      grads, total = summed_grads(grad_fn, params, jax.tree.map(lambda a: interleave(a, micro_batches), batch),
+                                  frozen)
+    params, opt_state, grad_norm = apply_mean_grads(tx, params, opt_state, grads, total["tokens"])
+    count = jnp.maximum(total.pop("tokens"), 1.0)
+    return params, opt_state, {**{k: v / count for k, v in total.items()}, "grad_norm": grad_norm}
 
   return step

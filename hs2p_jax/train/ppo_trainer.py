@@ -87,7 +87,8 @@ def blueprint(cfg: PPORunConfig, mesh: Any, rules: Rules, policy: LlamaConfig,
                                                 b["tokens"], b["response_mask"], weights), out_shardings=replicated)
   lm_graphdef = state.frozen_graphdefs["reference"]
   return Phases(
-      update=Step(state, ppo.make_ppo_step(state.graphdef, state.tx, critic[2], pc.clip, pc.value_clip, temp)),
+      update=Step(state, ppo.make_ppo_step(state.graphdef, state.tx, critic[2], pc.clip, pc.value_clip, temp,
+                                                     pc.micro_batches)),
       logprobs=jax.jit(make_logprob_fn(lm_graphdef, None, temp)),
       kl=jax.jit(lambda lp, ref, m: masked_mean(kl_per_token(lp, ref, pc.kl_estimator), m, axis=1),
                  out_shardings=replicated),
