@@ -1,4 +1,4 @@
-"""The plan is the run: for every kind of run (regression, BT, DPO, SFT, REINFORCE), the step `hs2p plan`
+"""The plan is the run: for every kind of run (regression, BT, DPO, SFT, REINFORCE, PPO), the step `hs2p plan`
 compiles takes exactly the arguments the trainer passes its step (tree, shapes, dtypes, shardings),
 on a 4-device mesh (fsdp 2 x tensor 2), frozen models in bfloat16 where the policy computes in it."""
 
@@ -24,7 +24,7 @@ from hs2p_jax.model import preset
 from hs2p_jax.plan import lm as plan_lm, reinforce as plan_rl, rm as plan_rm
 from hs2p_jax.sharding import rules_from
 from hs2p_jax.tokenizer import load_tokenizer
-from hs2p_jax.train import dpo_trainer, reinforce_trainer, rm_trainer, sft_trainer
+from hs2p_jax.train import dpo_trainer, ppo_trainer, reinforce_trainer, rm_trainer, sft_trainer
 from hs2p_jax.train.model_init import random_model
 
 tmp, pairs, ratings = sys.argv[1:4]
@@ -116,6 +116,23 @@ compare("reinforce update", update_args, plan_rl.lower("update", cfg, plan))
 compare("reinforce logprobs", logprob_calls[0], plan_rl.lower("logprobs", cfg, plan))
 compare("reinforce score", score_calls[0], plan_rl.lower("score", cfg, plan))
 out["reinforce frozen"] = {k: sorted({str(x.dtype) for x in jax.tree.leaves(v)}) for k, v in t.frozen.items()}
+
+# PPO: the actor-critic's update, the log-probs and the critic's values (the critic from the same reward model)
+cfg = config_lib.load(config_lib.PPORunConfig, None, COMMON[:3] + LM + [
+    f"reward_model={rm_dir}", "data.max_length=24", "data.pad_multiple=8", "data.buckets=[24]", "policy.dtype=bfloat16",
+    "ppo.steps=1", "ppo.prompts_per_step=4", "ppo.max_new_tokens=8", "ppo.updates_per_rollout=2"])
+t = ppo_trainer.trainer(cfg, os.path.join(tmp, "ppo"))
+phases = t.source.phases
+logprob_calls, value_calls = [], []
+phases.logprobs = recorder(phases.logprobs, logprob_calls)
+phases.values = recorder(phases.values, value_calls)
+update_args = run_step(t)
+policy = arch_of(t)
+plan = plan_rl.blueprint(cfg, t.mesh, rules, policy, (t.state.frozen_parts["reward_model"].config, 9),
+                         ppo_trainer.critic_architecture(cfg, policy)[:3])
+compare("ppo update", update_args, plan_rl.lower("update", cfg, plan))
+compare("ppo logprobs", logprob_calls[0], plan_rl.lower("logprobs", cfg, plan))
+compare("ppo values", value_calls[0], plan_rl.lower("values", cfg, plan))
 print(json.dumps(out))
 """
 
@@ -132,7 +149,8 @@ def test_the_plans_compiled_steps_take_the_trainers_arguments(tmp_path):
                         text=True, env=env, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
-  kinds = ["regression", "bt", "dpo", "sft", "reinforce update", "reinforce logprobs", "reinforce score"]
+  kinds = ["regression", "bt", "dpo", "sft", "reinforce update", "reinforce logprobs", "reinforce score", "ppo update",
+           "ppo logprobs", "ppo values"]
   assert set(kinds) <= set(out)
   for kind in kinds:
     r = out[kind]

@@ -198,26 +198,32 @@ def test_the_token_is_required(served):
     assert client.post("/get_reward", json={"query": ["a"]}, headers=_auth()).status_code == 200
 
 
-def _reinforce_rewards(tmp_path, reward_model: str, name: str) -> list[float]:
+def _rl_rewards(tmp_path, kind: str, reward_model: str, name: str, critic: str) -> list[float]:
   from hs2p_jax import config as config_lib
-  from hs2p_jax.train.reinforce_trainer import trainer
+  from hs2p_jax.train import ppo_trainer, reinforce_trainer
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text("".join('{"prompt": "Say something %d"}\n' % i for i in range(8)))
   sets = {"policy.preset": "tiny", "policy.num_layers": 1, "policy.tokenizer": "bytes", "data.train": str(prompts),
           "data.format": "prompts", "data.template": "chat", "data.max_length": 64, "data.pad_multiple": 16,
-          "reinforce.prompts_per_step": 4, "reinforce.samples_per_prompt": 4, "reinforce.max_new_tokens": 8,
-          "reinforce.steps": 3, "reinforce.lr": 3e-3, "reinforce.save_every": 1000, "mesh.data": 1,
-          "reinforce.stop_strings": "[]", "reward_model": reward_model, "reinforce.frozen_dtype": "float32"}
-  cfg = config_lib.load(config_lib.ReinforceRunConfig, None, [f"{k}={v}" for k, v in sets.items()])
-  trainer(cfg, str(tmp_path / name)).run()
+          f"{kind}.prompts_per_step": 4, f"{kind}.samples_per_prompt": 4, f"{kind}.max_new_tokens": 8,
+          f"{kind}.steps": 3, f"{kind}.lr": 3e-3, f"{kind}.save_every": 1000, "mesh.data": 1,
+          f"{kind}.stop_strings": "[]", "reward_model": reward_model, f"{kind}.frozen_dtype": "float32"}
+  if kind == "ppo":  # the critic starts from the checkpoint whichever way the rewards come
+    sets.update({"critic": critic, "ppo.advantage": "grpo"})
+  cls = config_lib.PPORunConfig if kind == "ppo" else config_lib.ReinforceRunConfig
+  cfg = config_lib.load(cls, None, [f"{k}={v}" for k, v in sets.items()])
+  (ppo_trainer if kind == "ppo" else reinforce_trainer).trainer(cfg, str(tmp_path / name)).run()
   return [json.loads(line)["reward"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_reinforce_against_the_served_reward_model_logs_the_in_process_rewards(served, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["reinforce", "ppo"])
+def test_rl_against_the_served_reward_model_logs_the_in_process_rewards(served, tmp_path, monkeypatch, kind):
+  """REINFORCE and PPO (GRPO's estimator; its critic from the checkpoint) scoring through `hs2p
+  serve` log the rewards of the run holding the reward model."""
   server, ckpt, _, _ = served
   monkeypatch.setenv("HS2P_SERVE_TOKEN", TOKEN)  # the client sends the server's token
-  here = _reinforce_rewards(tmp_path, ckpt, "in_process")
-  remote = _reinforce_rewards(tmp_path, server.url, "served")
+  here = _rl_rewards(tmp_path, kind, ckpt, "in_process", ckpt)
+  remote = _rl_rewards(tmp_path, kind, server.url, "served", ckpt)
   assert len(here) == len(remote) == 3
   np.testing.assert_allclose(remote, here, rtol=1e-4)
   assert len(set(here)) > 1  # the policy changed what it is scored on

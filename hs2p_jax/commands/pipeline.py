@@ -1,5 +1,6 @@
 """`hs2p pipeline`: helpfulness regression -> scaled BT from it -> ExPO search -> evaluation -> REINFORCE,
-and the paper's baselines (DPO, the Pairwise Justifier) and the policies' comparison, as configured.
+and the paper's baselines (PPO in one or more rounds, DPO, the Pairwise Justifier) and the policies'
+comparison beside the paper's RLHF table, as configured.
 
 Each stage runs in `DIR/<stage>/` and is skipped when a rerun finds it finished (`DONE`), so an
 interrupted pipeline resumes where it stopped (a training stage resumes from its checkpoint).

@@ -2,7 +2,7 @@
 
 The plan builds the run's own state and steps abstractly (the trainer pages' `blueprint`s) and
 compiles them for the target (`hs2p_jax.plan.compile`): reward-model (`plan.rm`), DPO and SFT
-(`plan.lm`) and REINFORCE (`plan.reinforce`) configs.
+(`plan.lm`), REINFORCE and PPO (`plan.reinforce`) configs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 from hs2p_jax import config as config_lib
 from hs2p_jax.atomic import write_json
-from hs2p_jax.config import DPORunConfig, ReinforceRunConfig, RunConfig, SFTRunConfig
+from hs2p_jax.config import DPORunConfig, PPORunConfig, ReinforceRunConfig, RunConfig, SFTRunConfig
 from hs2p_jax.errors import UserError
 from hs2p_jax.plan import compile as comp, lm, reinforce, rm, tables
 from hs2p_jax.plan.packing import PairProfile
@@ -22,13 +22,14 @@ from hs2p_jax.plan.target import resolve_target
 # kind -> (config class, plan module, table)
 KINDS = {"rm": (RunConfig, rm, tables.render_rm), "dpo": (DPORunConfig, lm, tables.render_lm),
          "sft": (SFTRunConfig, lm, tables.render_lm), "reinforce": (ReinforceRunConfig, reinforce,
-                                                                    tables.render_reinforce)}
+                                                                    tables.render_reinforce),
+         "ppo": (PPORunConfig, reinforce, tables.render_reinforce)}
 
 
 def config_kind(path: str) -> str:
-  """"rm", "dpo", "sft" or "reinforce": which trainer a config is for."""
+  """"rm", "dpo", "sft", "reinforce" or "ppo": which trainer a config is for."""
   data = config_lib.read_with_includes(path)
-  for kind in ("dpo", "sft", "reinforce"):
+  for kind in ("dpo", "sft", "reinforce", "ppo"):
     if kind in data:
       return kind
   return "reinforce" if "policy" in data or "reward_model" in data else "rm"
@@ -46,7 +47,7 @@ def plan_command(args) -> int:
   cfg = config_lib.load(cls, args.config, args.overrides)
   if kind == "rm" and cfg.model.kind != "reward":
     raise UserError(f"{args.config}: model.kind={cfg.model.kind!r}: hs2p plan covers reward-model (model.kind=reward), "
-                    "REINFORCE (policy:, reinforce:), DPO (policy:, dpo:) and SFT (policy:, sft:) configs")
+                    "REINFORCE (policy:, reinforce:), PPO (policy:, ppo:), DPO (policy:, dpo:) and SFT (policy:, sft:) configs")
   target = resolve_target(args.chip, args.devices, cfg.mesh)
   mode = comp.compile_mode(getattr(args, "compile", None), target)
   comp.start_backend(mode, target.devices)

@@ -139,10 +139,12 @@ def _decode(d: dict[str, Any] | None, new_tokens: int) -> list[str]:
 
 
 def render_reinforce(r: dict[str, Any]) -> str:
-  """The REINFORCE plan as a table."""
+  """The REINFORCE or PPO plan as a table."""
   a, b, c, ro = r["analytic"], r["batch"], r["compiled"], r["rollout"]
-  lines = [f"plan: {r['config']} (REINFORCE)",
-           f"policy: {r['model']['policy']}; reward model: {r['model']['reward_model']}; {r['model']['layers']} layers, "
+  critic = f"; critic: {r['model']['critic']}" if "critic" in r["model"] else ""
+  lines = [f"plan: {r['config']} ({r['kind'].upper()})",
+           f"policy: {r['model']['policy']}; reward model: {r['model']['reward_model']}{critic}; "
+           f"{r['model']['layers']} layers, "
            f"compute {r['model']['dtype']}, remat={r['model']['remat']}, attention={r['model']['attention']}",
            _target_line(r["target"]),
            f"step: {b['prompts']} prompts x {b['samples']} samples, {b['prompt_len']} + {b['new_tokens']} tokens; "

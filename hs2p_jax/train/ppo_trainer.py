@@ -11,7 +11,6 @@ actor.
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable
 
 import jax
@@ -21,9 +20,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hs2p_jax import storage
-from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model, read_meta
+from hs2p_jax.checkpoint import load_model, read_meta
 from hs2p_jax.config import PPORunConfig
-from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.errors import UserError
 from hs2p_jax.model.actor_critic import response_values
 from hs2p_jax.model.config import LlamaConfig
@@ -34,14 +32,15 @@ from hs2p_jax.sharding import Rules, make_mesh, rules_from, use_mesh
 from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train import ppo
 from hs2p_jax.train.feed import host_global
-from hs2p_jax.train.model_init import architecture, check_tokenizer, load_params, model_meta, tokenizer_spec
+from hs2p_jax.train.model_init import (architecture, check_tokenizer, is_local_checkpoint, load_params, model_meta,
+                                       tokenizer_spec)
 from hs2p_jax.train.optim import actor_critic_optimizer
 from hs2p_jax.train.reinforce import kl_per_token, make_logprob_fn, masked_mean, objective_temperature
-from hs2p_jax.train.reinforce_trainer import Phases, reward_architecture
-from hs2p_jax.train.rm_scorer import RewardScorer, score_fn
+from hs2p_jax.train.reinforce_trainer import Phases, prompt_loader, reward_architecture, reward_info, rollout_source
+from hs2p_jax.train.rm_scorer import score_fn
 from hs2p_jax.train.rollouts import Rollout, RolloutSource
 from hs2p_jax.train.state import Part, RunState, Step, abstract_part, frozen_dtype
-from hs2p_jax.train.trainer import INITIAL, Trainer
+from hs2p_jax.train.trainer import Trainer
 
 _RUNTIME = ("dtype", "remat", "attention", "scan_layers")
 
@@ -53,18 +52,26 @@ def critic_source(cfg: PPORunConfig) -> str:
   return path
 
 
-def critic_architecture(cfg: PPORunConfig, policy: LlamaConfig) -> tuple[LlamaConfig, int, np.ndarray]:
-  """(architecture, outputs, value weights) of the critic: its checkpoint's, computing as the policy does."""
+def critic_architecture(cfg: PPORunConfig, policy: LlamaConfig, download: bool = True
+                        ) -> tuple[LlamaConfig, int, np.ndarray, str]:
+  """(architecture, outputs, value weights, origin) of the critic: its checkpoint's, computing as the
+  policy does. Plans (`download=False`) fall back to the policy's shapes (9 outputs, helpfulness)
+  where the checkpoint is not on this machine."""
+  if not download and not is_local_checkpoint(cfg.critic or cfg.reward_model):
+    path = cfg.critic or cfg.reward_model
+    return (policy.replace(lora_rank=0), 9, attribute_weights("helpfulness", 9),
+            "the policy's architecture" + (f" ({path}: not read by plan here)" if path else ""))
   path = critic_source(cfg)
   meta = read_meta(path)
   if meta.kind != "reward":
     raise UserError(f"ppo: {path} is a {meta.kind} checkpoint, not a reward model (the critic starts from one)")
   cfg_ = meta.config.replace(**{k: getattr(policy, k) for k in _RUNTIME})
-  return cfg_, meta.num_attributes, np.asarray(attribute_weights(meta.reward_weights, meta.num_attributes))
+  weights = np.asarray(attribute_weights(meta.reward_weights, meta.num_attributes))
+  return cfg_, meta.num_attributes, weights, f"critic={path}"
 
 
 def blueprint(cfg: PPORunConfig, mesh: Any, rules: Rules, policy: LlamaConfig,
-              critic: tuple[LlamaConfig, int, np.ndarray], reward: tuple[LlamaConfig, int] | None,
+              critic: tuple[LlamaConfig, int, np.ndarray] | tuple, reward: tuple[LlamaConfig, int] | None,
               memory: int | None = None, chip: str | None = None) -> Phases:
   """The run's state (actor-critic + AdamW, frozen reference and reward model) and its jitted phases."""
   pc = cfg.ppo
@@ -135,38 +142,27 @@ def _read_source(cfg: PPORunConfig, path: str) -> Callable[[Trainer], Any]:
 
 def trainer(cfg: PPORunConfig, out_dir: str, scorer: Callable | None = None) -> Trainer:
   """The PPO run of `cfg` in `out_dir`; `scorer(prompts, responses) -> [N]` defaults to the reward
-  model `cfg.reward_model` (the critic still starts from a reward-model checkpoint)."""
+  model `cfg.reward_model` (a checkpoint, or `hs2p serve` at a URL); the critic starts from a
+  reward-model checkpoint either way (`critic`, default `reward_model`)."""
   if cfg.policy.kind != "lm":
     raise UserError("ppo: policy.kind must be lm")
   if cfg.policy.lora.rank:
     raise UserError(f"policy.lora.rank={cfg.policy.lora.rank}: ppo does not train LoRA adapters yet")
+  if scorer is None and not cfg.reward_model:
+    raise UserError("ppo: set reward_model=CKPT (a reward-model checkpoint)")
   pc, mesh, rules = cfg.ppo, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
   policy = architecture(cfg.policy)[0]
   critic = critic_architecture(cfg, policy)
   reward = reward_architecture(cfg, policy) if scorer is None else None
-  if scorer is None and reward is None:
-    raise UserError("ppo: set reward_model=CKPT (a reward-model checkpoint)")
   tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))
   check_tokenizer(tokenizer, policy)
-  loader = make_loader(cfg.data, tokenizer, split="train", task="prompts", batch_size=pc.prompts_per_step,
-                       seed=pc.seed, shuffle=True, repeat=True, process_index=jax.process_index(),
-                       process_count=jax.process_count(), cache_dir=storage.local_dir(out_dir, "data"))
+  loader = prompt_loader(cfg, pc, tokenizer, out_dir)
   phases = blueprint(cfg, mesh, rules, policy, critic, reward[:2] if reward else None)
-  state = phases.update.state
-  if phases.layout is not None and jax.process_index() == 0:
-    print(phases.layout.describe(), file=sys.stderr, flush=True)
-  frozen_from = {"reference": INITIAL}
-  if scorer is None:
-    frozen_from["reward_model"] = cfg.reward_model
-    scorer = RewardScorer(state.frozen_graphdefs["reward_model"], None, read_meta(cfg.reward_model),
-                          load_checkpoint_tokenizer(cfg.reward_model), mesh, rules,
-                          max_length=cfg.data.max_length + pc.max_new_tokens, eval_fn=phases.score)
-  eos = tuple(policy.eos_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-  source = RolloutSource(cfg, loader, phases, scorer, tokenizer, eos, estimate=estimate, section=pc)
+  source, frozen_from = rollout_source(cfg, pc, phases, loader, tokenizer, policy, scorer, estimate=estimate)
   return Trainer(cfg, out_dir, section=pc, model=cfg.policy, step=phases.update, source=source, tokenizer=tokenizer,
                  meta=model_meta(cfg.policy, policy, cfg.data.template), frozen_from=frozen_from,
                  datasets={"prompts": (loader, pc.steps, pc.prompts_per_step)},
-                 model_info={"reward_model": cfg.reward_model, "critic": critic_source(cfg)},
+                 model_info={**reward_info(cfg), "critic": storage.absolute(critic_source(cfg))},
                  read_source=_read_source(cfg, critic_source(cfg)), final_model=lambda m: m.actor)
 
 

@@ -31,7 +31,7 @@ from hs2p_jax.train.model_init import architecture, check_tokenizer, is_local_ch
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.reinforce import kl_per_token, make_logprob_fn, make_policy_step, masked_mean, objective_temperature
 from hs2p_jax.train.rm_scorer import RewardScorer, score_fn
-from hs2p_jax.train.rollouts import RolloutSource
+from hs2p_jax.train.rollouts import RolloutSource, rloo
 from hs2p_jax.train.state import Part, RunState, Step, frozen_dtype, initial_copy
 from hs2p_jax.train.trainer import INITIAL, Trainer
 
@@ -110,15 +110,54 @@ def rows_spec(mesh: Any, rules: Rules, **arrays: tuple[tuple[int, ...], Any]) ->
           for k, (shape, dtype) in arrays.items()}
 
 
-def rollout_spec(cfg: ReinforceRunConfig, mesh: Any, rules: Rules, rows: int, advantages: bool = False) -> dict:
+def rollout_spec(cfg: Any, mesh: Any, rules: Rules, rows: int, advantages: bool = False) -> dict:
   """`rows` rollouts at their longest (data.max_length prompt tokens, max_new_tokens response tokens):
-  the log-prob phase's batch, or with `advantages` an update minibatch."""
-  tp, tr, i32 = cfg.data.max_length, cfg.reinforce.max_new_tokens, np.int32
+  the log-prob phase's batch, or with `advantages` an update minibatch (REINFORCE's advantage per
+  row; PPO's, `cfg.ppo`, per token with the rollout's log-probs, values and returns)."""
+  ppo = getattr(cfg, "ppo", None)
+  tp, tr, i32, f32 = cfg.data.max_length, (ppo or cfg.reinforce).max_new_tokens, np.int32, np.float32
   out = rows_spec(mesh, rules, prompt_ids=((rows, tp), i32), prompt_mask=((rows, tp), i32),
                   tokens=((rows, tr), i32), response_mask=((rows, tr), i32))
-  if advantages:
-    out.update(rows_spec(mesh, rules, advantages=((rows,), np.float32)))
+  if advantages and ppo is not None:
+    out.update(rows_spec(mesh, rules, **{k: ((rows, tr), f32) for k in ("old_logp", "old_values", "advantages",
+                                                                          "returns")}))
+  elif advantages:
+    out.update(rows_spec(mesh, rules, advantages=((rows,), f32)))
   return out
+
+
+def prompt_loader(cfg: Any, rc: Any, tokenizer: Any, out_dir: str) -> Any:
+  """The run's prompts, `rc.prompts_per_step` a step (every process reads the global batch's rows it holds)."""
+  return make_loader(cfg.data, tokenizer, split="train", task="prompts", batch_size=rc.prompts_per_step,
+                     seed=rc.seed, shuffle=True, repeat=True, process_index=jax.process_index(),
+                     process_count=jax.process_count(), cache_dir=storage.local_dir(out_dir, "data"))
+
+
+def rollout_source(cfg: Any, rc: Any, phases: Phases, loader: Any, tokenizer: Any, policy: LlamaConfig,
+                   scorer: Callable | None, estimate: Callable = rloo) -> tuple[RolloutSource, dict[str, str]]:
+  """(the rollouts, where the frozen models start): responses scored by `scorer`, else the server at
+  `cfg.reward_model` (a URL, `serve.client`), else that reward-model checkpoint (the run's frozen
+  `reward_model`, read from it)."""
+  state = phases.update.state
+  if phases.layout is not None and jax.process_index() == 0:
+    print(phases.layout.describe(), file=sys.stderr, flush=True)
+  frozen_from = {"reference": INITIAL}
+  if scorer is None and is_served(cfg.reward_model):
+    scorer = RemoteScorer(cfg.reward_model, timeout=rc.reward_timeout, retries=rc.reward_retries)
+    scorer.check(cfg.data.max_length + rc.max_new_tokens)
+  if scorer is None:
+    frozen_from["reward_model"] = cfg.reward_model
+    scorer = RewardScorer(state.frozen_graphdefs["reward_model"], None, read_meta(cfg.reward_model),
+                          load_checkpoint_tokenizer(cfg.reward_model), state.mesh, state.rules,
+                          max_length=cfg.data.max_length + rc.max_new_tokens, eval_fn=phases.score)
+  eos = tuple(policy.eos_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+  return RolloutSource(cfg, loader, phases, scorer, tokenizer, eos, estimate=estimate, section=rc), frozen_from
+
+
+def reward_info(cfg: Any) -> dict[str, Any]:
+  """The reward model a run reads, as its provenance records it (a checkpoint's absolute path, or the URL)."""
+  rm = cfg.reward_model
+  return {"reward_model": storage.absolute(rm) if rm and not is_served(rm) else rm}
 
 
 def trainer(cfg: ReinforceRunConfig, out_dir: str, scorer: Callable | None = None) -> Trainer:
@@ -134,29 +173,12 @@ def trainer(cfg: ReinforceRunConfig, out_dir: str, scorer: Callable | None = Non
   reward = reward_architecture(cfg, policy) if scorer is None else None  # fails now, before any data or weights
   tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))
   check_tokenizer(tokenizer, policy)
-  loader = make_loader(cfg.data, tokenizer, split="train", task="prompts", batch_size=rc.prompts_per_step,
-                       seed=rc.seed, shuffle=True, repeat=True, process_index=jax.process_index(),
-                       process_count=jax.process_count(), cache_dir=storage.local_dir(out_dir, "data"))
+  loader = prompt_loader(cfg, rc, tokenizer, out_dir)
   phases = blueprint(cfg, mesh, rules, policy, reward[:2] if reward else None)
-  state = phases.update.state
-  if phases.layout is not None and jax.process_index() == 0:
-    print(phases.layout.describe(), file=sys.stderr, flush=True)
-  frozen_from = {"reference": INITIAL}
-  if scorer is None and is_served(cfg.reward_model):
-    scorer = RemoteScorer(cfg.reward_model, timeout=rc.reward_timeout, retries=rc.reward_retries)
-    scorer.check(cfg.data.max_length + rc.max_new_tokens)
-  if scorer is None:
-    frozen_from["reward_model"] = cfg.reward_model
-    scorer = RewardScorer(state.frozen_graphdefs["reward_model"], None, read_meta(cfg.reward_model),
-                          load_checkpoint_tokenizer(cfg.reward_model), mesh, rules,
-                          max_length=cfg.data.max_length + rc.max_new_tokens, eval_fn=phases.score)
-  eos = tuple(policy.eos_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-  source = RolloutSource(cfg, loader, phases, scorer, tokenizer, eos)
-  model_info = {"reward_model": storage.absolute(cfg.reward_model) if cfg.reward_model and not is_served(
-      cfg.reward_model) else cfg.reward_model}
+  source, frozen_from = rollout_source(cfg, rc, phases, loader, tokenizer, policy, scorer)
   return Trainer(cfg, out_dir, section=rc, model=cfg.policy, step=phases.update, source=source, tokenizer=tokenizer,
                  meta=model_meta(cfg.policy, policy, cfg.data.template), frozen_from=frozen_from,
-                 datasets={"prompts": (loader, rc.steps, rc.prompts_per_step)}, model_info=model_info)
+                 datasets={"prompts": (loader, rc.steps, rc.prompts_per_step)}, model_info=reward_info(cfg))
 
 
 def train_reinforce(cfg: ReinforceRunConfig, out_dir: str) -> dict[str, Any]:
