@@ -133,3 +133,16 @@ def smollm2_torch():
 def smollm2_jax():
   from hs2p_jax.convert import load_gguf
   return load_gguf("smollm2")
+
+
+def assert_stops_at_a_non_finite_step(run, run_dir) -> int:
+  """`run()` (a trainer's run, given rewards of 1e30 and no gradient clipping) stops with one line
+  naming the first non-finite step, keeping the checkpoint before it and writing no final model;
+  returns that step."""
+  from hs2p_jax.errors import UserError
+  with pytest.raises(UserError, match=r"step (\d+): the loss or gradient norm is not finite") as e:
+    run()
+  bad = int(str(e.value).split("step ")[1].split(":")[0])
+  saved = sorted(int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit())
+  assert (max(saved) if saved else 0) == bad - 1 and not os.path.exists(os.path.join(run_dir, "model"))
+  return bad
