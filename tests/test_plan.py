@@ -444,3 +444,13 @@ def test_a_shared_prompt_plan_compiles_splash_on_its_own_rows_with_fewer_flops(t
   assert cs["kernel_flops_per_device"] == pytest.approx(cp["kernel_flops_per_device"])
   assert cs["flops_per_device"] < 0.6 * cp["flops_per_device"]
   assert shared["analytic"]["model_flops"] < plain["analytic"]["model_flops"]
+
+
+def test_memory_extrapolated_to_depth_never_shrinks_below_the_deeper_compile():
+  """Figures at 2 and 4 layers go linearly to 80; a figure smaller at 4 layers than at 2 (XLA
+  scheduling the shallower program differently) stays at the 4-layer figure rather than going
+  negative (the 70B PPO values phase's temporaries: 3.14 GB at 2 layers, 2.26 at 4)."""
+  from hs2p_jax.plan import compile as comp
+  assert comp.memory_at([10, 14], [2, 4], 80) == comp.linear([10, 14], [2, 4], 80) == 166
+  assert comp.memory_at([3_142_449_088, 2_255_222_976], [2, 4], 80) == 2_255_222_976
+  assert comp.memory_at([7], [3], 3) == 7

@@ -118,6 +118,15 @@ def linear(values: list, layers: list[int], depth: int) -> Any:
   return v1 + (depth - l1) * (v2 - v1) / (l2 - l1)
 
 
+def memory_at(values: list, layers: list[int], depth: int) -> Any:
+  """A memory figure at `depth` from figures at two depths, never below the deeper one's: memory
+  does not shrink as layers are added (a smaller figure at the deeper compile is XLA scheduling
+  it differently, and the deeper figure stands)."""
+  if len(values) == 1:
+    return values[0]
+  return max(linear(values, layers, depth), values[-1])
+
+
 def depths(depth: int) -> tuple[list[int], list[int]]:
   """(depths compiled for memory, depths compiled for FLOPs) of a `depth`-layer model."""
   return ([depth] if depth <= REDUCED_LAYERS[-1] else list(REDUCED_LAYERS),
@@ -146,7 +155,7 @@ def compile_step(lower_at: Callable[[Any, int, bool], Any], target: Target, mode
     fl = [flops(lower_at(mesh, n, True).compile(options(mode))) * micro_batches for n in flop_layers]
   except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED from a TPU compile: a finding
     return {"status": "failed", "compiler": compiler, "note": str(e).splitlines()[0][:300]}
-  out = {k: int(linear([m[k] for m in mems], layers, depth)) for k in mems[0]}
+  out = {k: int(memory_at([m[k] for m in mems], layers, depth)) for k in mems[0]}
   note = f"all {depth} layers" if len(layers) == 1 else f"{layers[0]} and {layers[1]} layers extrapolated linearly to {depth}"
   out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   out["verdict"] = verdict(out["peak"], target.hbm_bytes)["verdict"]

@@ -237,7 +237,7 @@ def compile_phases(cfg: RLConfig, policy: LlamaConfig, reward: tuple[LlamaConfig
   out = {}
   for ph in phases(cfg):
     d = depths.get(ph, depth)
-    mem = {k: int(comp.linear([m[k] for m in mems[ph]], layers, d)) for k in mems[ph][0]}
+    mem = {k: int(comp.memory_at([m[k] for m in mems[ph]], layers, d)) for k in mems[ph][0]}
     out[ph] = {**mem, "peak": phase_peak(ph, mem, res, section(cfg).rollout_copy), "per_depth": mems[ph]}
   f = {ph: comp.linear(flops[ph], flop_layers, depths.get(ph, depth)) for ph in phases(cfg)}
   rows_rm = score_spec(AbstractMesh(target.mesh, MESH_AXES), rules, 8)["input_ids"].shape[0]
