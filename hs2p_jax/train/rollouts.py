@@ -1,9 +1,11 @@
-"""REINFORCE's batch source: each step's prompts sampled k times by the policy, scored, and turned into update minibatches.
+"""REINFORCE's and PPO's batch source: each step's prompts sampled k times by the policy, scored,
+and turned into update minibatches.
 
 A rollout samples from the policy's copy in the rollout layout (`hs2p_jax.rollout`: cast and
 resharded once, not at every token), scores the responses with the reward model, computes the KL
-to the frozen reference from the sampled tokens' log-probs and the leave-one-out advantages, and
-hands the trainer `updates_per_rollout` minibatches, each one optimizer step.
+to the frozen reference from the sampled tokens' log-probs and an estimator's advantages
+(REINFORCE's leave-one-out `rloo`; PPO's GAE, `ppo_trainer.estimate`), and hands the trainer
+`updates_per_rollout` minibatches (times PPO's `epochs`), each one optimizer step.
 """
 
 from __future__ import annotations
