@@ -155,7 +155,7 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
   code, out, err = run_cli(capsys, "pipeline", "--config", os.path.join(root, "configs/quickstart/pipeline.yaml"),
                            "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
                            "expo.search=1.0:1.4:0.2", "data.builtin_size=64", "dpo.steps=2", "compare.prompts=8",
-                           "compare.max_new_tokens=8", "data.buckets=[160]", "ppo.steps=2", "ppo.critic_warmup_steps=1", "ppo_rounds=2",
+                           "compare.max_new_tokens=8", "data.buckets=[160]", "ppo.steps=2", "ppo.critic_warmup_steps=1", "ppo_rounds=2", "ppo.prompts_per_step=4", "ppo.epochs=1",
                            "ppo.max_new_tokens=8")
   assert code == 0, err
   report = (tmp_path / "q" / "report.md").read_text()
@@ -191,7 +191,7 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
   code, _, err = run_cli(capsys, "pipeline", "--config", os.path.join(root, "configs/quickstart/pipeline.yaml"),
                          "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
                          "expo.search=1.0:1.4:0.2", "data.builtin_size=64", "dpo.steps=2", "compare.prompts=8",
-                         "compare.max_new_tokens=8", "data.buckets=[160]", "ppo.steps=2", "ppo.critic_warmup_steps=1", "ppo_rounds=2",
+                         "compare.max_new_tokens=8", "data.buckets=[160]", "ppo.steps=2", "ppo.critic_warmup_steps=1", "ppo_rounds=2", "ppo.prompts_per_step=4", "ppo.epochs=1",
                          "ppo.max_new_tokens=8")
   assert code == 0 and "stage: regression" not in err and "stage: compare" not in err
 

@@ -53,7 +53,8 @@ def test_ppo_on_two_processes_equals_one_process_with_two_devices(tmp_path, rewa
   env1 = _one_device()
   cmd = [sys.executable, "-m", "hs2p_jax", "ppo", "--config", os.path.join(ROOT, "configs/quickstart/ppo.yaml")]
   common = ["ppo.steps=2", "ppo.critic_warmup_steps=0", f"reward_model={reward_model}", "data.builtin_size=32",
-            "ppo.prompts_per_step=8", "ppo.max_new_tokens=8", "policy.num_layers=1", "data.buckets=[128]"]
+            "ppo.prompts_per_step=8", "ppo.max_new_tokens=8", "policy.num_layers=1", "data.buckets=[128]",
+            "ppo.epochs=1", "ppo.updates_per_rollout=1"]
   subprocess.run(cmd + ["--out", str(tmp_path / "one"), "--set", *common, "mesh.data=2", "ppo.rollout_copy=false"],
                  check=True, capture_output=True, env={**env1, "JAX_NUM_CPU_DEVICES": "2"})
   _run_two(cmd + ["--out", str(tmp_path / "two"), "--set", *common, "mesh.data=1", "mesh.fsdp=2"], env1)

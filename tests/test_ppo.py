@@ -119,13 +119,14 @@ def test_the_critic_starts_as_the_reward_model_and_the_first_minibatch_is_unclip
   tokens = rng.integers(16, 250, (n, tr)).astype(np.int32)
   rmask = (np.arange(tr)[None] < lengths[:, None]).astype(np.int32)
   w = np.eye(9, dtype=np.float32)[4]
-  values = np.asarray(response_values(ac.critic, prompts, pmask, tokens, rmask, w))
+  values = np.asarray(nnx.jit(response_values)(ac.critic, prompts, pmask, tokens, rmask, w))
+  score = nnx.jit(lambda m, seq: m(seq))
   for i in range(n):
     seq = np.concatenate([prompts[i, tp - prompt_len[i]:], tokens[i, :lengths[i]]])[None]
-    assert values[i, lengths[i]] == pytest.approx(float(np.asarray(rm(seq))[0] @ w), rel=1e-5, abs=1e-6), i
+    assert values[i, lengths[i]] == pytest.approx(float(np.asarray(score(rm, seq))[0] @ w), rel=1e-5, abs=1e-6), i
 
   batch = {"prompt_ids": prompts, "prompt_mask": pmask, "tokens": tokens, "response_mask": rmask}
-  old_logp = np.asarray(response_logprobs(ac.actor, prompts, pmask, tokens, rmask))
+  old_logp = np.asarray(nnx.jit(response_logprobs)(ac.actor, prompts, pmask, tokens, rmask))
   scores = rng.normal(size=n).astype(np.float32)
   rewards = ppo.token_rewards(jnp.asarray(scores), jnp.asarray(old_logp), jnp.asarray(old_logp), rmask, 0.01)
   adv, ret = ppo.gae(rewards, jnp.asarray(values[:, :-1]), rmask, 1.0, 0.95)

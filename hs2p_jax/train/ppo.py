@@ -13,6 +13,7 @@ the rollout batch's response tokens. GRPO's group-normalised advantage is here t
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -100,6 +101,23 @@ def grpo_advantages(scores: jax.Array, k: int, eps: float = 1e-6) -> jax.Array:
   over their standard deviation; rows prompt-major (N = P * k)."""
   s = scores.reshape(-1, k).astype(jnp.float32)
   return ((s - s.mean(axis=1, keepdims=True)) / (s.std(axis=1, keepdims=True) + eps)).reshape(-1)
+
+
+@functools.partial(jax.jit, static_argnames=("beta", "estimator", "gamma", "lam", "advantage", "k", "whitened"))
+def rollout_targets(scores: jax.Array, logp: jax.Array, ref_logp: jax.Array, kl: jax.Array, values: jax.Array,
+                    mask: jax.Array, *, beta: float, estimator: str, gamma: float, lam: float, advantage: str = "gae",
+                    k: int = 1, whitened: bool = True) -> tuple[jax.Array, jax.Array]:
+  """(advantages, returns) [N, T] of a scored rollout batch: per-token rewards, GAE over the
+  critic's `values` [N, T] (rows end where their mask does, NeMo's choice for rows cut short), or
+  with `advantage="grpo"` the group-normalised score minus `beta * kl` [N] on every token (returns
+  still GAE's, for the critic); whitened over the batch's response tokens with `whitened`."""
+  rewards = token_rewards(scores, logp, ref_logp, mask, beta, estimator)
+  adv, ret = gae(rewards, values, mask, gamma, lam)
+  if advantage == "grpo":
+    adv = grpo_advantages(scores - beta * kl, k)[:, None] * mask
+  if whitened:
+    adv = whiten(adv, mask)
+  return adv, ret
 
 
 def make_ppo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, weights: Any, clip: float = 0.2,

@@ -113,13 +113,9 @@ def estimate(source: RolloutSource, r: Rollout, trainer: Any) -> tuple[dict[str,
   mask = r.rows["response_mask"]
   logp, ref = host_global(r.logp), host_global(r.ref_logp)
   old_values = values[:, :-1] * mask
-  rewards = ppo.token_rewards(jnp.asarray(r.scores), logp, ref, mask, pc.kl_beta, pc.kl_estimator)
-  adv, ret = ppo.gae(rewards, old_values, mask, pc.gamma, pc.lam)  # cut rows end where they stop (NeMo)
-  if pc.advantage == "grpo":
-    seq = ppo.grpo_advantages(jnp.asarray(r.scores) - pc.kl_beta * jnp.asarray(r.kl), pc.samples_per_prompt)
-    adv = seq[:, None] * mask
-  if pc.whiten:
-    adv = ppo.whiten(adv, mask)
+  adv, ret = ppo.rollout_targets(r.scores, logp, ref, r.kl, old_values, mask, beta=pc.kl_beta,
+                                 estimator=pc.kl_estimator, gamma=pc.gamma, lam=pc.lam, advantage=pc.advantage,
+                                 k=pc.samples_per_prompt, whitened=pc.whiten)
   adv, ret = np.asarray(adv, np.float32), np.asarray(ret, np.float32)
   on = mask.astype(bool)
   last = values[np.arange(len(values)), r.lengths]
