@@ -1,12 +1,14 @@
-"""Orbax checkpoints: standalone model checkpoints and the resumable state of training runs.
+"""Model checkpoints: what `hs2p convert`, the trainers and `expo` write and every `--checkpoint` reads.
 
-A model checkpoint (what `hs2p convert`, `train-rm`, `expo` write and `--checkpoint` reads) is a
-directory: `hs2p_model.json` (kind, architecture, head, tokenizer), `params/` (Orbax, sharded
-arrays) and `tokenizer/`. It exists complete or not at all: written to a temporary sibling and
-renamed into place, or on object storage (`gs://`) committed by its `hs2p_model.json`, written last. A training run keeps `DIR/checkpoints/<step>/` through an Orbax
-`CheckpointManager` (atomic per step, last N kept), holding params, optimizer state, step and the
-data iterator's state, and `DIR/frozen/<name>/` for the frozen models it derives from its source
-(written once).
+A model checkpoint is a directory: `hs2p_model.json` (kind, architecture, head, template, the length
+it was trained at), `params/` (Orbax, sharded arrays) and `tokenizer/`. It exists complete or not
+at all: written to a temporary sibling and renamed into place, or on object storage (`gs://`)
+committed by its `hs2p_model.json`, written last.
+
+A training run's step checkpoint, `RUN/checkpoints/<N>` (`train/checkpoints.py`), is a model too:
+`RUN/run_model.json` (written when the run starts) holds its model's metadata and where its params
+lie in the checkpoint (PPO: the actor's; a LoRA run: the adapters and head, over `RUN/frozen/base`),
+`RUN/tokenizer/` its tokenizer; the params are read without the optimizer state.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
-import sys
 from typing import Any
 
 import jax
@@ -25,11 +27,12 @@ from jax.sharding import Mesh
 
 from hs2p_jax import storage
 from hs2p_jax.atomic import write_bytes, write_json
-from hs2p_jax.errors import Stopped, UserError
-from hs2p_jax.model import KINDS, LlamaConfig, create
+from hs2p_jax.errors import UserError
+from hs2p_jax.model import KINDS, LlamaConfig, create, lora
 from hs2p_jax.sharding import DEFAULT_RULES, Rules, state_shardings
 
 META_FILE = "hs2p_model.json"
+RUN_MODEL_FILE = "run_model.json"  # in a run directory: what its step checkpoints hold as a model
 FORMAT_VERSION = 1
 # Fields that change no parameter shape: a checkpoint may be loaded with them changed.
 RUNTIME_FIELDS = ("dtype", "scan_layers", "remat", "attention", "weight_grad", "lora_dropout", "lora_train_head")
@@ -44,11 +47,14 @@ class ModelMeta:
   num_attributes: int = 9
   reward_weights: Any = "helpfulness"
   template: str = "steerlm"
+  max_length: int | None = None        # the data.max_length it was trained at (None: not trained here)
+  source: str | None = None            # the weights it started from (model.source; PEFT's base model)
 
   def to_json(self) -> dict[str, Any]:
     cfg = dataclasses.asdict(self.config)
     return {"format_version": FORMAT_VERSION, "kind": self.kind, "config": cfg,
-            "num_attributes": self.num_attributes, "reward_weights": self.reward_weights, "template": self.template}
+            "num_attributes": self.num_attributes, "reward_weights": self.reward_weights, "template": self.template,
+            "max_length": self.max_length, "source": self.source}
 
   @classmethod
   def from_json(cls, d: dict[str, Any], where: str) -> "ModelMeta":
@@ -61,7 +67,8 @@ class ModelMeta:
       if d["kind"] not in KINDS:
         raise UserError(f"{where}: kind {d['kind']!r} unknown")
       return cls(kind=d["kind"], config=LlamaConfig(**cfg), num_attributes=int(d.get("num_attributes", 9)),
-                 reward_weights=d.get("reward_weights", "helpfulness"), template=d.get("template", "steerlm"))
+                 reward_weights=d.get("reward_weights", "helpfulness"), template=d.get("template", "steerlm"),
+                 max_length=d.get("max_length"), source=d.get("source"))
     except (KeyError, TypeError) as e:
       raise UserError(f"{where}: malformed model metadata ({e})") from None
 
@@ -70,31 +77,79 @@ def is_model_checkpoint(path: str) -> bool:
   return storage.isfile(storage.join(path, META_FILE))
 
 
+def run_of_step(path: str) -> str | None:
+  """The run directory of step checkpoint `RUN/checkpoints/<N>`; None for any other path."""
+  path = storage.absolute(path)
+  steps = storage.parent(path)
+  if not (re.fullmatch(r"\d+", path.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]) and
+          steps.rstrip("/").rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1] == "checkpoints"):
+    return None
+  run = storage.parent(steps)
+  if not storage.isdir(path):
+    raise UserError(f"{path}: no such checkpoint")
+  if not storage.isfile(storage.join(run, RUN_MODEL_FILE)):
+    raise UserError(f"{path}: its run records no {RUN_MODEL_FILE} (it started before runs did); read "
+                    f"{storage.join(run, 'model')} instead")
+  return run
+
+
 def resolve_model_dir(path: str) -> str:
-  """A model checkpoint dir, or a run dir holding one under `model/` (a local path or a URL)."""
-  if is_model_checkpoint(path):
+  """A model checkpoint dir, a run's step checkpoint, or a run dir holding a model under `model/`
+  (a local path or a URL)."""
+  if is_model_checkpoint(path) or run_of_step(path) is not None:
     return path
   if is_model_checkpoint(storage.join(path, "model")):
     return storage.join(path, "model")
-  raise UserError(f"{path}: not a model checkpoint (no {META_FILE}) nor a run directory with model/")
+  steps = storage.join(path, "checkpoints")
+  saved = sorted(int(n) for n in storage.listdir(steps) if n.isdigit()) if storage.isdir(steps) else []
+  hint = f" (its newest step checkpoint is a model: {storage.join(steps, str(saved[-1]))})" if saved else ""
+  raise UserError(f"{path}: not a model checkpoint (no {META_FILE}) nor a run directory with model/{hint}")
+
+
+def tokenizer_dir(path: str) -> str | None:
+  """The local directory of the tokenizer saved with a model checkpoint (a step checkpoint's: its
+  run's; a URL's: copied to this host's cache); None without one."""
+  path = resolve_model_dir(path)
+  tok_dir = storage.join(run_of_step(path) or path, "tokenizer")
+  if not storage.isdir(tok_dir):
+    return None
+  return storage.local_copy(tok_dir) if storage.is_url(tok_dir) else tok_dir
 
 
 def load_checkpoint_tokenizer(path: str):
-  """The tokenizer saved with a model checkpoint."""
+  """The tokenizer saved with a model checkpoint (a step checkpoint's: its run's)."""
   from hs2p_jax.tokenizer import load_tokenizer
-  tok_dir = storage.join(resolve_model_dir(path), "tokenizer")
-  if not storage.isdir(tok_dir):
+  tok_dir = tokenizer_dir(path)
+  if tok_dir is None:
     raise UserError(f"{path}: model checkpoint has no tokenizer/ directory")
-  return load_tokenizer(storage.local_copy(tok_dir) if storage.is_url(tok_dir) else tok_dir)
+  return load_tokenizer(tok_dir)
+
+
+def _read_json(file: str) -> dict[str, Any]:
+  try:
+    return json.loads(storage.read_text(file))
+  except json.JSONDecodeError as e:
+    raise UserError(f"{file}: invalid JSON ({e.msg})") from None
 
 
 def read_meta(path: str) -> ModelMeta:
   path = resolve_model_dir(path)
+  run = run_of_step(path)
+  if run is not None:
+    file = storage.join(run, RUN_MODEL_FILE)
+    return ModelMeta.from_json(_read_json(file).get("meta", {}), file)
   file = storage.join(path, META_FILE)
-  try:
-    return ModelMeta.from_json(json.loads(storage.read_text(file)), file)
-  except json.JSONDecodeError as e:
-    raise UserError(f"{file}: invalid JSON ({e.msg})") from None
+  return ModelMeta.from_json(_read_json(file), file)
+
+
+def write_run_model(run_dir: str, meta: ModelMeta, tokenizer: Any, params_at: tuple[str, ...] = ("params",)) -> None:
+  """Makes `run_dir`'s step checkpoints models (process 0, at the run's start): RUN_MODEL_FILE with
+  `meta` and where the model's params lie in a checkpoint's state (`params_at`), and the tokenizer."""
+  if jax.process_index() != 0:
+    return
+  if tokenizer is not None and not storage.isdir(storage.join(run_dir, "tokenizer")):
+    _save_tokenizer(tokenizer, storage.join(run_dir, "tokenizer"))
+  write_json(storage.join(run_dir, RUN_MODEL_FILE), {"meta": meta.to_json(), "params_at": list(params_at)})
 
 
 def _barrier(name: str) -> None:
@@ -176,8 +231,45 @@ def load_model(path: str, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
     abs_params = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
         abs_params)
-  params = restore_tree(storage.join(path, "params"), abs_params, path)
+  run = run_of_step(path)
+  if run is not None:
+    params = _restore_step(path, run, meta, abs_params)
+  else:
+    params = restore_tree(storage.join(path, "params"), abs_params, path)
   return nnx.merge(graphdef, params, rest), meta
+
+
+def _restore_step(path: str, run: str, meta: ModelMeta, abs_params: Any) -> Any:
+  """The model params of step checkpoint `path` of `run`: the trainable ones from its state (no
+  optimizer state read), a LoRA run's base from `run/frozen/base` (in float32, as the final model)."""
+  at = tuple(_read_json(storage.join(run, RUN_MODEL_FILE)).get("params_at", ["params"]))
+  flat = dict(nnx.to_flat_state(abs_params))
+  model = nnx.eval_shape(lambda: create(meta.kind, meta.config, meta.num_attributes))
+  trains = {p for p, _ in nnx.to_flat_state(nnx.state(model, lora.trainable(meta.config)))}
+  target: Any = nnx.from_flat_state({p: v for p, v in flat.items() if p in trains})
+  for key in reversed(at):
+    target = {key: target}
+  restored = _partial_restore(storage.join(path, "state"), target, path)
+  for key in at:
+    restored = restored[key]
+  got = dict(nnx.to_flat_state(nnx.State(restored)))
+  if len(got) < len(flat):  # a LoRA run: the base is the run's frozen copy
+    base = nnx.from_flat_state({p: v for p, v in flat.items() if p not in got})
+    got.update(nnx.to_flat_state(nnx.State(_partial_restore(storage.join(run, "frozen", "base"), base, path,
+                                                             partial=False))))
+  return nnx.from_flat_state({p: got[p] for p in flat})
+
+
+def _partial_restore(path: str, target: Any, where: str, partial: bool = True) -> Any:
+  """The arrays of `target`'s paths (abstract, with shardings and the dtypes to cast to) from the Orbax
+  tree at `path`, the rest of it left unread."""
+  try:
+    return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=partial))
+  except (ValueError, KeyError) as e:
+    raise UserError(f"{where}: checkpoint does not match the run's model ({first_line(e)})") from None
+  except Exception as e:  # noqa: BLE001 - a truncated or damaged file: Orbax/TensorStore raise many kinds
+    raise UserError(f"{where}: cannot read the checkpoint's arrays ({first_line(e)})") from None
 
 
 def restore_tree(path: str, target: Any, where: str) -> Any:
@@ -195,12 +287,12 @@ def restore_tree(path: str, target: Any, where: str) -> Any:
   try:
     return ckptr.restore(path, target)
   except (ValueError, KeyError) as e:
-    raise UserError(f"{where}: checkpoint does not match the model ({_first_line(e)})") from None
+    raise UserError(f"{where}: checkpoint does not match the model ({first_line(e)})") from None
   except Exception as e:  # noqa: BLE001 - a truncated or damaged file: Orbax/TensorStore raise many kinds
-    raise UserError(f"{where}: cannot read the checkpoint's arrays ({_first_line(e)})") from None
+    raise UserError(f"{where}: cannot read the checkpoint's arrays ({first_line(e)})") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
   text = str(e).strip()
   return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
@@ -210,7 +302,7 @@ def _names(path) -> str:
   return ".".join(p for p in parts if p != "value")
 
 
-def _check_common_shapes(saved: Any, target: Any, where: str) -> None:
+def check_common_shapes(saved: Any, target: Any, where: str) -> None:
   """A UserError for the first array both trees name with different shapes (others are left to Orbax)."""
   try:
     flat_saved = {_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
@@ -232,133 +324,6 @@ def _check_shapes(saved: Any, target: Any, where: str) -> None:
       raise UserError(f"{where}: checkpoint has no array {key}")
     if hasattr(s, "shape") and tuple(s.shape) != tuple(v.shape):
       raise UserError(f"{where}: array {key} has shape {tuple(s.shape)} in the checkpoint, model expects {tuple(v.shape)}")
-
-
-class Unreadable(UserError):
-  """A checkpoint whose files cannot be read (truncated, damaged)."""
-
-
-class SaveFailed(Stopped):
-  """A checkpoint could not be written (a full or read-only disk, a lost bucket): the run stops."""
-
-
-def _reason(e: BaseException) -> str:
-  """An I/O error's kind and its last clause ("RESOURCE_EXHAUSTED: No space left on device ...")."""
-  line = _first_line(e) if len(str(e).splitlines()[0]) <= 200 else str(e).strip().splitlines()[0]
-  head, tail = line.split(":", 1)[0], line.rsplit(": ", 1)[-1]
-  return f"{head}: {tail}"[:240] if tail != line and head != line else line[:240]
-
-
-class RunCheckpoints:
-  """The resumable checkpoints of one training run, under `DIR/checkpoints/`. With `async_save` a
-  save's writes overlap the following steps; a save that fails raises `SaveFailed` (at the next
-  save or wait) naming it, and the checkpoints before it stay intact."""
-
-  def __init__(self, run_dir: str, keep: int = 2, async_save: bool = False):
-    self.dir = storage.join(storage.absolute(run_dir), "checkpoints")
-    self.manager = ocp.CheckpointManager(
-        self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                       enable_async_checkpointing=async_save))
-    self._pending: int | None = None  # the step whose writes may still be in flight
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def step_path(self, step: int) -> str:
-    return storage.join(self.dir, str(step))
-
-  def _failed(self, step: int, e: BaseException) -> SaveFailed:
-    kept = [s for s in self.manager.all_steps() if s != step]
-    left = (f"checkpoint {max(kept)} is intact: resume from it once the storage is fixed" if kept
-            else "no earlier checkpoint")
-    return SaveFailed(f"{self.step_path(step)}: the checkpoint could not be written ({_reason(e)}); the run "
-                      f"stopped; {left}")
-
-  def save(self, step: int, state: Any, data_state: dict[str, Any], force: bool = False) -> None:
-    try:
-      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      data=ocp.args.JsonSave(data_state)), force=force)
-    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many kinds; an async save's error surfaces here
-      raise self._failed(self._pending if self._pending is not None else step, e) from None
-    self._pending = step
-
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """(state, data state) of checkpoint `step`. A checkpoint whose arrays do not fit `abstract_state`
-    is a UserError (the config changed); one that cannot be read raises `Unreadable`."""
-    where = f"{self.dir}/{step}"
-    try:
-      meta = self.manager.item_metadata(step)
-      saved = meta["state"] if isinstance(meta, dict) or hasattr(meta, "__getitem__") else None
-    except Exception as e:  # noqa: BLE001
-      raise Unreadable(f"{where}: unreadable ({_first_line(e)})") from None
-    if saved is not None:
-      _check_common_shapes(getattr(saved, "tree", saved), abstract_state, f"{where}: cannot resume")
-    try:
-      out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                               data=ocp.args.JsonRestore()))
-    except json.JSONDecodeError as e:  # a truncated metadata file
-      raise Unreadable(f"{where}: unreadable ({_first_line(e)})") from None
-    except (ValueError, KeyError) as e:
-      raise UserError(f"{where}: cannot resume, checkpoint does not match this config ({_first_line(e)})") from None
-    except Exception as e:  # noqa: BLE001 - truncated or damaged files
-      raise Unreadable(f"{where}: unreadable ({_first_line(e)})") from None
-    return out.state, out.data
-
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any] | None]:
-    """(step, state, data state) of the newest readable checkpoint, saying on stderr which ones it
-    skips as unreadable; (0, None, None) when there is none."""
-    steps = sorted(self.manager.all_steps(), reverse=True)
-    for step in steps:
-      try:
-        state, data = self.restore(step, abstract_state)
-      except Unreadable as e:
-        if jax.process_index() == 0:
-          print(f"resume: {e}; trying the previous checkpoint", file=sys.stderr, flush=True)
-        continue
-      return step, state, data
-    if steps:
-      raise UserError(f"{self.dir}: no readable checkpoint among steps {', '.join(map(str, sorted(steps)))}")
-    return 0, None, None
-
-  def snapshot_path(self, name: str) -> str:
-    return storage.join(storage.parent(self.dir), "frozen", name)
-
-  def save_snapshot(self, name: str, tree: Any) -> None:
-    """Writes a frozen model the run derives from its source (the DPO / REINFORCE reference) under
-    `DIR/frozen/NAME`, once, before the first step: a resume reads it from there, not from the source.
-    Every process calls it; Orbax writes into a temporary directory and renames it into place."""
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(self.snapshot_path(name), tree, force=True)
-    ckptr.wait_until_finished()
-
-  def restore_snapshot(self, name: str, target: Any) -> Any | None:
-    """Frozen model `name` restored into `target` (abstract, with shardings); None if the run has none."""
-    path = self.snapshot_path(name)
-    if not storage.isdir(path):
-      return None
-    return restore_tree(path, target, path)
-
-  def wait(self) -> None:
-    """Until every save has been written (`SaveFailed` if one could not be)."""
-    try:
-      self.manager.wait_until_finished()
-    except Exception as e:  # noqa: BLE001
-      raise self._failed(self._pending if self._pending is not None else -1, e) from None
-    self._pending = None
-
-  def close(self, quiet: bool = False) -> None:
-    """Waits for the saves in flight and releases the manager; `quiet` (the run is already failing):
-    without raising."""
-    try:
-      self.wait()
-    except SaveFailed:
-      if not quiet:
-        raise
-    finally:
-      try:
-        self.manager.close()
-      except Exception:  # noqa: BLE001 - a failed save is reported by wait()
-        pass
 
 
 def abstract_like(tree: Any) -> Any:

@@ -13,10 +13,14 @@ def _add_set(p: argparse.ArgumentParser, example: str = "train.steps=6 mesh.data
                  help=f"override config keys by dotted path (repeatable), e.g. {example}")
 
 
-def _add_run_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+def _add_run_args(p: argparse.ArgumentParser, out_required: bool = True, trains: bool = True) -> None:
   p.add_argument("--config", required=True, help="YAML config file")
   _add_set(p)
   p.add_argument("--out", required=out_required, help="run directory (metrics.jsonl, checkpoints/, model/)")
+  if trains:
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="continue the run in --out although this config differs from the one it started with in "
+                        "keys other than steps, cadences, mesh.* and dist.* (the change is recorded in run.json)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,18 +41,21 @@ def parser() -> argparse.ArgumentParser:
                  help="format of --data: helpsteer2-preference, pairs, hh, rewardbench (default %(default)s)")
   p.add_argument("--split", default="validation", help="split of --data to use (default %(default)s)")
   p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--max-length", type=int, default=512)
+  p.add_argument("--max-length", type=int, default=None,
+                 help="tokens per scored pair in the search (default: the length --tuned was trained at)")
   p.add_argument("--out", required=True, help="output model checkpoint")
   _add_set(p, "mesh.fsdp=2 model.dtype=bfloat16 data.template=chat")
 
   p = sub.add_parser("eval", help="score a chosen/rejected set (RewardBench sections, RewardBench 2 or plain pairs)")
-  p.add_argument("--checkpoint", required=True, help="model checkpoint or run directory")
+  p.add_argument("--checkpoint", required=True,
+                 help="model checkpoint, run directory (its final model) or a run's DIR/checkpoints/N")
   p.add_argument("--data", required=True, help="local .jsonl/.jsonl.gz/.parquet, hf:NAME[:DIR] or builtin")
   p.add_argument("--format", default="rewardbench", choices=["rewardbench", "rewardbench2", "pairs", "hh",
                                                              "helpsteer2-preference", "helpsteer3-preference"])
   p.add_argument("--split", default="validation")
   p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--max-length", type=int, default=1024)
+  p.add_argument("--max-length", type=int, default=None,
+                 help="tokens per scored sequence (default: the length the checkpoint was trained at)")
   p.add_argument("--out", help="write the JSON report here")
   p.add_argument("--scores", help="write each pair's rewards here (JSONL: id, chosen, rejected; pairs format)")
   p.add_argument("--judge", default="reward", choices=["reward", "generative"],
@@ -70,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
   _add_run_args(p)
 
   p = sub.add_parser("pipeline", help="regression -> scaled BT -> ExPO -> eval -> REINFORCE, with a report")
-  _add_run_args(p)
+  _add_run_args(p, trains=False)
 
   p = sub.add_parser("convert", help="Hugging Face / GGUF <-> model checkpoint")
   g = p.add_mutually_exclusive_group(required=True)
@@ -97,12 +104,14 @@ def parser() -> argparse.ArgumentParser:
   _add_set(p, "data.template=chat model.dtype=bfloat16")
 
   p = sub.add_parser("serve", help="a reward model behind HTTP (OpenRLHF /get_reward, vLLM /classify)")
-  p.add_argument("--checkpoint", required=True, help="reward-model checkpoint or run directory")
+  p.add_argument("--checkpoint", required=True,
+                 help="reward-model checkpoint, run directory (its final model) or a run's DIR/checkpoints/N")
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
   p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the ready line says which)")
   p.add_argument("--token", default=None,
                  help="require 'Authorization: Bearer TOKEN' (default: $HS2P_SERVE_TOKEN, else no token)")
-  p.add_argument("--max-length", type=int, default=1024, help="longest input in tokens (default %(default)s)")
+  p.add_argument("--max-length", type=int, default=None,
+                 help="longest input in tokens (default: the length the checkpoint was trained at)")
   p.add_argument("--truncate", action="store_true",
                  help="cut longer inputs as training does (the prompt's start first) instead of a 400")
   p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default %(default)s)")
@@ -122,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help="print one JSON object (the default output anyway)")
 
   p = sub.add_parser("plan", help="per-device memory plan of a config on a mesh, from the compiled step")
-  _add_run_args(p, out_required=False)
+  _add_run_args(p, out_required=False, trains=False)
   p.add_argument("--chip", default=None, help="e.g. v5p, v5e, h100, a100 (topology for AOT compilation)")
   p.add_argument("--devices", type=int, default=None, help="number of devices to plan for")
   p.add_argument("--compile", choices=["auto", "host", "tpu", "none"], default="auto",
@@ -167,7 +176,7 @@ def _dispatch(args) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if args.command in ("train-rm", "reinforce", "ppo", "train-dpo", "train-sft"):
     from hs2p_jax.commands.train import train_command
-    return train_command(args.command, args.config, args.overrides, args.out)
+    return train_command(args.command, args.config, args.overrides, args.out, args.allow_config_change)
   if args.command == "pipeline":
     from hs2p_jax.commands.pipeline import pipeline_command
     return pipeline_command(args.config, args.overrides, args.out)

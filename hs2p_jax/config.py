@@ -284,7 +284,7 @@ class ExpoStage:
   format: str = "helpsteer2-preference"
   split: str = "validation"
   batch_size: int = 16
-  max_length: int = 512
+  max_length: Optional[int] = None     # tokens per scored sequence (None: the length the model was trained at)
 
 
 @dataclasses.dataclass
@@ -294,7 +294,7 @@ class EvalStage:
   rewardbench2: Optional[str] = None   # also RewardBench 2: a file, hf:allenai/reward-bench-2 or builtin
   split: str = "validation"
   batch_size: int = 16
-  max_length: int = 512
+  max_length: Optional[int] = None     # tokens per scored sequence (None: the length the model was trained at)
 
 
 @dataclasses.dataclass

@@ -95,6 +95,13 @@ def validate(cfg) -> None:
         raise UserError("ppo.advantage=grpo normalises over each prompt's samples: set ppo.samples_per_prompt >= 2")
       if not (0.0 <= rl.gamma <= 1.0 and 0.0 <= rl.lam <= 1.0) or rl.clip <= 0 or rl.value_clip <= 0:
         raise UserError("ppo.gamma and ppo.lam must be in [0, 1], ppo.clip and ppo.value_clip positive")
+  for sec in ("train", "dpo", "sft", "reinforce", "ppo"):
+    section = getattr(cfg, sec, None)
+    for name in ("log_every", "eval_every", "eval_batches", "save_every", "sample_every"):
+      if hasattr(section, name) and getattr(section, name) < 0:
+        raise UserError(f"{sec}.{name}={getattr(section, name)}: must be >= 0 (0: never, or all for eval_batches)")
+    if hasattr(section, "keep_checkpoints") and section.keep_checkpoints < 1:
+      raise UserError(f"{sec}.keep_checkpoints={section.keep_checkpoints}: must be >= 1 (a resume needs one)")
   dist = getattr(cfg, "dist", None)
   if hasattr(dist, "heartbeat_timeout"):
     if dist.heartbeat_timeout <= 0 or dist.step_timeout < 0:

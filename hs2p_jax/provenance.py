@@ -66,6 +66,18 @@ def environment(mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, Any]:
   }
 
 
+def device_line(mesh: Optional[jax.sharding.Mesh] = None) -> str:
+  """One line for the start of a command: the devices (kind, count, processes) and the mesh."""
+  devices = jax.devices()
+  n, procs = len(devices), jax.process_count()
+  line = (f"devices: {n} x {devices[0].device_kind} ({devices[0].platform}), {procs} process"
+          f"{'es' if procs > 1 else ''}")
+  if mesh is not None:
+    shape = dict(mesh.shape)
+    line += "; mesh " + " x ".join(f"{k} {v}" for k, v in shape.items())
+  return line
+
+
 def epoch_plan(num_examples: int, batch_size: int, steps: int) -> dict[str, Any]:
   """How `steps` steps of `batch_size` examples cover `num_examples`: epochs, and the first step
   that reads an example a second time (None if none does)."""

@@ -186,6 +186,44 @@ def local_copy(url: str, patterns: list[str] | None = None) -> str:
   return local
 
 
+# The object-storage clients' loggers: their retries and tracebacks go to a run's log file, not the terminal.
+CLIENT_LOGGERS = ("gcsfs", "fsspec", "google", "aiohttp", "urllib3")
+
+
+def route_client_logs(path: str) -> None:
+  """Sends the storage clients' log records (gcsfs's retries and their tracebacks) to the local file
+  `path` (a run's log) instead of the terminal; the failure itself still comes as one UserError line."""
+  import logging
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  for name in CLIENT_LOGGERS:
+    logger = logging.getLogger(name)
+    if not any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in logger.handlers):
+      handler = logging.FileHandler(path, encoding="utf-8", delay=True)
+      handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+      logger.addHandler(handler)
+    logger.propagate = False
+
+
+def probe(url: str, timeout: float = 5.0) -> None:
+  """Checks, in seconds, that a run can write at `url` (a local path: nothing to do): the storage
+  endpoint answers (`STORAGE_EMULATOR_HOST` or Google's), then one small object is written and removed.
+  A failure is one UserError naming the URL and the endpoint."""
+  import socket
+  if not is_url(url):
+    return
+  if urlparse(url).scheme == "gs":
+    endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+    u = urlparse(endpoint if "://" in endpoint else "http://" + endpoint)
+    try:
+      socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
+    except OSError as e:
+      raise UserError(f"{url}: cannot reach the storage endpoint {endpoint} ({e.strerror or e}); check the network "
+                      f"(or STORAGE_EMULATOR_HOST for a local emulator)") from None
+  marker = join(url, ".hs2p_write_check")
+  upload(marker, b"")
+  remove(marker)
+
+
 def cache_root() -> str:
   """This host's cache: $HS2P_CACHE or ~/.cache/hs2p_jax."""
   return os.environ.get("HS2P_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hs2p_jax")

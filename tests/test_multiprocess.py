@@ -125,7 +125,7 @@ from jax._src import array as jax_array
 from jax.experimental import multihost_utils
 
 from hs2p_jax import config as config_lib
-from hs2p_jax.checkpoint import RunCheckpoints
+from hs2p_jax.train.checkpoints import RunCheckpoints
 from hs2p_jax.distributed import initialize
 from hs2p_jax.train import rm_trainer
 from hs2p_jax.train.guard import FiniteGuard

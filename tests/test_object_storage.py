@@ -106,7 +106,8 @@ def test_files_logs_and_copies_on_object_storage(gcs, tmp_path, monkeypatch):
 def test_model_and_run_checkpoints_commit_on_object_storage(gcs):
   from flax import nnx
 
-  from hs2p_jax.checkpoint import META_FILE, ModelMeta, RunCheckpoints, is_model_checkpoint, load_model, save_model
+  from hs2p_jax.checkpoint import META_FILE, ModelMeta, is_model_checkpoint, load_model, save_model
+  from hs2p_jax.train.checkpoints import RunCheckpoints
   from hs2p_jax.model import create, preset
 
   cfg = preset("tiny", num_layers=1)

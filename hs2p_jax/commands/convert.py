@@ -15,7 +15,7 @@ from hs2p_jax.errors import UserError
 def convert_command(args) -> int:
   """Import (`--hf`, `--gguf` -> `--out`) or export (`--checkpoint` -> `--to-hf`), on every process of
   the run, the model sharded over the mesh (default: FSDP over every device)."""
-  from hs2p_jax.checkpoint import load_model, resolve_model_dir
+  from hs2p_jax.checkpoint import load_model, tokenizer_dir
   from hs2p_jax.config import load_tool
   from hs2p_jax.convert import export_hf
   from hs2p_jax.distributed import initialize
@@ -42,7 +42,7 @@ def convert_command(args) -> int:
     raise UserError(f"convert: {args.checkpoint} has LoRA adapters: export them (--adapter, PEFT's format) "
                     "or the merged model (--merge)")
   if args.adapter:
-    return _export_adapter(args, model, mesh)
+    return _export_adapter(args, model, meta)
   if args.merge:
     from hs2p_jax.model import merge_lora
     model = merge_lora(model)
@@ -53,11 +53,7 @@ def convert_command(args) -> int:
     if meta.kind != "reward":
       raise UserError(f"convert --reward: {args.checkpoint} is a {meta.kind} checkpoint, not a reward model")
     reward = reward_weights_from_spec(args.reward, meta.num_attributes)
-  tok_dir = storage.join(resolve_model_dir(args.checkpoint), "tokenizer")
-  if not storage.isdir(tok_dir):
-    tok_dir = None
-  elif storage.is_url(tok_dir):
-    tok_dir = storage.local_copy(tok_dir)
+  tok_dir = tokenizer_dir(args.checkpoint)
   if storage.is_url(args.to_hf):  # Hugging Face's layout is files in a directory: made here, then uploaded
     import jax
     with tempfile.TemporaryDirectory(prefix="hs2p-export-") as tmp:
@@ -74,14 +70,15 @@ def convert_command(args) -> int:
   return 0
 
 
-def _export_adapter(args, model, mesh) -> int:
+def _export_adapter(args, model, meta) -> int:
   """`--adapter`: the checkpoint's adapters (and reward head) as a PEFT directory."""
   from hs2p_jax.convert.peft import export_adapter
   if args.reward or args.dtype:
     raise UserError("convert --adapter writes float32 adapters and the head as trained (no --reward, --dtype)")
   if storage.is_url(args.to_hf):
     raise UserError("convert --adapter: write the adapter to a local directory")
-  export_adapter(model, args.to_hf, base=None)
+  source = meta.source  # PEFT's base_model_name_or_path: the model.source the adapters trained over
+  export_adapter(model, args.to_hf, base=source[3:] if source and source.startswith("hf:") else source)
   print(json.dumps({"exported": storage.absolute(args.to_hf), "adapter": "peft-lora",
                     "rank": model.cfg.lora_rank}))
   return 0

@@ -52,18 +52,44 @@ class PairScorer(RewardScorer):
     return res["outputs"] @ self.weights, res["magnitude"], res["example_id"]
 
 
+def scoring_length(command: str, checkpoint: str, flag: int | None, given: Any = None) -> int:
+  """The length `command` scores `checkpoint` at: `--max-length` or `--set data.max_length` (not two
+  different values), else the length the checkpoint was trained at, else 1024 (said in one line)."""
+  from hs2p_jax.checkpoint import read_meta
+  from hs2p_jax.errors import UserError
+  if flag is not None and given is not None and flag != given:
+    raise UserError(f"--max-length {flag} and --set data.max_length={given} disagree; give one of them")
+  if flag is not None or given is not None:
+    return flag if flag is not None else given
+  trained = read_meta(checkpoint).max_length
+  if trained:
+    return trained
+  if jax.process_index() == 0:
+    print(f"hs2p {command}: {checkpoint} records no training length (not trained here); scoring at 1024 tokens "
+          f"(--max-length to change)", file=sys.stderr, flush=True)
+  return 1024
+
+
+def say_truncated(what: str, truncated: int, total: int, max_length: int) -> None:
+  """One console line when scoring cut any input to `max_length` tokens."""
+  if truncated and jax.process_index() == 0:
+    print(f"truncated {truncated} of {total} {what} to {max_length} tokens (the prompt's start first; "
+          f"--max-length to change)", file=sys.stderr, flush=True)
+
+
 def tool_config(command: str, checkpoint: str, overrides: list[str], data: str | None, fmt: str | None,
-                max_length: int, data_keys: tuple[str, ...] = PAIR_DATA_KEYS):
+                max_length: int | None, data_keys: tuple[str, ...] = PAIR_DATA_KEYS):
   """The `--set` config of a command that scores `data` with `checkpoint`; data keys default to the
-  checkpoint's template and the command's flags. Starts the multi-host runtime; returns (cfg, mesh, rules)."""
+  checkpoint's template and the length it was trained at (`scoring_length`). Starts the multi-host
+  runtime; returns (cfg, mesh, rules)."""
   from hs2p_jax.checkpoint import read_meta
   from hs2p_jax.config import load_tool, parse_overrides
   from hs2p_jax.distributed import initialize
   from hs2p_jax.sharding import make_mesh, rules_from
 
   given = parse_overrides(list(overrides)).get("data", {})
-  length = given.get("max_length", max_length)
-  defaults = {"validation": data, "template": read_meta(checkpoint).template, "max_length": max_length,
+  length = scoring_length(command, checkpoint, max_length, given.get("max_length"))
+  defaults = {"validation": data, "template": read_meta(checkpoint).template, "max_length": length,
               "pad_multiple": min(32, length) if isinstance(length, int) and length > 0 else 32}
   if fmt:
     defaults["format"] = fmt
@@ -73,9 +99,10 @@ def tool_config(command: str, checkpoint: str, overrides: list[str], data: str |
   return cfg, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
 
 
-def data_cache(out: str | None) -> str:
-  """Where built-in data is generated for a command writing `out`: beside it (a URL: in this host's cache)."""
-  return storage.local_dir(storage.parent(out), ".hs2p_data") if out else os.path.join(os.getcwd(), ".hs2p_data")
+def data_cache() -> str:
+  """Where the built-in data is generated for `eval`, `expo` and `serve`: this host's cache
+  (`$HS2P_CACHE` or ~/.cache/hs2p_jax/data), never beside the command's output or in the working directory."""
+  return os.path.join(storage.cache_root(), "data")
 
 
 def pair_report(rewards: np.ndarray, magnitude: np.ndarray, ids: np.ndarray, examples: list, fmt: str) -> dict[str, Any]:
@@ -118,7 +145,7 @@ def judge_command(args, cfg, mesh, rules) -> int:
   from hs2p_jax.errors import UserError
   from hs2p_jax.eval.judge import judge_pairs
 
-  source = resolve_source(args.data, args.split, args.format, data_cache(args.out))
+  source = resolve_source(args.data, args.split, args.format, data_cache())
   pairs, load = load_examples(source, args.format, args.split, "pairs", skip_invalid=cfg.data.skip_invalid)
   with use_mesh(mesh, rules):
     lm, meta = load_model(args.checkpoint, mesh, rules, **cfg.model.fields())
@@ -146,11 +173,12 @@ def rewardbench2_command(args, cfg, mesh, rules) -> int:
 
   scorer = RewardScorer.load(args.checkpoint, mesh, rules, cfg.model.fields(), batch_size=args.batch_size,
                              max_length=cfg.data.max_length)
-  groups, load = load_groups(resolve_source(args.data, args.split, "rewardbench2", data_cache(args.out)),
+  groups, load = load_groups(resolve_source(args.data, args.split, "rewardbench2", data_cache()),
                              cfg.data.skip_invalid)
   if scorer.meta.template != cfg.data.template:  # score in the template given with --set
     scorer.meta = dataclasses.replace(scorer.meta, template=cfg.data.template)
   scores = scorer.score_groups([g.prompt for g in groups], [g.completions for g in groups])
+  say_truncated("completions", scorer.truncated, scorer.encoded, cfg.data.max_length)
   report = {"checkpoint": storage.absolute(args.checkpoint), "data": args.data, "format": "rewardbench2",
             "template": cfg.data.template, **rewardbench2.report(groups, scores), "load": load.summary(),
             "origin": load.origin}
@@ -184,8 +212,9 @@ def eval_command(args) -> int:
     return rewardbench2_command(args, cfg, mesh, rules)
   scorer = PairScorer.load(args.checkpoint, mesh, rules, cfg.model.fields(), batch_size=args.batch_size,
                            max_length=cfg.data.max_length)
-  loader = scorer.loader(cfg.data, split=args.split, cache_dir=data_cache(args.out))
+  loader = scorer.loader(cfg.data, split=args.split, cache_dir=data_cache())
   rewards, magnitude, ids = scorer.rewards(loader)
+  say_truncated("pairs", loader.report.truncated, loader.report.kept, cfg.data.max_length)
   report = {"checkpoint": storage.absolute(args.checkpoint), "data": args.data, "format": args.format,
             "template": cfg.data.template,
             **pair_report(rewards, magnitude, ids, loader.examples, args.format), "load": loader.report.summary(),

@@ -83,7 +83,7 @@ def plot_search(table: list[dict], best: float) -> bytes:
 
 def run_expo(base: str, tuned: str, out: str, factor: float | None = None, search: str | None = None,
              data: str | None = None, fmt: str = "helpsteer2-preference", split: str = "validation",
-             batch_size: int = 8, max_length: int = 512, cache_dir: str | None = None,
+             batch_size: int = 8, max_length: int | None = None, cache_dir: str | None = None,
              data_keys: dict | None = None, mesh=None, rules=None, runtime: dict | None = None) -> dict:
   """Writes the extrapolated checkpoint to `out`; returns {"factor", "table"?, "origin"?}.
 
@@ -91,7 +91,7 @@ def run_expo(base: str, tuned: str, out: str, factor: float | None = None, searc
   params (a scorer over the tuned model's graph, no copy of its own), and the final mix is computed
   shard by shard into the tuned params' buffers (donated)."""
   from hs2p_jax.checkpoint import save_model
-  from hs2p_jax.commands.evaluate import PairScorer
+  from hs2p_jax.commands.evaluate import PairScorer, say_truncated
   from hs2p_jax.eval.scoring import pair_metrics
   from hs2p_jax.expo import extrapolate, factor_grid, search_factor
   from hs2p_jax.sharding import DEFAULT_RULES, use_mesh
@@ -106,6 +106,9 @@ def run_expo(base: str, tuned: str, out: str, factor: float | None = None, searc
     except ValueError as e:
       raise UserError(str(e)) from None
   graphdef, base_params, tuned_params, meta, tokenizer = load_pair(base, tuned, mesh, rules, runtime)
+  if max_length is None:
+    from hs2p_jax.commands.evaluate import scoring_length
+    max_length = scoring_length("expo", tuned, None)
   shardings = jax.tree.map(lambda a: a.sharding, tuned_params)
   mix = jax.jit(extrapolate, out_shardings=shardings)
   extra, result = {}, {}
@@ -113,6 +116,8 @@ def run_expo(base: str, tuned: str, out: str, factor: float | None = None, searc
     scorer = PairScorer(graphdef, tuned_params, meta, tokenizer, mesh, rules, batch_size=batch_size,
                         max_length=max_length)
     loader = scorer.loader(scorer.data_config(data, fmt, **(data_keys or {})), split=split, cache_dir=cache_dir)
+    say_truncated("pairs", loader.report.truncated, loader.report.kept, scorer.max_length)
+    done = []
 
     def score(f):
       with use_mesh(mesh, rules):
@@ -120,7 +125,9 @@ def run_expo(base: str, tuned: str, out: str, factor: float | None = None, searc
       rewards, _, _ = scorer.rewards(loader, params)
       del params
       m = pair_metrics(rewards)
-      print(f"expo factor {f:g}: accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}", file=sys.stderr)
+      done.append(f)
+      print(f"expo factor {f:g} ({len(done)} of {len(grid)}): accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}",
+            file=sys.stderr, flush=True)
       return m["accuracy"], m["loss"]
 
     factor, table = search_factor(score, grid)
@@ -144,7 +151,7 @@ def expo_command(args) -> int:
   given = {k: getattr(cfg.data, k) for k in PAIR_DATA_KEYS}
   res = run_expo(args.base, args.tuned, args.out, factor=args.factor, search=args.search, data=args.data,
                  fmt=args.format, split=args.split, batch_size=args.batch_size, max_length=cfg.data.max_length,
-                 cache_dir=data_cache(args.out),
+                 cache_dir=data_cache(),
                  data_keys=given, mesh=mesh, rules=rules, runtime=cfg.model.fields())
   print(json.dumps({"factor": res["factor"], "out": storage.absolute(args.out)}))
   return 0

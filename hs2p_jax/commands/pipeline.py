@@ -2,14 +2,22 @@
 and the paper's baselines (PPO in one or more rounds, DPO, the Pairwise Justifier) and the policies'
 comparison beside the paper's RLHF table, as configured.
 
-Each stage runs in `DIR/<stage>/` and is skipped when a rerun finds it finished (`DONE`), so an
-interrupted pipeline resumes where it stopped (a training stage resumes from its checkpoint).
+Each stage runs in `DIR/<stage>/` and records in `DONE`, when it finishes, its key: a hash of its
+resolved config (less the keys that change no number: `run_record.RUNTIME_KEYS`) and of the keys of
+the stages it read (the checkpoints it started from or scored). A rerun skips a stage whose key is
+unchanged, so an interrupted pipeline resumes where it stopped (a training stage resumes from its
+checkpoint). A stage whose key changed is stale: one line names the keys (and inputs) that changed;
+its directory is removed and it runs again, and so does every stage after it that reads it (their
+keys change with its). A training stage whose only change is a larger step count continues its run
+instead. `report.md` lists every stage's key and whether this run ran or reused it.
 Every stage's metrics are also appended to `DIR/metrics.jsonl` with a `stage` field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import hashlib
 import json
 import os
 import sys
@@ -17,7 +25,7 @@ import typing
 from typing import Any
 
 from hs2p_jax import config as config_lib
-from hs2p_jax import storage
+from hs2p_jax import run_record, storage
 from hs2p_jax.atomic import write_json, write_text
 from hs2p_jax.checkpoint import is_model_checkpoint
 from hs2p_jax.errors import UserError
@@ -74,6 +82,8 @@ class Pipeline:
     if self.cfg.ppo_rounds < 1:
       raise UserError(f"{config}: ppo_rounds={self.cfg.ppo_rounds} must be at least 1")
     self.results: dict[str, Any] = {}
+    self.overrides = list(overrides)
+    self.keys: dict[str, dict[str, Any]] = {}  # stage -> {key, config, inputs, ran}
 
   def stage_config(self, cls, name: str, path: str, extra: dict[str, Any] | None = None):
     path = os.path.join(self.base, path)
@@ -87,18 +97,58 @@ class Pipeline:
     return storage.isfile(storage.join(self._dir(stage), "DONE"))
 
   def _finish(self, stage: str, info: dict[str, Any]) -> None:
-    write_json(storage.join(self._dir(stage), "DONE"), info)
+    k = self.keys[stage]
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    write_json(storage.join(self._dir(stage), "DONE"), {**info, "key": k["key"], "config": k["config"],
+                                                         "inputs": k["inputs"], "finished": stamp})
+    k["ran"] = True
     src, dst = storage.join(self._dir(stage), "metrics.jsonl"), storage.join(self.out, "metrics.jsonl")
     if storage.isfile(src):  # the pipeline's log: every stage's records, rewritten whole (object storage: no appends)
       lines = [json.dumps({**r, "stage": stage}) for r in read_metrics(src)]
-      before = storage.read_text(dst) if storage.isfile(dst) else ""
-      write_text(dst, before + "".join(line + "\n" for line in lines))
+      before = [r for r in read_metrics(dst) if r.get("stage") != stage] if storage.isfile(dst) else []
+      write_text(dst, "".join(json.dumps(r) + "\n" for r in before) + "".join(line + "\n" for line in lines))
+
+  def _current(self, stage: str, config: Any, inputs: tuple[str, ...] = (), training: bool = False) -> bool:
+    """Whether `stage` finished with this `config` (a dataclass or dict) and these input stages; a
+    stage that finished otherwise is stale: said in one line, its directory removed (a training stage
+    whose step count only grew keeps its run, which continues)."""
+    plain = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    flat = {k: v for k, v in run_record.flatten(json.loads(json.dumps(plain))).items()
+            if not run_record.matches(k, run_record.RUNTIME_KEYS)}
+    ins = {s: self.keys[s]["key"] if s in self.keys else self._done_info(s).get("key")
+           for s in inputs if s in self.keys or self._done(s)}
+    key = hashlib.sha256(json.dumps({"config": flat, "inputs": ins}, sort_keys=True).encode()).hexdigest()[:16]
+    self.keys[stage] = {"key": key, "config": flat, "inputs": ins, "ran": False}
+    done = self._done_info(stage)
+    if not done or done.get("key") == key:
+      if done:
+        self.keys[stage]["finished"] = done.get("finished")
+      return bool(done)
+    changed = run_record.differences(done.get("config", {}), flat, {})
+    moved = [s for s in sorted(set(ins) | set(done.get("inputs", {}))) if ins.get(s) != done.get("inputs", {}).get(s)]
+    grown = training and not moved and changed and all(
+        k.endswith(".steps") and isinstance(a, int) and isinstance(b, int) and b >= a for k, (a, b) in changed.items())
+    why = "; ".join(([run_record.describe(changed)] if changed else []) +
+                    ([f"{', '.join(moved)} changed"] if moved else []) +
+                    ([] if "key" in done else ["its DONE records no key (an older version)"]))
+    print(f"== pipeline stage {stage}: stale ({why}): " + ("continuing its run" if grown else "running it again"),
+          file=sys.stderr, flush=True)
+    storage.remove(storage.join(self._dir(stage), "DONE"))
+    if not grown:
+      storage.rmtree(self._dir(stage))
+    return False
 
   def _announce(self, stage: str) -> None:
     print(f"== pipeline stage: {stage} ({self._dir(stage)})", file=sys.stderr, flush=True)
 
   def run(self) -> dict[str, Any]:
     from hs2p_jax.distributed import compile_cache, initialize
+    if storage.is_url(self.out):  # seconds, not minutes of retries, to say the bucket cannot be written
+      storage.route_client_logs(os.path.join(storage.local_dir(self.out, "logs"), "pipeline.log"))
+      storage.probe(self.out)
+    run_record.claim(self.out, "pipeline", {**dataclasses.asdict(self.cfg), "set": self.overrides},
+                     {**dataclasses.asdict(config_lib.PipelineConfig()), "set": []},
+                     allow_change="hs2p pipeline (stale stages run again)")
     storage.makedirs(self.out)
     if not any(self._done(s) for s in self.cfg.stages):
       storage.remove(storage.join(self.out, "metrics.jsonl"))
@@ -128,10 +178,15 @@ class Pipeline:
     path = storage.join(self._dir(stage), "DONE")
     return json.loads(storage.read_text(path)) if storage.isfile(path) else {}
 
+  def _rm_stage(self) -> str | None:
+    """The stage of the newest reward model the pipeline made (ExPO, else BT, else regression)."""
+    return next((s for s in ("expo", "bt", "regression") if is_model_checkpoint(storage.join(self._dir(s), "model"))),
+                None)
+
   def _reward_model(self) -> str | None:
     """The newest reward model the pipeline made (ExPO, else BT, else regression)."""
-    return next((storage.join(self._dir(s), "model") for s in ("expo", "bt", "regression")
-                 if is_model_checkpoint(storage.join(self._dir(s), "model"))), None)
+    stage = self._rm_stage()
+    return storage.join(self._dir(stage), "model") if stage else None
 
   def _mesh(self):
     from hs2p_jax.sharding import make_mesh, rules_from
@@ -139,10 +194,10 @@ class Pipeline:
 
   def _regression(self) -> None:
     from hs2p_jax.train.rm_trainer import train_rm
-    if self._done("regression"):
+    cfg = self.stage_config(config_lib.RunConfig, "regression", self.cfg.regression)
+    if self._current("regression", cfg, training=True):
       return
     self._announce("regression")
-    cfg = self.stage_config(config_lib.RunConfig, "regression", self.cfg.regression)
     if cfg.train.objective != "regression":
       raise UserError(f"{self.cfg.regression}: the regression stage needs train.objective=regression")
     last = train_rm(cfg, self._dir("regression"))
@@ -150,22 +205,22 @@ class Pipeline:
 
   def _bt(self) -> None:
     from hs2p_jax.train.rm_trainer import train_rm
-    if self._done("bt"):
-      return
-    self._announce("bt")
     extra = {}
     if "regression" in self.cfg.stages:
       extra = {"model": {"init_from": storage.join(self._dir("regression"), "model")}}
     cfg = self.stage_config(config_lib.RunConfig, "bt", self.cfg.bt, extra)
+    if self._current("bt", cfg, ("regression",) if extra else (), training=True):
+      return
+    self._announce("bt")
     last = train_rm(cfg, self._dir("bt"))
     self._finish("bt", {"last": last, "variant": cfg.train.bt_variant, "init_from": cfg.model.init_from})
 
   def _expo(self) -> None:
     from hs2p_jax.commands.expo import run_expo
-    if self._done("expo"):
+    e = self.cfg.expo
+    if self._current("expo", e, ("regression", "bt")):
       return
     self._announce("expo")
-    e = self.cfg.expo
     mesh, rules = self._mesh()
     res = run_expo(storage.join(self._dir("regression"), "model"), storage.join(self._dir("bt"), "model"),
                    storage.join(self._dir("expo"), "model"), factor=e.factor, search=None if e.factor else e.search,
@@ -175,23 +230,27 @@ class Pipeline:
 
   def _eval(self) -> None:
     from hs2p_jax import provenance
-    from hs2p_jax.commands.evaluate import PairScorer, pair_report
-    self._announce("eval")
+    from hs2p_jax.commands.evaluate import PairScorer, pair_report, say_truncated, scoring_length
     e = self.cfg.eval
+    self._current("eval", e, ("regression", "bt", "expo"))  # run again each time: its scores feed the report
+    self._announce("eval")
     out = {}
     for stage in ("regression", "bt", "expo"):
       ckpt = storage.join(self._dir(stage), "model")
       if not is_model_checkpoint(ckpt):
         continue
-      scorer = PairScorer.load(ckpt, *self._mesh(), batch_size=e.batch_size, max_length=e.max_length)
+      length = e.max_length or scoring_length("pipeline", ckpt, None)
+      scorer = PairScorer.load(ckpt, *self._mesh(), batch_size=e.batch_size, max_length=length)
       loader = scorer.loader(e.data, e.format, e.split, cache_dir=storage.local_dir(self.out, "data"))
       rewards, mag, ids = scorer.rewards(loader)
+      say_truncated(f"{stage}'s eval pairs", loader.report.truncated, loader.report.kept, length)
       out[stage] = pair_report(rewards, mag, ids, loader.examples, e.format)
       self.results["eval_data"] = provenance.data_entry(loader)
       if e.rewardbench2:
         out[stage]["rewardbench2"] = self._rewardbench2(scorer, e.rewardbench2)
     write_json(storage.join(self._dir("eval"), "scores.json"), out)
     self.results["eval"] = out
+    self._finish("eval", {"stages": sorted(out)})
 
   def _rewardbench2(self, scorer, data: str) -> dict:
     """RewardBench 2 subset and overall scores of one stage's model."""
@@ -204,12 +263,14 @@ class Pipeline:
 
   def _reinforce(self) -> None:
     from hs2p_jax.train.reinforce_trainer import train_reinforce
-    if self._done("reinforce") or not self.cfg.reinforce:
+    if not self.cfg.reinforce:
       return
-    self._announce("reinforce")
     rm = self._reward_model()
     extra = {"reward_model": rm} if rm else None
     cfg = self.stage_config(config_lib.ReinforceRunConfig, "reinforce", self.cfg.reinforce, extra)
+    if self._current("reinforce", cfg, tuple(filter(None, [self._rm_stage()])), training=True):
+      return
+    self._announce("reinforce")
     last = train_reinforce(cfg, self._dir("reinforce"))
     self._finish("reinforce", {"last": last, "reward_model": cfg.reward_model})
 
@@ -227,22 +288,24 @@ class Pipeline:
     rm = self._reward_model()
     previous = None
     for stage in self._ppo_dirs():
-      if not self._done(stage):
+      extra = {"reward_model": rm} if rm else {}
+      if previous:
+        extra["policy"] = {"init_from": storage.join(self._dir(previous), "model")}
+      cfg = self.stage_config(config_lib.PPORunConfig, "ppo", self.cfg.ppo, extra or None)
+      if not self._current(stage, cfg, tuple(filter(None, [self._rm_stage(), previous])), training=True):
         self._announce(stage)
-        extra = {"reward_model": rm} if rm else {}
-        if previous:
-          extra["policy"] = {"init_from": storage.join(self._dir(previous), "model")}
-        cfg = self.stage_config(config_lib.PPORunConfig, "ppo", self.cfg.ppo, extra or None)
         last = train_ppo(cfg, self._dir(stage))
         self._finish(stage, {"last": last, "reward_model": cfg.reward_model, "init_from": cfg.policy.init_from})
       previous = stage
 
   def _dpo(self) -> None:
     from hs2p_jax.train.dpo_trainer import train_dpo
-    if self._done("dpo") or not self.cfg.dpo:
+    if not self.cfg.dpo:
+      return
+    cfg = self.stage_config(config_lib.DPORunConfig, "dpo", self.cfg.dpo)
+    if self._current("dpo", cfg, training=True):
       return
     self._announce("dpo")
-    cfg = self.stage_config(config_lib.DPORunConfig, "dpo", self.cfg.dpo)
     last = train_dpo(cfg, self._dir("dpo"))
     self._finish("dpo", {"last": last, "variant": cfg.dpo.variant, "beta": cfg.dpo.beta})
 
@@ -253,13 +316,15 @@ class Pipeline:
     from hs2p_jax.data.synthetic import resolve_source
     from hs2p_jax.eval.judge import judge_pairs
     from hs2p_jax.train.sft_trainer import train_sft
-    if self._done("justifier") or not self.cfg.justifier:
+    if not self.cfg.justifier:
+      return
+    cfg = self.stage_config(config_lib.SFTRunConfig, "justifier", self.cfg.justifier)
+    j = self.cfg.judge
+    if self._current("justifier", {"sft": dataclasses.asdict(cfg), "judge": dataclasses.asdict(j)}):
       self.results["judge"] = self._done_info("justifier").get("judge")
       return
     self._announce("justifier")
-    cfg = self.stage_config(config_lib.SFTRunConfig, "justifier", self.cfg.justifier)
     last = train_sft(cfg, self._dir("justifier"))
-    j = self.cfg.judge
     source = resolve_source(j.data, j.split, j.format, storage.local_dir(self.out, ".data"))
     pairs, _ = load_examples(source, j.format, j.split, "pairs")
     pairs = pairs[:j.pairs] if j.pairs else pairs
@@ -285,19 +350,20 @@ class Pipeline:
     from hs2p_jax.eval.policies import compare
     from hs2p_jax.train.model_init import build_model
     from hs2p_jax.train.rm_scorer import RewardScorer
-    if self._done("compare"):
-      self.results["compare"] = self._done_info("compare").get("policies", {})
-      return
     stages = {"reinforce": "reinforce", "ppo": self._ppo_dirs()[-1], "dpo": "dpo"}
     trained = {name: storage.join(self._dir(s), "model") for name, s in stages.items()
                if is_model_checkpoint(storage.join(self._dir(s), "model"))}
     rm = self._reward_model()
     if not trained or rm is None:
       raise UserError("the compare stage needs a trained policy (reinforce, ppo or dpo stage) and a reward model")
-    self._announce("compare")
     c = self.cfg.compare
     rl = self.stage_config(config_lib.ReinforceRunConfig, "reinforce", self.cfg.reinforce) if self.cfg.reinforce \
         else self.stage_config(config_lib.DPORunConfig, "dpo", self.cfg.dpo)
+    inputs = tuple(stages[name] for name in trained) + (self._rm_stage(),)
+    if self._current("compare", {"compare": dataclasses.asdict(c), "reference": dataclasses.asdict(rl.policy)}, inputs):
+      self.results["compare"] = self._done_info("compare").get("policies", {})
+      return
+    self._announce("compare")
     mesh, rules = self._mesh()
     with use_mesh(mesh, rules):
       reference, _, tokenizer = build_model(rl.policy, mesh, rules)  # the policies' common start

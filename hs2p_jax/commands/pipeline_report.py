@@ -90,6 +90,10 @@ def write_pipeline_report(p: Any) -> dict[str, Any]:
                  f"consistency {judge['position_consistency']:.4f}.")
   if "expo" in scores:
     notes.append("ExPO factor convention: base + factor * (tuned - base), base = regression, tuned = BT.")
+  if p.keys:
+    notes.append("Stages and their keys (a hash of the stage's resolved config and of its inputs' keys, recorded in "
+                 "its DONE): " + "; ".join(f"{s} `{k['key']}` ({'run now' if k['ran'] else 'reused: finished ' + str(k.get('finished'))})"
+                                          for s, k in p.keys.items()) + ".")
   dpo_variant = (done_info("dpo").get("variant") or "scaled").capitalize()
   path = write_report(p.out, rows, notes, images, policies, {"dpo": f"{dpo_variant} DPO"})
   print(f"report: {path}", file=sys.stderr)
@@ -98,6 +102,7 @@ def write_pipeline_report(p: Any) -> dict[str, Any]:
          for r in rows if r.get("rewardbench2")}
   if rb2:
     summary["rewardbench2"] = rb2
+  summary["stage_keys"] = {s: {"key": k["key"], "ran": k["ran"]} for s, k in p.keys.items()}
   if p.results.get("compare"):
     summary["policies"] = p.results["compare"]
   if p.results.get("judge"):

@@ -133,7 +133,8 @@ def hf_config(model: nnx.Module, dtype: str, reward: dict[str, Any] | None = Non
   if not isinstance(model, RewardModel):
     return to_hf_config(cfg, "LlamaForCausalLM", torch_dtype=dtype)
   n = model.num_attributes
-  labels = ["reward"] if reward is not None else [f"LABEL_{i}" for i in range(n)]
+  names = ATTRIBUTES if n == len(ATTRIBUTES) else [f"LABEL_{i}" for i in range(n)]  # HelpSteer's nine, in order
+  labels = ["reward"] if reward is not None else list(names)
   extra = {"num_labels": n, "id2label": {str(i): name for i, name in enumerate(labels)},
            "label2id": {name: i for i, name in enumerate(labels)}, "torch_dtype": dtype}
   if reward is not None:

@@ -14,13 +14,12 @@ from hs2p_jax.config import DPORunConfig
 from hs2p_jax.errors import UserError
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.sharding import Rules, make_mesh, rules_from
-from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train import dpo
 from hs2p_jax.train.feed import StepFeed, micro_batch_rows, stacked_spec
-from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta, tokenizer_spec
+from hs2p_jax.train.model_init import architecture, model_meta, run_tokenizer
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.state import Part, RunState, Step, frozen_dtype, initial_copy
-from hs2p_jax.train.trainer import INITIAL, Trainer, on_validation, replicated_jit, run_datasets
+from hs2p_jax.train.trainer import INITIAL, Trainer, on_validation, replicated_jit, run_datasets, train
 
 
 def blueprint(cfg: DPORunConfig, mesh: Any, rules: Rules, arch: LlamaConfig | None = None) -> Step:
@@ -47,15 +46,14 @@ def trainer(cfg: DPORunConfig, out_dir: str) -> Trainer:
     raise UserError("train-dpo: policy.kind must be lm")
   dc, mesh, rules = cfg.dpo, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
   micro = dc.micro_batch_size or dc.batch_size
-  tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))
+  tokenizer = run_tokenizer(cfg.policy, "policy")  # checked against the weights before any data is read
   sets = run_datasets(cfg.data, tokenizer, "pairs", dc, out_dir, mesh, rules, True)  # data first: a bad file fails now
   step = blueprint(cfg, mesh, rules)
-  check_tokenizer(tokenizer, step.state.trainable.config)
   eval_step = replicated_jit(dpo.make_dpo_eval(step.state.graphdef), mesh)
   evaluate = on_validation(  # loss, implicit-reward accuracy and margin, rewards and drift
       sets, dc, mesh, rules, lambda t: lambda p, b: eval_step(p, t.frozen_params("reference"), b),
       lambda res: dpo.eval_metrics(res["outputs"], res["magnitude"], dc.variant, dc.beta))
-  meta = model_meta(cfg.policy, step.state.trainable.config, cfg.data.template)
+  meta = model_meta(cfg.policy, step.state.trainable.config, cfg.data.template, cfg.data.max_length)
   batch = {**micro_batch_rows("dpo.micro_batch_size", micro, 2, mesh, rules, cfg.mesh.allow_padding, cfg.data.packing),
            "micro_batches": dc.batch_size // micro}
   feed = StepFeed(sets["train"][0], dc.batch_size // micro, mesh, rules)
@@ -65,6 +63,6 @@ def trainer(cfg: DPORunConfig, out_dir: str) -> Trainer:
                  compile_for=feed.specs("pairs", micro, targets=True, shared=cfg.data.share_prompt))
 
 
-def train_dpo(cfg: DPORunConfig, out_dir: str) -> dict[str, Any]:
+def train_dpo(cfg: DPORunConfig, out_dir: str, allow_config_change: bool = False) -> dict[str, Any]:
   """Trains (or resumes) a DPO policy into `out_dir`; returns the last logged metrics."""
-  return trainer(cfg, out_dir).run()
+  return train("train-dpo", trainer, cfg, out_dir, allow_config_change)

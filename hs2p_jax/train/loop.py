@@ -35,8 +35,7 @@ from typing import Any, Protocol
 import jax
 
 from hs2p_jax import storage
-from hs2p_jax.atomic import write_json
-from hs2p_jax.checkpoint import RunCheckpoints
+from hs2p_jax.train.checkpoints import RunCheckpoints
 from hs2p_jax.train.guard import FiniteGuard
 from hs2p_jax.train.metrics import MetricsWriter
 from hs2p_jax.train.preemption import Preempted, StopSignal
@@ -46,14 +45,19 @@ from hs2p_jax.train.watchdog import Watchdog, stop_now
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
   steps: int
-  log_every: int = 1
-  save_every: int = 50
+  log_every: int = 1           # 0: log the last step (and evaluations) only
+  save_every: int = 50         # 0: save the last step (and a preempted one) only
   keep_checkpoints: int = 2
   async_checkpoint: bool = False
   name: str | None = None
   eval_every: int = 0          # 0: evaluate at the last step only
   heartbeat_timeout: float = 30.0  # s without a peer's heartbeat before the run stops (train.watchdog)
   step_timeout: float = 0.0    # s a step may run (0: no limit)
+
+
+def due(step: int, every: int) -> bool:
+  """Whether a cadence of `every` steps falls on `step` (0: never)."""
+  return every > 0 and step % every == 0
 
 
 class Trainer(Protocol):
@@ -72,20 +76,18 @@ class Trainer(Protocol):
   def save_final(self) -> None: ...
 
 
-def run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+def run(trainer: Trainer, loop: LoopConfig, out_dir: str) -> dict[str, Any]:
   """Trains (or resumes) `trainer` to `loop.steps` in `out_dir` (a local path or a `gs://` URL);
   returns the last logged record."""
   storage.makedirs(out_dir)
   logs = LibraryLog(out_dir)
   try:
-    return _run(trainer, loop, out_dir, config)
+    return _run(trainer, loop, out_dir)
   finally:
     logs.close()
 
 
-def _run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-  if jax.process_index() == 0:
-    write_json(storage.join(out_dir, "config.json"), config)
+def _run(trainer: Trainer, loop: LoopConfig, out_dir: str) -> dict[str, Any]:
   trainer.provenance()
   ckpts = RunCheckpoints(out_dir, loop.keep_checkpoints, loop.async_checkpoint)
   start, state, data_state = ckpts.restore_latest(trainer.checkpoint_target())
@@ -111,8 +113,8 @@ def _run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any
       samples = metrics.pop("_samples", None)
       guard.update(step, metrics)  # on the device: no sync here
       final = step == loop.steps
-      evaluating = final or bool(loop.eval_every and step % loop.eval_every == 0)
-      if step % loop.log_every == 0 or evaluating:
+      evaluating = final or due(step, loop.eval_every)
+      if due(step, loop.log_every) or evaluating:
         guard.check()
         rec = trainer.record(step, metrics)
         if evaluating:
@@ -121,7 +123,7 @@ def _run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any
       if samples:
         writer.samples(step, samples)
       preempted = stop.reached(step) and not final  # every process agrees on this step
-      if step % loop.save_every == 0 or final or preempted:
+      if due(step, loop.save_every) or final or preempted:
         guard.check()  # never a checkpoint of non-finite params
         writer.flush()  # the logged steps reach the run directory before the checkpoint that covers them
         ckpts.save(step, trainer.checkpoint_state(), {"loader": trainer.loader.get_state()}, force=final or preempted)
@@ -129,7 +131,7 @@ def _run(trainer: Trainer, loop: LoopConfig, out_dir: str, config: dict[str, Any
         watch.saved(step, ckpts.step_path(step))
       if preempted:
         ckpts.wait()
-        raise Preempted(step, ckpts.step_path(step))
+        raise Preempted(step, ckpts.step_path(step), stop.why)
       watch.step_ends()
     guard.check()
     ckpts.wait()

@@ -46,19 +46,56 @@ def _runtime(mc: ModelConfig) -> dict:
   return out
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def tokenizer_spec(mc: ModelConfig) -> str:
-  """The tokenizer `mc` implies: explicit, else that of its checkpoint or source, else bytes."""
+  """The tokenizer `mc` implies: explicit, else that of its weights (`weights_tokenizer`), else bytes."""
   if mc.tokenizer not in ("auto", None):
     return mc.tokenizer
+  own = weights_tokenizer(mc)
+  if own is not None:
+    return own
+  if mc.source or (mc.init_from and not is_peft_adapter(mc.init_from)):
+    raise UserError(f"model.tokenizer=auto: {mc.init_from or mc.source} has no tokenizer; set model.tokenizer "
+                    f"(a Hugging Face directory, gguf:PATH or bytes)")
+  return "bytes"
+
+
+def weights_tokenizer(mc: ModelConfig) -> str | None:
+  """The tokenizer that comes with `mc`'s weights: a checkpoint's `tokenizer/`, a GGUF file's, a
+  Hugging Face source's tokenizer files; None for random weights or a source without one."""
   if mc.init_from and not is_peft_adapter(mc.init_from):
     tok_dir = storage.join(resolve_model_dir(mc.init_from), "tokenizer")
     if storage.isdir(tok_dir):
       return storage.local_copy(tok_dir) if storage.is_url(tok_dir) else tok_dir  # small: any process may copy
-  if mc.source:
-    if mc.source.startswith("gguf:"):
-      return mc.source
-    return hub_or_local(mc.source)
-  return "bytes"
+    return None
+  if not mc.source:
+    return None
+  if mc.source.startswith("gguf:"):
+    return mc.source
+  path = hub_or_local(mc.source)
+  return path if any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES) else None
+
+
+def run_tokenizer(mc: ModelConfig, key: str = "model") -> Any:
+  """The tokenizer a run of `mc` (its `key:` section) trains with, checked against the weights before any
+  data is read: its tokens fit the model's vocabulary, and a tokenizer set explicitly where the weights
+  come with their own (a byte tokenizer over a real model, say) has their vocabulary."""
+  spec = tokenizer_spec(mc)
+  tokenizer = load_tokenizer(spec)
+  arch = architecture(mc)[0]
+  if len(tokenizer) > arch.vocab_size:
+    raise UserError(f"{key}.tokenizer={mc.tokenizer} ({spec}): {len(tokenizer)} tokens do not fit the model's "
+                    f"vocabulary of {arch.vocab_size}")
+  own = weights_tokenizer(mc) if mc.tokenizer not in ("auto", None) else None
+  if own is not None and own != spec:
+    theirs = load_tokenizer(own)
+    if theirs.get_vocab() != tokenizer.get_vocab():
+      raise UserError(f"{key}.tokenizer={mc.tokenizer}: the weights of {key}.{'init_from' if mc.init_from else 'source'}"
+                      f"={mc.init_from or mc.source} come with another tokenizer ({len(theirs)} tokens, this one has "
+                      f"{len(tokenizer)}); leave {key}.tokenizer unset (auto) to train with theirs")
+  return tokenizer
 
 
 def hub_or_local(src: str, weights: bool = False) -> str:
@@ -231,13 +268,17 @@ def check_tokenizer(tokenizer: Any, cfg: LlamaConfig) -> None:
     raise UserError(f"model.tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size {cfg.vocab_size}")
 
 
-def model_meta(mc: ModelConfig, cfg: LlamaConfig, template: str = "steerlm") -> ModelMeta:
-  """The checkpoint metadata of a run's model (its reward weights checked now, not mid-run)."""
+def model_meta(mc: ModelConfig, cfg: LlamaConfig, template: str = "steerlm", max_length: int | None = None) -> ModelMeta:
+  """The checkpoint metadata of a run's model trained at `max_length` tokens (its reward weights
+  checked now, not mid-run)."""
   n_attr = mc.num_attributes if mc.kind == "reward" else 0
   if mc.kind == "reward":
     np.asarray(attribute_weights(mc.reward_weights, n_attr))
+  source = mc.source
+  if source is None and mc.init_from and not is_peft_adapter(mc.init_from):
+    source = read_meta(mc.init_from).source  # the weights the checkpoint it continues started from
   return ModelMeta(kind=mc.kind, config=cfg, num_attributes=n_attr or 9, reward_weights=mc.reward_weights,
-                   template=template)
+                   template=template, max_length=max_length, source=source)
 
 
 def build_model(mc: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES):

@@ -29,18 +29,17 @@ from hs2p_jax.model.reward import attribute_weights
 from hs2p_jax.rollout import layout_for
 from hs2p_jax.serve.client import is_served
 from hs2p_jax.sharding import Rules, make_mesh, rules_from, use_mesh
-from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train import ppo
 from hs2p_jax.train.feed import host_global
-from hs2p_jax.train.model_init import (architecture, check_tokenizer, is_local_checkpoint, load_params, model_meta,
-                                       tokenizer_spec)
+from hs2p_jax.train.model_init import (architecture, is_local_checkpoint, load_params, model_meta,
+                                       run_tokenizer)
 from hs2p_jax.train.optim import actor_critic_optimizer
 from hs2p_jax.train.reinforce import kl_per_token, make_logprob_fn, masked_mean, objective_temperature
 from hs2p_jax.train.reinforce_trainer import Phases, prompt_loader, reward_architecture, reward_info, rollout_source
 from hs2p_jax.train.rm_scorer import score_fn
 from hs2p_jax.train.rollouts import Rollout, RolloutSource
 from hs2p_jax.train.state import Part, RunState, Step, abstract_part, frozen_dtype
-from hs2p_jax.train.trainer import Trainer
+from hs2p_jax.train.trainer import Trainer, train
 
 _RUNTIME = ("dtype", "remat", "attention", "scan_layers")
 
@@ -150,18 +149,17 @@ def trainer(cfg: PPORunConfig, out_dir: str, scorer: Callable | None = None) -> 
   policy = architecture(cfg.policy)[0]
   critic = critic_architecture(cfg, policy)
   reward = reward_architecture(cfg, policy) if scorer is None else None
-  tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))
-  check_tokenizer(tokenizer, policy)
+  tokenizer = run_tokenizer(cfg.policy, "policy")  # checked against the weights before any data is read
   loader = prompt_loader(cfg, pc, tokenizer, out_dir)
   phases = blueprint(cfg, mesh, rules, policy, critic, reward[:2] if reward else None)
   source, frozen_from = rollout_source(cfg, pc, phases, loader, tokenizer, policy, scorer, estimate=estimate)
   return Trainer(cfg, out_dir, section=pc, model=cfg.policy, step=phases.update, source=source, tokenizer=tokenizer,
-                 meta=model_meta(cfg.policy, policy, cfg.data.template), frozen_from=frozen_from,
+                 meta=model_meta(cfg.policy, policy, cfg.data.template, cfg.data.max_length), frozen_from=frozen_from,
                  datasets={"prompts": (loader, pc.steps, pc.prompts_per_step)},
                  model_info={**reward_info(cfg), "critic": storage.absolute(critic_source(cfg))},
-                 read_source=_read_source(cfg, critic_source(cfg)), final_model=lambda m: m.actor)
+                 read_source=_read_source(cfg, critic_source(cfg)), final_part="actor")
 
 
-def train_ppo(cfg: PPORunConfig, out_dir: str) -> dict[str, Any]:
+def train_ppo(cfg: PPORunConfig, out_dir: str, allow_config_change: bool = False) -> dict[str, Any]:
   """Runs (or resumes) PPO into `out_dir`; returns the last logged metrics."""
-  return trainer(cfg, out_dir).run()
+  return train("ppo", trainer, cfg, out_dir, allow_config_change)

@@ -1,13 +1,17 @@
-"""A run's stop signal: SIGTERM (and the TPU runtime's preemption notice) turned into one step every process stops at.
+"""A run's stop signal: SIGTERM (and the TPU runtime's preemption notice) or Ctrl-C turned into one
+step every process stops at.
 
 On several processes, jax.distributed's preemption sync manager (started with the runtime) catches
 SIGTERM on any process and makes `reached(step)` true on every process at the same step; on one
-process a SIGTERM handler does it. The loop then saves that step, waits for the save and raises
-`Preempted`, which the command line turns into RESUME_STATUS: run the same command again to resume.
+process a SIGTERM handler does it. Ctrl-C (SIGINT) takes the same path (on several processes it is
+passed on as the process's own SIGTERM); a second Ctrl-C exits at once, without saving. The loop
+then saves that step, waits for the save and raises `Preempted`, which the command line turns into
+RESUME_STATUS: run the same command again to resume.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -24,8 +28,8 @@ class Preempted(Stopped):
 
   status = RESUME_STATUS
 
-  def __init__(self, step: int, path: str):
-    super().__init__(f"preempted at step {step}: saved {path}; run the same command again to resume "
+  def __init__(self, step: int, path: str, why: str = "preempted"):
+    super().__init__(f"{why} at step {step}: saved {path}; run the same command again to resume "
                      f"(exit status {RESUME_STATUS})")
     self.step, self.path = step, path
 
@@ -38,12 +42,30 @@ class StopSignal:
     self._sync = distributed.global_state.client is not None and \
         distributed.global_state.preemption_sync_manager is not None
     self._flag = False
-    self._old = None
-    if not self._sync and threading.current_thread() is threading.main_thread():
-      self._old = signal.signal(signal.SIGTERM, self._on_sigterm)
+    self.interrupted = False  # a Ctrl-C asked for the stop (not a preemption notice)
+    self._old: dict[int, object] = {}
+    if threading.current_thread() is threading.main_thread():
+      if not self._sync:
+        self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+      self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+
+  @property
+  def why(self) -> str:
+    return "interrupted (Ctrl-C)" if self.interrupted else "preempted"
 
   def _on_sigterm(self, signum, frame) -> None:
     self._flag = True
+
+  def _on_sigint(self, signum, frame) -> None:
+    if self.interrupted:  # the second Ctrl-C: out now, nothing more saved
+      raise KeyboardInterrupt
+    self.interrupted = True
+    os.write(2, b"\nCtrl-C: stopping after this step, saved (exit 75: run the same command again to resume); "
+                b"Ctrl-C again exits now without saving\n")
+    if self._sync:  # jax's preemption notifier carries it to every process
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self._flag = True
 
   def reached(self, step: int) -> bool:
     if self._sync:
@@ -52,6 +74,6 @@ class StopSignal:
     return self._flag
 
   def close(self) -> None:
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
-      self._old = None
+    for signum, old in self._old.items():
+      signal.signal(signum, old)
+    self._old = {}

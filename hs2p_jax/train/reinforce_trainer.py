@@ -25,15 +25,14 @@ from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.rollout import RolloutLayout, layout_for
 from hs2p_jax.serve.client import RemoteScorer, is_served
 from hs2p_jax.sharding import Rules, make_mesh, rules_from
-from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train.feed import batch_sharding
-from hs2p_jax.train.model_init import architecture, check_tokenizer, is_local_checkpoint, model_meta, tokenizer_spec
+from hs2p_jax.train.model_init import architecture, is_local_checkpoint, model_meta, run_tokenizer
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.reinforce import kl_per_token, make_logprob_fn, make_policy_step, masked_mean, objective_temperature
 from hs2p_jax.train.rm_scorer import RewardScorer, score_fn
 from hs2p_jax.train.rollouts import RolloutSource, rloo
 from hs2p_jax.train.state import Part, RunState, Step, frozen_dtype, initial_copy
-from hs2p_jax.train.trainer import INITIAL, Trainer
+from hs2p_jax.train.trainer import INITIAL, Trainer, train
 
 
 @dataclasses.dataclass
@@ -171,16 +170,15 @@ def trainer(cfg: ReinforceRunConfig, out_dir: str, scorer: Callable | None = Non
   rc, mesh, rules = cfg.reinforce, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
   policy = architecture(cfg.policy)[0]
   reward = reward_architecture(cfg, policy) if scorer is None else None  # fails now, before any data or weights
-  tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))
-  check_tokenizer(tokenizer, policy)
+  tokenizer = run_tokenizer(cfg.policy, "policy")  # checked against the weights before any data is read
   loader = prompt_loader(cfg, rc, tokenizer, out_dir)
   phases = blueprint(cfg, mesh, rules, policy, reward[:2] if reward else None)
   source, frozen_from = rollout_source(cfg, rc, phases, loader, tokenizer, policy, scorer)
   return Trainer(cfg, out_dir, section=rc, model=cfg.policy, step=phases.update, source=source, tokenizer=tokenizer,
-                 meta=model_meta(cfg.policy, policy, cfg.data.template), frozen_from=frozen_from,
+                 meta=model_meta(cfg.policy, policy, cfg.data.template, cfg.data.max_length), frozen_from=frozen_from,
                  datasets={"prompts": (loader, rc.steps, rc.prompts_per_step)}, model_info=reward_info(cfg))
 
 
-def train_reinforce(cfg: ReinforceRunConfig, out_dir: str) -> dict[str, Any]:
+def train_reinforce(cfg: ReinforceRunConfig, out_dir: str, allow_config_change: bool = False) -> dict[str, Any]:
   """Runs (or resumes) REINFORCE into `out_dir`; returns the last logged metrics."""
-  return trainer(cfg, out_dir).run()
+  return train("reinforce", trainer, cfg, out_dir, allow_config_change)

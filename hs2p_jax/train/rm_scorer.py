@@ -53,6 +53,7 @@ class RewardScorer:
     self.mesh, self.rules = mesh, rules
     self.max_length, self.batch_size = max_length, batch_size
     self._eval = eval_fn or score_fn(graphdef, mesh)
+    self.encoded = self.truncated = 0  # sequences encoded, and of them cut to max_length, so far
 
   @classmethod
   def load(cls, checkpoint: str, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
@@ -97,6 +98,7 @@ class RewardScorer:
     examples = [RatingExample(p, r, zeros, zeros.astype(bool), f"rollout {i}")
                 for i, (p, r) in enumerate(zip(prompts, responses))]
     enc = encode(examples, self.tokenizer, self.meta.template, self.max_length, "truncate")
+    self.encoded, self.truncated = self.encoded + len(examples), self.truncated + enc.truncated
     return [s[0] for s in enc.seqs]
 
   def _score(self, chunks: Sequence[Sequence[np.ndarray]]) -> np.ndarray:

@@ -13,13 +13,12 @@ from hs2p_jax.eval.scoring import collect, pair_metrics, regression_metrics
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.model.reward import attribute_weights
 from hs2p_jax.sharding import Rules, make_mesh, rules_from, use_mesh
-from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train.feed import StepFeed, micro_batch_rows, stacked_spec
-from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta, tokenizer_spec
+from hs2p_jax.train.model_init import architecture, model_meta, run_tokenizer
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.rm import Objective, make_eval_step, make_train_step
 from hs2p_jax.train.state import Part, RunState, Step
-from hs2p_jax.train.trainer import Trainer, replicated_jit, run_datasets, run_loader
+from hs2p_jax.train.trainer import Trainer, replicated_jit, run_datasets, run_loader, train
 
 
 def objective(cfg: RunConfig) -> Objective:
@@ -56,7 +55,7 @@ def trainer(cfg: RunConfig, out_dir: str) -> Trainer:
     raise UserError(f"train-rm needs model.kind=reward, got {cfg.model.kind!r}")
   tc, mesh, rules = cfg.train, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
   micro = tc.micro_batch_size or tc.batch_size
-  tokenizer = load_tokenizer(tokenizer_spec(cfg.model))
+  tokenizer = run_tokenizer(cfg.model, "model")  # checked against the weights before any data is read
 
   sets = run_datasets(cfg.data, tokenizer, task(cfg), tc, out_dir, mesh, rules)  # data first: a bad file fails now
   if cfg.data.eval_pairs:
@@ -65,7 +64,6 @@ def trainer(cfg: RunConfig, out_dir: str) -> Trainer:
     sets["eval_pairs"] = (run_loader(pairs, tokenizer, "validation", "pairs", micro, 0, out_dir, mesh, rules), None,
                           None)
   step = blueprint(cfg, mesh, rules)
-  check_tokenizer(tokenizer, step.state.trainable.config)
   eval_step = replicated_jit(make_eval_step(step.state.graphdef), mesh)
   weights = np.asarray(objective(cfg).weights, np.float32)
 
@@ -93,7 +91,7 @@ def trainer(cfg: RunConfig, out_dir: str) -> Trainer:
   if "padded_rows" in batch:
     notes = (f"train.micro_batch_size={micro}: {batch['micro_batch_rows']} rows per micro-batch, padded to "
              f"{batch['padded_rows']} to split over the mesh's batch axes ({batch['batch_split']} devices)",)
-  meta = model_meta(cfg.model, step.state.trainable.config, cfg.data.template)
+  meta = model_meta(cfg.model, step.state.trainable.config, cfg.data.template, cfg.data.max_length)
   feed = StepFeed(sets["train"][0], tc.batch_size // micro, mesh, rules)
   return Trainer(cfg, out_dir, section=tc, model=cfg.model, step=step,
                  source=feed, tokenizer=tokenizer,
@@ -101,6 +99,6 @@ def trainer(cfg: RunConfig, out_dir: str) -> Trainer:
                  compile_for=feed.specs(task(cfg), micro, cfg.model.num_attributes, shared=cfg.data.share_prompt))
 
 
-def train_rm(cfg: RunConfig, out_dir: str) -> dict[str, Any]:
+def train_rm(cfg: RunConfig, out_dir: str, allow_config_change: bool = False) -> dict[str, Any]:
   """Trains (or resumes) a reward model into `out_dir`; returns the last logged metrics."""
-  return trainer(cfg, out_dir).run()
+  return train("train-rm", trainer, cfg, out_dir, allow_config_change)

@@ -10,13 +10,12 @@ from hs2p_jax.config import SFTRunConfig
 from hs2p_jax.errors import UserError
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.sharding import Rules, make_mesh, rules_from
-from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train import sft
 from hs2p_jax.train.feed import StepFeed, micro_batch_rows, stacked_spec
-from hs2p_jax.train.model_init import architecture, check_tokenizer, model_meta, tokenizer_spec
+from hs2p_jax.train.model_init import architecture, model_meta, run_tokenizer
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.state import Part, RunState, Step
-from hs2p_jax.train.trainer import Trainer, on_validation, replicated_jit, run_datasets
+from hs2p_jax.train.trainer import Trainer, on_validation, replicated_jit, run_datasets, train
 
 
 def blueprint(cfg: SFTRunConfig, mesh: Any, rules: Rules, arch: LlamaConfig | None = None) -> Step:
@@ -40,14 +39,13 @@ def trainer(cfg: SFTRunConfig, out_dir: str) -> Trainer:
     raise UserError("train-sft: policy.kind must be lm")
   sc, mesh, rules = cfg.sft, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
   micro = sc.micro_batch_size or sc.batch_size
-  tokenizer = load_tokenizer(tokenizer_spec(cfg.policy))
+  tokenizer = run_tokenizer(cfg.policy, "policy")  # checked against the weights before any data is read
   sets = run_datasets(cfg.data, tokenizer, "sft", sc, out_dir, mesh, rules)  # data first: a bad file fails now
   step = blueprint(cfg, mesh, rules)
-  check_tokenizer(tokenizer, step.state.trainable.config)
   eval_step = replicated_jit(sft.make_sft_eval(step.state.graphdef), mesh)
   evaluate = on_validation(sets, sc, mesh, rules, lambda t: eval_step,  # token-mean NLL, perplexity
                            lambda res: sft.eval_metrics(res["outputs"]))
-  meta = model_meta(cfg.policy, step.state.trainable.config, cfg.data.template)
+  meta = model_meta(cfg.policy, step.state.trainable.config, cfg.data.template, cfg.data.max_length)
   batch = {**micro_batch_rows("sft.micro_batch_size", micro, 1, mesh, rules, cfg.mesh.allow_padding, cfg.data.packing),
            "micro_batches": sc.batch_size // micro}
   feed = StepFeed(sets["train"][0], sc.batch_size // micro, mesh, rules)
@@ -57,6 +55,6 @@ def trainer(cfg: SFTRunConfig, out_dir: str) -> Trainer:
                  compile_for=feed.specs("sft", micro))
 
 
-def train_sft(cfg: SFTRunConfig, out_dir: str) -> dict[str, Any]:
+def train_sft(cfg: SFTRunConfig, out_dir: str, allow_config_change: bool = False) -> dict[str, Any]:
   """Fine-tunes (or resumes) a policy on (prompt, response) examples into `out_dir`."""
-  return trainer(cfg, out_dir).run()
+  return train("train-sft", trainer, cfg, out_dir, allow_config_change)

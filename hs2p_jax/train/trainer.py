@@ -16,6 +16,7 @@ resume builds nothing from the source: the checkpoint restores into the state's 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -23,9 +24,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from hs2p_jax import provenance, storage
-from hs2p_jax.checkpoint import ModelMeta, resolve_model_dir, restore_tree, save_model
-from hs2p_jax.config import ModelConfig, to_dict
+from hs2p_jax import provenance, run_record, storage
+from hs2p_jax.checkpoint import ModelMeta, resolve_model_dir, restore_tree, save_model, write_run_model
+from hs2p_jax.config import ModelConfig
 from hs2p_jax.convert.state import ReadStats
 from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.eval.scoring import collect
@@ -94,7 +95,7 @@ class Trainer:
                batch_info: dict[str, Any] | None = None, notes: tuple[str, ...] = (),
                model_info: dict[str, Any] | None = None, compile_for: list[dict[str, Any]] | None = None,
                read_source: Callable[["Trainer"], Any] | None = None,
-               final_model: Callable[[Any], Any] | None = None):
+               final_part: str = ""):
     self.cfg, self.out_dir, self.section, self.model_cfg = cfg, storage.absolute(out_dir), section, model
     self.step_fn, self.source, self.loader = step, source, source.position
     self.state = step.state
@@ -113,7 +114,7 @@ class Trainer:
     self.source_reads = ReadStats()
     self.compile_for = list(compile_for or [])
     self._read = read_source   # the initial params of a trainable model `load_params` cannot read (PPO's pair)
-    self._final = final_model  # what of the trained model `DIR/model` holds (PPO: the actor)
+    self._final = final_part  # the part of the trained model `DIR/model` holds (PPO: "actor"; "": all of it)
 
   # -- the state ---------------------------------------------------------------------------------
 
@@ -178,22 +179,26 @@ class Trainer:
   # -- the loop's trainer (train/loop.py) --------------------------------------------------------
 
   def provenance(self) -> None:
-    """provenance.json, and one line per data set at the start: kept/dropped/truncated, epochs."""
+    """provenance.json and run_model.json (what a step checkpoint holds as a model), and at the start
+    one line for the devices and mesh and one per data set: kept/dropped/truncated, epochs."""
     data = {name: provenance.data_entry(loader, steps, batch) for name, (loader, steps, batch) in self.datasets.items()}
-    for line in [provenance.describe(name, entry) for name, entry in data.items()] + list(self.notes):
+    lines = [provenance.device_line(self.mesh)] + [provenance.describe(name, entry) for name, entry in data.items()]
+    for line in lines + list(self.notes):
       self._say(line)
     extra = {"batch": self.batch_info} if self.batch_info is not None else {}
     provenance.write(self.out_dir, self.mesh, data, **extra, model=self.model_info)
+    write_run_model(self.out_dir, self.meta, self.tokenizer, ("params", self._final) if self._final else ("params",))
 
   def begin(self, start: int) -> None:
     """Compiles the step for every batch shape the source can give (a pod stalls once, here, not at
     whichever step first brings a new length), then starts the source."""
     if self.compile_for:
+      n = len(self.compile_for)
+      self._say(f"compiling the step for {n} batch shape{'s' * (n > 1)} (data.buckets)...")
       t0 = time.perf_counter()
       for spec in self.compile_for:
         self.step_fn.lower(spec).compile()
-      self._say(f"step compiled for {len(self.compile_for)} batch shape{'s' * (len(self.compile_for) > 1)} "
-                f"(data.buckets) in {time.perf_counter() - t0:.0f} s")
+      self._say(f"compiled in {time.perf_counter() - t0:.0f} s")
     self.source.begin()
 
   def step(self, step: int) -> dict[str, Any]:
@@ -216,7 +221,7 @@ class Trainer:
 
   def save_final(self) -> None:
     model = model_from(self.graphdef, self.model_params(float32=True))
-    save_model(storage.join(self.out_dir, "model"), self._final(model) if self._final else model, self.meta,
+    save_model(storage.join(self.out_dir, "model"), getattr(model, self._final) if self._final else model, self.meta,
                self.tokenizer, overwrite=True)
 
   def run(self) -> dict[str, Any]:
@@ -224,4 +229,22 @@ class Trainer:
     d = self.cfg.dist
     loop = LoopConfig(s.steps, s.log_every, s.save_every, s.keep_checkpoints, s.async_checkpoint, self.cfg.name,
                       getattr(s, "eval_every", 0), d.heartbeat_timeout, d.step_timeout)
-    return run_loop(self, loop, self.out_dir, to_dict(self.cfg))
+    return run_loop(self, loop, self.out_dir)
+
+
+def train(command: str, page: Callable[[Any, str], Trainer], cfg: Any, out_dir: str,
+          allow_config_change: bool = False) -> dict[str, Any]:
+  """`hs2p COMMAND`: claims `out_dir` for the run of `cfg` (`run_record`: refused, before anything is
+  written, where the directory holds another run or this one with another config), then builds the
+  trainer page's trainer (`page(cfg, out_dir)`) and trains or resumes; returns the last logged metrics."""
+  if storage.is_url(out_dir):  # seconds, not minutes of retries, to say the bucket cannot be written
+    storage.route_client_logs(os.path.join(storage.local_dir(out_dir, "logs"), f"process_{jax.process_index()}.log"))
+    storage.probe(out_dir)
+  session = run_record.claim(out_dir, command, *run_record.config_of(cfg),
+                             "--allow-config-change" if allow_config_change else None)
+  if session["changed"] and jax.process_index() == 0:
+    allowed = f" (allowed by {session['allowed_by']})" if session.get("allowed_by") else ""
+    print(f"continuing the run in {storage.absolute(out_dir)} from step {session['from_step']} with "
+          f"{run_record.describe(session['changed'])}{allowed}; recorded in {run_record.RECORD}", file=sys.stderr,
+          flush=True)
+  return page(cfg, out_dir).run()
