@@ -23,8 +23,18 @@ def _add_run_args(p: argparse.ArgumentParser, out_required: bool = True, trains:
                         "keys other than steps, cadences, mesh.* and dist.* (the change is recorded in run.json)")
 
 
+def _version() -> str:
+  from importlib.metadata import PackageNotFoundError, version
+  try:
+    return version("hs2p-jax")
+  except PackageNotFoundError:  # imported from a checkout that is not installed
+    from hs2p_jax import __version__
+    return __version__
+
+
 def parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="hs2p", description="HelpSteer2-Preference reward models and REINFORCE in JAX")
+  ap.add_argument("--version", action="version", version=f"hs2p-jax {_version()}")
   sub = ap.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("train-rm", help="train a reward model (regression or Bradley-Terry)")

@@ -16,6 +16,7 @@ holds no run yet: a new config starts it afresh.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import fnmatch
 import json
@@ -137,13 +138,39 @@ def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+@dataclasses.dataclass
+class Claim:
+  """A command's checked claim on a run directory: `session` is what `commit()` records (process 0;
+  call it once the run is about to start: a command that fails before writes no record)."""
+
+  run_dir: str
+  command: str
+  config: dict[str, Any]
+  session: dict[str, Any]
+  fresh: bool
+
+  def commit(self) -> None:
+    if jax.process_index() != 0:
+      return
+    record_path = storage.join(self.run_dir, RECORD)
+    if self.fresh:
+      storage.makedirs(self.run_dir)
+      write_json(storage.join(self.run_dir, CONFIG), self.config)
+      record = {"command": self.command, "created": self.session["time"], "sessions": []}
+    else:
+      record = _read(record_path) or {"command": self.command, "created": None, "sessions": []}
+    record["sessions"] = list(record.get("sessions", [])) + [self.session]
+    write_json(record_path, record)
+
+
 def claim(run_dir: str, command: str, config: dict[str, Any], defaults: dict[str, Any],
-          allow_change: str | None = None) -> dict[str, Any]:
-  """Checks that `command` with resolved `config` may write into `run_dir`, then records it (process 0).
+          allow_change: str | None = None) -> Claim:
+  """Checks that `command` with resolved `config` may write into `run_dir` (a UserError, before anything
+  is written, where it may not); `commit()` the result to record it.
 
   `defaults`: the config class's defaults (keys a later version added). `allow_change`: what lets keys
   outside CONTINUATION_KEYS change (e.g. "--allow-config-change"), recorded with them; None refuses.
-  Returns the session recorded: {"time", "from_step", "changed", ["allowed_by"]}."""
+  The session: {"time", "from_step", "changed", ["allowed_by"]}."""
   run_dir = storage.absolute(run_dir)
   config = _plain(config)
   record = _read(storage.join(run_dir, RECORD))
@@ -155,13 +182,7 @@ def claim(run_dir: str, command: str, config: dict[str, Any], defaults: dict[str
     if recorded is not None and jax.process_index() == 0:
       print(f"{run_dir}: the earlier attempt there saved no checkpoint; starting the run afresh with this config",
             file=sys.stderr, flush=True)
-    session = {"time": _now(), "from_step": 0, "changed": {}}
-    if jax.process_index() == 0:
-      storage.makedirs(run_dir)
-      write_json(storage.join(run_dir, CONFIG), config)
-      write_json(storage.join(run_dir, RECORD), {"command": command, "created": session["time"],
-                                                 "sessions": [session]})
-    return session
+    return Claim(run_dir, command, config, {"time": _now(), "from_step": 0, "changed": {}}, fresh=True)
 
   kind = (record or {}).get("command") or next((c for k, c in _COMMAND_OF.items() if k in recorded), None)
   if kind != command:
@@ -181,11 +202,7 @@ def claim(run_dir: str, command: str, config: dict[str, Any], defaults: dict[str
   session: dict[str, Any] = {"time": _now(), "from_step": done or 0, "changed": changes}
   if refused:
     session["allowed_by"] = allow_change
-  if jax.process_index() == 0:
-    record = record or {"command": command, "created": None, "sessions": []}
-    record["sessions"] = list(record.get("sessions", [])) + [session]
-    write_json(storage.join(run_dir, RECORD), record)
-  return session
+  return Claim(run_dir, command, config, session, fresh=False)
 
 
 def config_of(cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -212,6 +212,20 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
                          "compare.max_new_tokens=8", "data.buckets=[160]", "ppo.steps=2", "ppo.critic_warmup_steps=1", "ppo.prompts_per_step=4", "ppo.epochs=1",
                          "ppo.max_new_tokens=8")
   assert code == 0 and "stage: regression" not in err and "stage: compare" not in err
+  # a changed stage key runs that stage again, and every stage that reads it; the report says which ran
+  code, _, err = run_cli(capsys, "pipeline", "--config", os.path.join(root, "configs/quickstart/pipeline.yaml"),
+                         "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
+                         "expo.search=1.0:1.4:0.2", "data.builtin_size=64", "dpo.steps=2", "compare.prompts=8",
+                         "compare.max_new_tokens=8", "data.buckets=[160]", "ppo.steps=2", "ppo.critic_warmup_steps=1",
+                         "ppo.prompts_per_step=4", "ppo.epochs=1", "ppo.max_new_tokens=8", "dpo.dpo.beta=0.2")
+  assert code == 0, err
+  assert "== pipeline stage dpo: stale (dpo.beta 0.1 -> 0.2): running it again" in err
+  assert "== pipeline stage compare: stale (dpo changed): running it again" in err
+  assert "== pipeline stage: dpo" in err and "== pipeline stage: compare" in err and "stage: regression" not in err
+  summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+  assert {s for s, k in summary["stage_keys"].items() if k["ran"]} == {"dpo", "compare", "eval"}
+  assert json.loads((tmp_path / "q" / "dpo" / "config.json").read_text())["dpo"]["beta"] == 0.2
+  assert [r["stage"] for r in map(json.loads, open(tmp_path / "q" / "metrics.jsonl"))].count("dpo") == 1  # once
 
 
 def test_eval_and_convert_take_data_keys(trained, tiny_hf_dir, tmp_path, capsys):
@@ -223,7 +237,7 @@ def test_eval_and_convert_take_data_keys(trained, tiny_hf_dir, tmp_path, capsys)
                      "short": ["data.max_length=40"]}.items():
     out = tmp_path / f"{len(reports)}.json"
     code, _, err = run_cli(capsys, "eval", "--checkpoint", str(trained / "run"), "--data", data, "--format", "pairs",
-                           "--max-length", "64", "--out", str(out), *(["--set", *sets] if sets else []))
+                           "--out", str(out), *(["--set", *sets] if sets else []))  # default: trained at 64
     assert code == 0, err
     reports[name] = json.loads(out.read_text())
   assert [r["template"] for r in reports.values()] == ["chat", "steerlm", "chat"]

@@ -116,7 +116,7 @@ LOOP = loop_lib.LoopConfig(steps=12, log_every=2, save_every=4, keep_checkpoints
 def test_loop_logs_saves_and_finishes(tmp_path):
   out = str(tmp_path / "run")
   t = ToyTrainer(out)
-  last = loop_lib.run(t, LOOP, out, {"toy": 1})
+  last = loop_lib.run(t, LOOP, out)
   recs = _records(out)
   assert [r["step"] for r in recs] == [2, 4, 5, 6, 8, 10, 12]  # log_every grid + evaluations (5, 10, 12)
   assert [r["step"] for r in recs if "val" in r] == [5, 10, 12] and t.calls.count("evaluate") == 3
@@ -124,20 +124,18 @@ def test_loop_logs_saves_and_finishes(tmp_path):
   assert recs[-1]["loss"] < recs[0]["loss"] / 10  # it really trains
   assert t.calls[:3] == ["provenance", "start fresh", "begin 0"] and t.calls[-1] == "final"
   assert _steps_saved(out) == [4, 8, 12]
-  with open(os.path.join(out, "config.json")) as f:
-    assert json.load(f) == {"toy": 1}
 
 
 def test_loop_resume_after_crash_equals_uninterrupted(tmp_path):
   ref_dir = str(tmp_path / "ref")
-  loop_lib.run(ToyTrainer(ref_dir), LOOP, ref_dir, {})
+  loop_lib.run(ToyTrainer(ref_dir), LOOP, ref_dir)
   out = str(tmp_path / "run")
   with pytest.raises(Crash):
-    loop_lib.run(ToyTrainer(out, crash_at=7), LOOP, out, {})  # logged 2, 4, 5, 6; saved 4
+    loop_lib.run(ToyTrainer(out, crash_at=7), LOOP, out)  # logged 2, 4, 5, 6; saved 4
   assert [r["step"] for r in _records(out)] == [2, 4, 5, 6]
   assert not os.path.exists(os.path.join(out, "final.npy"))
   t = ToyTrainer(out)
-  loop_lib.run(t, LOOP, out, {})
+  loop_lib.run(t, LOOP, out)
   assert t.calls[1:3] == ["start restored", "begin 4"]
   recs = _records(out)
   assert [r["step"] for r in recs] == [2, 4, 5, 6, 8, 10, 12]  # each step once
@@ -157,12 +155,12 @@ def test_loop_stops_at_first_non_finite_step(tmp_path):
   loop = loop_lib.LoopConfig(steps=12, log_every=4, save_every=3, keep_checkpoints=3)
   # step 5 turns NaN; the save at step 6 comes before the next log (8): the guard stops it there
   with pytest.raises(UserError, match=r"^step 5: the loss or gradient norm is not finite.*\(step 3\)"):
-    loop_lib.run(t, loop, out, {})
+    loop_lib.run(t, loop, out)
   assert _steps_saved(out) == [3]  # no checkpoint of the NaN params
   assert "final" not in t.calls and not os.path.exists(os.path.join(out, "final.npy"))
   assert [r["step"] for r in _records(out)] == [4]
   t2 = ToyTrainer(out)  # resume picks up the last good checkpoint
-  loop_lib.run(t2, loop, out, {})
+  loop_lib.run(t2, loop, out)
   assert t2.calls[1:3] == ["start restored", "begin 3"] and "final" in t2.calls
   assert [r["step"] for r in _records(out)] == [4, 8, 12]
 
@@ -170,7 +168,7 @@ def test_loop_stops_at_first_non_finite_step(tmp_path):
 def test_loop_falls_back_from_an_unreadable_checkpoint(tmp_path, capsys):
   out = str(tmp_path / "run")
   with pytest.raises(Crash):
-    loop_lib.run(ToyTrainer(out, crash_at=10), LOOP, out, {})
+    loop_lib.run(ToyTrainer(out, crash_at=10), LOOP, out)
   assert _steps_saved(out) == [4, 8]
   damaged = [p for p in glob.glob(os.path.join(out, "checkpoints", "8", "**", "*"), recursive=True)
              if os.path.isfile(p) and "state" in p and os.path.getsize(p) > 0]
@@ -179,7 +177,7 @@ def test_loop_falls_back_from_an_unreadable_checkpoint(tmp_path, capsys):
     with open(p, "r+b") as f:
       f.truncate(1)
   t = ToyTrainer(out)
-  loop_lib.run(t, LOOP, out, {})
+  loop_lib.run(t, LOOP, out)
   err = capsys.readouterr().err
   assert "checkpoints/8: unreadable" in err and "trying the previous checkpoint" in err
   assert t.calls[1:3] == ["start restored", "begin 4"]

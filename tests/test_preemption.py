@@ -1,7 +1,7 @@
 """Preemption: a notice (SIGTERM, on any process) saves the step every process agrees on and exits
 with the resume status; the same command resumes there, logging each step once (2 processes through
-jax's preemption service; REINFORCE on one process, through the SIGTERM handler); a relaunch loads
-its compiled steps from the persistent cache."""
+jax's preemption service; REINFORCE on one process, through the SIGTERM handler); Ctrl-C takes the
+same path, a second one exits at once; a relaunch loads its compiled steps from the persistent cache."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from hs2p_jax.train.metrics import read_metrics
-from hs2p_jax.train.preemption import RESUME_STATUS
+from hs2p_jax.train.preemption import RESUME_STATUS, StopSignal
 
 from test_faults import ENV, _cmd, _config, _rm_sets, _same_numbers, _saved_steps, _wait_for_step
 
@@ -90,3 +90,35 @@ def test_a_relaunched_run_loads_its_steps_from_the_compile_cache(tmp_path):
     entries.append(sorted((f, os.stat(cache / f).st_mtime_ns) for f in os.listdir(cache)))
   # the second run read every program from the cache: no entry new, none written again
   assert len(entries[0]) >= 2 and entries[1] == entries[0]
+
+
+def test_ctrl_c_asks_for_a_saved_stop_and_a_second_one_exits_now():
+  stop = StopSignal()
+  try:
+    assert not stop.reached(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.reached(2) and stop.interrupted and stop.why == "interrupted (Ctrl-C)"
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  finally:
+    stop.close()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back as it was
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_run_saves_that_step_exits_75_and_the_rerun_logs_the_uninterrupted_losses(tmp_path):
+  cfg, sets = _config(tmp_path), _rm_sets(tmp_path, 30)
+  straight, out = str(tmp_path / "straight"), str(tmp_path / "run")
+  subprocess.run(_cmd("train-rm", cfg, straight, sets), env=ENV, check=True, capture_output=True)
+  proc = subprocess.Popen(_cmd("train-rm", cfg, out, sets), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  _wait_for_step(out, 3, [proc])
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == RESUME_STATUS, err[-2000:]
+  (k,) = _saved_steps(out)  # save_every 1000: only the interrupted step
+  assert 3 <= k < 30 and f"interrupted (Ctrl-C) at step {k}: saved" in err
+  rerun = subprocess.run(_cmd("train-rm", cfg, out, sets), env=ENV, capture_output=True, text=True)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  _same_numbers(read_metrics(os.path.join(straight, "metrics.jsonl")), read_metrics(os.path.join(out, "metrics.jsonl")),
+                ("loss", "grad_norm", "accuracy"), rel=1e-6)

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import separable_pairs, tiny_hf_model, tiny_overrides, write_jsonl
+from conftest import requires_smollm2, separable_pairs, tiny_hf_model, tiny_overrides, write_jsonl
 from hs2p_jax import run_record
 from hs2p_jax.cli import main
 from hs2p_jax.errors import UserError
@@ -80,15 +80,16 @@ def test_a_changed_config_is_refused_and_a_longer_run_continues(tmp_path, capsys
 def test_claim_compares_with_the_current_config_and_new_default_keys(tmp_path):
   out = str(tmp_path / "run")
   cfg, defaults = {"train": {"lr": 1.0, "steps": 2}, "mesh": {"data": 1}}, {"train": {"new": 0}}
-  run_record.claim(out, "train-rm", cfg, defaults)
-  run_record.claim(out, "train-rm", {"train": {"lr": 2.0, "steps": 2}}, defaults)  # no state yet: afresh
+  run_record.claim(out, "train-rm", cfg, defaults).commit()
+  run_record.claim(out, "train-rm", {"train": {"lr": 2.0, "steps": 2}}, defaults).commit()  # no state yet: afresh
   assert json.load(open(os.path.join(out, "config.json")))["train"]["lr"] == 2.0
   os.makedirs(os.path.join(out, "checkpoints", "2"))
-  s = run_record.claim(out, "train-rm", {"train": {"lr": 2.0, "steps": 4, "new": 0}, "mesh": {"data": 2}}, defaults)
-  assert s["changed"] == {"mesh.data": [run_record._ABSENT, 2], "train.steps": [2, 4]}
+  c = run_record.claim(out, "train-rm", {"train": {"lr": 2.0, "steps": 4, "new": 0}, "mesh": {"data": 2}}, defaults)
+  c.commit()
+  assert c.session["changed"] == {"mesh.data": [run_record._ABSENT, 2], "train.steps": [2, 4]}
   # compared with the run's current config: the continuation above is no change now
-  assert run_record.claim(out, "train-rm", {"train": {"lr": 2.0, "steps": 4}, "mesh": {"data": 2}}, defaults)[
-      "changed"] == {}
+  assert run_record.claim(out, "train-rm", {"train": {"lr": 2.0, "steps": 4}, "mesh": {"data": 2}},
+                          defaults).session["changed"] == {}
   with pytest.raises(UserError, match=r"train.new 0 -> 1"):
     run_record.claim(out, "train-rm", {"train": {"lr": 2.0, "steps": 4, "new": 1}, "mesh": {"data": 2}}, defaults)
   with pytest.raises(UserError, match="holds a train-rm run"):
@@ -167,3 +168,23 @@ def test_a_cadence_of_zero_means_never(tmp_path, capsys):
   with pytest.raises(UserError, match="train.save_every=-1: must be >= 0"):
     from hs2p_jax.config import RunConfig, load
     load(RunConfig, None, ["train.save_every=-1"])
+
+
+@pytest.mark.slow
+@requires_smollm2
+def test_the_tokenizer_follows_the_weights(tmp_path, capsys):
+  """The quickstart config (no tokenizer key) over SmolLM2's weights trains with SmolLM2's tokenizer;
+  the byte tokenizer set over them is one line, before any data is read or step compiled."""
+  from hs2p_jax.checkpoint import load_checkpoint_tokenizer
+  config = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart", "regression.yaml")
+  sets = ["model.source=gguf:smollm2", "model.num_layers=1", "train.steps=1", "train.batch_size=2",
+          "data.builtin_size=16", "data.validation=null", "data.eval_pairs=null", "data.buckets=[160]", "mesh.data=1"]
+  out = str(tmp_path / "smol")
+  code, _, err = run_cli(capsys, "train-rm", "--config", config, "--out", out, "--set", *sets)
+  assert code == 0, err
+  assert len(load_checkpoint_tokenizer(os.path.join(out, "model"))) == 49152
+  code, _, err = run_cli(capsys, "train-rm", "--config", config, "--out", str(tmp_path / "bytes"), "--set", *sets,
+                         "model.tokenizer=bytes")
+  assert code == 2 and len(err.strip().splitlines()) == 1, err
+  assert "model.tokenizer=bytes: the weights of model.source=gguf:smollm2 come with another tokenizer (49152" in err
+  assert not os.path.exists(tmp_path / "bytes" / "data") and not os.path.exists(tmp_path / "bytes" / "config.json")

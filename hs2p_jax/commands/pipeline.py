@@ -148,7 +148,7 @@ class Pipeline:
       storage.probe(self.out)
     run_record.claim(self.out, "pipeline", {**dataclasses.asdict(self.cfg), "set": self.overrides},
                      {**dataclasses.asdict(config_lib.PipelineConfig()), "set": []},
-                     allow_change="hs2p pipeline (stale stages run again)")
+                     allow_change="hs2p pipeline (stale stages run again)").commit()
     storage.makedirs(self.out)
     if not any(self._done(s) for s in self.cfg.stages):
       storage.remove(storage.join(self.out, "metrics.jsonl"))

@@ -240,11 +240,14 @@ def train(command: str, page: Callable[[Any, str], Trainer], cfg: Any, out_dir: 
   if storage.is_url(out_dir):  # seconds, not minutes of retries, to say the bucket cannot be written
     storage.route_client_logs(os.path.join(storage.local_dir(out_dir, "logs"), f"process_{jax.process_index()}.log"))
     storage.probe(out_dir)
-  session = run_record.claim(out_dir, command, *run_record.config_of(cfg),
-                             "--allow-config-change" if allow_config_change else None)
+  claim = run_record.claim(out_dir, command, *run_record.config_of(cfg),
+                           "--allow-config-change" if allow_config_change else None)
+  trainer = page(cfg, out_dir)  # the tokenizer, data and weights' metadata checked: the run can start
+  claim.commit()
+  session = claim.session
   if session["changed"] and jax.process_index() == 0:
     allowed = f" (allowed by {session['allowed_by']})" if session.get("allowed_by") else ""
     print(f"continuing the run in {storage.absolute(out_dir)} from step {session['from_step']} with "
           f"{run_record.describe(session['changed'])}{allowed}; recorded in {run_record.RECORD}", file=sys.stderr,
           flush=True)
-  return page(cfg, out_dir).run()
+  return trainer.run()
