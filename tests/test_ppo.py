@@ -252,6 +252,14 @@ def test_the_quickstart_ppo_config_raises_a_reward_with_the_kl_bounded(tmp_path)
   assert late > 1.4 * early, (early, late)  # 0.16 -> 0.29 when written
   assert [r["kl"] for r in recs[:cfg.ppo.critic_warmup_steps + 1]] == [0.0] * (cfg.ppo.critic_warmup_steps + 1)
   assert 0.0 < max(r["kl"] for r in recs) < 1.0
+  # its last step checkpoint is a model: the actor, as DIR/model holds it (the critic left unread)
+  from flax import nnx
+
+  from hs2p_jax.checkpoint import load_model
+  (step, meta), (final, _) = (load_model(str(tmp_path / "run" / p)) for p in ("checkpoints/20", "model"))
+  assert meta.kind == "lm"
+  for (path, x), (_, y) in zip(nnx.to_flat_state(nnx.state(step)), nnx.to_flat_state(nnx.state(final))):
+    np.testing.assert_array_equal(np.asarray(x.get_value()), np.asarray(y.get_value()), err_msg=str(path))
 
 
 def test_ppo_stops_at_a_non_finite_step_naming_it(tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 from hs2p_jax import storage
 from hs2p_jax.atomic import write_json
 from hs2p_jax.config import DataConfig
-from hs2p_jax.eval.scoring import collect
+from hs2p_jax.eval.scoring import Progress, collect
 from hs2p_jax.sharding import batch_split, use_mesh
 from hs2p_jax.train.feed import feed_layout
 from hs2p_jax.train.rm_scorer import RewardScorer
@@ -45,10 +45,13 @@ class PairScorer(RewardScorer):
                        repeat=False, process_index=layout.slot, process_count=layout.slots,
                        cache_dir=cache_dir, row_multiple=batch_split(self.mesh, self.rules))
 
-  def rewards(self, loader, params=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """([N, 2] rewards, [N] magnitudes, [N] example ids) of every pair of `loader`."""
+  def rewards(self, loader, params=None, progress: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """([N, 2] rewards, [N] magnitudes, [N] example ids) of every pair of `loader`; with `progress`
+    (a label), a console line every few seconds."""
+    shown = Progress(progress, "pairs", loader.report.kept) if progress else None
     with use_mesh(self.mesh, self.rules):
-      res = collect(self._eval, self.params if params is None else params, loader, self.mesh, self.rules)
+      res = collect(self._eval, self.params if params is None else params, loader, self.mesh, self.rules,
+                    progress=shown)
     return res["outputs"] @ self.weights, res["magnitude"], res["example_id"]
 
 
@@ -97,6 +100,13 @@ def tool_config(command: str, checkpoint: str, overrides: list[str], data: str |
   d = cfg.dist
   initialize(d.coordinator, d.num_processes, d.process_id, d.local_device_ids, d.heartbeat_timeout)
   return cfg, make_mesh(cfg.mesh), rules_from(cfg.mesh.rules)
+
+
+def say_devices(mesh) -> None:
+  """The devices and mesh a command runs on, one line (once its inputs have loaded: an error is the only line)."""
+  from hs2p_jax.provenance import device_line
+  if jax.process_index() == 0:
+    print(device_line(mesh), file=sys.stderr, flush=True)
 
 
 def data_cache() -> str:
@@ -177,6 +187,7 @@ def rewardbench2_command(args, cfg, mesh, rules) -> int:
                              cfg.data.skip_invalid)
   if scorer.meta.template != cfg.data.template:  # score in the template given with --set
     scorer.meta = dataclasses.replace(scorer.meta, template=cfg.data.template)
+  say_devices(mesh)
   scores = scorer.score_groups([g.prompt for g in groups], [g.completions for g in groups])
   say_truncated("completions", scorer.truncated, scorer.encoded, cfg.data.max_length)
   report = {"checkpoint": storage.absolute(args.checkpoint), "data": args.data, "format": "rewardbench2",
@@ -213,7 +224,8 @@ def eval_command(args) -> int:
   scorer = PairScorer.load(args.checkpoint, mesh, rules, cfg.model.fields(), batch_size=args.batch_size,
                            max_length=cfg.data.max_length)
   loader = scorer.loader(cfg.data, split=args.split, cache_dir=data_cache())
-  rewards, magnitude, ids = scorer.rewards(loader)
+  say_devices(mesh)
+  rewards, magnitude, ids = scorer.rewards(loader, progress="eval")
   say_truncated("pairs", loader.report.truncated, loader.report.kept, cfg.data.max_length)
   report = {"checkpoint": storage.absolute(args.checkpoint), "data": args.data, "format": args.format,
             "template": cfg.data.template,

@@ -91,7 +91,7 @@ def run_expo(base: str, tuned: str, out: str, factor: float | None = None, searc
   params (a scorer over the tuned model's graph, no copy of its own), and the final mix is computed
   shard by shard into the tuned params' buffers (donated)."""
   from hs2p_jax.checkpoint import save_model
-  from hs2p_jax.commands.evaluate import PairScorer, say_truncated
+  from hs2p_jax.commands.evaluate import PairScorer, say_devices, say_truncated
   from hs2p_jax.eval.scoring import pair_metrics
   from hs2p_jax.expo import extrapolate, factor_grid, search_factor
   from hs2p_jax.sharding import DEFAULT_RULES, use_mesh
@@ -106,6 +106,7 @@ def run_expo(base: str, tuned: str, out: str, factor: float | None = None, searc
     except ValueError as e:
       raise UserError(str(e)) from None
   graphdef, base_params, tuned_params, meta, tokenizer = load_pair(base, tuned, mesh, rules, runtime)
+  say_devices(mesh)
   if max_length is None:
     from hs2p_jax.commands.evaluate import scoring_length
     max_length = scoring_length("expo", tuned, None)

@@ -38,7 +38,7 @@ def serve_command(args) -> int:
   import jax
   import uvicorn
 
-  from hs2p_jax.commands.evaluate import tool_config
+  from hs2p_jax.commands.evaluate import say_devices, tool_config
   from hs2p_jax.serve.app import create_app
   from hs2p_jax.serve.batcher import Batcher
   from hs2p_jax.serve.engine import Engine
@@ -55,6 +55,7 @@ def serve_command(args) -> int:
                              max_length=cfg.data.max_length)
   if scorer.meta.template != cfg.data.template:
     scorer.meta = dataclasses.replace(scorer.meta, template=cfg.data.template)
+  say_devices(mesh)
   engine = Engine(scorer)
   t0 = time.perf_counter()
   engine.warm_up()

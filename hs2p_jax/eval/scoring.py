@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import sys
+import time
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -15,12 +17,32 @@ from hs2p_jax.sharding import DEFAULT_RULES
 from hs2p_jax.train.feed import feed_layout, to_global
 
 
+class Progress:
+  """`progress(n)`: a console line (process 0) at most every `every` seconds while `total` `what` are
+  scored: how many so far, the rate and the time left."""
+
+  def __init__(self, label: str, what: str, total: int, every: float = 10.0):
+    self.label, self.what, self.total, self.every = label, what, total, every
+    self.start = self.last = time.time()
+    if jax.process_index() == 0:
+      print(f"{label}: scoring {total} {what}...", file=sys.stderr, flush=True)
+
+  def __call__(self, done: int) -> None:
+    now = time.time()
+    if now - self.last < self.every or jax.process_index() != 0:
+      return
+    self.last, rate = now, done / max(now - self.start, 1e-9)
+    left = (self.total - done) / rate if rate > 0 else float("nan")
+    print(f"{self.label}: {done} of {self.total} {self.what} scored, {rate:.1f}/s, about {left:.0f} s left",
+          file=sys.stderr, flush=True)
+
+
 def collect(eval_fn: Callable, params: Any, batches: Iterable[dict[str, np.ndarray]], mesh=None, rules=None,
-            max_batches: int = 0) -> dict[str, np.ndarray]:
+            max_batches: int = 0, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
   """Runs `eval_fn(params, batch)` (its outputs replicated) over `batches`, this process's blocks of
   global batches (`train.feed`); returns the valid examples' outputs ([N, 2, A] pairs or [N, A]),
   example ids [N] and, where present, magnitude / labels / label_mask. Each batch is dispatched
-  before the previous one's results are fetched."""
+  before the previous one's results are fetched; `progress(examples so far)` is called after each."""
   rules = rules if rules is not None else DEFAULT_RULES
   layout = feed_layout(mesh, rules)
   outs: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -32,6 +54,8 @@ def collect(eval_fn: Callable, params: Any, batches: Iterable[dict[str, np.ndarr
     for key, value in meta.items():
       if key != "valid":
         outs[key].append(np.asarray(value)[keep])
+    if progress is not None:
+      progress(sum(len(o) for o in outs["outputs"]))
 
   pending = None
   for i, batch in enumerate(batches):

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hs2p_jax import storage
-from hs2p_jax.checkpoint import ModelMeta, is_model_checkpoint, load_model, read_meta, resolve_model_dir
+from hs2p_jax.checkpoint import ModelMeta, load_model, read_meta, resolve_model_dir, tokenizer_dir
 from hs2p_jax.config import ModelConfig
 from hs2p_jax.convert import gguf_config, load_gguf, load_hf
 from hs2p_jax.convert.gguf import resolve as resolve_gguf
@@ -66,10 +66,7 @@ def weights_tokenizer(mc: ModelConfig) -> str | None:
   """The tokenizer that comes with `mc`'s weights: a checkpoint's `tokenizer/`, a GGUF file's, a
   Hugging Face source's tokenizer files; None for random weights or a source without one."""
   if mc.init_from and not is_peft_adapter(mc.init_from):
-    tok_dir = storage.join(resolve_model_dir(mc.init_from), "tokenizer")
-    if storage.isdir(tok_dir):
-      return storage.local_copy(tok_dir) if storage.is_url(tok_dir) else tok_dir  # small: any process may copy
-    return None
+    return tokenizer_dir(mc.init_from)  # a step checkpoint's: its run's; a URL's: copied (small: any process may)
   if not mc.source:
     return None
   if mc.source.startswith("gguf:"):
@@ -294,5 +291,12 @@ def with_template(meta: ModelMeta, template: str) -> ModelMeta:
 
 
 def is_local_checkpoint(path: str | None) -> bool:
-  """Whether `path` is one of our model checkpoints (or a run dir holding one) on this machine."""
-  return bool(path) and not storage.is_url(path) and (is_model_checkpoint(path) or is_model_checkpoint(os.path.join(path, "model")))
+  """Whether `path` is one of our model checkpoints (a run dir holding one, a run's step checkpoint) on
+  this machine."""
+  if not path or storage.is_url(path):
+    return False
+  try:
+    resolve_model_dir(path)
+  except UserError:
+    return False
+  return True
