@@ -131,11 +131,16 @@ class Pipeline:
     why = "; ".join(([run_record.describe(changed)] if changed else []) +
                     ([f"{', '.join(moved)} changed"] if moved else []) +
                     ([] if "key" in done else ["its DONE records no key (an older version)"]))
-    print(f"== pipeline stage {stage}: stale ({why}): " + ("continuing its run" if grown else "running it again"),
-          file=sys.stderr, flush=True)
-    storage.remove(storage.join(self._dir(stage), "DONE"))
-    if not grown:
-      storage.rmtree(self._dir(stage))
+    import jax
+    if jax.process_index() == 0:
+      print(f"== pipeline stage {stage}: stale ({why}): " + ("continuing its run" if grown else "running it again"),
+            file=sys.stderr, flush=True)
+      storage.remove(storage.join(self._dir(stage), "DONE"))
+      if not grown:
+        storage.rmtree(self._dir(stage))
+    if jax.process_count() > 1:  # every process reads the stage's directory only once it is gone
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"hs2p_pipeline_stale_{stage}")
     return False
 
   def _announce(self, stage: str) -> None:

@@ -91,9 +91,9 @@ def write_pipeline_report(p: Any) -> dict[str, Any]:
   if "expo" in scores:
     notes.append("ExPO factor convention: base + factor * (tuned - base), base = regression, tuned = BT.")
   if p.keys:
+    ran = {s: "run now" if k["ran"] else f"reused: finished {k.get('finished')}" for s, k in p.keys.items()}
     notes.append("Stages and their keys (a hash of the stage's resolved config and of its inputs' keys, recorded in "
-                 "its DONE): " + "; ".join(f"{s} `{k['key']}` ({'run now' if k['ran'] else 'reused: finished ' + str(k.get('finished'))})"
-                                          for s, k in p.keys.items()) + ".")
+                 "its DONE): " + "; ".join(f"{s} `{k['key']}` ({ran[s]})" for s, k in p.keys.items()) + ".")
   dpo_variant = (done_info("dpo").get("variant") or "scaled").capitalize()
   path = write_report(p.out, rows, notes, images, policies, {"dpo": f"{dpo_variant} DPO"})
   print(f"report: {path}", file=sys.stderr)

@@ -107,7 +107,8 @@ class MetricsWriter:
     elapsed = time.time() - self.start_time
     eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
     parts = [f"{self.stage + ' ' if self.stage else ''}step {step}/{self.total}"]
-    for k in ("loss", "accuracy", "reward", "kl") + tuple(sorted(k for k in rec if k.startswith("val_") and k != "val_pairs")):
+    evaluated = tuple(sorted(k for k in rec if k.startswith("val_") and k != "val_pairs"))  # every val_* metric
+    for k in ("loss", "accuracy", "reward", "kl") + evaluated:
       if isinstance(rec.get(k), float):
         parts.append(f"{k} {rec[k]:.4f}")
     if isinstance(rec.get("tokens_per_s"), float):
