@@ -62,5 +62,7 @@ def test_ppo_on_two_processes_equals_one_process_with_two_devices(tmp_path, rewa
   assert [r["step"] for r in two] == [1, 2] and two[-1]["kl"] > 0.0
   for a, b in zip(one, two):
     for key in ("loss", "reward", "value_loss", "kl", "value_mean"):
-      assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (a["step"], key)
+      # the first minibatch's surrogate at ratio 1 is the mean of whitened advantages: 0 up to float32
+      # rounding of the sum (seen: +-2e-7 on two CPU kinds), so its tolerance is absolute
+      assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6 if key == "loss" else 1e-7), (a["step"], key)
   assert os.path.isfile(tmp_path / "two" / "model" / "hs2p_model.json")

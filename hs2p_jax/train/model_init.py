@@ -95,6 +95,9 @@ def run_tokenizer(mc: ModelConfig, key: str = "model") -> Any:
   return tokenizer
 
 
+_FETCHED: dict[tuple[str, bool], str] = {}  # (source, with weights) -> this host's copy: each fetched once a process
+
+
 def hub_or_local(src: str, weights: bool = False) -> str:
   """A local directory for `hf:DIR`, `DIR`, `hf:ORG/NAME` (from the Hugging Face hub) or a URL
   (`gs://BUCKET/DIR`, copied into this host's cache): config and tokenizer files, and with `weights`
@@ -115,7 +118,10 @@ def hub_or_local(src: str, weights: bool = False) -> str:
       return snapshot_download(path, allow_patterns=_METADATA_FILES + (["*.safetensors"] if weights else []))
     except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end here
       raise UserError(f"cannot download from the Hugging Face hub ({str(e).splitlines()[0][:160]})") from None
-  return once_per_host(fetch, f"model.source={src}")
+  known = _FETCHED.get((src, weights)) or (None if weights else _FETCHED.get((src, True)))
+  if known is None:  # every process asks the same sources in the same order: the same calls are skipped
+    known = _FETCHED[(src, weights)] = once_per_host(fetch, f"model.source={src}")
+  return known
 
 
 def architecture(mc: ModelConfig, download: bool = True) -> tuple[LlamaConfig, str]:
