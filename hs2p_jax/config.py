@@ -70,10 +70,12 @@ class DataConfig:
 
 @dataclasses.dataclass
 class OptimizerConfig:
-  """AdamW with global-norm clipping and linear warm-up then constant LR (the paper's recipe)."""
+  """AdamW with global-norm clipping and linear warm-up then constant LR (the paper's recipe) or a cosine."""
 
   lr: float = 2e-6
   warmup_steps: int = 10
+  lr_schedule: str = "constant"        # after the warm-up: constant (the recipe's) or cosine (NeMo's annealing)
+  min_lr: float = 0.0                  # cosine: the floor reached at the run's last update
   weight_decay: float = 0.1
   b1: float = 0.9
   b2: float = 0.98
@@ -186,14 +188,23 @@ class PPOConfig(ReinforceConfig):
   samples_per_prompt: int = 1
   lr: float = 9e-7                     # the actor's
   critic_lr: float = 9e-6
-  critic_warmup_steps: int = 0         # rollout steps in which only the critic learns (the actor's LR is 0)
+  critic_warmup_steps: int = 0         # critic-only rollouts before step 1 (NeMo's): the actor and its AdamW
+                                       # state untouched; they read prompts, not steps
   gamma: float = 1.0                   # GAE discount
   lam: float = 0.95                    # GAE lambda
-  clip: float = 0.2                    # the policy ratio's clip
+  clip: float = 0.2                    # the policy ratio's clip: [1 - clip, 1 + clip]
+  clip_high: Optional[float] = None    # the ratio's upper clip 1 + clip_high (DAPO's clip-higher, e.g. 0.28); None: clip
   value_clip: float = 0.2              # the value's clip around the rollout's values
-  epochs: int = 1                      # passes over each rollout batch's updates_per_rollout minibatches
-  advantage: str = "gae"               # gae | grpo (group-normalised scores over samples_per_prompt)
-  whiten: bool = True                  # advantages whitened over the rollout batch's response tokens
+  epochs: int = 1                      # passes over each rollout batch, its minibatches reshuffled each pass
+  advantage: str = "gae"               # gae | grpo (group-normalised scores over samples_per_prompt; never whitened)
+  whiten: bool = True                  # GAE's advantages whitened over the rollout batch's response tokens
+  truncated_in_actor_loss: bool = False  # responses cut at max_new_tokens train the actor too (NeMo: no; they
+                                       # always train the critic and count in whitening)
+  loss_agg: str = "token"              # the actor loss: token (one mean over all tokens: NeMo, DAPO) or sequence
+                                       # (a mean over responses of their token means: GRPO's paper, TRL's "grpo")
+  kl_in_loss: bool = False             # the KL to the reference as a loss term kl_beta * k3 on every token
+                                       # (GRPO's) instead of a penalty in the rewards (NeMo's)
+  drop_flat_groups: bool = False       # grpo: groups whose samples all score the same leave the actor loss (DAPO)
 
 
 @dataclasses.dataclass

@@ -22,6 +22,7 @@ _CHOICES = {
     "reinforce.kl_estimator": ("absolute", "k1", "k3"),
     "ppo.kl_estimator": ("absolute", "k1", "k3"),
     "ppo.advantage": ("gae", "grpo"),
+    "ppo.loss_agg": ("token", "sequence"),
     "ppo.rollout_dtype": ("auto", "float32", "bfloat16", "float16"),
     "ppo.frozen_dtype": ("auto", "float32", "bfloat16", "float16"),
     "reinforce.rollout_dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -95,8 +96,16 @@ def validate(cfg) -> None:
         raise UserError("ppo.advantage=grpo normalises over each prompt's samples: set ppo.samples_per_prompt >= 2")
       if not (0.0 <= rl.gamma <= 1.0 and 0.0 <= rl.lam <= 1.0) or rl.clip <= 0 or rl.value_clip <= 0:
         raise UserError("ppo.gamma and ppo.lam must be in [0, 1], ppo.clip and ppo.value_clip positive")
+      if rl.clip_high is not None and rl.clip_high <= 0:
+        raise UserError(f"ppo.clip_high={rl.clip_high}: must be positive (or null: ppo.clip)")
+      if rl.drop_flat_groups and rl.advantage != "grpo":
+        raise UserError("ppo.drop_flat_groups drops GRPO groups without signal: set ppo.advantage=grpo")
   for sec in ("train", "dpo", "sft", "reinforce", "ppo"):
     section = getattr(cfg, sec, None)
+    if hasattr(section, "lr_schedule") and section.lr_schedule not in ("constant", "cosine"):
+      raise UserError(f"{sec}.lr_schedule={section.lr_schedule!r}: expected constant or cosine")
+    if hasattr(section, "min_lr") and not 0.0 <= section.min_lr <= section.lr:
+      raise UserError(f"{sec}.min_lr={section.min_lr}: must be in [0, {sec}.lr]")
     for name in ("log_every", "eval_every", "eval_batches", "save_every", "sample_every"):
       if hasattr(section, name) and getattr(section, name) < 0:
         raise UserError(f"{sec}.{name}={getattr(section, name)}: must be >= 0 (0: never, or all for eval_batches)")

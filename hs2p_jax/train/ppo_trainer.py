@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hs2p_jax import storage
-from hs2p_jax.checkpoint import load_model, read_meta
+from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model, read_meta
 from hs2p_jax.config import PPORunConfig
 from hs2p_jax.errors import UserError
 from hs2p_jax.model.actor_critic import response_values
@@ -79,7 +79,7 @@ def blueprint(cfg: PPORunConfig, mesh: Any, rules: Rules, policy: LlamaConfig,
   if reward is not None:
     frozen["reward_model"] = Part("reward", reward[0], reward[1], dtype=stored)
   trainable = Part("actor_critic", policy, critic[1], critic=critic[0])
-  state = RunState.build(trainable, frozen, actor_critic_optimizer(pc, pc.updates_per_rollout * pc.epochs),
+  state = RunState.build(trainable, frozen, actor_critic_optimizer(pc),
                          mesh, rules)
   temp = objective_temperature(pc.temperature)
   critic_graphdef = abstract_part(Part("reward", critic[0], critic[1]), mesh, rules)[0]
@@ -92,9 +92,11 @@ def blueprint(cfg: PPORunConfig, mesh: Any, rules: Rules, policy: LlamaConfig,
   values = jax.jit(lambda p, b: response_values(nnx.merge(critic_graphdef, p), b["prompt_ids"], b["prompt_mask"],
                                                 b["tokens"], b["response_mask"], weights), out_shardings=replicated)
   lm_graphdef = state.frozen_graphdefs["reference"]
+  losses = ppo.Losses(pc.clip, pc.value_clip, pc.clip_high, pc.loss_agg, pc.kl_beta if pc.kl_in_loss else 0.0)
+  step = lambda critic_only: ppo.make_ppo_step(state.graphdef, state.tx, critic[2], losses, temp,  # noqa: E731
+                                               pc.micro_batches, critic_only)
   return Phases(
-      update=Step(state, ppo.make_ppo_step(state.graphdef, state.tx, critic[2], pc.clip, pc.value_clip, temp,
-                                                     pc.micro_batches)),
+      update=Step(state, step(False)), critic_update=Step(state, step(True)) if pc.critic_warmup_steps else None,
       logprobs=jax.jit(make_logprob_fn(lm_graphdef, None, temp)),
       kl=jax.jit(lambda lp, ref, m: masked_mean(kl_per_token(lp, ref, pc.kl_estimator), m, axis=1),
                  out_shardings=replicated),
@@ -104,7 +106,9 @@ def blueprint(cfg: PPORunConfig, mesh: Any, rules: Rules, policy: LlamaConfig,
 
 def estimate(source: RolloutSource, r: Rollout, trainer: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
   """PPO's estimator: the critic's values of the rollouts, per-token rewards, GAE (or GRPO's
-  group-normalised scores on every token), whitened advantages, returns."""
+  group-normalised scores on every token), whitened advantages, returns, and the tokens the actor
+  learns from: those of the rows that ended (`ppo.truncated_in_actor_loss`: all), less GRPO's groups
+  without signal (`ppo.drop_flat_groups`); the critic learns from every response token."""
   pc, ph = source.rc, source.phases
   st = ph.update.state
   with use_mesh(st.mesh, st.rules):
@@ -114,15 +118,32 @@ def estimate(source: RolloutSource, r: Rollout, trainer: Any) -> tuple[dict[str,
   old_values = values[:, :-1] * mask
   adv, ret = ppo.rollout_targets(r.scores, logp, ref, r.kl, old_values, mask, beta=pc.kl_beta,
                                  estimator=pc.kl_estimator, gamma=pc.gamma, lam=pc.lam, advantage=pc.advantage,
-                                 k=pc.samples_per_prompt, whitened=pc.whiten)
+                                 k=pc.samples_per_prompt, whitened=pc.whiten, kl_in_loss=pc.kl_in_loss)
   adv, ret = np.asarray(adv, np.float32), np.asarray(ret, np.float32)
+  keep = np.ones(len(mask), bool) if pc.truncated_in_actor_loss else r.ended.astype(bool)
+  if pc.drop_flat_groups:
+    keep &= ~np.asarray(ppo.flat_groups(jnp.asarray(r.scores), pc.samples_per_prompt))
+  actor_mask = (mask * keep[:, None]).astype(np.int32)
   on = mask.astype(bool)
   last = values[np.arange(len(values)), r.lengths]
-  return ({"old_logp": np.asarray(logp, np.float32), "old_values": old_values.astype(np.float32), "advantages": adv,
-           "returns": ret},
-          {"value_mean": float(old_values[on].mean()) if on.any() else 0.0,
-           "return_mean": float(ret[on].mean()) if on.any() else 0.0,
-           "value_at_end": float(last.mean()), "advantage_std": float(adv[on].std()) if on.any() else 0.0})
+  out = {"old_logp": np.asarray(logp, np.float32), "old_values": old_values.astype(np.float32), "advantages": adv,
+         "returns": ret, "actor_mask": actor_mask}
+  if pc.kl_in_loss:
+    out["ref_logp"] = np.asarray(ref, np.float32)
+  return (out, {"value_mean": float(old_values[on].mean()) if on.any() else 0.0,
+                "return_mean": float(ret[on].mean()) if on.any() else 0.0, "value_at_end": float(last.mean()),
+                "advantage_std": float(adv[on].std()) if on.any() else 0.0,
+                "actor_token_fraction": float(actor_mask.sum() / max(mask.sum(), 1))})
+
+
+def check_critic_tokenizer(cfg: PPORunConfig, tokenizer: Any) -> None:
+  """The critic reads the policy's token ids: its reward model must have been trained with the policy's tokenizer."""
+  path = critic_source(cfg)
+  theirs = load_checkpoint_tokenizer(path)
+  if theirs.get_vocab() != tokenizer.get_vocab():
+    raise UserError(f"ppo: the critic's checkpoint {path} has another tokenizer ({len(theirs)} tokens) than the "
+                    f"policy ({len(tokenizer)} tokens), and the critic reads the policy's token ids; start it from a "
+                    f"reward model trained with the policy's tokenizer (critic=CKPT)")
 
 
 def _read_source(cfg: PPORunConfig, path: str) -> Callable[[Trainer], Any]:
@@ -152,7 +173,9 @@ def trainer(cfg: PPORunConfig, out_dir: str, scorer: Callable | None = None) -> 
   tokenizer = run_tokenizer(cfg.policy, "policy")  # checked against the weights before any data is read
   loader = prompt_loader(cfg, pc, tokenizer, out_dir)
   phases = blueprint(cfg, mesh, rules, policy, critic, reward[:2] if reward else None)
-  source, frozen_from = rollout_source(cfg, pc, phases, loader, tokenizer, policy, scorer, estimate=estimate)
+  check_critic_tokenizer(cfg, tokenizer)
+  source, frozen_from = rollout_source(cfg, pc, phases, loader, tokenizer, policy, scorer, estimate=estimate,
+                                       shuffle=True)
   return Trainer(cfg, out_dir, section=pc, model=cfg.policy, step=phases.update, source=source, tokenizer=tokenizer,
                  meta=model_meta(cfg.policy, policy, cfg.data.template, cfg.data.max_length), frozen_from=frozen_from,
                  datasets={"prompts": (loader, pc.steps, pc.prompts_per_step)},

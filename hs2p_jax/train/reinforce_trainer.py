@@ -47,6 +47,7 @@ class Phases:
   policy_graphdef: Any = None     # the policy's graphdef (default: the update's); `policy_params(trainer)` its params
   policy_params: Callable = dataclasses.field(default=lambda trainer: trainer.model_params())
   values: Any = None              # PPO: (critic params, rollout batch) -> [N, Tr + 1] values
+  critic_update: Step | None = None  # PPO: the critic-only step of its warm-up (the actor left as it is)
 
   def __post_init__(self):
     if self.policy_graphdef is None:
@@ -118,8 +119,8 @@ def rollout_spec(cfg: Any, mesh: Any, rules: Rules, rows: int, advantages: bool 
   out = rows_spec(mesh, rules, prompt_ids=((rows, tp), i32), prompt_mask=((rows, tp), i32),
                   tokens=((rows, tr), i32), response_mask=((rows, tr), i32))
   if advantages and ppo is not None:
-    out.update(rows_spec(mesh, rules, **{k: ((rows, tr), f32) for k in ("old_logp", "old_values", "advantages",
-                                                                          "returns")}))
+    floats = ("old_logp", "old_values", "advantages", "returns") + (("ref_logp",) if ppo.kl_in_loss else ())
+    out.update(rows_spec(mesh, rules, actor_mask=((rows, tr), i32), **{k: ((rows, tr), f32) for k in floats}))
   elif advantages:
     out.update(rows_spec(mesh, rules, advantages=((rows,), f32)))
   return out
@@ -133,7 +134,8 @@ def prompt_loader(cfg: Any, rc: Any, tokenizer: Any, out_dir: str) -> Any:
 
 
 def rollout_source(cfg: Any, rc: Any, phases: Phases, loader: Any, tokenizer: Any, policy: LlamaConfig,
-                   scorer: Callable | None, estimate: Callable = rloo) -> tuple[RolloutSource, dict[str, str]]:
+                   scorer: Callable | None, estimate: Callable = rloo, shuffle: bool = False
+                   ) -> tuple[RolloutSource, dict[str, str]]:
   """(the rollouts, where the frozen models start): responses scored by `scorer`, else the server at
   `cfg.reward_model` (a URL, `serve.client`), else that reward-model checkpoint (the run's frozen
   `reward_model`, read from it)."""
@@ -150,7 +152,8 @@ def rollout_source(cfg: Any, rc: Any, phases: Phases, loader: Any, tokenizer: An
                           load_checkpoint_tokenizer(cfg.reward_model), state.mesh, state.rules,
                           max_length=cfg.data.max_length + rc.max_new_tokens, eval_fn=phases.score)
   eos = tuple(policy.eos_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-  return RolloutSource(cfg, loader, phases, scorer, tokenizer, eos, estimate=estimate, section=rc), frozen_from
+  return (RolloutSource(cfg, loader, phases, scorer, tokenizer, eos, estimate=estimate, section=rc, shuffle=shuffle),
+          frozen_from)
 
 
 def reward_info(cfg: Any) -> dict[str, Any]:

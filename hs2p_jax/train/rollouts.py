@@ -11,6 +11,7 @@ to the frozen reference from the sampled tokens' log-probs and an estimator's ad
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any, Callable
 
@@ -23,6 +24,8 @@ from hs2p_jax.sharding import use_mesh
 from hs2p_jax.stops import cut_at_stop, stop_automaton
 from hs2p_jax.train.feed import gather_processes, host_global, put_batch
 from hs2p_jax.train.reinforce import advantages
+
+TRAIN, WARMUP = 0, 1  # what a rollout is for: its key and minibatch order derive from it
 
 
 def response_text(tokenizer, tokens: np.ndarray, length: int, stop_strings: list[str], eos_ids) -> str:
@@ -70,9 +73,9 @@ class RolloutSource:
   `rloo`, PPO's GAE); `section` the run's `reinforce:` or `ppo:` settings."""
 
   def __init__(self, cfg: Any, loader: Any, phases: Any, scorer: Callable, tokenizer: Any, eos_ids: tuple[int, ...],
-               estimate: Callable = rloo, section: Any = None):
+               estimate: Callable = rloo, section: Any = None, shuffle: bool = False):
     rc = section if section is not None else cfg.reinforce
-    self.estimate = estimate
+    self.estimate, self.shuffle = estimate, shuffle
     self.cfg, self.rc, self.loader, self.phases = cfg, rc, loader, phases
     self.scorer, self.tokenizer = scorer, tokenizer
     self.eos_ids = eos_ids
@@ -97,18 +100,47 @@ class RolloutSource:
   def next(self, step: int, trainer: Any) -> tuple[list[dict[str, jax.Array]], dict[str, Any]]:
     batch = gather_processes(next(self._it))  # every process holds the step's global prompts
     upd, metrics = self.rollout(step, batch, trainer)
-    n, u = upd["tokens"].shape[0], self.rc.updates_per_rollout
-    state = self.phases.update.state
-    batches = [put_batch({k: v[i * n // u:(i + 1) * n // u] for k, v in upd.items()}, state.mesh, state.rules)
-               for i in range(u)]
-    return batches * getattr(self.rc, "epochs", 1), metrics  # PPO: several passes over the minibatches
+    return self.minibatches(upd, step), metrics
 
-  def rollout(self, step: int, batch: dict[str, np.ndarray], trainer: Any) -> tuple[dict[str, np.ndarray], dict]:
+  def minibatches(self, upd: dict[str, np.ndarray], step: int, phase: int = TRAIN) -> list[dict[str, jax.Array]]:
+    """The rollout rows as `updates_per_rollout` minibatches on the mesh, `epochs` passes (PPO); with
+    `shuffle` each pass in its own order of whole prompt groups, drawn from the run's seed, the step
+    and the pass (a resume draws the same)."""
+    rc, state = self.rc, self.phases.update.state
+    n, u, k = upd["tokens"].shape[0], rc.updates_per_rollout, rc.samples_per_prompt
+    out = []
+    for epoch in range(getattr(rc, "epochs", 1)):
+      order = np.arange(n)
+      if self.shuffle:
+        groups = np.random.default_rng([rc.seed, phase, step, epoch]).permutation(n // k)
+        order = (groups[:, None] * k + np.arange(k)[None]).reshape(-1)
+      out += [put_batch({key: v[order[i * n // u:(i + 1) * n // u]] for key, v in upd.items()}, state.mesh,
+                        state.rules) for i in range(u)]
+    return out
+
+  def before_first_step(self, trainer: Any) -> None:
+    """PPO's critic warm-up (NeMo-Aligner's): `critic_warmup_steps` rollouts whose minibatches train
+    the critic alone (`phases.critic_update`), the actor and its optimizer state left as they are.
+    They read prompts from the data (their own rollout keys), not steps."""
+    n = getattr(self.rc, "critic_warmup_steps", 0)
+    for i in range(1, n + 1):
+      upd, metrics = self.rollout(i, gather_processes(next(self._it)), trainer, phase=WARMUP)
+      for mb in self.minibatches(upd, i, WARMUP):
+        trainer.params, trainer.opt_state, out = self.phases.critic_update(trainer.params, trainer.opt_state,
+                                                                          trainer.frozen, mb)
+      if jax.process_index() == 0:
+        print(f"critic warm-up {i}/{n}: reward {metrics['reward']:.4f} | value loss "
+              f"{float(out['value_loss']):.4f}", file=sys.stderr, flush=True)
+
+  def rollout(self, step: int, batch: dict[str, np.ndarray], trainer: Any,
+              phase: int = TRAIN) -> tuple[dict[str, np.ndarray], dict]:
     """Samples k responses per prompt, scores them; the update rows and the step's metrics."""
     rc, ph, k = self.rc, self.phases, self.rc.samples_per_prompt
     state = ph.update.state
     ids, mask = (np.asarray(a) for a in left_align(jnp.asarray(batch["prompt_ids"]), jnp.asarray(batch["prompt_mask"])))
     key = jax.random.fold_in(jax.random.key(rc.seed), step)  # per-step key: resumes reproduce rollouts
+    if phase != TRAIN:
+      key = jax.random.fold_in(key, phase)
     t0 = time.time()
     if ph.layout is not None:  # cast and resharded once, not at every token
       lay = ph.layout

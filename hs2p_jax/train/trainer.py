@@ -7,6 +7,7 @@ source and its evaluation, and hands them to `Trainer`:
   source.position                the data position a checkpoint holds (get_state / set_state)
   source.begin()                 start reading at that position (after a restore)
   source.next(step, trainer)     ([device batches: one optimizer step each], host metrics)
+  source.before_first_step(t)    (optional) work on the state before step 1 of a fresh run (PPO's critic warm-up)
   source.tokens_per_s()          tokens per second since the previous call
   evaluate(trainer) -> dict      validation metrics (optional)
 Frozen models come from `frozen_from`: INITIAL (a copy of the trainable model as the run starts,
@@ -35,7 +36,7 @@ from hs2p_jax.sharding import batch_split, use_mesh
 from hs2p_jax.train.feed import feed_layout
 from hs2p_jax.train.loop import LoopConfig, run as run_loop
 from hs2p_jax.train.model_init import load_params
-from hs2p_jax.train.optim import schedule
+from hs2p_jax.train.optim import learning_rates
 from hs2p_jax.train.state import Step, store_as, subset
 
 INITIAL = "initial"  # `frozen_from`: the trainable model as the run starts
@@ -107,7 +108,6 @@ class Trainer:
     self._evaluate = evaluate
     self.datasets, self.batch_info, self.notes = datasets or {}, batch_info, notes
     self.model_info = {"source": model.source, "init_from": model.init_from, **(model_info or {})}
-    self.lr_at = schedule(section.lr, section.warmup_steps)
     self.params: Any = None
     self.opt_state: Any = None
     self.frozen: dict[str, Any] = {}
@@ -200,6 +200,8 @@ class Trainer:
         self.step_fn.lower(spec).compile()
       self._say(f"compiled in {time.perf_counter() - t0:.0f} s")
     self.source.begin()
+    if start == 0 and hasattr(self.source, "before_first_step"):  # e.g. PPO's critic warm-up
+      self.source.before_first_step(self)
 
   def step(self, step: int) -> dict[str, Any]:
     batches, info = self.source.next(step, self)
@@ -213,7 +215,7 @@ class Trainer:
   def record(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
     rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
     rec.setdefault("tokens_per_s", self.source.tokens_per_s())
-    return {**rec, "lr": float(self.lr_at(step - 1))}
+    return {**rec, **learning_rates(self.section, self.opt_state)}  # as the optimizer's own step count says
 
   def evaluate(self) -> dict[str, float]:
     self.start(None, {})  # the state the run would start from, where it has none yet
