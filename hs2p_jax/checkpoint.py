@@ -275,11 +275,13 @@ def _partial_restore(path: str, target: Any, where: str, partial: bool = True) -
 def restore_tree(path: str, target: Any, where: str) -> Any:
   """Restores an Orbax tree into `target` (abstract, with shardings); shape mismatches name the array."""
   ckptr = ocp.StandardCheckpointer()
+  path = storage.absolute(path)  # Orbax reads no metadata from a relative path
   try:
     saved = ckptr.metadata(path)
     saved_tree = getattr(saved, "item_metadata", saved)
     saved_tree = getattr(saved_tree, "tree", saved_tree)
-    _check_shapes(saved_tree, target, where)
+    if saved_tree is not None:
+      _check_shapes(saved_tree, target, where)
   except UserError:
     raise
   except Exception:  # noqa: BLE001 - metadata layout differs across Orbax versions; restore checks too

@@ -161,6 +161,10 @@ class ReinforceConfig(OptimizerConfig):
   seed: int = 0
   log_every: int = 1
   sample_every: int = 10               # write example responses to samples.jsonl every N steps
+  eval_every: int = 0                  # validation rollouts every N steps (and at the last): greedy responses to
+                                       # data.validation's prompts, their reward and KL (val_*); the best kept in
+                                       # DIR/best; 0: none
+  val_prompts: int = 0                 # the first N validation prompts (0: all)
   save_every: int = 50
   keep_checkpoints: int = 2
   async_checkpoint: bool = True        # a save's writes overlap the following steps

@@ -151,13 +151,17 @@ def test_unknown_config_key_and_wrong_shape_checkpoint(trained, tmp_path, capsys
 
 def test_ppo_rounds_restart_actor_and_reference_from_the_last_round(tmp_path, monkeypatch):
   """`ppo_rounds: 2`: round 2 (DIR/ppo_round2) starts the policy (and so its reference, the initial
-  policy) from round 1's actor and the critic again from the reward model; a rerun skips finished rounds."""
+  policy) from round 1's best actor by validation reward (its final actor where it kept none) and the
+  critic again from the reward model; a rerun skips finished rounds."""
   from hs2p_jax.commands import pipeline as pl
   from hs2p_jax.train import ppo_trainer
   calls = []
 
-  def fake_train(cfg, out_dir):  # what the stage hands the trainer
+  def fake_train(cfg, out_dir):  # what the stage hands the trainer; round 1 kept a best checkpoint
     calls.append((cfg.policy.init_from, cfg.reward_model, cfg.critic, out_dir))
+    if out_dir.endswith("/ppo"):
+      os.makedirs(os.path.join(out_dir, "best"))
+      open(os.path.join(out_dir, "best", "hs2p_model.json"), "w").write("{}")
     return {"step": cfg.ppo.steps}
 
   monkeypatch.setattr(ppo_trainer, "train_ppo", fake_train)
@@ -166,7 +170,7 @@ def test_ppo_rounds_restart_actor_and_reference_from_the_last_round(tmp_path, mo
                   str(tmp_path / "q"))
   p._ppo()
   q = str(tmp_path / "q")
-  assert calls == [(None, "/rm", None, f"{q}/ppo"), (f"{q}/ppo/model", "/rm", None, f"{q}/ppo_round2"),
+  assert calls == [(None, "/rm", None, f"{q}/ppo"), (f"{q}/ppo/best", "/rm", None, f"{q}/ppo_round2"),
                    (f"{q}/ppo_round2/model", "/rm", None, f"{q}/ppo_round3")]
   p._ppo()
   assert len(calls) == 3  # every round DONE
@@ -179,9 +183,13 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
                            "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
                            "expo.search=1.0:1.4:0.2", "data.builtin_size=64", "dpo.steps=2", "compare.prompts=8",
                            "compare.max_new_tokens=8", "data.buckets=[160]", "ppo.steps=2", "ppo.critic_warmup_steps=1", "ppo.prompts_per_step=4", "ppo.epochs=1",
-                           "ppo.max_new_tokens=8")
+                           "ppo.max_new_tokens=8", "reinforce.val_prompts=8", "ppo.val_prompts=8")
   assert code == 0, err
   report = (tmp_path / "q" / "report.md").read_text()
+  assert "Validation (greedy responses to held-out prompts)" in report
+  ppo_recs = [json.loads(line) for line in open(tmp_path / "q" / "ppo" / "metrics.jsonl")]
+  best = json.loads((tmp_path / "q" / "ppo" / "best" / "best.json").read_text())
+  assert "val_reward" in ppo_recs[-1] and best["step"] == 2 and best["value"] == ppo_recs[-1]["val_reward"]
   for needle in ("Regression, helpfulness only", "Scaled BT + ExPO", "expo_search.png", "reinforce_curves.png",
                  "dpo_curves.png", "ppo_curves.png", "Policy dpo on held-out prompts",
                  "Policy reinforce on held-out prompts", "| ppo | ", "| PPO | 8.74 | 1842.8 | 43.8 | 58.6 |",
@@ -210,14 +218,15 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
                          "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
                          "expo.search=1.0:1.4:0.2", "data.builtin_size=64", "dpo.steps=2", "compare.prompts=8",
                          "compare.max_new_tokens=8", "data.buckets=[160]", "ppo.steps=2", "ppo.critic_warmup_steps=1", "ppo.prompts_per_step=4", "ppo.epochs=1",
-                         "ppo.max_new_tokens=8")
+                         "ppo.max_new_tokens=8", "reinforce.val_prompts=8", "ppo.val_prompts=8")
   assert code == 0 and "stage: regression" not in err and "stage: compare" not in err
   # a changed stage key runs that stage again, and every stage that reads it; the report says which ran
   code, _, err = run_cli(capsys, "pipeline", "--config", os.path.join(root, "configs/quickstart/pipeline.yaml"),
                          "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
                          "expo.search=1.0:1.4:0.2", "data.builtin_size=64", "dpo.steps=2", "compare.prompts=8",
                          "compare.max_new_tokens=8", "data.buckets=[160]", "ppo.steps=2", "ppo.critic_warmup_steps=1",
-                         "ppo.prompts_per_step=4", "ppo.epochs=1", "ppo.max_new_tokens=8", "dpo.dpo.beta=0.2")
+                         "ppo.prompts_per_step=4", "ppo.epochs=1", "ppo.max_new_tokens=8", "reinforce.val_prompts=8",
+                         "ppo.val_prompts=8", "dpo.dpo.beta=0.2")
   assert code == 0, err
   assert "== pipeline stage dpo: stale (dpo.beta 0.1 -> 0.2): running it again" in err
   assert "== pipeline stage compare: stale (dpo changed): running it again" in err

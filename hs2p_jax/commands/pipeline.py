@@ -285,8 +285,9 @@ class Pipeline:
 
   def _ppo(self) -> None:
     """PPO against the newest reward model, its critic initialised from it; round r > 1 restarts the
-    actor and its reference from round r-1's final actor (the paper's "best round-1 checkpoint": no
-    validation here picks another) and the critic again from the reward model."""
+    actor and its reference from round r-1's best actor by validation reward (`DIR/<round>/best`, the
+    paper's "best round-1 checkpoint"; its final actor where it ran no validation) and the critic
+    again from the reward model."""
     from hs2p_jax.train.ppo_trainer import train_ppo
     if not self.cfg.ppo:
       return
@@ -294,8 +295,9 @@ class Pipeline:
     previous = None
     for stage in self._ppo_dirs():
       extra = {"reward_model": rm} if rm else {}
-      if previous:
-        extra["policy"] = {"init_from": storage.join(self._dir(previous), "model")}
+      if previous:  # the paper's "best round-1 checkpoint": by validation reward where the round kept one
+        best = storage.join(self._dir(previous), "best")
+        extra["policy"] = {"init_from": best if is_model_checkpoint(best) else storage.join(self._dir(previous), "model")}
       cfg = self.stage_config(config_lib.PPORunConfig, "ppo", self.cfg.ppo, extra or None)
       if not self._current(stage, cfg, tuple(filter(None, [self._rm_stage(), previous])), training=True):
         self._announce(stage)

@@ -57,19 +57,19 @@ def write_pipeline_report(p: Any) -> dict[str, Any]:
     write_bytes(storage.join(p.out, "expo_search.png"), storage.read_bytes(expo_png))
     images.append(("ExPO search: validation accuracy and BT loss against the factor", "expo_search.png"))
   rl = metrics("reinforce")
-  if rl and plot_curves({"reinforce": rl}, ["reward", "kl", "response_length", "loss"],
+  if rl and plot_curves({"reinforce": rl}, ["reward", "kl", "val_reward", "val_kl", "response_length", "loss"],
                         storage.join(p.out, "reinforce_curves.png"), "REINFORCE"):
     images.append(("REINFORCE: reward-model score and KL to the reference", "reinforce_curves.png"))
     notes.append(f"REINFORCE: mean RM reward {rl[0]['reward']:.4f} at step {rl[0]['step']} -> "
-                 f"{rl[-1]['reward']:.4f} at step {rl[-1]['step']}; KL {rl[-1]['kl']:.4f}.")
+                 f"{rl[-1]['reward']:.4f} at step {rl[-1]['step']}; KL {rl[-1]['kl']:.4f}." + _validation(rl))
   ppo_runs = {s: metrics(s) for s in p._ppo_dirs() if metrics(s)}
-  if ppo_runs and plot_curves(ppo_runs, ["reward", "kl", "value_loss", "loss"],
+  if ppo_runs and plot_curves(ppo_runs, ["reward", "kl", "val_reward", "val_kl", "value_loss", "loss"],
                               storage.join(p.out, "ppo_curves.png"), "PPO"):
     images.append(("PPO: reward-model score, KL to the reference, the critic's value loss", "ppo_curves.png"))
     for s, recs in ppo_runs.items():
       notes.append(f"PPO ({s}): mean RM reward {recs[0]['reward']:.4f} at step {recs[0]['step']} -> "
                    f"{recs[-1]['reward']:.4f} at step {recs[-1]['step']}; KL {recs[-1]['kl']:.4f}; value loss "
-                   f"{recs[0]['value_loss']:.4f} -> {recs[-1]['value_loss']:.4f}.")
+                   f"{recs[0]['value_loss']:.4f} -> {recs[-1]['value_loss']:.4f}." + _validation(recs))
   dp = metrics("dpo")
   if dp and plot_curves({"dpo": dp}, ["loss", "accuracy", "val_accuracy", "margin", "drift"],
                         storage.join(p.out, "dpo_curves.png"), "DPO"):
@@ -109,3 +109,14 @@ def write_pipeline_report(p: Any) -> dict[str, Any]:
     summary["justifier"] = p.results["judge"]
   write_text(storage.join(p.out, "summary.json"), json.dumps(summary, indent=2) + "\n")
   return summary
+
+
+def _validation(recs: list[dict[str, Any]]) -> str:
+  """' Validation (greedy, held-out prompts): reward a at step s -> ... (best b at step t).' or ''."""
+  vals = [r for r in recs if "val_reward" in r]
+  if not vals:
+    return ""
+  best = max(vals, key=lambda r: r["val_reward"])
+  return (" Validation (greedy responses to held-out prompts): reward " +
+          " -> ".join(f"{r['val_reward']:.4f} at step {r['step']}" for r in vals) +
+          f"; best {best['val_reward']:.4f} at step {best['step']} (kept in its best/), KL {best['val_kl']:.4f}.")

@@ -16,6 +16,7 @@ these members) gives it:
   record(step, metrics)      the host record to log at `step` (fetches)
   evaluate() -> dict         validation metrics, merged into the record every `eval_every` steps
                              and at the last step (logged there whatever `log_every` says)
+  best(), save_best(step, v) (with `keep_best`) the best value kept so far, and keeping step's model as it
   save_final()               write the final model
 Running the same loop again on the same directory resumes from the newest readable checkpoint
 without reading the source weights, and `metrics.jsonl` then holds each step once with the numbers
@@ -53,6 +54,7 @@ class LoopConfig:
   eval_every: int = 0          # 0: evaluate at the last step only
   heartbeat_timeout: float = 30.0  # s without a peer's heartbeat before the run stops (train.watchdog)
   step_timeout: float = 0.0    # s a step may run (0: no limit)
+  keep_best: str | None = None  # an evaluation metric (higher: better): its best step's model kept (save_best)
 
 
 def due(step: int, every: int) -> bool:
@@ -106,6 +108,7 @@ def _run(trainer: Trainer, loop: LoopConfig, out_dir: str) -> dict[str, Any]:
   watch = Watchdog(loop.heartbeat_timeout, loop.step_timeout,
                    f"resume from {ckpts.step_path(start)}" if start else "start again (no checkpoint was written)")
   last: dict[str, Any] = {}
+  best = trainer.best() if loop.keep_best else None
   try:
     for step in range(start + 1, loop.steps + 1):
       watch.step_begins(step)
@@ -119,6 +122,10 @@ def _run(trainer: Trainer, loop: LoopConfig, out_dir: str) -> dict[str, Any]:
         rec = trainer.record(step, metrics)
         if evaluating:
           rec.update(trainer.evaluate())
+          value = rec.get(loop.keep_best) if loop.keep_best else None
+          if value is not None and (best is None or value > best):
+            trainer.save_best(step, value)
+            best = value
         last = writer.log(step, rec)
       if samples:
         writer.samples(step, samples)

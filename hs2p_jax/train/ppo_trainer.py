@@ -35,7 +35,8 @@ from hs2p_jax.train.model_init import (architecture, is_local_checkpoint, load_p
                                        run_tokenizer)
 from hs2p_jax.train.optim import actor_critic_optimizer
 from hs2p_jax.train.reinforce import kl_per_token, make_logprob_fn, masked_mean, objective_temperature
-from hs2p_jax.train.reinforce_trainer import Phases, prompt_loader, reward_architecture, reward_info, rollout_source
+from hs2p_jax.train.reinforce_trainer import (Phases, prompt_loader, reward_architecture, reward_info, rollout_source,
+                                              validation_loader)
 from hs2p_jax.train.rm_scorer import score_fn
 from hs2p_jax.train.rollouts import Rollout, RolloutSource
 from hs2p_jax.train.state import Part, RunState, Step, abstract_part, frozen_dtype
@@ -172,13 +173,16 @@ def trainer(cfg: PPORunConfig, out_dir: str, scorer: Callable | None = None) -> 
   reward = reward_architecture(cfg, policy) if scorer is None else None
   tokenizer = run_tokenizer(cfg.policy, "policy")  # checked against the weights before any data is read
   loader = prompt_loader(cfg, pc, tokenizer, out_dir)
+  val = validation_loader(cfg, pc, tokenizer, out_dir)
   phases = blueprint(cfg, mesh, rules, policy, critic, reward[:2] if reward else None)
   check_critic_tokenizer(cfg, tokenizer)
   source, frozen_from = rollout_source(cfg, pc, phases, loader, tokenizer, policy, scorer, estimate=estimate,
-                                       shuffle=True)
+                                       shuffle=True, validation=val)
   return Trainer(cfg, out_dir, section=pc, model=cfg.policy, step=phases.update, source=source, tokenizer=tokenizer,
                  meta=model_meta(cfg.policy, policy, cfg.data.template, cfg.data.max_length), frozen_from=frozen_from,
-                 datasets={"prompts": (loader, pc.steps, pc.prompts_per_step)},
+                 datasets={"prompts": (loader, pc.steps, pc.prompts_per_step),
+                           **({"validation prompts": (val, None, None)} if val else {})},
+                 evaluate=source.validate if val else None, keep_best="val_reward" if val else None,
                  model_info={**reward_info(cfg), "critic": storage.absolute(critic_source(cfg))},
                  read_source=_read_source(cfg, critic_source(cfg)), final_part="actor")
 

@@ -126,16 +126,30 @@ def rollout_spec(cfg: Any, mesh: Any, rules: Rules, rows: int, advantages: bool 
   return out
 
 
-def prompt_loader(cfg: Any, rc: Any, tokenizer: Any, out_dir: str) -> Any:
-  """The run's prompts, `rc.prompts_per_step` a step (every process reads the global batch's rows it holds)."""
-  return make_loader(cfg.data, tokenizer, split="train", task="prompts", batch_size=rc.prompts_per_step,
-                     seed=rc.seed, shuffle=True, repeat=True, process_index=jax.process_index(),
+def prompt_loader(cfg: Any, rc: Any, tokenizer: Any, out_dir: str, split: str = "train") -> Any:
+  """The run's prompts, `rc.prompts_per_step` a step (every process reads the global batch's rows it
+  holds); `split="validation"`: the held-out prompts (`data.validation`) in order, once, as many a
+  batch as a training rollout has rows."""
+  train = split == "train"
+  return make_loader(cfg.data, tokenizer, split=split, task="prompts",
+                     batch_size=rc.prompts_per_step * (1 if train else rc.samples_per_prompt), seed=rc.seed,
+                     shuffle=train, repeat=train, process_index=jax.process_index(),
                      process_count=jax.process_count(), cache_dir=storage.local_dir(out_dir, "data"))
 
 
+def validation_loader(cfg: Any, rc: Any, tokenizer: Any, out_dir: str) -> Any:
+  """The held-out prompts of the validation rollouts, or None (`eval_every` 0 or no `data.validation`)."""
+  if not rc.eval_every:
+    return None
+  if not cfg.data.validation:
+    raise UserError(f"{'ppo' if hasattr(rc, 'critic_lr') else 'reinforce'}.eval_every={rc.eval_every}: the "
+                    f"validation rollouts read held-out prompts: set data.validation (a file, hf:... or builtin)")
+  return prompt_loader(cfg, rc, tokenizer, out_dir, "validation")
+
+
 def rollout_source(cfg: Any, rc: Any, phases: Phases, loader: Any, tokenizer: Any, policy: LlamaConfig,
-                   scorer: Callable | None, estimate: Callable = rloo, shuffle: bool = False
-                   ) -> tuple[RolloutSource, dict[str, str]]:
+                   scorer: Callable | None, estimate: Callable = rloo, shuffle: bool = False,
+                   validation: Any = None) -> tuple[RolloutSource, dict[str, str]]:
   """(the rollouts, where the frozen models start): responses scored by `scorer`, else the server at
   `cfg.reward_model` (a URL, `serve.client`), else that reward-model checkpoint (the run's frozen
   `reward_model`, read from it)."""
@@ -152,8 +166,8 @@ def rollout_source(cfg: Any, rc: Any, phases: Phases, loader: Any, tokenizer: An
                           load_checkpoint_tokenizer(cfg.reward_model), state.mesh, state.rules,
                           max_length=cfg.data.max_length + rc.max_new_tokens, eval_fn=phases.score)
   eos = tuple(policy.eos_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
-  return (RolloutSource(cfg, loader, phases, scorer, tokenizer, eos, estimate=estimate, section=rc, shuffle=shuffle),
-          frozen_from)
+  return (RolloutSource(cfg, loader, phases, scorer, tokenizer, eos, estimate=estimate, section=rc, shuffle=shuffle,
+                        validation=validation), frozen_from)
 
 
 def reward_info(cfg: Any) -> dict[str, Any]:
@@ -175,11 +189,15 @@ def trainer(cfg: ReinforceRunConfig, out_dir: str, scorer: Callable | None = Non
   reward = reward_architecture(cfg, policy) if scorer is None else None  # fails now, before any data or weights
   tokenizer = run_tokenizer(cfg.policy, "policy")  # checked against the weights before any data is read
   loader = prompt_loader(cfg, rc, tokenizer, out_dir)
+  val = validation_loader(cfg, rc, tokenizer, out_dir)
   phases = blueprint(cfg, mesh, rules, policy, reward[:2] if reward else None)
-  source, frozen_from = rollout_source(cfg, rc, phases, loader, tokenizer, policy, scorer)
+  source, frozen_from = rollout_source(cfg, rc, phases, loader, tokenizer, policy, scorer, validation=val)
   return Trainer(cfg, out_dir, section=rc, model=cfg.policy, step=phases.update, source=source, tokenizer=tokenizer,
                  meta=model_meta(cfg.policy, policy, cfg.data.template, cfg.data.max_length), frozen_from=frozen_from,
-                 datasets={"prompts": (loader, rc.steps, rc.prompts_per_step)}, model_info=reward_info(cfg))
+                 datasets={"prompts": (loader, rc.steps, rc.prompts_per_step),
+                           **({"validation prompts": (val, None, None)} if val else {})},
+                 model_info=reward_info(cfg), evaluate=source.validate if val else None,
+                 keep_best="val_reward" if val else None)
 
 
 def train_reinforce(cfg: ReinforceRunConfig, out_dir: str, allow_config_change: bool = False) -> dict[str, Any]:

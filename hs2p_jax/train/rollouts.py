@@ -73,9 +73,9 @@ class RolloutSource:
   `rloo`, PPO's GAE); `section` the run's `reinforce:` or `ppo:` settings."""
 
   def __init__(self, cfg: Any, loader: Any, phases: Any, scorer: Callable, tokenizer: Any, eos_ids: tuple[int, ...],
-               estimate: Callable = rloo, section: Any = None, shuffle: bool = False):
+               estimate: Callable = rloo, section: Any = None, shuffle: bool = False, validation: Any = None):
     rc = section if section is not None else cfg.reinforce
-    self.estimate, self.shuffle = estimate, shuffle
+    self.estimate, self.shuffle, self.validation = estimate, shuffle, validation
     self.cfg, self.rc, self.loader, self.phases = cfg, rc, loader, phases
     self.scorer, self.tokenizer = scorer, tokenizer
     self.eos_ids = eos_ids
@@ -135,38 +135,15 @@ class RolloutSource:
   def rollout(self, step: int, batch: dict[str, np.ndarray], trainer: Any,
               phase: int = TRAIN) -> tuple[dict[str, np.ndarray], dict]:
     """Samples k responses per prompt, scores them; the update rows and the step's metrics."""
-    rc, ph, k = self.rc, self.phases, self.rc.samples_per_prompt
-    state = ph.update.state
-    ids, mask = (np.asarray(a) for a in left_align(jnp.asarray(batch["prompt_ids"]), jnp.asarray(batch["prompt_mask"])))
+    rc, k = self.rc, self.rc.samples_per_prompt
     key = jax.random.fold_in(jax.random.key(rc.seed), step)  # per-step key: resumes reproduce rollouts
     if phase != TRAIN:
       key = jax.random.fold_in(key, phase)
     t0 = time.time()
-    if ph.layout is not None:  # cast and resharded once, not at every token
-      lay = ph.layout
-      mesh, rules, graphdef, params = lay.mesh, lay.rules, lay.graphdef, lay.copy(ph.policy_params(trainer))
-    else:
-      mesh, rules, graphdef, params = state.mesh, state.rules, ph.policy_graphdef, ph.policy_params(trainer)
-    with use_mesh(mesh, rules):  # one prefill per prompt, k samples from its cache
-      out = generate_from_state(graphdef, params, ids, mask, key, self.sampling, self.stops)
-    del params  # the decode copy lives for the sampling only
-    ids, mask = np.repeat(ids, k, axis=0), np.repeat(mask, k, axis=0)  # row i * k + j: sample j of prompt i
-    tokens, lengths, ended = (host_global(x) for x in (out.tokens, out.lengths, out.ended))
-    sample_time = time.time() - t0
-    self._rate = float(lengths.sum() / max(sample_time, 1e-9))
-    resp_mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
-    upd = {"prompt_ids": ids, "prompt_mask": mask, "tokens": tokens, "response_mask": resp_mask}
-    dev = put_batch(upd, state.mesh, state.rules)
-    with use_mesh(state.mesh, state.rules):
-      logp = ph.logprobs(ph.policy_params(trainer), dev)
-      ref_logp = ph.logprobs(trainer.frozen_params("reference"), dev)
-      kl = host_global(ph.kl(logp, ref_logp, dev["response_mask"]))
-    prompts = [self.loader.examples[int(i)].prompt for i in np.repeat(batch["example_id"], k)]
-    responses = [response_text(self.tokenizer, tokens[i], int(lengths[i]), rc.stop_strings, self.eos_ids)
-                 for i in range(len(tokens))]
-    if "reward_model" in trainer.frozen:  # the scorer reads the run's frozen reward model
-      self.scorer.params = trainer.frozen["reward_model"]
-    scores = self.scorer(prompts, responses) * rc.reward_scale
+    upd, ended, lengths = self._sample(batch, trainer, self.sampling, key)
+    self._rate = float(lengths.sum() / max(time.time() - t0, 1e-9))
+    dev, logp, ref_logp, kl = self._kl(upd, trainer)
+    prompts, responses, scores = self._score(self.loader, batch, upd, lengths, k, trainer)
     extra, est_metrics = self.estimate(self, Rollout(upd, dev, logp, ref_logp, kl, scores, ended, lengths), trainer)
     upd.update(extra)
     metrics = {"reward": float(scores.mean()), "kl": float(kl.mean()), **est_metrics,
@@ -176,3 +153,72 @@ class RolloutSource:
       metrics["_samples"] = [{"prompt": prompts[i], "response": responses[i], "reward": float(scores[i]),
                               "kl": float(kl[i])} for i in range(0, len(prompts), k)]
     return upd, metrics
+
+  def validate(self, trainer: Any) -> dict[str, float]:
+    """The validation rollouts: a greedy response to each held-out prompt (the first `val_prompts`),
+    its reward-model score and KL to the reference; {val_reward, val_kl, val_response_length,
+    val_ended_fraction}, means over the prompts."""
+    if self.validation is None:
+      return {}
+    greedy = dataclasses.replace(self.sampling, temperature=0.0, top_k=0, top_p=1.0, num_samples=1)
+    limit = self.rc.val_prompts or len(self.validation.examples)
+    got: dict[str, list] = {"reward": [], "kl": [], "response_length": [], "ended_fraction": []}
+    for batch in self.validation:
+      batch = gather_processes(batch)
+      upd, ended, lengths = self._sample(batch, trainer, greedy, jax.random.key(0))
+      _, _, _, kl = self._kl(upd, trainer)
+      valid = np.asarray(batch["valid"]).astype(bool)[:len(lengths)]
+      _, _, scores = self._score(self.validation, batch, upd, lengths, 1, trainer, valid)
+      take = np.flatnonzero(valid)[:limit - len(got["reward"])]  # scores are the valid rows', in order
+      got["reward"] += list(scores[:len(take)])
+      for name, v in (("kl", kl), ("response_length", lengths), ("ended_fraction", ended)):
+        got[name] += list(np.asarray(v, np.float64)[take])
+      if len(got["reward"]) >= limit:
+        break
+    return {f"val_{k}": float(np.mean(v)) for k, v in got.items()}
+
+  def _sample(self, batch: dict[str, np.ndarray], trainer: Any, sampling: SamplingConfig,
+              key: jax.Array) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """(rows: prompt_ids, prompt_mask, tokens, response_mask [N, ...], ended [N], lengths [N]) of
+    `sampling.num_samples` responses to each prompt of `batch` (row i * k + j: sample j of prompt i)."""
+    ph = self.phases
+    state = ph.update.state
+    ids, mask = (np.asarray(a) for a in left_align(jnp.asarray(batch["prompt_ids"]), jnp.asarray(batch["prompt_mask"])))
+    if ph.layout is not None:  # cast and resharded once, not at every token
+      lay = ph.layout
+      mesh, rules, graphdef, params = lay.mesh, lay.rules, lay.graphdef, lay.copy(ph.policy_params(trainer))
+    else:
+      mesh, rules, graphdef, params = state.mesh, state.rules, ph.policy_graphdef, ph.policy_params(trainer)
+    with use_mesh(mesh, rules):  # one prefill per prompt, k samples from its cache
+      out = generate_from_state(graphdef, params, ids, mask, key, sampling, self.stops)
+    del params  # the decode copy lives for the sampling only
+    k = sampling.num_samples
+    ids, mask = np.repeat(ids, k, axis=0), np.repeat(mask, k, axis=0)
+    tokens, lengths, ended = (host_global(x) for x in (out.tokens, out.lengths, out.ended))
+    resp_mask = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
+    return {"prompt_ids": ids, "prompt_mask": mask, "tokens": tokens, "response_mask": resp_mask}, ended, lengths
+
+  def _kl(self, upd: dict[str, np.ndarray], trainer: Any) -> tuple[dict[str, jax.Array], jax.Array, jax.Array,
+                                                                    np.ndarray]:
+    """(the rows on the mesh, the policy's and the reference's log-probs of their tokens, the KL [N])."""
+    ph = self.phases
+    state = ph.update.state
+    dev = put_batch(upd, state.mesh, state.rules)
+    with use_mesh(state.mesh, state.rules):
+      logp = ph.logprobs(ph.policy_params(trainer), dev)
+      ref_logp = ph.logprobs(trainer.frozen_params("reference"), dev)
+      kl = host_global(ph.kl(logp, ref_logp, dev["response_mask"]))
+    return dev, logp, ref_logp, kl
+
+  def _score(self, loader: Any, batch: dict[str, np.ndarray], upd: dict[str, np.ndarray], lengths: np.ndarray, k: int,
+             trainer: Any, rows: np.ndarray | None = None) -> tuple[list[str], list[str], np.ndarray]:
+    """(prompts, responses, reward-model scores) of the rows (those `rows` marks, if given)."""
+    rc, tokens = self.rc, upd["tokens"]
+    ids = np.repeat(batch["example_id"], k)[:len(tokens)]
+    keep = np.arange(len(tokens)) if rows is None else np.flatnonzero(rows)
+    prompts = [loader.examples[int(ids[i])].prompt for i in keep]
+    responses = [response_text(self.tokenizer, tokens[i], int(lengths[i]), rc.stop_strings, self.eos_ids)
+                 for i in keep]
+    if "reward_model" in trainer.frozen:  # the scorer reads the run's frozen reward model
+      self.scorer.params = trainer.frozen["reward_model"]
+    return prompts, responses, np.asarray(self.scorer(prompts, responses)) * rc.reward_scale

@@ -17,6 +17,7 @@ resume builds nothing from the source: the checkpoint restores into the state's 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -96,7 +97,7 @@ class Trainer:
                batch_info: dict[str, Any] | None = None, notes: tuple[str, ...] = (),
                model_info: dict[str, Any] | None = None, compile_for: list[dict[str, Any]] | None = None,
                read_source: Callable[["Trainer"], Any] | None = None,
-               final_part: str = ""):
+               final_part: str = "", keep_best: str | None = None):
     self.cfg, self.out_dir, self.section, self.model_cfg = cfg, storage.absolute(out_dir), section, model
     self.step_fn, self.source, self.loader = step, source, source.position
     self.state = step.state
@@ -115,6 +116,7 @@ class Trainer:
     self.compile_for = list(compile_for or [])
     self._read = read_source   # the initial params of a trainable model `load_params` cannot read (PPO's pair)
     self._final = final_part  # the part of the trained model `DIR/model` holds (PPO: "actor"; "": all of it)
+    self.keep_best = keep_best  # the evaluation metric (higher: better) whose best model DIR/best holds
 
   # -- the state ---------------------------------------------------------------------------------
 
@@ -221,16 +223,27 @@ class Trainer:
     self.start(None, {})  # the state the run would start from, where it has none yet
     return self._evaluate(self) if self._evaluate is not None else {}
 
-  def save_final(self) -> None:
+  def save_final(self, where: str = "model", extra_files: dict[str, bytes] | None = None) -> None:
     model = model_from(self.graphdef, self.model_params(float32=True))
-    save_model(storage.join(self.out_dir, "model"), getattr(model, self._final) if self._final else model, self.meta,
-               self.tokenizer, overwrite=True)
+    save_model(storage.join(self.out_dir, where), getattr(model, self._final) if self._final else model, self.meta,
+               self.tokenizer, overwrite=True, extra_files=extra_files)
+
+  def best(self) -> float | None:
+    """The best `keep_best` value so far (DIR/best/best.json), None before any."""
+    path = storage.join(self.out_dir, "best", "best.json")
+    return json.loads(storage.read_text(path))["value"] if self.keep_best and storage.isfile(path) else None
+
+  def save_best(self, step: int, value: float) -> None:
+    """DIR/best: the model of `step`, whose `keep_best` metric is the best so far (a model checkpoint)."""
+    record = {"step": step, "metric": self.keep_best, "value": value}
+    self.save_final("best", {"best.json": json.dumps(record).encode()})
+    self._say(f"best {self.keep_best} so far: {value:.4f} at step {step}; saved {storage.join(self.out_dir, 'best')}")
 
   def run(self) -> dict[str, Any]:
     s = self.section
     d = self.cfg.dist
     loop = LoopConfig(s.steps, s.log_every, s.save_every, s.keep_checkpoints, s.async_checkpoint, self.cfg.name,
-                      getattr(s, "eval_every", 0), d.heartbeat_timeout, d.step_timeout)
+                      getattr(s, "eval_every", 0), d.heartbeat_timeout, d.step_timeout, self.keep_best)
     return run_loop(self, loop, self.out_dir)
 
 
