@@ -3,7 +3,7 @@
 Both train the same reward model on the same global batches (`configs/quickstart/regression.yaml`
 unless `--config`), through `hs2p train-rm` in fresh processes; tokens/s is the median of the logged
 rates after `--skip` steps (compilation and warm-up excluded). Each process of the 2-process run feeds
-its own block of every global batch (`hs2p_jax/train/feed.py`), so the ratio shows what the processes
+its own block of every global batch (`hs2p_jax/feed.py`), so the ratio shows what the processes
 cost beyond the devices: on one CPU host they also share its cores, so a ratio near 1 means feeding
 adds nothing measurable. The losses of both runs are compared too (they must agree).
 
@@ -42,8 +42,8 @@ def _free_port() -> int:
 # `hs2p` with the feed's read cached: every step gets the first step's placed batch (--replay)
 REPLAY = """
 import sys
+from hs2p_jax import feed
 from hs2p_jax.cli import main
-from hs2p_jax.train import feed
 read = feed.StepFeed._read
 def first(self):
   if not hasattr(self, "_first"):

@@ -147,10 +147,10 @@ class ReinforceConfig(OptimizerConfig):
   updates_per_rollout: int = 1         # optimizer steps per rollout batch (minibatches of it)
   micro_batches: int = 1               # each minibatch through the model in this many slices (grads accumulated)
   share_prompt: bool = False           # policy / reference log-probs compute each prompt once for its k samples
-  rollout_copy: bool = True            # sample from a copy in the rollout layout (`hs2p_jax.rollout`); false:
+  rollout_copy: bool = True            # sample from a copy in the rollout layout (`hs2p_jax.rl.layout`); false:
                                        # from the training params and layout
   rollout_tensor: int = 0              # the copy's tensor-parallel degree (0: chosen for decode time among
-                                       # those that fit half a device, `hs2p_jax.rollout`; 1: replicated)
+                                       # those that fit half a device, `hs2p_jax.rl.layout`; 1: replicated)
   rollout_dtype: str = "auto"          # the copy's dtype (auto: policy.dtype, the compute dtype)
   frozen_dtype: str = "auto"           # the reference's and reward model's matrices (auto: policy.dtype)
   reward_scale: float = 1.0

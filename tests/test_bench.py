@@ -8,8 +8,8 @@ import json
 import numpy as np
 
 from hs2p_jax.cli import main
-from hs2p_jax.bench.flops import device_family, peak_flops, sample_step_bytes, train_flops
 from hs2p_jax.model.config import preset
+from hs2p_jax.roofline.flops import device_family, peak_flops, sample_step_bytes, train_flops
 
 
 def _run(capsys, argv: list[str]) -> dict:

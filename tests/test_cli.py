@@ -154,7 +154,7 @@ def test_ppo_rounds_restart_actor_and_reference_from_the_last_round(tmp_path, mo
   policy) from round 1's best actor by validation reward (its final actor where it kept none) and the
   critic again from the reward model; a rerun skips finished rounds."""
   from hs2p_jax.commands import pipeline as pl
-  from hs2p_jax.train import ppo_trainer
+  from hs2p_jax.rl import ppo_trainer
   calls = []
 
   def fake_train(cfg, out_dir):  # what the stage hands the trainer; round 1 kept a best checkpoint

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from hs2p_jax.data.templates import (join_turns, render, split_turns, steerlm_generation_prompt, steerlm_text)
+from hs2p_jax.data.templates import join_turns, render, split_turns, steerlm_generation_prompt, steerlm_text
 from hs2p_jax.errors import UserError
 from hs2p_jax.tokenizer import load_tokenizer
 

@@ -16,7 +16,7 @@ def test_each_share_of_a_batch_points_at_its_own_rows_where_its_blocks_interleav
   """Pointers of a process's share are mapped to where its rows land in the global batch, also when its
   devices' blocks are not next to each other (a TPU pod's mesh): pure index arithmetic, checked by
   assembling the global host batch as `jax.make_array_from_process_local_data` does (sorted order)."""
-  from hs2p_jax.train.feed import FeedLayout, pad_examples
+  from hs2p_jax.feed import FeedLayout, pad_examples
   split = 4
   shares = [FeedLayout(0, 2, split, (0, 2)), FeedLayout(1, 2, split, (1, 3))]
   local_rows = 4  # and one pair per process, padded to 2 entries (split / slots)
@@ -80,7 +80,7 @@ def test_the_step_compiles_once_per_bucket_before_step_1(tmp_path, packing):
 
 def test_over_a_quarter_of_padding_rows_is_a_config_error(tmp_path):
   from hs2p_jax.sharding import DEFAULT_RULES, MESH_AXES
-  from hs2p_jax.train.feed import micro_batch_rows
+  from hs2p_jax.feed import micro_batch_rows
   mesh = jax.sharding.AbstractMesh((1, 8, 1), MESH_AXES)
   assert micro_batch_rows("train.micro_batch_size", 4, 2, mesh, DEFAULT_RULES, False) == \
       {"micro_batch_rows": 8, "batch_split": 8}

@@ -75,7 +75,7 @@ def test_lora_sft_starts_where_the_full_fine_tune_starts_and_learns(tmp_path):
 
 
 def test_lora_reinforce_samples_from_the_merged_copy_as_from_the_adapters(tmp_path):
-  from hs2p_jax.train.reinforce_trainer import trainer as reinforce_trainer
+  from hs2p_jax.rl.reinforce_trainer import trainer as reinforce_trainer
   runs = {}
   for name, extra in (("full", {}), ("lora", {"policy.lora.rank": 4}),
                       ("lora_nocopy", {"policy.lora.rank": 4, "reinforce.rollout_copy": "false"})):

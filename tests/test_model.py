@@ -135,7 +135,7 @@ def test_the_reward_step_hands_cudnn_its_row_lengths(monkeypatch, tmp_path):
   from hs2p_jax.data import make_loader
   from hs2p_jax.model import attention as attention_lib
   from hs2p_jax.tokenizer import load_tokenizer
-  from hs2p_jax.train.rm import reward_outputs
+  from hs2p_jax.model.scoring import reward_outputs
   seen = []
 
   def flash_by_xla(q, k, v, mask, implementation="cudnn", lengths=None):

@@ -67,7 +67,7 @@ def test_a_peft_adapter_loads_into_ours(tiny_hf_dir, tmp_path):
   from peft import LoraConfig, get_peft_model
 
   from hs2p_jax.convert import load_hf
-  from hs2p_jax.convert.peft import lora_fields, load_adapter
+  from hs2p_jax.convert.peft import load_adapter, lora_fields
   from hs2p_jax.model import create
   path, _ = tiny_hf_dir
   hf = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)  # a fresh score head

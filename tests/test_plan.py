@@ -13,10 +13,10 @@ import pytest
 
 from hs2p_jax import cli
 from hs2p_jax.commands.plan import build_report
-from hs2p_jax.plan import target as plan
 from hs2p_jax.config import RunConfig, load
 from hs2p_jax.errors import UserError
 from hs2p_jax.model.config import PRESETS
+from hs2p_jax.plan import target as plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GB = 1e9
@@ -126,7 +126,7 @@ def test_a_micro_batch_the_mesh_cannot_split_is_padded_and_reported():
 
 
 def test_model_flops_per_device_and_step_time():
-  from hs2p_jax.bench.flops import train_flops
+  from hs2p_jax.roofline.flops import train_flops
   c = PRESETS["llama-3.1-70b"]
   r = report_for(LLAMA_70B + ["mesh.data=1", "mesh.fsdp=128", "train.micro_batch_size=128"], "v5p", 128)
   a = r["analytic"]
@@ -266,7 +266,7 @@ def test_cli_plans_a_dpo_step():
 def test_pair_tokens_give_the_rows_the_loader_packs_such_pairs_into(tmp_path):
   """`--pair-tokens P,R`: rows of a micro-batch of such pairs with and without the prompt shared
   (first fit of equal units: whole units per row, rows bucketed like the loader's), model FLOPs by hand."""
-  from hs2p_jax.bench.flops import decoder_matmul_params
+  from hs2p_jax.roofline.flops import decoder_matmul_params
   from hs2p_jax.data.batching import bucket_rows
   cfg = tmp_path / "tiny.yaml"
   cfg.write_text(TINY)

@@ -22,9 +22,10 @@ from hs2p_jax import config as config_lib
 from hs2p_jax.checkpoint import ModelMeta, save_model
 from hs2p_jax.model import preset
 from hs2p_jax.plan import lm as plan_lm, reinforce as plan_rl, rm as plan_rm
+from hs2p_jax.rl import ppo_trainer, reinforce_trainer
 from hs2p_jax.sharding import rules_from
 from hs2p_jax.tokenizer import load_tokenizer
-from hs2p_jax.train import dpo_trainer, ppo_trainer, reinforce_trainer, rm_trainer, sft_trainer
+from hs2p_jax.train import dpo_trainer, rm_trainer, sft_trainer
 from hs2p_jax.train.model_init import random_model
 
 tmp, pairs, ratings = sys.argv[1:4]

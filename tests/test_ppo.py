@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hs2p_jax.train import ppo
+from hs2p_jax.rl import gae as gae_lib, grpo, ppo
 
 
 def np_gae(r, v, lengths, boot, gamma, lam):
@@ -36,13 +36,13 @@ def test_gae_equals_numpy_with_masks_and_rows_cut_short(gamma, lam):
   v = rng.normal(size=mask.shape).astype(np.float32)
   ended = np.array([False, True, True, False, True])
   boot = np.where(ended, 0.0, rng.normal(size=5)).astype(np.float32)  # rows cut short bootstrap
-  adv, ret = ppo.gae(jnp.asarray(r), jnp.asarray(v), jnp.asarray(mask), gamma, lam, jnp.asarray(boot))
+  adv, ret = gae_lib.gae(jnp.asarray(r), jnp.asarray(v), jnp.asarray(mask), gamma, lam, jnp.asarray(boot))
   want = np_gae(r * mask, v * mask, lengths, boot, gamma, lam)
   np.testing.assert_allclose(np.asarray(adv), want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(ret), (want + v) * mask, rtol=1e-5, atol=1e-6)
   assert np.all(np.asarray(adv)[mask == 0] == 0)
   # no bootstrap: every row ends where its mask does
-  adv0, _ = ppo.gae(jnp.asarray(r), jnp.asarray(v), jnp.asarray(mask), gamma, lam)
+  adv0, _ = gae_lib.gae(jnp.asarray(r), jnp.asarray(v), jnp.asarray(mask), gamma, lam)
   np.testing.assert_allclose(np.asarray(adv0), np_gae(r * mask, v * mask, lengths, np.zeros(5), gamma, lam),
                              rtol=1e-5, atol=1e-6)
 
@@ -51,7 +51,7 @@ def test_token_rewards_put_the_score_at_the_last_token_and_the_kl_everywhere():
   rng, lengths, mask = _rows(1)
   logp, ref = (rng.normal(size=mask.shape).astype(np.float32) for _ in range(2))
   scores = rng.normal(size=5).astype(np.float32)
-  got = np.asarray(ppo.token_rewards(jnp.asarray(scores), jnp.asarray(logp), jnp.asarray(ref), jnp.asarray(mask), 0.1))
+  got = np.asarray(gae_lib.token_rewards(jnp.asarray(scores), jnp.asarray(logp), jnp.asarray(ref), jnp.asarray(mask), 0.1))
   want = -0.1 * np.abs(logp - ref) * mask
   for i, n in enumerate(lengths):
     if n:
@@ -63,7 +63,7 @@ def test_whiten_and_the_clipped_losses_against_numpy():
   rng, _, mask = _rows(2)
   on = mask.astype(bool)
   x = rng.normal(2.0, 3.0, size=mask.shape).astype(np.float32)
-  w = np.asarray(ppo.whiten(jnp.asarray(x), jnp.asarray(mask)))
+  w = np.asarray(gae_lib.whiten(jnp.asarray(x), jnp.asarray(mask)))
   assert abs(w[on].mean()) < 1e-5 and abs(w[on].std() - 1) < 1e-3 and np.all(w[~on] == 0)
 
   logp, old, adv = (rng.normal(scale=s, size=mask.shape).astype(np.float32) for s in (0.3, 0.3, 1.0))
@@ -87,12 +87,12 @@ def test_whiten_and_the_clipped_losses_against_numpy():
 
 def test_grpo_advantages_are_group_normalised_as_trl_and_never_whitened_again():
   s = np.array([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 5.0, 2.5, 2.5, 2.5, 2.5], np.float32)
-  got = np.asarray(ppo.grpo_advantages(jnp.asarray(s), 4))
+  got = np.asarray(grpo.grpo_advantages(jnp.asarray(s), 4))
   g = s.reshape(3, 4)  # TRL: (r - mean) / (std + 1e-4), torch's std: unbiased
   want = ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)).ravel()
   np.testing.assert_allclose(got, want, rtol=1e-5)
   assert np.all(got[8:] == 0.0)  # a group whose samples all score the same: no signal
-  np.testing.assert_array_equal(np.asarray(ppo.flat_groups(jnp.asarray(s), 4)), [False] * 8 + [True] * 4)
+  np.testing.assert_array_equal(np.asarray(grpo.flat_groups(jnp.asarray(s), 4)), [False] * 8 + [True] * 4)
   mask = np.ones((12, 3), np.int32)
   zeros = jnp.zeros((12, 3))
   for whitened in (True, False):  # `whiten` applies to GAE's advantages only
@@ -120,7 +120,7 @@ def test_the_grpo_actor_loss_is_trls(agg, loss_type):
   logp, old, ref = (rng.normal(-2.0, 0.3, size=mask.shape).astype(np.float32) for _ in range(3))
   adv = rng.normal(size=mask.shape[0]).astype(np.float32)
   per_token, _ = ppo.surrogate(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv)[:, None] * mask, 0.2, 0.28)
-  from hs2p_jax.train.reinforce import kl_per_token
+  from hs2p_jax.rl.kl import kl_per_token
   per_token = per_token + 0.04 * kl_per_token(jnp.asarray(logp), jnp.asarray(ref), "k3")
   got = float(jnp.sum(per_token * ppo.actor_weights(jnp.asarray(mask), agg)))
   assert got == pytest.approx(_trl_grpo_loss(logp, old, ref, adv, mask, 0.2, 0.28, 0.04, loss_type), rel=1e-5)
@@ -137,7 +137,7 @@ def test_the_critic_starts_as_the_reward_model_and_the_first_minibatch_is_unclip
   from hs2p_jax.model import create, preset
   from hs2p_jax.model.actor_critic import response_values
   from hs2p_jax.train.optim import actor_critic_optimizer
-  from hs2p_jax.train.reinforce import response_logprobs
+  from hs2p_jax.model.logprobs import response_logprobs
   actor_cfg, critic_cfg = preset("tiny", num_layers=1), preset("tiny", num_layers=2)
   rm, lm = create("reward", critic_cfg, 9, seed=3), create("lm", actor_cfg, seed=1)
   ac = create("actor_critic", actor_cfg, 9, critic=critic_cfg)
@@ -161,9 +161,9 @@ def test_the_critic_starts_as_the_reward_model_and_the_first_minibatch_is_unclip
   batch = {"prompt_ids": prompts, "prompt_mask": pmask, "tokens": tokens, "response_mask": rmask}
   old_logp = np.asarray(nnx.jit(response_logprobs)(ac.actor, prompts, pmask, tokens, rmask))
   scores = rng.normal(size=n).astype(np.float32)
-  rewards = ppo.token_rewards(jnp.asarray(scores), jnp.asarray(old_logp), jnp.asarray(old_logp), rmask, 0.01)
-  adv, ret = ppo.gae(rewards, jnp.asarray(values[:, :-1]), rmask, 1.0, 0.95)
-  batch.update(old_logp=old_logp, old_values=values[:, :-1], advantages=np.asarray(ppo.whiten(adv, rmask)),
+  rewards = gae_lib.token_rewards(jnp.asarray(scores), jnp.asarray(old_logp), jnp.asarray(old_logp), rmask, 0.01)
+  adv, ret = gae_lib.gae(rewards, jnp.asarray(values[:, :-1]), rmask, 1.0, 0.95)
+  batch.update(old_logp=old_logp, old_values=values[:, :-1], advantages=np.asarray(gae_lib.whiten(adv, rmask)),
                returns=np.asarray(ret), actor_mask=rmask)
   opt_cfg = types.SimpleNamespace(lr=1e-3, critic_lr=1e-3, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.98,
                                   eps=1e-8, grad_clip=1.0)
@@ -248,7 +248,7 @@ def test_a_truncated_row_trains_the_critic_not_the_actor():
            **{k: rng.normal(scale=0.5, size=(n, tr)).astype(np.float32) for k in ("old_values", "advantages", "returns")}}
   tx = optax.sgd(1.0)
   step = jax.jit(ppo.make_ppo_step(graphdef, tx, np.eye(9, dtype=np.float32)[4]))
-  from hs2p_jax.train.reinforce import response_logprobs
+  from hs2p_jax.model.logprobs import response_logprobs
   batch["old_logp"] = np.asarray(nnx.jit(response_logprobs)(nnx.merge(graphdef, params).actor, batch["prompt_ids"],
                                                              batch["prompt_mask"], batch["tokens"], rmask))
 
@@ -288,7 +288,7 @@ def test_ppo_trains_the_actor_and_the_critic_from_the_reward_model(tmp_path):
   actor; a run stopped after step 2 and resumed logs the uninterrupted run's numbers."""
   from hs2p_jax.checkpoint import read_meta
   from hs2p_jax.train.metrics import read_metrics
-  from hs2p_jax.train.ppo_trainer import trainer
+  from hs2p_jax.rl.ppo_trainer import trainer
   t = trainer(_ppo_config(tmp_path, **{"ppo.steps": 5, "ppo.truncated_in_actor_loss": True}), str(tmp_path / "run"))
   assert set(t.state.params) == {"actor", "critic"} and set(t.state.frozen) == {"reference", "reward_model"}
   t.run()
@@ -317,8 +317,8 @@ def test_each_epoch_takes_the_rollout_in_its_own_order_of_whole_prompt_groups():
   import types
 
   import jax
-  from hs2p_jax.sharding import make_mesh, MeshConfig
-  from hs2p_jax.train.rollouts import RolloutSource
+  from hs2p_jax.sharding import MeshConfig, make_mesh
+  from hs2p_jax.rl.rollouts import RolloutSource
   mesh = make_mesh(MeshConfig(data=1))
   source = RolloutSource.__new__(RolloutSource)
   source.shuffle = True
@@ -341,7 +341,7 @@ def test_the_quickstart_ppo_config_raises_a_reward_with_the_kl_bounded(tmp_path)
   import os
   from hs2p_jax import config as config_lib
   from hs2p_jax.train.metrics import read_metrics
-  from hs2p_jax.train.ppo_trainer import trainer
+  from hs2p_jax.rl.ppo_trainer import trainer
   from test_reinforce import letter_reward
   _ppo_config(tmp_path)  # writes the reward model
   path = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart", "ppo.yaml")
@@ -368,8 +368,23 @@ def test_ppo_stops_at_a_non_finite_step_naming_it(tmp_path):
   """A reward of 1e30 and no gradient clipping: the run stops at the first non-finite step, naming
   it, with the last good checkpoint kept and no final model."""
   from conftest import assert_stops_at_a_non_finite_step
-  from hs2p_jax.train.ppo_trainer import trainer
+  from hs2p_jax.rl.ppo_trainer import trainer
   cfg = _ppo_config(tmp_path, **{"ppo.steps": 6, "ppo.lr": 1e12, "ppo.critic_lr": 1e12, "ppo.grad_clip": 0.0,
                                  "ppo.save_every": 1})
   t = trainer(cfg, str(tmp_path / "run"), scorer=lambda p, r: np.full(len(r), 1e30, np.float32))
   assert_stops_at_a_non_finite_step(t.run, tmp_path / "run")
+
+
+def test_grpo_with_its_options_runs_on_the_trainer(tmp_path):
+  """GRPO as configured in full (k3 KL in the loss, clip-higher, sequence aggregation, flat groups
+  dropped) trains: finite losses, the KL term logged, the actor's share of tokens reported."""
+  from hs2p_jax.rl.ppo_trainer import trainer
+  from hs2p_jax.train.metrics import read_metrics
+  cfg = _ppo_config(tmp_path, **{"ppo.steps": 2, "ppo.advantage": "grpo", "ppo.samples_per_prompt": 2,
+                                 "ppo.prompts_per_step": 4, "ppo.kl_in_loss": True, "ppo.clip_high": 0.28,
+                                 "ppo.loss_agg": "sequence", "ppo.drop_flat_groups": True,
+                                 "ppo.truncated_in_actor_loss": True})
+  trainer(cfg, str(tmp_path / "run")).run()
+  recs = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))
+  assert [r["step"] for r in recs] == [1, 2] and all(np.isfinite(r["loss"]) for r in recs)
+  assert recs[0]["kl_loss"] == pytest.approx(0.0, abs=1e-6) and 0.0 <= recs[-1]["actor_token_fraction"] <= 1.0

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from hs2p_jax import config as config_lib
+from hs2p_jax.model.logprobs import response_logprobs, shared_prompt_logprobs
+from hs2p_jax.rl.kl import kl_per_token
+from hs2p_jax.rl.reinforce import reinforce_loss
+from hs2p_jax.rl.reinforce_trainer import trainer as reinforce_trainer
+from hs2p_jax.rl.rloo import advantages, rloo_baseline
 from hs2p_jax.train.metrics import read_metrics
-from hs2p_jax.train.reinforce import (advantages, kl_per_token, reinforce_loss, response_logprobs, rloo_baseline,
-                                      shared_prompt_logprobs)
-from hs2p_jax.train.reinforce_trainer import trainer as reinforce_trainer
 
 
 def np_rloo(r, e):
@@ -159,7 +161,7 @@ def test_chunked_token_logprobs_equal_a_whole_log_softmax(chunk):
   """Values and gradients (wrt params and hidden states) of the chunked LM-head log-probs."""
   from flax import nnx
   from hs2p_jax.model import create, preset
-  from hs2p_jax.train.logprobs import token_logprobs
+  from hs2p_jax.model.logprobs import token_logprobs
   lm = create("lm", preset("tiny", num_layers=1), seed=0)
   graphdef, params = nnx.split(lm)
   rng = np.random.RandomState(0)
@@ -195,7 +197,7 @@ def test_the_objective_reads_log_probs_under_the_sampling_distribution():
   a numpy log-softmax of the full forward's logits / 0.7."""
   from hs2p_jax.model import create, preset
   from hs2p_jax.sample import generate, left_align
-  from hs2p_jax.train.reinforce import objective_temperature
+  from hs2p_jax.model.logprobs import objective_temperature
   lm = create("lm", preset("tiny", num_layers=2), seed=3)
   rng = np.random.RandomState(1)
   ids = rng.randint(16, 270, (3, 7)).astype(np.int32)
@@ -241,7 +243,8 @@ def test_micro_batched_policy_updates_equal_the_one_pass_update(share):
   from flax import nnx
   from conftest import padded_batch
   from hs2p_jax.model import create, preset
-  from hs2p_jax.train.reinforce import interleave, make_policy_step
+  from hs2p_jax.train.accumulate import interleave
+  from hs2p_jax.rl.reinforce import make_policy_step
   assert interleave(jnp.arange(12), 3, 2).tolist() == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10, 11]]
   graphdef, params = nnx.split(create("lm", preset("tiny", num_layers=1), seed=5))
   rng = np.random.RandomState(2)

@@ -147,7 +147,7 @@ def hs3_model(tmp_path_factory):
 def test_eval_rewardbench2_scores_every_completion_as_the_scorer_does(hs3_model, tmp_path, capsys):
   from hs2p_jax.cli import main
   from hs2p_jax.data.synthetic import write_builtin
-  from hs2p_jax.train.rm_scorer import RewardScorer
+  from hs2p_jax.eval.scorer import RewardScorer
   path = write_builtin(str(tmp_path / "b"), size=128)["rewardbench2"]
   out = tmp_path / "rb2.json"
   assert main(["eval", "--checkpoint", str(hs3_model), "--data", path, "--format", "rewardbench2", "--out", str(out),

@@ -12,7 +12,7 @@ import pytest
 
 from hs2p_jax.errors import UserError
 from hs2p_jax.model import preset
-from hs2p_jax.rollout import choose_tensor
+from hs2p_jax.rl.layout import choose_tensor
 
 GiB = 1 << 30
 
@@ -34,7 +34,7 @@ def test_without_chip_figures_the_smallest_degree_that_fits_half_a_device():
 
 
 def _decode_seconds(cfg, copy, n, t, rows, context, bw, peak, link, hop):
-  """An independent statement of bench.decode_time's model: HBM bytes or FLOPs, plus ring all-reduces."""
+  """An independent statement of roofline.decode_time's model: HBM bytes or FLOPs, plus ring all-reduces."""
   group = rows * t / n
   d, L = cfg.hidden_size, cfg.num_layers
   weights = L * (d * cfg.head_dim * 2 * (cfg.num_heads + cfg.num_kv_heads) + 3 * d * cfg.intermediate_size)
@@ -48,9 +48,9 @@ def _decode_seconds(cfg, copy, n, t, rows, context, bw, peak, link, hop):
     ("llama-3.1-70b", 128, 141 * 10**9, 95 * GiB, "v5p", 4), ("llama-3.1-8b", 8, 16 * 10**9, 95 * GiB, "v5p", 1),
     ("llama-3.1-70b", 16, 141 * 10**9, 80 * GiB, "h100", 4)])
 def test_the_degree_is_chosen_for_decode_time_among_those_that_fit(name, n, copy, memory, chip, smallest):
-  from hs2p_jax.bench.decode_time import LINKS, NETWORK_LINK, decode_time
-  from hs2p_jax.bench.flops import PEAK_BANDWIDTH, PEAK_FLOPS
-  from hs2p_jax.rollout import degrees, smallest_fitting
+  from hs2p_jax.roofline.decode_time import LINKS, NETWORK_LINK, decode_time
+  from hs2p_jax.roofline.flops import PEAK_BANDWIDTH, PEAK_FLOPS
+  from hs2p_jax.rl.layout import degrees, smallest_fitting
   cfg = preset(name).replace(dtype="bfloat16")
   rows, context = 128, 2048 + 1024
   assert smallest_fitting(copy, n, cfg, rows, memory) == smallest
@@ -73,7 +73,7 @@ import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from hs2p_jax.errors import UserError
 from hs2p_jax.model import preset
-from hs2p_jax.rollout import layout_for
+from hs2p_jax.rl.layout import layout_for
 from hs2p_jax.sample import SamplingConfig, generate_from_state
 from hs2p_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh, use_mesh
 from hs2p_jax.train.model_init import random_model
@@ -159,7 +159,7 @@ def test_layout_rows_must_split(tmp_path):
   import jax
   from flax import nnx
   from hs2p_jax.model import create
-  from hs2p_jax.rollout import layout_for
+  from hs2p_jax.rl.layout import layout_for
   from hs2p_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh
   cfg = preset("tiny", num_layers=1)
   _, st = nnx.split(create("lm", cfg))

@@ -108,7 +108,7 @@ def _tiny_run(tmp_path, capsys, name: str, *extra: str) -> str:
 
 def test_every_step_checkpoint_is_a_model(tmp_path, capsys):
   from hs2p_jax.checkpoint import load_model, read_meta
-  from hs2p_jax.train.rm_scorer import RewardScorer
+  from hs2p_jax.eval.scorer import RewardScorer
   out = _tiny_run(tmp_path, capsys, "run")
   step2, model = os.path.join(out, "checkpoints", "2"), os.path.join(out, "model")
   assert read_meta(step2) == read_meta(model) and read_meta(model).max_length == 64

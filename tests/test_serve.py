@@ -200,7 +200,7 @@ def test_the_token_is_required(served):
 
 def _rl_rewards(tmp_path, kind: str, reward_model: str, name: str, critic: str) -> list[float]:
   from hs2p_jax import config as config_lib
-  from hs2p_jax.train import ppo_trainer, reinforce_trainer
+  from hs2p_jax.rl import ppo_trainer, reinforce_trainer
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text("".join('{"prompt": "Say something %d"}\n' % i for i in range(8)))
   sets = {"policy.preset": "tiny", "policy.num_layers": 1, "policy.tokenizer": "bytes", "data.train": str(prompts),
@@ -233,7 +233,7 @@ def test_a_reward_server_that_is_not_there_is_one_line(tmp_path):
   from test_multiprocess import free_port
 
   from hs2p_jax.errors import UserError
-  from hs2p_jax.serve.client import RemoteScorer, ServerGone
+  from hs2p_jax.rl.reward_client import RemoteScorer, ServerGone
   url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
   with pytest.raises(UserError, match=f"reward_model={url}: no reward server answers there"):
     RemoteScorer(url, timeout=5, retries=0).check(72)

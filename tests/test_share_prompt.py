@@ -15,9 +15,10 @@ from hs2p_jax.data.batching import common_prefix, pack_units, shared_pair
 from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.model import create
 from hs2p_jax.model.config import preset
+from hs2p_jax.model.scoring import reward_outputs
 from hs2p_jax.tokenizer import load_tokenizer
 from hs2p_jax.train.metrics import read_metrics
-from hs2p_jax.train.rm import Objective, loss_terms, reward_outputs
+from hs2p_jax.train.rm import Objective, loss_terms
 from hs2p_jax.train.rm_trainer import trainer as rm_trainer
 
 A = lambda *x: np.array(x, np.int32)

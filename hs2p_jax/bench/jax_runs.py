@@ -7,8 +7,8 @@ import os
 import statistics
 import time
 
-from hs2p_jax.bench.flops import PEAK_BANDWIDTH, device_family, peak_flops, sample_step_bytes, train_flops
 from hs2p_jax.bench.measure import device_peak_bytes, peak_rss_bytes, rounded, times_of
+from hs2p_jax.roofline.flops import PEAK_BANDWIDTH, device_family, peak_flops, sample_step_bytes, train_flops
 
 
 def data_mesh(devices: int | None):
@@ -89,7 +89,7 @@ class RMStep:
     from flax import nnx
     from hs2p_jax.model import create
     from hs2p_jax.sharding import state_shardings, use_mesh
-    from hs2p_jax.train.feed import put_batch
+    from hs2p_jax.feed import put_batch
     from hs2p_jax.train.optim import make_optimizer
     from hs2p_jax.train.rm import Objective, make_train_step
     from hs2p_jax.sharding import opt_state_shardings
@@ -186,10 +186,10 @@ class SampleRun:
     import numpy as np
     from flax import nnx
     from hs2p_jax.model import create
-    from hs2p_jax.rollout import layout_for
+    from hs2p_jax.rl.layout import layout_for
     from hs2p_jax.sample import SamplingConfig, generate_from_state
     from hs2p_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh, state_shardings, use_mesh
-    from hs2p_jax.train.feed import put_batch
+    from hs2p_jax.feed import put_batch
 
     self.cfg, self.batch, self.new_tokens, self.rows = cfg, batch, new_tokens, batch * samples
     self.mesh = data_mesh(devices)

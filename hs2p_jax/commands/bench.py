@@ -1,7 +1,7 @@
 """`hs2p bench`: throughput of the reward-model training step, the KV-cache sampler and the data
 pipeline, each printed as one JSON object; optionally beside the same work in PyTorch/transformers.
 
-Model FLOPs and MFU: hs2p_jax/bench/flops.py. Timings are medians over steps after a compile and a warm-up step, each step synchronised
+Model FLOPs and MFU: hs2p_jax/roofline/flops.py. Timings are medians over steps after a compile and a warm-up step, each step synchronised
 (`block_until_ready`). The PyTorch baselines run in a child process (own threads, own peak RSS);
 torch is imported only there.
 """

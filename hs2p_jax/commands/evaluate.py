@@ -15,10 +15,10 @@ import numpy as np
 from hs2p_jax import storage
 from hs2p_jax.atomic import write_json
 from hs2p_jax.config import DataConfig
+from hs2p_jax.eval.scorer import RewardScorer
 from hs2p_jax.eval.scoring import Progress, collect
+from hs2p_jax.feed import feed_layout
 from hs2p_jax.sharding import batch_split, use_mesh
-from hs2p_jax.train.feed import feed_layout
-from hs2p_jax.train.rm_scorer import RewardScorer
 
 
 # `--set data.KEY` that scoring pairs applies (hs2p eval, and the factor search of hs2p expo).

@@ -267,7 +267,7 @@ class Pipeline:
     return {**rewardbench2.report(groups, scores), "load": load.summary()}
 
   def _reinforce(self) -> None:
-    from hs2p_jax.train.reinforce_trainer import train_reinforce
+    from hs2p_jax.rl.reinforce_trainer import train_reinforce
     if not self.cfg.reinforce:
       return
     rm = self._reward_model()
@@ -288,7 +288,7 @@ class Pipeline:
     actor and its reference from round r-1's best actor by validation reward (`DIR/<round>/best`, the
     paper's "best round-1 checkpoint"; its final actor where it ran no validation) and the critic
     again from the reward model."""
-    from hs2p_jax.train.ppo_trainer import train_ppo
+    from hs2p_jax.rl.ppo_trainer import train_ppo
     if not self.cfg.ppo:
       return
     rm = self._reward_model()
@@ -356,7 +356,7 @@ class Pipeline:
     from hs2p_jax.data.synthetic import resolve_source
     from hs2p_jax.eval.policies import compare
     from hs2p_jax.train.model_init import build_model
-    from hs2p_jax.train.rm_scorer import RewardScorer
+    from hs2p_jax.eval.scorer import RewardScorer
     stages = {"reinforce": "reinforce", "ppo": self._ppo_dirs()[-1], "dpo": "dpo"}
     trained = {name: storage.join(self._dir(s), "model") for name, s in stages.items()
                if is_model_checkpoint(storage.join(self._dir(s), "model"))}

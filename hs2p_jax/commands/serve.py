@@ -43,7 +43,7 @@ def serve_command(args) -> int:
   from hs2p_jax.serve.batcher import Batcher
   from hs2p_jax.serve.engine import Engine
   from hs2p_jax.serve.texts import TextEncoder
-  from hs2p_jax.train.rm_scorer import RewardScorer
+  from hs2p_jax.eval.scorer import RewardScorer
 
   cfg, mesh, rules = tool_config("serve", args.checkpoint, args.overrides, None, None, args.max_length,
                                  data_keys=("template", "max_length"))

@@ -11,8 +11,8 @@ from hs2p_jax.distributed import compile_cache, initialize
 # command -> (its config class, "module:function" that trains it into an output directory)
 TRAINERS = {
     "train-rm": ("RunConfig", "hs2p_jax.train.rm_trainer:train_rm"),
-    "reinforce": ("ReinforceRunConfig", "hs2p_jax.train.reinforce_trainer:train_reinforce"),
-    "ppo": ("PPORunConfig", "hs2p_jax.train.ppo_trainer:train_ppo"),
+    "reinforce": ("ReinforceRunConfig", "hs2p_jax.rl.reinforce_trainer:train_reinforce"),
+    "ppo": ("PPORunConfig", "hs2p_jax.rl.ppo_trainer:train_ppo"),
     "train-dpo": ("DPORunConfig", "hs2p_jax.train.dpo_trainer:train_dpo"),
     "train-sft": ("SFTRunConfig", "hs2p_jax.train.sft_trainer:train_sft"),
 }

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from hs2p_jax.convert.mapping import REGIONS, Path, hf_shape, hf_to_ours
+from hs2p_jax.convert.mapping import Path, REGIONS, hf_shape, hf_to_ours
 from hs2p_jax.errors import UserError
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.sharding import DEFAULT_RULES, Rules, state_shardings

@@ -34,9 +34,7 @@ import numpy as np
 
 from hs2p_jax import storage
 from hs2p_jax.config import DataConfig
-from hs2p_jax.data.batching import (CHOSEN, REJECTED, Unit, bucket_length, num_packed_rows, pack_units, pad_left,
-                                    bucket_lengths, bucket_rows, pad_right, round_up, row_buckets, shared_pair,
-                                    unit_targets)
+from hs2p_jax.data.batching import (CHOSEN, REJECTED, Unit, bucket_length, num_packed_rows, pack_units, pad_left, bucket_lengths, bucket_rows, pad_right, round_up, row_buckets, shared_pair, unit_targets)
 from hs2p_jax.data.encode import encode
 from hs2p_jax.data.examples import LoadReport
 from hs2p_jax.data.load import load_examples

@@ -25,10 +25,10 @@ from hs2p_jax.data.encode import encode
 from hs2p_jax.data.examples import PairExample, PromptExample
 from hs2p_jax.data.sft import justifier_prompt
 from hs2p_jax.data.templates import render
+from hs2p_jax.feed import host_global
 from hs2p_jax.sample import SamplingConfig, generate_from_state
 from hs2p_jax.sharding import DEFAULT_RULES, batch_split, use_mesh
 from hs2p_jax.stops import cut_at_stop, stop_automaton
-from hs2p_jax.train.feed import host_global
 
 VERDICT = re.compile(r"@Response ([12]) is (?:[A-Za-z]+ )*?better")
 

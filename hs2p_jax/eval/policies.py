@@ -17,11 +17,11 @@ from flax import nnx
 from hs2p_jax.data.batching import pad_left
 from hs2p_jax.data.encode import encode
 from hs2p_jax.data.examples import PromptExample
+from hs2p_jax.feed import host_global, put_batch
+from hs2p_jax.model.logprobs import make_logprob_fn
 from hs2p_jax.sample import SamplingConfig, generate_from_state
 from hs2p_jax.sharding import DEFAULT_RULES, batch_split, use_mesh
 from hs2p_jax.stops import cut_at_stop, stop_automaton
-from hs2p_jax.train.feed import host_global, put_batch
-from hs2p_jax.train.reinforce import make_logprob_fn
 
 
 def compare(policies: dict[str, Any], reference: Any, tokenizer: Any, template: str, prompts: Sequence[str],

@@ -12,9 +12,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from hs2p_jax.feed import feed_layout, to_global
 from hs2p_jax.losses import bt_losses
 from hs2p_jax.sharding import DEFAULT_RULES
-from hs2p_jax.train.feed import feed_layout, to_global
 
 
 class Progress:
@@ -40,7 +40,7 @@ class Progress:
 def collect(eval_fn: Callable, params: Any, batches: Iterable[dict[str, np.ndarray]], mesh=None, rules=None,
             max_batches: int = 0, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
   """Runs `eval_fn(params, batch)` (its outputs replicated) over `batches`, this process's blocks of
-  global batches (`train.feed`); returns the valid examples' outputs ([N, 2, A] pairs or [N, A]),
+  global batches (`hs2p_jax.feed`); returns the valid examples' outputs ([N, 2, A] pairs or [N, A]),
   example ids [N] and, where present, magnitude / labels / label_mask. Each batch is dispatched
   before the previous one's results are fetched; `progress(examples so far)` is called after each."""
   rules = rules if rules is not None else DEFAULT_RULES

@@ -14,13 +14,13 @@ from typing import Any
 
 from jax.sharding import AbstractMesh
 
-from hs2p_jax.bench.flops import PEAK_FLOPS, attention_flops, attention_forward_flops, forward_flops, train_flops
 from hs2p_jax.config import DPORunConfig, SFTRunConfig
 from hs2p_jax.model.attention import choose
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.plan import compile as comp
 from hs2p_jax.plan.rm import num_params
 from hs2p_jax.plan.target import Target, final_verdict, gpu_warnings
+from hs2p_jax.roofline.flops import PEAK_FLOPS, attention_flops, attention_forward_flops, forward_flops, train_flops
 from hs2p_jax.sharding import MESH_AXES, Rules, batch_split, rules_from
 from hs2p_jax.train import dpo_trainer, sft_trainer
 from hs2p_jax.train.model_init import architecture

@@ -14,10 +14,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from hs2p_jax.bench.flops import decoder_matmul_params
 from hs2p_jax.data.batching import bucket_rows, num_packed_rows
 from hs2p_jax.data.pipeline import PACKED_ROW_MULTIPLE
 from hs2p_jax.errors import UserError
+from hs2p_jax.roofline.flops import decoder_matmul_params
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,12 +1,12 @@
 """The plan of a REINFORCE or PPO run: per-device memory and FLOPs of the phases its trainer runs
-(`train.reinforce_trainer.blueprint`, `train.ppo_trainer.blueprint`: the same state and jitted functions).
+(`rl.reinforce_trainer.blueprint`, `rl.ppo_trainer.blueprint`: the same state and jitted functions).
 
 Resident for the whole run: the policy (float32) and its AdamW state (PPO: the actor and the
 critic, each with its AdamW state), the frozen reference and the reward model (their matrices in
 `reinforce.frozen_dtype` / `ppo.frozen_dtype`, the policy's compute dtype by default), all sharded
 by the rules. One step runs these phases one after another, each a compiled function of some of
 the resident arrays and its own inputs:
-  copy       the policy cast and resharded into the rollout layout (`hs2p_jax.rollout`), unless
+  copy       the policy cast and resharded into the rollout layout (`hs2p_jax.rl.layout`), unless
              reinforce.rollout_copy is off
   generate   (from that copy, on its mesh) prefill of the P prompts (or of their P*k copies where P
              does not split over the batch axes) and the decode loop with its KV cache, k samples per prompt
@@ -19,7 +19,7 @@ A phase's peak is its compiled peak plus the resident arrays it does not take; t
 the largest. Memory from the phases as they run (scanned layers, at 2 and 4 layers extrapolated),
 FLOPs from the layers unrolled at 1 and 2 layers; the decode loop's body, which XLA's cost analysis
 counts once, is compiled on its own and counted once per new token. Model FLOPs
-(`bench.flops.forward_flops`, causal attention not discounted): the prefill, 2N + attention over the
+(`roofline.flops.forward_flops`, causal attention not discounted): the prefill, 2N + attention over the
 mean context per decoded token, two log-prob forwards (with reinforce.share_prompt, over one
 [prompt | k samples] row per prompt), the reward model's forward and the update's forward and backward
 (PPO: the critic's forward, and its forward and backward in each update, epochs times).
@@ -37,23 +37,24 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from hs2p_jax.bench import decode_time
-from hs2p_jax.bench.flops import PEAK_FLOPS, attention_forward_flops, decode_flops, forward_flops
 from hs2p_jax.config import PPORunConfig, ReinforceRunConfig
+from hs2p_jax.eval.scorer import score_spec
+from hs2p_jax.feed import batch_sharding
 from hs2p_jax.model import model_from
 from hs2p_jax.model.attention import choose
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.plan import compile as comp
 from hs2p_jax.plan.rm import num_params
 from hs2p_jax.plan.target import Target, final_verdict, gpu_warnings, verdict
-from hs2p_jax.rollout import smallest_fitting
+from hs2p_jax.rl import ppo_trainer, reinforce_trainer as rt
+from hs2p_jax.rl.setup import Phases, reward_architecture, rollout_spec
+from hs2p_jax.rl.layout import smallest_fitting
+from hs2p_jax.rl.reward_client import is_served
+from hs2p_jax.roofline import decode_time
+from hs2p_jax.roofline.flops import PEAK_FLOPS, attention_forward_flops, decode_flops, forward_flops
 from hs2p_jax.sample import SamplingConfig, generate_from_state
 from hs2p_jax.sharding import MESH_AXES, Rules, batch_split, rules_from, use_mesh
-from hs2p_jax.train import ppo_trainer, reinforce_trainer as rt
-from hs2p_jax.train.feed import batch_sharding
-from hs2p_jax.serve.client import is_served
 from hs2p_jax.train.model_init import architecture
-from hs2p_jax.train.rm_scorer import score_spec
 
 PHASES = ("copy", "generate", "logprobs", "score", "values", "update")
 # the resident trees each phase takes as arguments (the rest stay resident beside it); PPO's
@@ -104,7 +105,7 @@ def phases(cfg: RLConfig) -> tuple[str, ...]:
   return tuple(p for p in out if (p != "score" or not is_served(cfg.reward_model)) and (p != "values" or is_ppo(cfg)))
 
 
-def resident(ph: rt.Phases) -> dict[str, int]:
+def resident(ph: Phases) -> dict[str, int]:
   """Per-device bytes of what lives through the run: policy (PPO: actor and critic), AdamW state,
   reference, reward model."""
   st = ph.update.state
@@ -117,7 +118,7 @@ def resident(ph: rt.Phases) -> dict[str, int]:
   return {"policy": params - critic, "critic": critic, "optimizer": res.pop("optimizer"), **res}
 
 
-def policy_params(ph: rt.Phases) -> Any:
+def policy_params(ph: Phases) -> Any:
   """The policy's abstract params as the sampler and the log-prob phase take them (PPO: the actor's)."""
   import types
   st = ph.update.state
@@ -139,7 +140,7 @@ def sampling(cfg: RLConfig, new_tokens: int | None = None) -> SamplingConfig:
                         top_p=rc.top_p, eos_ids=(2,), num_samples=rc.samples_per_prompt)
 
 
-def sampler_state(ph: rt.Phases) -> tuple[Any, Rules, Any, Any]:
+def sampler_state(ph: Phases) -> tuple[Any, Rules, Any, Any]:
   """(mesh, rules, graphdef, abstract params) the sampler runs with: the rollout copy's, or the policy's."""
   st, lay = ph.update.state, ph.layout
   if lay is None:
@@ -147,7 +148,7 @@ def sampler_state(ph: rt.Phases) -> tuple[Any, Rules, Any, Any]:
   return lay.mesh, lay.rules, lay.graphdef, lay.abstract()
 
 
-def lower(phase: str, cfg: RLConfig, ph: rt.Phases, new_tokens: int | None = None):
+def lower(phase: str, cfg: RLConfig, ph: Phases, new_tokens: int | None = None):
   """The run's jitted function of `phase` lowered on its abstract inputs."""
   st, s = ph.update.state, shapes(cfg)
   mesh, rules = st.mesh, st.rules
@@ -161,17 +162,17 @@ def lower(phase: str, cfg: RLConfig, ph: rt.Phases, new_tokens: int | None = Non
       return generate_from_state.lower(graphdef, params, prompts, prompts, key, sampling(cfg, new_tokens))
   with use_mesh(mesh, rules):
     if phase == "logprobs":
-      return ph.logprobs.lower(policy_params(ph), rt.rollout_spec(cfg, mesh, rules, s.rollouts))
+      return ph.logprobs.lower(policy_params(ph), rollout_spec(cfg, mesh, rules, s.rollouts))
     if phase == "score":
       return ph.score.lower(st.frozen["reward_model"], score_spec(mesh, rules, s.prompt_len + s.new_tokens))
     if phase == "values":
-      return ph.values.lower(st.params["critic"], rt.rollout_spec(cfg, mesh, rules, s.rollouts))
+      return ph.values.lower(st.params["critic"], rollout_spec(cfg, mesh, rules, s.rollouts))
   if phase == "update":
-    return ph.update.lower(rt.rollout_spec(cfg, mesh, rules, s.minibatch, advantages=True))
+    return ph.update.lower(rollout_spec(cfg, mesh, rules, s.minibatch, advantages=True))
   raise ValueError(phase)
 
 
-def _decode_step(ph: rt.Phases, s: Shapes):
+def _decode_step(ph: Phases, s: Shapes):
   """One decode step of the N rollouts against a full cache (Tp + Tr slots): the loop's body."""
   from hs2p_jax.model.llama import KVCache
   from hs2p_jax.sample import _constrain_cache
@@ -192,7 +193,7 @@ Critic = tuple[LlamaConfig, int, Any]  # PPO's critic: (architecture, outputs, v
 
 
 def blueprint(cfg: RLConfig, mesh: Any, rules: Rules, policy: LlamaConfig, reward: tuple[LlamaConfig, int] | None,
-              critic: Critic | None, memory: int | None = None, chip: str | None = None) -> rt.Phases:
+              critic: Critic | None, memory: int | None = None, chip: str | None = None) -> Phases:
   """The trainer's own state and phases: REINFORCE's, or PPO's with its `critic`."""
   if is_ppo(cfg):
     return ppo_trainer.blueprint(cfg, mesh, rules, policy, critic, reward, memory=memory, chip=chip)
@@ -200,7 +201,7 @@ def blueprint(cfg: RLConfig, mesh: Any, rules: Rules, policy: LlamaConfig, rewar
 
 
 def compile_phases(cfg: RLConfig, policy: LlamaConfig, reward: tuple[LlamaConfig, int] | None, target: Target,
-                   mode: str, full: rt.Phases, critic: Critic | None = None) -> dict[str, Any]:
+                   mode: str, full: Phases, critic: Critic | None = None) -> dict[str, Any]:
   """Compiled per-device memory of each phase and FLOPs of the step; status ok / skipped / failed.
   Depths are scaled together (policy, reward model, critic at n layers each) and each phase
   extrapolated to its model's depth (the update to the policy's)."""
@@ -220,7 +221,7 @@ def compile_phases(cfg: RLConfig, policy: LlamaConfig, reward: tuple[LlamaConfig
     cfg = with_section(cfg, rollout_tensor=full.layout.tensor)
   one_micro = with_section(cfg, micro_batches=1)
 
-  def at(n: int, scan: bool = True, c: RLConfig = cfg) -> rt.Phases:
+  def at(n: int, scan: bool = True, c: RLConfig = cfg) -> Phases:
     cut = lambda m: m.replace(num_layers=n, scan_layers=scan and m.scan_layers)  # noqa: E731
     return blueprint(c, mesh, rules, cut(policy), (cut(reward[0]), reward[1]) if reward else None,
                      (cut(critic[0]), *critic[1:]) if critic else None,
@@ -306,8 +307,8 @@ def notes_for(cfg: RLConfig, mesh, rules: Rules, layout=None) -> list[str]:
   return out
 
 
-def rollout_report(cfg: RLConfig, policy: LlamaConfig, ph: rt.Phases, target: Target) -> dict[str, Any]:
-  """The sampler's copy: layout, bytes per device, and a decode step's time (`bench.decode_time`)
+def rollout_report(cfg: RLConfig, policy: LlamaConfig, ph: Phases, target: Target) -> dict[str, Any]:
+  """The sampler's copy: layout, bytes per device, and a decode step's time (`roofline.decode_time`)
   at the degree chosen and at the smallest that fits (the choice before decode time decided it)."""
   lay, s = ph.layout, shapes(cfg)
   if lay is None:
@@ -324,7 +325,7 @@ def rollout_report(cfg: RLConfig, policy: LlamaConfig, ph: rt.Phases, target: Ta
       name: decode_time.decode_time(policy, size, lay.dtype, target.devices, t, s.rollouts, context, chip)
       .as_dict(s.new_tokens) for name, t in (("chosen", lay.tensor), ("smallest", smallest))}
   out["decode"]["basis"] = (f"{s.rollouts} rows, {context:g} cached tokens on average, peak HBM bandwidth and FLOPs, "
-                            "ring all-reduces (hs2p_jax.bench.decode_time): a lower bound")
+                            "ring all-reduces (hs2p_jax.roofline.decode_time): a lower bound")
   return out
 
 
@@ -332,7 +333,7 @@ def build_report(cfg: RLConfig, config_path: str, target: Target, mode: str) -> 
   """The REINFORCE or PPO plan as one JSON-serialisable dict."""
   policy, source = architecture(cfg.policy, download=False)
   served = is_served(cfg.reward_model)
-  reward = None if served else (rt.reward_architecture(cfg, policy, download=False)
+  reward = None if served else (reward_architecture(cfg, policy, download=False)
                                 or (policy.replace(lora_rank=0), 9, "the policy's architecture"))
   critic = ppo_trainer.critic_architecture(cfg, policy, download=False) if is_ppo(cfg) else None
   rules = rules_from(cfg.mesh.rules)

@@ -36,15 +36,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, NamedSharding
 
-from hs2p_jax.bench.flops import PEAK_FLOPS, attention_flops, train_flops
 from hs2p_jax.config import RunConfig
+from hs2p_jax.errors import UserError
 from hs2p_jax.model.attention import choose
 from hs2p_jax.model.config import LlamaConfig
-from hs2p_jax.errors import UserError
 from hs2p_jax.plan import compile as comp, packing
 from hs2p_jax.plan.packing import PairProfile
 from hs2p_jax.plan.tables import size
 from hs2p_jax.plan.target import Target, final_verdict, gpu_warnings
+from hs2p_jax.roofline.flops import PEAK_FLOPS, attention_flops, train_flops
 from hs2p_jax.sharding import MESH_AXES, Rules, batch_split, logical_to_spec, rules_from
 from hs2p_jax.train import rm_trainer
 from hs2p_jax.train.model_init import architecture
@@ -123,7 +123,7 @@ def activations(model_cfg: LlamaConfig, layout: dict[str, int], params: Any, mes
 
 
 def model_flops(cfg: RunConfig, model_cfg: LlamaConfig, attention_only: bool = False) -> float:
-  """Model FLOPs of one optimizer step over its real rows (`bench.flops.train_flops`: 6N per token
+  """Model FLOPs of one optimizer step over its real rows (`roofline.flops.train_flops`: 6N per token
   plus attention; padding rows, remat recomputation and the head not counted); `attention_only`:
   the attention term alone (12 L T^2 H Dh per row)."""
   lay = batch_layout(cfg)

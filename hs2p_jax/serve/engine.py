@@ -17,8 +17,8 @@ import numpy as np
 from jax import monitoring
 
 from hs2p_jax.data.batching import bucket_length, bucket_lengths, bucket_rows, pad_right, row_buckets
+from hs2p_jax.eval.scorer import RewardScorer
 from hs2p_jax.sharding import batch_split
-from hs2p_jax.train.rm_scorer import RewardScorer
 
 STOP, SCORE, TICK = 0, 1, 2
 MIN_LENGTH = 32  # the shortest bucket, as the scorers use

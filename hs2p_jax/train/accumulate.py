@@ -34,3 +34,11 @@ def apply_mean_grads(tx: optax.GradientTransformation, params: Any, opt_state: A
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, grad_norm
+
+
+def interleave(a: jax.Array, m: int, group: int = 1) -> jax.Array:
+  """[N, ...] rows -> [m, N / m, ...] micro-batches taking every m-th group of `group` rows, so that
+  each device's shard of the rows (a contiguous block) holds its part of every micro-batch."""
+  n = a.shape[0]
+  x = a.reshape(n // (group * m), m, group, *a.shape[1:])
+  return jnp.swapaxes(x, 0, 1).reshape(m, n // m, *a.shape[1:])

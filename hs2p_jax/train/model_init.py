@@ -232,7 +232,7 @@ def _load_weights(mc: ModelConfig, runtime: dict[str, Any], mesh: Mesh | None, r
                   stats: ReadStats) -> nnx.Module:
   kind = mc.kind
   if mc.init_from and is_peft_adapter(mc.init_from):  # the base from model.source, then the adapters (and head)
-    from hs2p_jax.convert.peft import lora_fields, load_adapter
+    from hs2p_jax.convert.peft import load_adapter, lora_fields
     _peft_base(mc)
     model = _load_weights(dataclasses.replace(mc, init_from=None), runtime, mesh, rules, stats)
     return load_adapter(with_adapters(model, lora_fields(mc.init_from), mc.seed, mesh, rules), mc.init_from)

@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from hs2p_jax.model import lora, model_from
 from hs2p_jax.losses import bt_losses
+from hs2p_jax.model import lora, model_from
+from hs2p_jax.model.reward import RewardModel
+from hs2p_jax.model.scoring import reward_outputs
 from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
 from hs2p_jax.train.state import with_base
-from hs2p_jax.model.reward import RewardModel
 
 Batch = dict[str, jax.Array]
 
@@ -36,14 +37,6 @@ class Objective:
   kind: str
   bt_variant: str = "scaled"
   weights: tuple[float, ...] = (0, 0, 0, 0, 1, 0, 0, 0, 0)
-
-
-def reward_outputs(model: RewardModel, batch: Batch) -> jax.Array:
-  """Head outputs at each example's score position: [P, 2, A] (pairs) or [B, A] (regression)."""
-  hidden = model.model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch.get("positions"),
-                       branch_ids=batch.get("branch_ids"), lengths=batch.get("row_lengths"))  # [R, T, D]
-  picked = hidden[batch["score_row"], batch["score_index"]]  # [..., D]
-  return model.head(picked)
 
 
 def loss_terms(model: RewardModel, batch: Batch, objective: Objective) -> tuple[jax.Array, jax.Array, dict]:
@@ -89,11 +82,3 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ob
   return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef):
-  """A pure `eval(params, batch) -> outputs` ([P, 2, A] or [B, A] float32); params as
-  `model.model_from` takes them."""
-
-  def evaluate(params, batch):
-    return reward_outputs(model_from(graphdef, params), batch)
-
-  return evaluate

@@ -10,13 +10,14 @@ import numpy as np
 from hs2p_jax.config import RunConfig, to_dict
 from hs2p_jax.errors import UserError
 from hs2p_jax.eval.scoring import collect, pair_metrics, regression_metrics
+from hs2p_jax.feed import StepFeed, micro_batch_rows, stacked_spec
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.model.reward import attribute_weights
+from hs2p_jax.model.scoring import make_eval_step
 from hs2p_jax.sharding import Rules, make_mesh, rules_from, use_mesh
-from hs2p_jax.train.feed import StepFeed, micro_batch_rows, stacked_spec
 from hs2p_jax.train.model_init import architecture, model_meta, run_tokenizer
 from hs2p_jax.train.optim import optimizer_from
-from hs2p_jax.train.rm import Objective, make_eval_step, make_train_step
+from hs2p_jax.train.rm import Objective, make_train_step
 from hs2p_jax.train.state import Part, RunState, Step
 from hs2p_jax.train.trainer import Trainer, replicated_jit, run_datasets, run_loader, train
 

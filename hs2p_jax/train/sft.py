@@ -17,8 +17,8 @@ import optax
 from flax import nnx
 
 from hs2p_jax.model import lora, model_from
+from hs2p_jax.model.logprobs import per_owner, target_logprobs
 from hs2p_jax.train.accumulate import apply_mean_grads, summed_grads
-from hs2p_jax.train.logprobs import per_owner, target_logprobs
 from hs2p_jax.train.state import with_base
 
 Batch = dict[str, jax.Array]

@@ -8,10 +8,10 @@ import jax
 
 from hs2p_jax.config import SFTRunConfig
 from hs2p_jax.errors import UserError
+from hs2p_jax.feed import StepFeed, micro_batch_rows, stacked_spec
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.sharding import Rules, make_mesh, rules_from
 from hs2p_jax.train import sft
-from hs2p_jax.train.feed import StepFeed, micro_batch_rows, stacked_spec
 from hs2p_jax.train.model_init import architecture, model_meta, run_tokenizer
 from hs2p_jax.train.optim import optimizer_from
 from hs2p_jax.train.state import Part, RunState, Step

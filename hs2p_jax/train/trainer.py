@@ -32,9 +32,9 @@ from hs2p_jax.config import ModelConfig
 from hs2p_jax.convert.state import ReadStats
 from hs2p_jax.data.pipeline import make_loader
 from hs2p_jax.eval.scoring import collect
+from hs2p_jax.feed import feed_layout
 from hs2p_jax.model import model_from
 from hs2p_jax.sharding import batch_split, use_mesh
-from hs2p_jax.train.feed import feed_layout
 from hs2p_jax.train.loop import LoopConfig, run as run_loop
 from hs2p_jax.train.model_init import load_params
 from hs2p_jax.train.optim import learning_rates

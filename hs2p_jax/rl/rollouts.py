@@ -1,7 +1,7 @@
 """REINFORCE's and PPO's batch source: each step's prompts sampled k times by the policy, scored,
 and turned into update minibatches.
 
-A rollout samples from the policy's copy in the rollout layout (`hs2p_jax.rollout`: cast and
+A rollout samples from the policy's copy in the rollout layout (`hs2p_jax.rl.layout`: cast and
 resharded once, not at every token), scores the responses with the reward model, computes the KL
 to the frozen reference from the sampled tokens' log-probs and an estimator's advantages
 (REINFORCE's leave-one-out `rloo`; PPO's GAE, `ppo_trainer.estimate`), and hands the trainer
@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hs2p_jax.feed import gather_processes, host_global, put_batch
+from hs2p_jax.rl.rloo import rloo
 from hs2p_jax.sample import SamplingConfig, generate_from_state, left_align
 from hs2p_jax.sharding import use_mesh
 from hs2p_jax.stops import cut_at_stop, stop_automaton
-from hs2p_jax.train.feed import gather_processes, host_global, put_batch
-from hs2p_jax.train.reinforce import advantages
 
 TRAIN, WARMUP = 0, 1  # what a rollout is for: its key and minibatch order derive from it
 
@@ -38,17 +38,6 @@ def response_text(tokenizer, tokens: np.ndarray, length: int, stop_strings: list
     if special:
       text = text.replace(special, "")
   return text.strip()
-
-
-def rloo(source: "RolloutSource", r: "Rollout", trainer: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-  """REINFORCE's estimator: leave-one-out advantages per rollout ([N], `reinforce.advantages`)."""
-  rc = source.rc
-  counted = r.ended | rc.truncated_as_ended
-  rewards, base, adv = (np.asarray(a) for a in advantages(jnp.asarray(r.scores), jnp.asarray(r.kl),
-                                                          jnp.asarray(counted), rc.kl_beta, rc.samples_per_prompt))
-  return {"advantages": adv.astype(np.float32)}, {
-      "total_reward": float(rewards.mean()), "advantage_mean": float(adv.mean()), "advantage_std": float(adv.std()),
-      "baseline_mean": float(base.mean())}
 
 
 @dataclasses.dataclass
@@ -67,7 +56,7 @@ class Rollout:
 
 class RolloutSource:
   """`next(step, trainer) -> (update minibatches on the mesh, host metrics)` (module docstring).
-  `phases` are the run's jitted functions (`reinforce_trainer.Phases`); `scorer(prompts,
+  `phases` are the run's jitted functions (`rl.setup.Phases`); `scorer(prompts,
   responses) -> [N]` rewards; `eos_ids` end a response; `estimate(source, rollout, trainer) ->
   (update arrays, metrics)` turns scored rollouts into what the update step reads (REINFORCE's
   `rloo`, PPO's GAE); `section` the run's `reinforce:` or `ppo:` settings."""

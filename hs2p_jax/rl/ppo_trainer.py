@@ -3,7 +3,7 @@
 The run trains an `ActorCritic` (the policy and the critic, each with its own AdamW and learning
 rate, `optim.actor_critic_optimizer`) and holds, frozen, the reference (a copy of the initial actor,
 kept once under `DIR/frozen/reference`) and the reward model. Its batch source is REINFORCE's
-rollouts (`train.rollouts`) with PPO's estimator: per-token rewards (the KL penalty on every token,
+rollouts (`rl.rollouts`) with PPO's estimator: per-token rewards (the KL penalty on every token,
 the score at the last), the critic's values, GAE (or GRPO's group-normalised scores) and whitening;
 each rollout batch gives `updates_per_rollout` minibatches, `epochs` times. `DIR/model` holds the
 actor.
@@ -23,22 +23,22 @@ from hs2p_jax import storage
 from hs2p_jax.checkpoint import load_checkpoint_tokenizer, load_model, read_meta
 from hs2p_jax.config import PPORunConfig
 from hs2p_jax.errors import UserError
+from hs2p_jax.eval.scorer import score_fn
+from hs2p_jax.feed import host_global
 from hs2p_jax.model.actor_critic import response_values
 from hs2p_jax.model.config import LlamaConfig
+from hs2p_jax.model.logprobs import make_logprob_fn, objective_temperature
 from hs2p_jax.model.reward import attribute_weights
-from hs2p_jax.rollout import layout_for
-from hs2p_jax.serve.client import is_served
+from hs2p_jax.rl import ppo
+from hs2p_jax.rl.kl import kl_per_token, masked_mean
+from hs2p_jax.rl.grpo import flat_groups
+from hs2p_jax.rl.layout import layout_for
+from hs2p_jax.rl.reward_client import is_served
+from hs2p_jax.rl.rollouts import Rollout, RolloutSource
+from hs2p_jax.rl.setup import (Phases, prompt_loader, reward_architecture, reward_info, rollout_source, validation_loader)
 from hs2p_jax.sharding import Rules, make_mesh, rules_from, use_mesh
-from hs2p_jax.train import ppo
-from hs2p_jax.train.feed import host_global
-from hs2p_jax.train.model_init import (architecture, is_local_checkpoint, load_params, model_meta,
-                                       run_tokenizer)
+from hs2p_jax.train.model_init import architecture, is_local_checkpoint, load_params, model_meta, run_tokenizer
 from hs2p_jax.train.optim import actor_critic_optimizer
-from hs2p_jax.train.reinforce import kl_per_token, make_logprob_fn, masked_mean, objective_temperature
-from hs2p_jax.train.reinforce_trainer import (Phases, prompt_loader, reward_architecture, reward_info, rollout_source,
-                                              validation_loader)
-from hs2p_jax.train.rm_scorer import score_fn
-from hs2p_jax.train.rollouts import Rollout, RolloutSource
 from hs2p_jax.train.state import Part, RunState, Step, abstract_part, frozen_dtype
 from hs2p_jax.train.trainer import Trainer, train
 
@@ -123,7 +123,7 @@ def estimate(source: RolloutSource, r: Rollout, trainer: Any) -> tuple[dict[str,
   adv, ret = np.asarray(adv, np.float32), np.asarray(ret, np.float32)
   keep = np.ones(len(mask), bool) if pc.truncated_in_actor_loss else r.ended.astype(bool)
   if pc.drop_flat_groups:
-    keep &= ~np.asarray(ppo.flat_groups(jnp.asarray(r.scores), pc.samples_per_prompt))
+    keep &= ~np.asarray(flat_groups(jnp.asarray(r.scores), pc.samples_per_prompt))
   actor_mask = (mask * keep[:, None]).astype(np.int32)
   on = mask.astype(bool)
   last = values[np.arange(len(values)), r.lengths]

@@ -14,10 +14,10 @@ from hs2p_jax.data.batching import bucket_length, pad_right, round_up
 from hs2p_jax.data.encode import encode
 from hs2p_jax.data.examples import NUM_LABELS, RatingExample
 from hs2p_jax.errors import UserError
+from hs2p_jax.feed import batch_sharding, put_batch
 from hs2p_jax.model.reward import attribute_weights
+from hs2p_jax.model.scoring import make_eval_step
 from hs2p_jax.sharding import DEFAULT_RULES, Rules, batch_split, use_mesh
-from hs2p_jax.train.feed import batch_sharding, put_batch
-from hs2p_jax.train.rm import make_eval_step
 
 
 SCORE_ROWS = 16  # sequences per forward pass, rounded up to split over the mesh's batch axes

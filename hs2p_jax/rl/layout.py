@@ -7,7 +7,7 @@ devices reshaped to `(data = n / t, fsdp = 1, tensor = t)`: tensor-parallel over
 consecutive devices, replicated across the groups, the batch split over the groups. A decode step
 then moves no weights between devices (activations only, within a group). Among the divisors of
 the device count (and of the KV heads) whose share of the copy fits in half a device's memory, `t`
-is the one whose decode step is fastest on the chip (`bench.decode_time`: decoding is bound by the
+is the one whose decode step is fastest on the chip (`roofline.decode_time`: decoding is bound by the
 bytes each device reads per token, the copy's 1 / t share of them falls with t, the group's
 all-reduces grow with it); on a device without those figures (CPU), the smallest that fits. `t = 1`
 is a replicated copy, one model per device. The copy is in the compute dtype by default, so the
@@ -26,11 +26,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
-from hs2p_jax.bench import decode_time
-from hs2p_jax.bench.flops import device_family
 from hs2p_jax.errors import UserError
 from hs2p_jax.model import create, merge_lora, model_from
 from hs2p_jax.model.config import LlamaConfig
+from hs2p_jax.roofline import decode_time
+from hs2p_jax.roofline.flops import device_family
 from hs2p_jax.sharding import MESH_AXES, Rules, batch_split, state_shardings
 
 COPY_FRACTION = 0.5  # of a device's memory, at most, for its share of the decode copy

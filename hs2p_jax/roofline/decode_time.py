@@ -1,5 +1,5 @@
 """Time of one decode step of the rollout copy, from datasheet figures: what the rollout layout's
-tensor-parallel degree is chosen by (`hs2p_jax.rollout`) and what `hs2p plan` reports.
+tensor-parallel degree is chosen by (`hs2p_jax.rl.layout`) and what `hs2p plan` reports.
 
 `n` devices in groups of `t` (tensor-parallel within a group, the rows split over the n / t groups).
 Per new token, each device
@@ -20,7 +20,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from hs2p_jax.bench.flops import PEAK_BANDWIDTH, PEAK_FLOPS, decoder_matmul_params
+from hs2p_jax.roofline.flops import PEAK_BANDWIDTH, PEAK_FLOPS, decoder_matmul_params
 
 # (bytes/s of one link in one direction, seconds per hop) for the all-reduce of a tensor-parallel
 # group [estimates from datasheets: v5p ICI 4,800 Gbps per chip over 6 links; v5e 1,600 Gbps over

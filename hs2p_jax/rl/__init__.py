@@ -1,0 +1,1 @@
+"""Reinforcement learning from a reward model: rollouts, estimators, learners."""

@@ -1,0 +1,1 @@
+"""Datasheet arithmetic: model FLOPs, chip peaks, a decode step's time."""
