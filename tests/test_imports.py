@@ -88,3 +88,26 @@ def test_the_graph_sees_imports_inside_functions():
 
 def test_no_import_circles():
   assert cycles(import_graph()) == []
+
+
+def layer_graph() -> dict[str, set[str]]:
+  """The import graph collapsed to layers: each sub-package, and each top-level module, of hs2p_jax."""
+  layers: dict[str, set[str]] = {}
+  for module, targets in import_graph().items():
+    parts = module.split(".")
+    if len(parts) < 2:  # hs2p_jax/__init__.py
+      continue
+    edges = layers.setdefault(parts[1], set())
+    edges.update(t.split(".")[1] for t in targets if len(t.split(".")) > 1 and t.split(".")[1] != parts[1])
+  for targets in list(layers.values()):
+    for t in targets:
+      layers.setdefault(t, set())
+  return layers
+
+
+def test_layers_import_downward_only():
+  """No circle among the sub-packages and top-level modules (RL above training, evaluation below it...)."""
+  layers = layer_graph()
+  assert {"rl", "train", "eval", "serve", "bench", "roofline", "feed"} <= set(layers)
+  assert "train" in layers["rl"] and "rl" not in layers["train"] and "eval" in layers["train"]
+  assert cycles(layers) == []
