@@ -30,7 +30,8 @@ from hs2p_jax.train.trainer import INITIAL
 
 @dataclasses.dataclass
 class Phases:
-  """The jitted functions of a REINFORCE step on the run's state: what the trainer runs and `hs2p plan` compiles."""
+  """The jitted functions of an RL step on the run's state (REINFORCE's; PPO's add the critic's values
+  and its warm-up step): what the trainer runs and `hs2p plan` compiles."""
 
   update: Step                    # the policy step on a rollout minibatch
   logprobs: Any                   # (params, rollout batch) -> [N, Tr], policy or reference
