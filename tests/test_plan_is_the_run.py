@@ -66,7 +66,7 @@ def run_step(trainer):
   # the loop's start of a fresh run and its first step (no checkpoint or final model needed here)
   calls = []
   trainer.step_fn.__dict__["jitted"] = recorder(trainer.step_fn.jitted, calls)
-  trainer.compile_for = []  # what is compared is the step's arguments, not its compilation ahead
+  trainer.compile_for, trainer._programs = [], None  # what is compared is the step's arguments, not compiling ahead
   trainer.start(None, {})
   trainer.begin(0)
   trainer.step(1)

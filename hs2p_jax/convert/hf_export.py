@@ -28,7 +28,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hs2p_jax.atomic import atomic_dir, write_json
-from hs2p_jax.convert.mapping import (GLOBAL_TENSORS, HEAD_BIAS_FILE, LAYER_PREFIX, LAYER_TENSORS, REWARD_KEY, STACK_ROOT, Path, hf_shape)
+from hs2p_jax.convert.mapping import (GLOBAL_TENSORS, HEAD_BIAS_FILE, LAYER_PREFIX, LAYER_TENSORS, Path, REWARD_KEY,
+                                      STACK_ROOT, hf_shape)
 from hs2p_jax.errors import UserError
 from hs2p_jax.model import RewardModel, to_hf_config
 from hs2p_jax.model.reward import ATTRIBUTES, scalar_head

@@ -18,7 +18,8 @@ from typing import Optional
 import numpy as np
 
 from hs2p_jax.data import fields
-from hs2p_jax.data.examples import (NUM_LABELS, Drop, LoadReport, PairExample, RatingExample, collect, invalid_line_counter)
+from hs2p_jax.data.examples import (Drop, LoadReport, NUM_LABELS, PairExample, RatingExample, collect,
+                                    invalid_line_counter)
 from hs2p_jax.data.records import read_records
 from hs2p_jax.errors import UserError
 from hs2p_jax.model.reward import ATTRIBUTES

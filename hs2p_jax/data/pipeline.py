@@ -34,7 +34,8 @@ import numpy as np
 
 from hs2p_jax import storage
 from hs2p_jax.config import DataConfig
-from hs2p_jax.data.batching import (CHOSEN, REJECTED, Unit, bucket_length, num_packed_rows, pack_units, pad_left, bucket_lengths, bucket_rows, pad_right, round_up, row_buckets, shared_pair, unit_targets)
+from hs2p_jax.data.batching import (CHOSEN, REJECTED, Unit, bucket_length, bucket_lengths, bucket_rows, num_packed_rows,
+                                    pack_units, pad_left, pad_right, round_up, row_buckets, shared_pair, unit_targets)
 from hs2p_jax.data.encode import encode
 from hs2p_jax.data.examples import LoadReport
 from hs2p_jax.data.load import load_examples
@@ -201,6 +202,11 @@ class Loader:
   def shapes(self) -> list[tuple[int, int]]:
     """Every (R, T) of this process's token arrays the batches can come in (`data.buckets`)."""
     return self._batches.shapes()
+
+  def length_buckets(self) -> list[int]:
+    """The padded lengths T its batches can come in, given its examples: the buckets of their lengths."""
+    b = self._batches
+    return sorted({bucket_length(int(n), b.pad_multiple, b.max_length, b.buckets) for n in np.ravel(b.lengths)})
 
   @property
   def packing(self) -> bool:

@@ -114,7 +114,7 @@ def make_logprob_fn(graphdef: nnx.GraphDef, share_prompt_k: int | None = None, t
   """A pure `logprobs(params, batch) -> [N, Tr]` under the model `params` describe (as
   `model.model_from` takes them), at `temperature`."""
 
-  def fn(params, batch):
+  def logprobs(params, batch):
     return _logprobs(model_from(graphdef, params), batch, share_prompt_k, temperature)
 
-  return fn
+  return logprobs

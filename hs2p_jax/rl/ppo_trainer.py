@@ -30,12 +30,14 @@ from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.model.logprobs import make_logprob_fn, objective_temperature
 from hs2p_jax.model.reward import attribute_weights
 from hs2p_jax.rl import ppo
-from hs2p_jax.rl.kl import kl_per_token, masked_mean
 from hs2p_jax.rl.grpo import flat_groups
+from hs2p_jax.rl.kl import kl_per_token, masked_mean
 from hs2p_jax.rl.layout import layout_for
+from hs2p_jax.rl.programs import lowerings
 from hs2p_jax.rl.reward_client import is_served
 from hs2p_jax.rl.rollouts import Rollout, RolloutSource
-from hs2p_jax.rl.setup import (Phases, prompt_loader, reward_architecture, reward_info, rollout_source, validation_loader)
+from hs2p_jax.rl.setup import (Phases, prompt_loader, reward_architecture, reward_info, rollout_source,
+                               validation_loader)
 from hs2p_jax.sharding import Rules, make_mesh, rules_from, use_mesh
 from hs2p_jax.train.model_init import architecture, is_local_checkpoint, load_params, model_meta, run_tokenizer
 from hs2p_jax.train.optim import actor_critic_optimizer
@@ -90,8 +92,10 @@ def blueprint(cfg: PPORunConfig, mesh: Any, rules: Rules, policy: LlamaConfig,
                       context=cfg.data.max_length + pc.max_new_tokens / 2, memory=memory,
                       chip=chip) if pc.rollout_copy else None
   replicated = NamedSharding(mesh, P())
-  values = jax.jit(lambda p, b: response_values(nnx.merge(critic_graphdef, p), b["prompt_ids"], b["prompt_mask"],
-                                                b["tokens"], b["response_mask"], weights), out_shardings=replicated)
+  def critic_values(params, b):
+    return response_values(nnx.merge(critic_graphdef, params), b["prompt_ids"], b["prompt_mask"], b["tokens"],
+                           b["response_mask"], weights)
+  values = jax.jit(critic_values, out_shardings=replicated)
   lm_graphdef = state.frozen_graphdefs["reference"]
   losses = ppo.Losses(pc.clip, pc.value_clip, pc.clip_high, pc.loss_agg, pc.kl_beta if pc.kl_in_loss else 0.0)
   step = lambda critic_only: ppo.make_ppo_step(state.graphdef, state.tx, critic[2], losses, temp,  # noqa: E731
@@ -183,6 +187,7 @@ def trainer(cfg: PPORunConfig, out_dir: str, scorer: Callable | None = None) -> 
                  datasets={"prompts": (loader, pc.steps, pc.prompts_per_step),
                            **({"validation prompts": (val, None, None)} if val else {})},
                  evaluate=source.validate if val else None, keep_best="val_reward" if val else None,
+                 programs=lambda t: lowerings(source, t),
                  model_info={**reward_info(cfg), "critic": storage.absolute(critic_source(cfg))},
                  read_source=_read_source(cfg, critic_source(cfg)), final_part="actor")
 

@@ -21,6 +21,7 @@ from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.model.logprobs import make_logprob_fn, objective_temperature
 from hs2p_jax.rl.kl import kl_per_token, masked_mean
 from hs2p_jax.rl.layout import layout_for
+from hs2p_jax.rl.programs import lowerings
 from hs2p_jax.rl.reinforce import make_policy_step
 from hs2p_jax.rl.setup import (Phases, prompt_loader, reward_architecture, reward_info, rollout_source,
                                validation_loader)
@@ -81,7 +82,7 @@ def trainer(cfg: ReinforceRunConfig, out_dir: str, scorer: Callable | None = Non
                  datasets={"prompts": (loader, rc.steps, rc.prompts_per_step),
                            **({"validation prompts": (val, None, None)} if val else {})},
                  model_info=reward_info(cfg), evaluate=source.validate if val else None,
-                 keep_best="val_reward" if val else None)
+                 keep_best="val_reward" if val else None, programs=lambda t: lowerings(source, t))
 
 
 def train_reinforce(cfg: ReinforceRunConfig, out_dir: str, allow_config_change: bool = False) -> dict[str, Any]:

@@ -97,7 +97,8 @@ class Trainer:
                batch_info: dict[str, Any] | None = None, notes: tuple[str, ...] = (),
                model_info: dict[str, Any] | None = None, compile_for: list[dict[str, Any]] | None = None,
                read_source: Callable[["Trainer"], Any] | None = None,
-               final_part: str = "", keep_best: str | None = None):
+               final_part: str = "", keep_best: str | None = None,
+               programs: Callable[["Trainer"], list[tuple[str, Callable[[], Any]]]] | None = None):
     self.cfg, self.out_dir, self.section, self.model_cfg = cfg, storage.absolute(out_dir), section, model
     self.step_fn, self.source, self.loader = step, source, source.position
     self.state = step.state
@@ -117,6 +118,7 @@ class Trainer:
     self._read = read_source   # the initial params of a trainable model `load_params` cannot read (PPO's pair)
     self._final = final_part  # the part of the trained model `DIR/model` holds (PPO: "actor"; "": all of it)
     self.keep_best = keep_best  # the evaluation metric (higher: better) whose best model DIR/best holds
+    self._programs = programs  # (name, lower) of programs besides the step to compile before step 1 (RL's)
 
   # -- the state ---------------------------------------------------------------------------------
 
@@ -192,14 +194,18 @@ class Trainer:
     write_run_model(self.out_dir, self.meta, self.tokenizer, ("params", self._final) if self._final else ("params",))
 
   def begin(self, start: int) -> None:
-    """Compiles the step for every batch shape the source can give (a pod stalls once, here, not at
-    whichever step first brings a new length), then starts the source."""
-    if self.compile_for:
+    """Compiles the step for every batch shape the source can give, and the other `programs` (a pod
+    stalls once, here, not at whichever step first brings a new length), then starts the source."""
+    programs = self._programs(self) if self._programs else []
+    if self.compile_for or programs:
       n = len(self.compile_for)
-      self._say(f"compiling the step for {n} batch shape{'s' * (n > 1)} (data.buckets)...")
+      self._say(f"compiling the step for {n} batch shape{'s' * (n > 1)} (data.buckets)..." if n else
+                f"compiling {len(programs)} programs (every prompt bucket's sampling, log-probs, update...)...")
       t0 = time.perf_counter()
       for spec in self.compile_for:
         self.step_fn.lower(spec).compile()
+      for _, lower in programs:
+        lower().compile()
       self._say(f"compiled in {time.perf_counter() - t0:.0f} s")
     self.source.begin()
     if start == 0 and hasattr(self.source, "before_first_step"):  # e.g. PPO's critic warm-up
