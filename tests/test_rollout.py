@@ -3,11 +3,14 @@ equal to sampling from the training layout (4 CPU devices, FSDP training mesh)."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from hs2p_jax.errors import UserError
@@ -169,3 +172,19 @@ def test_layout_rows_must_split(tmp_path):
   with pytest.raises(UserError, match="must be >= 0"):
     from hs2p_jax import config as config_lib
     config_lib.load(config_lib.ReinforceRunConfig, None, ["reinforce.rollout_tensor=-1"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="compile-only TPU devices need libtpu")
+def test_the_decode_groups_are_compact_blocks_of_a_v5p_slice():
+  """On a v5p-128 (4x4x8, compile-only devices) each tensor group of the rollout copy's mesh is a
+  block of chips no larger than the group (its decode all-reduces cross no extra links)."""
+  from jax.experimental import topologies
+
+  from hs2p_jax.rl.layout import decode_mesh, tensor_groups
+  from hs2p_jax.sharding import MeshConfig, make_mesh
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:4x4x8").devices
+  for train, tensor in (((1, -1, 1), 8), ((2, -1, 1), 4), ((1, -1, 4), 16)):
+    mesh = make_mesh(MeshConfig(*train), list(devices))
+    groups = tensor_groups(decode_mesh(mesh, tensor))
+    assert groups["compact"] and np.prod([int(x) for x in groups["extent"].split("x")]) == tensor, (train, groups)
+  assert tensor_groups(decode_mesh(make_mesh(MeshConfig(data=1), jax.devices()[:1]), 1)) is None  # CPU: no coords

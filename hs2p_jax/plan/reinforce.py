@@ -48,7 +48,7 @@ from hs2p_jax.plan.rm import num_params
 from hs2p_jax.plan.target import Target, final_verdict, gpu_warnings, verdict
 from hs2p_jax.rl import ppo_trainer, reinforce_trainer as rt
 from hs2p_jax.rl.setup import Phases, reward_architecture, rollout_spec
-from hs2p_jax.rl.layout import smallest_fitting
+from hs2p_jax.rl.layout import smallest_fitting, tensor_groups
 from hs2p_jax.rl.reward_client import is_served
 from hs2p_jax.roofline import decode_time
 from hs2p_jax.roofline.flops import PEAK_FLOPS, attention_forward_flops, decode_flops, forward_flops
@@ -316,6 +316,9 @@ def rollout_report(cfg: RLConfig, policy: LlamaConfig, ph: Phases, target: Targe
                                    f"({'ppo' if is_ppo(cfg) else 'reinforce'}.rollout_copy=false)"}
   out = {"copy": True, "dtype": lay.dtype, "tensor": lay.tensor, "mesh": dict(lay.mesh.shape),
          "bytes_per_device": lay.bytes_per_device(), "note": lay.describe()}
+  groups = tensor_groups(lay.mesh)
+  if groups is not None:  # compiled for real (compile-only) chips: where the tensor groups lie
+    out["tensor_groups"] = groups
   chip = target.chip.name if target.chip else None
   if not decode_time.known(chip):
     return out

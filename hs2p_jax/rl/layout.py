@@ -31,7 +31,7 @@ from hs2p_jax.model import create, merge_lora, model_from
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.roofline import decode_time
 from hs2p_jax.roofline.flops import device_family
-from hs2p_jax.sharding import MESH_AXES, Rules, batch_split, state_shardings
+from hs2p_jax.sharding import MESH_AXES, MeshConfig, Rules, batch_split, make_mesh, state_shardings
 
 COPY_FRACTION = 0.5  # of a device's memory, at most, for its share of the decode copy
 
@@ -71,7 +71,12 @@ class RolloutLayout:
   def describe(self) -> str:
     d, t = self.mesh.shape["data"], self.tensor
     kind = "replicated on every device" if t == 1 else f"tensor-parallel over {t} devices, {d} groups"
-    return f"rollout copy: {self.dtype}, {kind} (mesh data={d} fsdp=1 tensor={t})"
+    groups = tensor_groups(self.mesh) if t > 1 else None
+    where = ""
+    if groups:
+      where = (f", each group a {groups['extent']} block of chips" if groups["compact"] else
+               f", WARNING: tensor groups span up to {groups['extent']} chips, more links than their {t} need")
+    return f"rollout copy: {self.dtype}, {kind} (mesh data={d} fsdp=1 tensor={t}{where})"
 
 
 def copy_bytes(params: Any, dtype: str) -> int:
@@ -84,11 +89,29 @@ def _cast_dtype(dtype, target: str):
 
 
 def decode_mesh(train_mesh: Mesh | AbstractMesh, tensor: int) -> Mesh | AbstractMesh:
-  """The training mesh's devices, in their order, as (data = n / tensor, fsdp = 1, tensor)."""
+  """The training mesh's devices as (data = n / tensor, fsdp = 1, tensor), laid out along their links
+  (`sharding.make_mesh`: on a TPU slice each tensor group is a compact block of chips, whose decode
+  all-reduces stay short; on CPU the devices in order)."""
   shape = (train_mesh.size // tensor, 1, tensor)
   if isinstance(train_mesh, AbstractMesh):  # `hs2p plan` without devices
     return AbstractMesh(shape, MESH_AXES)
-  return Mesh(np.asarray(train_mesh.devices).reshape(shape), MESH_AXES)
+  return make_mesh(MeshConfig(data=shape[0], fsdp=1, tensor=tensor), list(np.asarray(train_mesh.devices).flat))
+
+
+def tensor_groups(mesh: Mesh | AbstractMesh) -> dict[str, Any] | None:
+  """How the decode mesh's tensor groups lie on the chips' torus, where devices have coordinates:
+  {"extent": the largest bounding box of a group's chips, e.g. "2x2x2", "compact": whether every
+  group fills its box (no group stretches over more links than its size needs)}; None elsewhere."""
+  if isinstance(mesh, AbstractMesh):
+    return None
+  devices = np.asarray(mesh.devices)
+  groups = devices.reshape(-1, devices.shape[-1])
+  if getattr(groups[0, 0], "coords", None) is None:
+    return None
+  spans = [np.ptp(np.asarray([d.coords for d in g]), axis=0) + 1 for g in groups]
+  widest = max(spans, key=lambda e: int(np.prod(e)))
+  return {"extent": "x".join(str(int(x)) for x in widest),
+          "compact": all(int(np.prod(e)) == groups.shape[1] for e in spans)}
 
 
 def device_memory(device: jax.Device) -> int | None:
