@@ -183,9 +183,12 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
                            "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
                            "expo.search=1.0:1.4:0.2", "data.builtin_size=64", "dpo.steps=2", "compare.prompts=8",
                            "compare.max_new_tokens=8", "data.buckets=[160]", "ppo.steps=2", "ppo.critic_warmup_steps=1", "ppo.prompts_per_step=4", "ppo.epochs=1",
-                           "ppo.max_new_tokens=8", "reinforce.val_prompts=8", "ppo.val_prompts=8")
+                           "ppo.max_new_tokens=8", "reinforce.val_prompts=8", "ppo.val_prompts=8", "ppo_rounds=2")
   assert code == 0, err
   report = (tmp_path / "q" / "report.md").read_text()
+  # the paper's round 2 starts from round 1's best checkpoint by validation reward
+  round2 = json.loads((tmp_path / "q" / "ppo_round2" / "DONE").read_text())
+  assert round2["init_from"] == str(tmp_path / "q" / "ppo" / "best")
   assert "Validation (greedy responses to held-out prompts)" in report
   ppo_recs = [json.loads(line) for line in open(tmp_path / "q" / "ppo" / "metrics.jsonl")]
   best = json.loads((tmp_path / "q" / "ppo" / "best" / "best.json").read_text())
@@ -196,7 +199,7 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
                  "| REINFORCE | 8.98 | 2199.8 | 57.6 | 85.0 |", "| Scaled DPO | 8.74 | 1514.8 | 41.0 | 52.9 |"):
     assert needle in report, needle
   stages = {json.loads(l)["stage"] for l in open(tmp_path / "q" / "metrics.jsonl")}
-  assert stages == {"regression", "bt", "reinforce", "ppo", "dpo"}
+  assert stages == {"regression", "bt", "reinforce", "ppo", "ppo_round2", "dpo"}
   assert json.loads((tmp_path / "q" / "ppo" / "DONE").read_text())["reward_model"] == str(tmp_path / "q" / "expo" / "model")
   summary = json.loads((tmp_path / "q" / "summary.json").read_text())
   assert "RewardBench 2 scores" in report and len(summary["rewardbench2"]) == 3  # regression, BT, ExPO
@@ -218,7 +221,7 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
                          "--out", str(tmp_path / "q"), "--set", "train.steps=4", "reinforce.steps=2",
                          "expo.search=1.0:1.4:0.2", "data.builtin_size=64", "dpo.steps=2", "compare.prompts=8",
                          "compare.max_new_tokens=8", "data.buckets=[160]", "ppo.steps=2", "ppo.critic_warmup_steps=1", "ppo.prompts_per_step=4", "ppo.epochs=1",
-                         "ppo.max_new_tokens=8", "reinforce.val_prompts=8", "ppo.val_prompts=8")
+                         "ppo.max_new_tokens=8", "reinforce.val_prompts=8", "ppo.val_prompts=8", "ppo_rounds=2")
   assert code == 0 and "stage: regression" not in err and "stage: compare" not in err
   # a changed stage key runs that stage again, and every stage that reads it; the report says which ran
   code, _, err = run_cli(capsys, "pipeline", "--config", os.path.join(root, "configs/quickstart/pipeline.yaml"),
@@ -226,7 +229,7 @@ def test_quickstart_pipeline_runs_short(tmp_path, capsys):
                          "expo.search=1.0:1.4:0.2", "data.builtin_size=64", "dpo.steps=2", "compare.prompts=8",
                          "compare.max_new_tokens=8", "data.buckets=[160]", "ppo.steps=2", "ppo.critic_warmup_steps=1",
                          "ppo.prompts_per_step=4", "ppo.epochs=1", "ppo.max_new_tokens=8", "reinforce.val_prompts=8",
-                         "ppo.val_prompts=8", "dpo.dpo.beta=0.2")
+                         "ppo.val_prompts=8", "ppo_rounds=2", "dpo.dpo.beta=0.2")
   assert code == 0, err
   assert "== pipeline stage dpo: stale (dpo.beta 0.1 -> 0.2): running it again" in err
   assert "== pipeline stage compare: stale (dpo changed): running it again" in err
