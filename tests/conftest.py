@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -146,3 +147,28 @@ def assert_stops_at_a_non_finite_step(run, run_dir) -> int:
   saved = sorted(int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit())
   assert (max(saved) if saved else 0) == bad - 1 and not os.path.exists(os.path.join(run_dir, "model"))
   return bad
+
+
+@contextlib.contextmanager
+def lowerings():
+  """Yields a list collecting (function name, whether `Trainer.begin` had returned) for every program
+  lowered inside the block, cached or not: what a run compiled ahead and what it compiled late."""
+  from jax import monitoring
+
+  from hs2p_jax.train.trainer import Trainer
+  events: list[tuple[str, bool]] = []
+  state = {"after": False, "on": True}
+  monitoring.register_event_duration_secs_listener(
+      lambda name, secs, **kw: events.append((kw.get("fun_name", ""), state["after"]))
+      if state["on"] and name == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None)
+  begin = Trainer.begin
+
+  def begin_and_mark(self, start):
+    begin(self, start)
+    state["after"] = True
+  Trainer.begin = begin_and_mark
+  try:
+    yield events
+  finally:
+    Trainer.begin = begin
+    state["on"] = False

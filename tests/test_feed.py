@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_overrides, write_jsonl
+from conftest import lowerings, tiny_overrides, write_jsonl
 from hs2p_jax import config as config_lib
 from hs2p_jax.errors import UserError
 
@@ -46,22 +46,8 @@ def _pairs_of_many_lengths(n: int) -> list[dict]:
 def test_the_step_compiles_once_per_bucket_before_step_1(tmp_path, packing):
   """Rows of many lengths: every compilation of the train step happens before step 1, one per shape
   `data.buckets` allows (pow2: a handful), however many lengths the data has."""
-  from jax import monitoring
-
   from hs2p_jax.train import rm_trainer
-  from hs2p_jax.train.trainer import Trainer
-  events: list[tuple[str, bool]] = []
-  started = {"on": False}
-  monitoring.register_event_duration_secs_listener(
-      lambda name, secs, **kw: events.append((kw.get("fun_name", ""), started["on"]))
-      if name == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None)  # cached or not
-  begin = Trainer.begin
-
-  def begin_and_mark(self, start):
-    begin(self, start)
-    started["on"] = True
-  Trainer.begin = begin_and_mark
-  try:
+  with lowerings() as events:
     data = write_jsonl(tmp_path / "pairs.jsonl", _pairs_of_many_lengths(48))
     sets = tiny_overrides(tmp_path, **{"data.train": data, "data.format": "pairs", "train.objective": "bt",
                                        "train.steps": 8, "train.batch_size": 4, "data.max_length": 256,
@@ -71,8 +57,6 @@ def test_the_step_compiles_once_per_bucket_before_step_1(tmp_path, packing):
     t = rm_trainer.trainer(cfg, str(tmp_path / "run"))
     shapes = t.source.data.shapes()
     t.run()
-  finally:
-    Trainer.begin = begin
   steps = [after for name, after in events if name == "jit(step)"]  # lowerings of the train step
   assert len(steps) == len(shapes) and not any(steps), (shapes, steps)
   assert len(shapes) == (3 if packing else 5)  # rows 2, 4, 8 (4 pairs: 8 units at most); T 16, 32, ..., 256

@@ -6,30 +6,17 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import lowerings
+
 MODEL_SIZED = {"jit(generate_from_state)", "jit(logprobs)", "jit(step)", "jit(critic_values)", "jit(_cast_and_move)",
                "jit(evaluate)"}
 
 
 @pytest.mark.parametrize("algo", ["reinforce", "ppo"])
 def test_every_rl_program_is_compiled_before_step_1(tmp_path, algo):
-  from jax import monitoring
-
   from hs2p_jax import config as config_lib
-  from hs2p_jax.data.batching import bucket_length
-  from hs2p_jax.train.trainer import Trainer
   from test_ppo import _ppo_config
-  events: list[tuple[str, bool]] = []
-  started = {"on": False}
-  monitoring.register_event_duration_secs_listener(
-      lambda name, secs, **kw: events.append((kw.get("fun_name", ""), started["on"]))
-      if name == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None)
-  begin = Trainer.begin
-
-  def begin_and_mark(self, start):
-    begin(self, start)
-    started["on"] = True
-  Trainer.begin = begin_and_mark
-  try:
+  with lowerings() as events:
     lengths = (3, 20, 37, 51, 3, 20)  # rendered, they pad to three buckets of 16..128
     prompts = tmp_path / "varied.jsonl"
     prompts.write_text("".join('{"prompt": "%s"}\n' % ("w" * n) for n in lengths))
@@ -48,10 +35,8 @@ def test_every_rl_program_is_compiled_before_step_1(tmp_path, algo):
           "reinforce.max_new_tokens=4", "reinforce.stop_strings=[]", "reinforce.sample_every=0", "mesh.data=1",
           f"reward_model={tmp_path / 'rm'}"])
     t = trainer(cfg, str(tmp_path / "run"))
-    seen = {bucket_length(int(n), 16, 128, "pow2") for n in t.source.loader._batches.lengths.ravel()}
+    seen = set(t.source.loader.length_buckets())
     t.run()
-  finally:
-    Trainer.begin = begin
   assert len(seen) >= 3, seen
   late = [name for name, after in events if after and name in MODEL_SIZED]
   assert late == [], late
