@@ -21,6 +21,7 @@ import shutil
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
@@ -28,8 +29,11 @@ from jax.sharding import Mesh
 from hs2p_jax import storage
 from hs2p_jax.atomic import write_bytes, write_json
 from hs2p_jax.errors import UserError
-from hs2p_jax.model import KINDS, LlamaConfig, create, lora
+from hs2p_jax.fingerprint import fingerprint
+from hs2p_jax.model import KINDS, LlamaConfig, create, lora, merge_lora
+from hs2p_jax.model.casting import store_as
 from hs2p_jax.sharding import DEFAULT_RULES, Rules, state_shardings
+from hs2p_jax.weights import random_model, read_source
 
 META_FILE = "hs2p_model.json"
 RUN_MODEL_FILE = "run_model.json"  # in a run directory: what its step checkpoints hold as a model
@@ -49,12 +53,16 @@ class ModelMeta:
   template: str = "steerlm"
   max_length: int | None = None        # the data.max_length it was trained at (None: not trained here)
   source: str | None = None            # the weights it started from (model.source; PEFT's base model)
+  # A LoRA model saved as its adapters: where its base's weights are (`source`, `init_from` a model
+  # of ours, else a random preset's `seed`), the dtype they were stored in while it trained, and
+  # their `fingerprint`. None: every parameter is in the checkpoint.
+  base: dict[str, Any] | None = None
 
   def to_json(self) -> dict[str, Any]:
     cfg = dataclasses.asdict(self.config)
     return {"format_version": FORMAT_VERSION, "kind": self.kind, "config": cfg,
             "num_attributes": self.num_attributes, "reward_weights": self.reward_weights, "template": self.template,
-            "max_length": self.max_length, "source": self.source}
+            "max_length": self.max_length, "source": self.source, "base": self.base}
 
   @classmethod
   def from_json(cls, d: dict[str, Any], where: str) -> "ModelMeta":
@@ -68,7 +76,7 @@ class ModelMeta:
         raise UserError(f"{where}: kind {d['kind']!r} unknown")
       return cls(kind=d["kind"], config=LlamaConfig(**cfg), num_attributes=int(d.get("num_attributes", 9)),
                  reward_weights=d.get("reward_weights", "helpfulness"), template=d.get("template", "steerlm"),
-                 max_length=d.get("max_length"), source=d.get("source"))
+                 max_length=d.get("max_length"), source=d.get("source"), base=d.get("base"))
     except (KeyError, TypeError) as e:
       raise UserError(f"{where}: malformed model metadata ({e})") from None
 
@@ -175,8 +183,9 @@ def save_model(path: str, model: nnx.Module, meta: ModelMeta, tokenizer=None, ov
       storage.remove(storage.join(path, META_FILE))  # no longer a model checkpoint from here on
     storage.rmtree(tmp)
   _barrier("hs2p_save_model_start")
+  params, meta = saved_params(model, meta)
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(storage.join(tmp, "params"), nnx.state(model, nnx.Param))
+  ckptr.save(storage.join(tmp, "params"), params)
   ckptr.wait_until_finished()
   if primary:
     if tokenizer is not None:
@@ -195,6 +204,21 @@ def save_model(path: str, model: nnx.Module, meta: ModelMeta, tokenizer=None, ov
     else:
       os.rename(tmp, path)
   _barrier("hs2p_save_model_done")
+
+
+def as_adapters(meta: ModelMeta) -> bool:
+  """Whether `meta`'s model is saved as its adapters (and head) over a base named by reference."""
+  return meta.base is not None and bool(meta.config.lora_rank)
+
+
+def saved_params(model: nnx.Module, meta: ModelMeta) -> tuple[Any, ModelMeta]:
+  """(the Params a checkpoint of `model` holds, its meta): all of them, or, for a LoRA model whose
+  base `meta.base` names, its adapters and head, with the base's fingerprint recorded."""
+  if not as_adapters(meta):
+    return nnx.state(model, nnx.Param), meta
+  own, base = nnx.state(model, lora.OWN, lora.BASE)
+  print_ = fingerprint(store_as(base, meta.base.get("dtype", "float32")))
+  return own, dataclasses.replace(meta, base={**meta.base, "fingerprint": print_})
 
 
 def _save_tokenizer(tokenizer: Any, path: str) -> None:
@@ -234,9 +258,58 @@ def load_model(path: str, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
   run = run_of_step(path)
   if run is not None:
     params = _restore_step(path, run, meta, abs_params)
+  elif as_adapters(meta):
+    abs_model = nnx.merge(graphdef, abs_params, rest)
+    abs_own, abs_base = nnx.state(abs_model, lora.OWN, lora.BASE)
+    own = restore_tree(storage.join(path, "params"), abs_own, path)
+    flat = dict(nnx.to_flat_state(own))
+    flat.update(nnx.to_flat_state(load_base(meta, abs_base, mesh, rules, path)))
+    params = nnx.from_flat_state({p: flat[p] for p, _ in nnx.to_flat_state(abs_params)})
   else:
     params = restore_tree(storage.join(path, "params"), abs_params, path)
   return nnx.merge(graphdef, params, rest), meta
+
+
+def describe_base(base: dict[str, Any]) -> str:
+  """How a LoRA model's base reference reads in a message."""
+  if base.get("init_from"):
+    return f"{base['init_from']}{' (its adapters merged)' if base.get('merged', True) else ''}"
+  return base.get("source") or f"random weights (seed {base.get('seed', 0)})"
+
+
+def load_base(meta: ModelMeta, abstract: Any, mesh: Mesh | None, rules: Rules, where: str) -> Any:
+  """The base of a LoRA model saved as its adapters (`meta.base`), in the layout of `abstract` (its
+  Params less the adapters and head): read from where it names, its matrices rounded to the dtype
+  they had while the adapters trained, and checked against the recorded fingerprint."""
+  ref = meta.base
+  cfg = meta.config.replace(lora_rank=0)
+  try:
+    if ref.get("init_from"):
+      model, _ = load_model(ref["init_from"], mesh, rules)
+      if ref.get("merged", True):
+        model = merge_lora(model)
+    elif ref.get("source"):
+      model = read_source(ref["source"], meta.kind, meta.num_attributes, int(ref.get("seed", 0)), mesh, rules,
+                          num_layers=cfg.num_layers)
+    else:
+      model = random_model(meta.kind, cfg, meta.num_attributes, int(ref.get("seed", 0)), mesh, rules)
+  except UserError as e:
+    raise UserError(f"{where}: its base {describe_base(ref)} cannot be read ({e})") from None
+  have = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  out = {}
+  for p, want in nnx.to_flat_state(abstract):
+    var = have.get(p)
+    if var is None or tuple(var.get_value().shape) != tuple(want.get_value().shape):
+      raise UserError(f"{where}: its base {describe_base(ref)} has no array {'.'.join(map(str, p))} of shape "
+                      f"{tuple(want.get_value().shape)}")
+    out[p] = var
+  base = store_as(nnx.from_flat_state(out), ref.get("dtype", "float32"))
+  got = fingerprint(base)
+  if ref.get("fingerprint") and got != ref["fingerprint"]:
+    raise UserError(f"{where}: its base {describe_base(ref)} is not the one its adapters trained over (weights "
+                    f"fingerprint {got}, recorded {ref['fingerprint']})")
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  return jax.jit(lambda t: jax.tree.map(lambda v: v.astype(jnp.float32), t), out_shardings=shardings)(base)
 
 
 def _restore_step(path: str, run: str, meta: ModelMeta, abs_params: Any) -> Any:

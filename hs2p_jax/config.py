@@ -7,7 +7,6 @@ from typing import Any, Optional
 
 from hs2p_jax.config_checks import validate
 from hs2p_jax.errors import UserError
-from hs2p_jax.model.config import LORA_TARGETS
 from hs2p_jax.sharding import MeshConfig
 from hs2p_jax.yaml_config import build, merge, parse_overrides, read_with_includes, read_yaml, to_dict
 
@@ -17,14 +16,18 @@ __all__ = ["build", "load", "load_tool", "merge", "parse_overrides", "read_yaml"
 
 @dataclasses.dataclass
 class LoraConfig:
-  """LoRA adapters (`hs2p_jax/model/lora.py`); rank 0: none, every parameter trains."""
+  """LoRA adapters (`hs2p_jax/model/lora.py`); rank 0: none, every parameter trains. A key left unset
+  (null) is the starting model's adapters' (`model.init_from`: a PEFT adapter or a LoRA model of ours),
+  else its default: rank 0, alpha 16, dropout 0, every target, the head trained. A key that
+  contradicts the starting adapters is an error (`train.model_init.lora_settings`)."""
 
-  rank: int = 0
-  alpha: float = 16.0                  # the adapters' product is scaled by alpha / rank
-  dropout: float = 0.0                 # dropout on the adapters' input while training (PEFT's lora_dropout)
-  targets: list = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))  # PEFT's module names
-  train_head: bool = True              # a reward model's head (kernel and bias) trains in full; false:
+  rank: Optional[int] = None
+  alpha: Optional[float] = None        # the adapters' product is scaled by alpha / rank
+  dropout: Optional[float] = None      # dropout on the adapters' input while training (PEFT's lora_dropout)
+  targets: Optional[list] = None       # PEFT's module names (default: every projection)
+  train_head: Optional[bool] = None    # a reward model's head (kernel and bias) trains in full; false:
                                        # frozen with the base (e.g. BT from a regression model's head)
+  merge_init: bool = False             # merge the starting model's adapters into its weights, train fresh ones
 
 
 @dataclasses.dataclass

@@ -57,9 +57,10 @@ def validate(cfg) -> None:
     lm = getattr(cfg, key, None)
     if not hasattr(lm, "micro_batch_size"):
       continue
-    for name in ("steps", "batch_size"):
-      if getattr(lm, name) <= 0:
-        raise UserError(f"{key}.{name}={getattr(lm, name)}: must be positive")
+    if lm.steps < 0:  # 0: the starting model saved as the run's model, nothing trained
+      raise UserError(f"{key}.steps={lm.steps}: must be 0 or more")
+    if lm.batch_size <= 0:
+      raise UserError(f"{key}.batch_size={lm.batch_size}: must be positive")
     if lm.micro_batch_size is not None and (lm.micro_batch_size <= 0 or lm.batch_size % lm.micro_batch_size):
       raise UserError(f"{key}.micro_batch_size={lm.micro_batch_size} must divide {key}.batch_size={lm.batch_size}")
     if lm.lr < 0 or lm.warmup_steps < 0:

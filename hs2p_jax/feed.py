@@ -29,7 +29,7 @@ from hs2p_jax.sharding import DEFAULT_RULES, Rules, batch_split, logical_to_spec
 # Arrays whose first (row) axis is the batch; everything else is small and replicated.
 ROW_ARRAYS = ("input_ids", "segment_ids", "positions", "branch_ids", "prompt_ids", "prompt_mask", "tokens",
               "response_mask", "target_pred", "chosen_pair", "rejected_pair", "row_lengths", "old_logp", "old_values",
-              "returns")
+              "returns", "advantages", "actor_mask", "ref_logp")
 # Arrays with one entry per example (pair), split over the batch axes like the rows; padded with
 # entries that score nothing (`valid` False) to split evenly.
 EXAMPLE_ARRAYS = ("score_row", "score_index", "valid", "example_id", "magnitude", "labels", "label_mask")

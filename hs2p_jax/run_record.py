@@ -29,6 +29,7 @@ import jax
 from hs2p_jax import storage
 from hs2p_jax.atomic import write_json
 from hs2p_jax.errors import UserError
+from hs2p_jax.model.config import LORA_TARGETS
 
 CONFIG, RECORD = "config.json", "run.json"
 
@@ -39,6 +40,10 @@ RUNTIME_KEYS = ("mesh.*", "dist.*", "name", "data.num_workers", "*.log_every", "
                 "*.reward_retries", "*.remat", "*.attention", "*.scan_layers", "*.weight_grad")
 # Keys a continuation may change: the runtime keys and the step count (never below the steps done).
 CONTINUATION_KEYS = RUNTIME_KEYS + ("*.steps",)
+# Keys whose default became "unset" (null) in a later version, and the value they had: a recorded
+# value equal to it counts as unset (model.lora's keys, now the starting adapters' where they exist).
+FORMER_DEFAULTS = {"lora.rank": 0, "lora.alpha": 16.0, "lora.dropout": 0.0, "lora.targets": list(LORA_TARGETS),
+                   "lora.train_head": True}
 # The section that tells a run's command apart (a config.json from before run.json existed).
 _COMMAND_OF = {"train": "train-rm", "dpo": "train-dpo", "sft": "train-sft", "reinforce": "reinforce", "ppo": "ppo",
                "stages": "pipeline"}
@@ -57,6 +62,17 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def normalised(flat: dict[str, Any]) -> dict[str, Any]:
+  """`flat` (dotted keys) with each unset key of FORMER_DEFAULTS given the value it had: a config
+  recorded before the default changed, and its stage keys, read as they did."""
+  out = dict(flat)
+  for key, value in flat.items():
+    tail = ".".join(key.split(".")[-2:])
+    if value is None and tail in FORMER_DEFAULTS:
+      out[key] = FORMER_DEFAULTS[tail]
+  return out
+
+
 def _plain(tree: Any) -> Any:
   """The value as JSON gives it back (tuples as lists)."""
   return json.loads(json.dumps(tree))
@@ -69,7 +85,7 @@ def matches(key: str, patterns: tuple[str, ...]) -> bool:
 def differences(recorded: dict[str, Any], given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, list]:
   """{key: [recorded value, given value]} of every leaf that differs. A key the record lacks counts as
   its default (a key added by a later version of this package)."""
-  old, new, default = flatten(_plain(recorded)), flatten(_plain(given)), flatten(_plain(defaults))
+  old, new, default = (normalised(flatten(_plain(t))) for t in (recorded, given, defaults))
   out = {}
   for key in sorted(set(old) | set(new)):
     a, b = old.get(key, default.get(key, _ABSENT)), new.get(key, _ABSENT)

@@ -154,36 +154,100 @@ def _files(url: str) -> list[tuple[str, Any]]:
   return sorted(out, key=lambda x: x[0])
 
 
+def _content_id(info: dict[str, Any]) -> str:
+  """What names an object's contents in its listing: its checksum (crc32c, md5), else its generation or
+  etag, else its size and time of writing."""
+  for key in ("crc32c", "md5Hash", "generation", "etag", "ETag"):
+    if info.get(key):
+      return f"{key}:{info[key]}"
+  return f"size:{info.get('size')}:{info.get('updated') or info.get('mtime') or info.get('LastModified')}"
+
+
+COPY_CHUNK = 8 << 20  # bytes read and written at a time: memory stays bounded whatever a file's size
+COPY_THREADS = 8      # files downloaded at once
+
+
+def _download(fs: Any, path: str, dst: str, info: dict[str, Any]) -> None:
+  """Streams object `path` to local file `dst` in COPY_CHUNK pieces, its crc32c checked where the
+  listing gives one (why not fsspec's `get`: it checks nothing)."""
+  import base64
+  crc = None
+  if info.get("crc32c"):
+    import google_crc32c
+    crc = google_crc32c.Checksum()
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  with fs.open(path, "rb", block_size=COPY_CHUNK) as src, open(dst, "wb") as out:
+    while True:
+      chunk = src.read(COPY_CHUNK)
+      if not chunk:
+        break
+      out.write(chunk)
+      if crc is not None:
+        crc.update(chunk)
+  if crc is not None and base64.b64encode(crc.digest()).decode() != info["crc32c"]:
+    raise UserError(f"{path}: the downloaded bytes do not match the object's crc32c (changed while read?)")
+
+
 def local_copy(url: str, patterns: list[str] | None = None) -> str:
   """A local copy, in this host's cache, of the directory at `url` (only the files whose names match
-  one of `patterns`, if given): downloaded on first use and again when its files' names or sizes change."""
+  one of `patterns`, if given), keyed by each object's checksum or generation: downloaded on first
+  use and again when any object changes (a re-upload of the same names and sizes included); files
+  streamed to disk in chunks, several at once. A newer copy of the same URL replaces older ones."""
+  import concurrent.futures
   import fnmatch
   import hashlib
   import tempfile
   if not isdir(url):
     raise UserError(f"{url}: no such directory")
-  files = _io(url, "list", lambda: [(n, p, p.stat().length) for n, p in _files(url)
-                                    if patterns is None or any(fnmatch.fnmatch(n, pat) for pat in patterns)])
-  key = hashlib.sha256(repr([(n, size) for n, _, size in files]).encode()).hexdigest()[:16]
+  import fsspec
+  _quiet_gcsfs()
+  fs, root = fsspec.core.url_to_fs(url)
+
+  def listing() -> list[tuple[str, str, dict[str, Any]]]:
+    fs.invalidate_cache()  # a cached listing would hide a re-upload
+    found = fs.find(root, detail=True)
+    out = [(path[len(root.rstrip("/")) + 1:], path, info) for path, info in sorted(found.items())
+           if info.get("type", "file") == "file"]
+    return [f for f in out if patterns is None or any(fnmatch.fnmatch(f[0], pat) for pat in patterns)]
+  files = _io(url, "list", listing)
+  key = hashlib.sha256(repr([(n, info.get("size"), _content_id(info)) for n, _, info in files]).encode()).hexdigest()[:16]
   local = local_dir(url, f"copy-{key}")
   if os.path.isdir(local):
     return local
   os.makedirs(os.path.dirname(local), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".copy-", dir=os.path.dirname(local))
   try:
-    for name, p, _ in files:
-      dst = os.path.join(tmp, *name.split("/"))
-      os.makedirs(os.path.dirname(dst), exist_ok=True)
-      data = _io(join(url, name), "read", p.read_bytes)
-      with open(dst, "wb") as f:
-        f.write(data)
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(COPY_THREADS, len(files)))) as pool:
+      jobs = [pool.submit(_io, join(url, name), "read", lambda p=path, n=name, i=info:
+                          _download(fs, p, os.path.join(tmp, *n.split("/")), i)) for name, path, info in files]
+      for job in jobs:
+        job.result()
     os.rename(tmp, local)  # complete or absent; another process's identical copy may have won
   except OSError:
     if not os.path.isdir(local):
       raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+  pattern_key = "all" if patterns is None else ",".join(patterns)
+  _forget_older(local, pattern_key)
   return local
+
+
+def _forget_older(local: str, pattern_key: str) -> None:
+  """Removes the copies of the same URL and file selection that `local` supersedes (a marker file
+  names each copy's selection: a metadata-only copy never removes a full one)."""
+  with open(os.path.join(os.path.dirname(local), os.path.basename(local) + ".select"), "w") as f:
+    f.write(pattern_key)
+  parent_dir = os.path.dirname(local)
+  for name in os.listdir(parent_dir):
+    marker = os.path.join(parent_dir, name + ".select")
+    if name.startswith("copy-") and not name.endswith(".select") and name != os.path.basename(local) \
+        and os.path.isfile(marker):
+      with open(marker) as f:
+        same = f.read() == pattern_key
+      if same:
+        shutil.rmtree(os.path.join(parent_dir, name), ignore_errors=True)
+        os.unlink(marker)
 
 
 # The object-storage clients' loggers: their retries and tracebacks go to a run's log file, not the terminal.

@@ -30,7 +30,7 @@ def test_overrides_types_and_includes(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.stesp=6", "unknown config key train.stesp"),
     ("train.steps=abc", "train.steps: expected an integer"),
-    ("train.steps=0", "train.steps=0: must be positive"),
+    ("train.steps=-1", "train.steps=-1: must be 0 or more"),
     ("train.bt_variant=hinge", "train.bt_variant='hinge'"),
     ("data.format=csv", "data.format='csv'"),
     ("train.micro_batch_size=3", "must divide train.batch_size"),

@@ -80,9 +80,15 @@ def test_files_logs_and_copies_on_object_storage(gcs, tmp_path, monkeypatch):
   assert sorted(os.listdir(meta)) == ["config.json", "tok"] and meta.startswith(str(tmp_path / "cache"))
   full = storage.local_copy(f"{base}/a")
   assert sorted(os.listdir(full)) == ["config.json", "model.safetensors", "tok"]
-  assert storage.local_copy(f"{base}/a") == full  # cached until the files change
+  inode = os.stat(os.path.join(full, "model.safetensors")).st_ino
+  assert storage.local_copy(f"{base}/a") == full  # cached until the files change: not downloaded again
+  assert os.stat(os.path.join(full, "model.safetensors")).st_ino == inode
+  storage.upload(f"{base}/a/model.safetensors", b"\1" * 10)  # the same names and sizes, other contents
+  again = storage.local_copy(f"{base}/a")
+  assert again != full and open(os.path.join(again, "model.safetensors"), "rb").read() == b"\1" * 10
+  assert not os.path.exists(full) and os.path.isdir(meta)  # the stale copy is gone, the metadata copy stays
   storage.upload(f"{base}/a/model.safetensors", b"\0" * 11)
-  assert storage.local_copy(f"{base}/a") != full
+  assert storage.local_copy(f"{base}/a") != again
   storage.rmtree(f"{base}/a")
   assert not storage.exists(f"{base}/a/config.json")
   with pytest.raises(UserError, match="gs://no-such-bucket/run/config.json"):
@@ -152,6 +158,19 @@ def test_a_source_in_a_bucket_is_copied_once_to_the_host(gcs, tmp_path, monkeypa
   assert arch.num_layers == load_hf(str(local)).cfg.num_layers and where == f"model.source={gcs}/sources/tiny"
   got = jax.tree.leaves(jax.tree.map(np.asarray, nnx_params(load_source(mc))))
   want = jax.tree.leaves(jax.tree.map(np.asarray, nnx_params(load_hf(str(local), head="reward", seed=mc.seed))))
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+
+  # retrained weights uploaded under the same names and sizes: read afresh, not from the old copy
+  other = tmp_path / "hf2"
+  tiny_hf_model(vocab_size=512, seed=1).save_pretrained(other, safe_serialization=True)
+  assert sorted((n, os.path.getsize(other / n)) for n in os.listdir(other)) == \
+      sorted((n, os.path.getsize(local / n)) for n in os.listdir(local))
+  storage.upload_dir(str(other), f"{gcs}/sources/tiny")
+  got = jax.tree.leaves(jax.tree.map(np.asarray, nnx_params(load_source(mc))))
+  want = jax.tree.leaves(jax.tree.map(np.asarray, nnx_params(load_hf(str(other), head="reward", seed=mc.seed))))
+  assert any(not np.array_equal(a, b) for a, b in zip(got, jax.tree.leaves(jax.tree.map(np.asarray, nnx_params(
+      load_hf(str(local), head="reward", seed=mc.seed))))))
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)
 

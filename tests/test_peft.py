@@ -80,7 +80,8 @@ def test_a_peft_adapter_loads_into_ours(tiny_hf_dir, tmp_path):
 
   base = load_hf(path, head="reward", num_attributes=3)
   fields = lora_fields(str(tmp_path / "theirs"))
-  assert fields == {"lora_rank": 2, "lora_alpha": 6.0, "lora_targets": ("v_proj", "o_proj", "gate_proj")}
+  assert fields == {"lora_rank": 2, "lora_alpha": 6.0, "lora_targets": ("v_proj", "o_proj", "gate_proj"),
+                    "lora_dropout": 0.0, "lora_train_head": True}
   ours = create("reward", base.cfg.replace(**fields), 3)
   nnx.update(ours, nnx.state(base, nnx.Param))
   load_adapter(ours, str(tmp_path / "theirs"))

@@ -31,7 +31,7 @@ def load_pair(base: str, tuned: str, mesh=None, rules=None, runtime: dict | None
   base_model = merge_lora(base_model)
   if tuned_model.cfg.lora_rank:
     base_model = at_adapter_start(tuned_model, base_model)
-  tuned_meta = dataclasses.replace(tuned_meta, config=tuned_model.cfg)
+  tuned_meta = dataclasses.replace(tuned_meta, config=tuned_model.cfg, base=None)  # its base is extrapolated too: saved whole
   graphdef, base_params = nnx.split(base_model)
   _, tuned_params = nnx.split(tuned_model)
   return graphdef, base_params, tuned_params, tuned_meta, load_checkpoint_tokenizer(tuned)

@@ -113,7 +113,7 @@ class Pipeline:
     stage that finished otherwise is stale: said in one line, its directory removed (a training stage
     whose step count only grew keeps its run, which continues)."""
     plain = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-    flat = {k: v for k, v in run_record.flatten(json.loads(json.dumps(plain))).items()
+    flat = {k: v for k, v in run_record.normalised(run_record.flatten(json.loads(json.dumps(plain)))).items()
             if not run_record.matches(k, run_record.RUNTIME_KEYS)}
     ins = {s: self.keys[s]["key"] if s in self.keys else self._done_info(s).get("key")
            for s in inputs if s in self.keys or self._done(s)}

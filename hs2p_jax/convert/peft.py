@@ -67,16 +67,21 @@ def adapter_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
 
 
 def adapter_config(model: nnx.Module, base: str | None = None) -> dict[str, Any]:
-  """`adapter_config.json`: a LoRA of the model's rank, alpha and targets; SEQ_CLS with the head
-  saved whole for a reward model, CAUSAL_LM for a policy."""
+  """`adapter_config.json` with the fields PEFT's LoraConfig writes (0.22): a LoRA of the model's
+  rank, alpha and targets; SEQ_CLS with the head saved whole for a reward model, CAUSAL_LM for a policy."""
   cfg = model.cfg
   reward = isinstance(model, RewardModel)
-  return {"peft_type": "LORA", "task_type": "SEQ_CLS" if reward else "CAUSAL_LM", "r": cfg.lora_rank,
-          "lora_alpha": cfg.lora_alpha, "lora_dropout": float(getattr(cfg, "lora_dropout", 0.0)), "target_modules": list(cfg.lora_targets),
-          "modules_to_save": ["score"] if reward else None, "bias": "none", "fan_in_fan_out": False,
-          "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-          "base_model_name_or_path": base, "layers_to_transform": None, "layers_pattern": None,
-          "rank_pattern": {}, "alpha_pattern": {}}
+  alpha = float(cfg.lora_alpha)
+  return {"task_type": "SEQ_CLS" if reward else "CAUSAL_LM", "peft_type": "LORA", "auto_mapping": None,
+          "base_model_name_or_path": base, "revision": None, "inference_mode": True, "r": cfg.lora_rank,
+          "target_modules": list(cfg.lora_targets), "exclude_modules": None,
+          "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
+          "lora_dropout": float(getattr(cfg, "lora_dropout", 0.0)), "fan_in_fan_out": False, "bias": "none",
+          "use_rslora": False, "modules_to_save": ["score"] if reward else None, "init_lora_weights": True,
+          "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+          "megatron_config": None, "megatron_core": "megatron.core", "trainable_token_indices": None,
+          "loftq_config": {}, "use_dora": False, "layer_replication": None, "lora_bias": False,
+          "target_parameters": None}
 
 
 def export_adapter(model: nnx.Module, out_dir: str, base: str | None = None, overwrite: bool = False) -> None:
@@ -115,6 +120,12 @@ def read_adapter_config(path: str) -> dict[str, Any]:
       raise UserError(f"{file}: {key}={config[key]} is not supported")
   if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("layers_to_transform"):
     raise UserError(f"{file}: per-layer ranks, alphas or layers are not supported")
+  for key in ("exclude_modules", "trainable_token_indices", "target_parameters", "layer_replication"):
+    if config.get(key):
+      raise UserError(f"{file}: {key}={config[key]!r} is not supported")
+  if config.get("bias", "none") != "none" or config.get("lora_bias"):
+    raise UserError(f"{file}: adapters with biases (bias={config.get('bias')!r}, lora_bias="
+                    f"{config.get('lora_bias', False)}) are not supported")
   targets = config.get("target_modules")
   if isinstance(targets, str) or not targets or set(targets) - set(TARGETS):
     raise UserError(f"{file}: target_modules {targets!r}: expected a list of {', '.join(TARGETS)}")
@@ -122,10 +133,14 @@ def read_adapter_config(path: str) -> dict[str, Any]:
 
 
 def lora_fields(path: str) -> dict[str, Any]:
-  """The LlamaConfig LoRA fields of a PEFT adapter directory."""
+  """The LlamaConfig LoRA fields of a PEFT adapter directory: rank, alpha, targets, dropout, and
+  whether a reward model's head trains in full (PEFT saves it whole: `modules_to_save`)."""
   config = read_adapter_config(path)
+  saved = config.get("modules_to_save") or []
   return {"lora_rank": int(config["r"]), "lora_alpha": float(config["lora_alpha"]),
-          "lora_targets": tuple(t for t in TARGETS if t in config["target_modules"])}
+          "lora_targets": tuple(t for t in TARGETS if t in config["target_modules"]),
+          "lora_dropout": float(config.get("lora_dropout") or 0.0),
+          "lora_train_head": "score" in saved or config.get("task_type") == "SEQ_CLS"}
 
 
 def load_adapter(model: nnx.Module, path: str) -> nnx.Module:
@@ -142,6 +157,11 @@ def load_adapter(model: nnx.Module, path: str) -> nnx.Module:
     tensors = load_file(os.path.join(path, WEIGHTS))
   except (OSError, ValueError) as e:
     raise UserError(f"{os.path.join(path, WEIGHTS)}: not a readable safetensors file ({e})") from None
+  known = {_name(t, i, side) for t in cfg.lora_targets for i in range(cfg.num_layers) for side in "AB"}
+  extra = sorted(set(tensors) - known - {PREFIX + "score.weight"})
+  if extra:  # e.g. modules_to_save: ["embed_tokens"], saved whole: not a part of a LoRA model here
+    raise UserError(f"{path}: {WEIGHTS} holds {extra[0]}{f' and {len(extra) - 1} more' if len(extra) > 1 else ''}; "
+                    f"only LoRA A/B of {', '.join(cfg.lora_targets)} and a reward head (score) load")
   layers, r = model.model.layers, cfg.lora_rank
   for target in cfg.lora_targets:
     owner, weight, _ = TARGETS[target]

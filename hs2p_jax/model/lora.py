@@ -126,6 +126,12 @@ def trainable(cfg: Any) -> Any:
   return nnx.Any(nnx.LoRAParam, nnx.PathContains("head_kernel"), nnx.PathContains("head_bias"))
 
 
+# What a LoRA model saved as its adapters holds of its own: the adapters and a reward model's head;
+# the rest of its Params are its base, named by reference (`checkpoint.ModelMeta.base`).
+OWN = nnx.Any(nnx.LoRAParam, nnx.PathContains("head_kernel"), nnx.PathContains("head_bias"))
+BASE = nnx.All(nnx.Param, nnx.Not(OWN))
+
+
 def merged(model: nnx.Module, build: Callable[[Any], nnx.Module]) -> nnx.Module:
   """`model` with every adapter folded into its weight, `W + scale·A·B`, as the model `build(cfg)`
   makes without adapters (built abstractly; the untouched arrays are shared, not copied)."""

@@ -17,33 +17,80 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hs2p_jax import storage
-from hs2p_jax.checkpoint import ModelMeta, load_model, read_meta, resolve_model_dir, tokenizer_dir
+from hs2p_jax.checkpoint import ModelMeta, load_model, read_meta, resolve_model_dir, run_of_step, tokenizer_dir
 from hs2p_jax.config import ModelConfig
-from hs2p_jax.convert import gguf_config, load_gguf, load_hf
+from hs2p_jax.convert import gguf_config
 from hs2p_jax.convert.gguf import resolve as resolve_gguf
 from hs2p_jax.convert.hf import read_config
 from hs2p_jax.convert.state import ReadStats, head_init
-from hs2p_jax.distributed import once_per_host
 from hs2p_jax.errors import UserError
 from hs2p_jax.model import RewardModel, create, merge_lora, preset
-from hs2p_jax.model.config import LlamaConfig, from_hf_config
+from hs2p_jax.model.config import LORA_TARGETS, LlamaConfig, from_hf_config
 from hs2p_jax.model.reward import attribute_weights
 from hs2p_jax.sharding import DEFAULT_RULES, Rules, state_shardings
 from hs2p_jax.tokenizer import load_tokenizer
-
-# weights on the hub: downloaded only by `load_params`; metadata and tokenizer files by anyone
-_METADATA_FILES = ["*.json", "tokenizer*", "*.jinja"]
-
+from hs2p_jax.weights import absolute_source, hub_or_local, random_model, read_source
 
 def _runtime(mc: ModelConfig) -> dict:
-  lc = mc.lora
   out = {"dtype": mc.dtype, "scan_layers": mc.scan_layers, "remat": mc.remat, "attention": mc.attention,
-         "weight_grad": mc.weight_grad, "lora_rank": lc.rank, "lora_alpha": float(lc.alpha),
-         "lora_targets": tuple(lc.targets), "lora_train_head": bool(lc.train_head),
-         "lora_dropout": float(lc.dropout)}
+         "weight_grad": mc.weight_grad, **lora_settings(mc)}
   if mc.num_layers is not None:
     out["num_layers"] = mc.num_layers
   return out
+
+
+# model.lora's keys as LlamaConfig names them, and their values where neither the config nor the
+# starting model's adapters set them
+LORA_FIELDS = {"rank": "lora_rank", "alpha": "lora_alpha", "targets": "lora_targets", "dropout": "lora_dropout",
+               "train_head": "lora_train_head"}
+LORA_DEFAULTS = {"lora_rank": 0, "lora_alpha": 16.0, "lora_targets": LORA_TARGETS, "lora_dropout": 0.0,
+                 "lora_train_head": True}
+IDENTITY = ("lora_rank", "lora_alpha", "lora_targets")  # what makes adapters the ones they are
+
+
+def start_adapters(mc: ModelConfig) -> dict[str, Any] | None:
+  """The LoRA fields of the adapters `model.init_from` holds (a PEFT adapter directory, a LoRA model
+  of ours), None where it holds none (or is not readable here: `hs2p plan` of a remote checkpoint)."""
+  if not mc.init_from:
+    return None
+  if is_peft_adapter(mc.init_from):
+    from hs2p_jax.convert.peft import lora_fields
+    return lora_fields(mc.init_from)
+  if storage.is_url(mc.init_from) or is_local_checkpoint(mc.init_from):
+    cfg = read_meta(mc.init_from).config
+    return {k: getattr(cfg, k) for k in LORA_DEFAULTS} if cfg.lora_rank else None
+  return None
+
+
+def lora_settings(mc: ModelConfig) -> dict[str, Any]:
+  """The LlamaConfig LoRA fields a run of `mc` trains with. Adapters `model.init_from` holds are
+  continued as they are (rank, alpha and targets theirs; dropout and whether the head trains theirs
+  unless `model.lora` sets them); a `model.lora` value that contradicts them is one line, never a
+  silent merge. `model.lora.rank=0` merges them and trains every weight, `model.lora.merge_init`
+  merges them under fresh adapters of `model.lora`. Without adapters to start from: `model.lora`."""
+  lc = mc.lora
+  given = {field: getattr(lc, key) for key, field in LORA_FIELDS.items()}
+  if given["lora_targets"] is not None:
+    given["lora_targets"] = tuple(t for t in LORA_TARGETS if t in given["lora_targets"]) + \
+        tuple(t for t in given["lora_targets"] if t not in LORA_TARGETS)  # a set, in one order (unknown: LlamaConfig says)
+  start = start_adapters(mc)
+  if lc.merge_init and start is None:
+    raise UserError(f"model.lora.merge_init=true: model.init_from={mc.init_from} holds no LoRA adapters to merge")
+  if start is None or given["lora_rank"] == 0 or lc.merge_init:
+    return {k: LORA_DEFAULTS[k] if v is None else v for k, v in given.items()}
+  clash = [k for k in IDENTITY if given[k] is not None and given[k] != start[k]]
+  if clash:
+    key = {field: key for key, field in LORA_FIELDS.items()}
+    said = ", ".join(f"model.lora.{key[k]}={_show(given[k])}" for k in clash)
+    theirs = ", ".join(f"{key[k]} {_show(start[k])}" for k in clash)
+    raise UserError(f"{said}: model.init_from={mc.init_from} holds adapters with {theirs}; leave it unset to "
+                    f"continue them, or set model.lora.rank=0 (merge them, train every weight) or "
+                    f"model.lora.merge_init=true (merge them, train fresh adapters of model.lora)")
+  return {k: start[k] if v is None else v for k, v in given.items()}
+
+
+def _show(v: Any) -> str:
+  return ",".join(v) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else str(v)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -95,42 +142,14 @@ def run_tokenizer(mc: ModelConfig, key: str = "model") -> Any:
   return tokenizer
 
 
-_FETCHED: dict[tuple[str, bool], str] = {}  # (source, with weights) -> this host's copy: each fetched once a process
-
-
-def hub_or_local(src: str, weights: bool = False) -> str:
-  """A local directory for `hf:DIR`, `DIR`, `hf:ORG/NAME` (from the Hugging Face hub) or a URL
-  (`gs://BUCKET/DIR`, copied into this host's cache): config and tokenizer files, and with `weights`
-  the safetensors; one process per host downloads, the others wait, and a failure on any host stops
-  every process."""
-  path = src[3:] if src.startswith("hf:") else src
-  if storage.is_url(path):
-    patterns = None if weights else _METADATA_FILES
-    return once_per_host(lambda: storage.local_copy(path, patterns), f"model.source={src}")
-  if os.path.isdir(path):
-    return path
-  if not src.startswith("hf:") or path.startswith(("/", ".")):
-    raise UserError(f"model.source={src}: no such directory")
-
-  def fetch() -> str:
-    try:
-      from huggingface_hub import snapshot_download
-      return snapshot_download(path, allow_patterns=_METADATA_FILES + (["*.safetensors"] if weights else []))
-    except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end here
-      raise UserError(f"cannot download from the Hugging Face hub ({str(e).splitlines()[0][:160]})") from None
-  known = _FETCHED.get((src, weights)) or (None if weights else _FETCHED.get((src, True)))
-  if known is None:  # every process asks the same sources in the same order: the same calls are skipped
-    known = _FETCHED[(src, weights)] = once_per_host(fetch, f"model.source={src}")
-  return known
-
-
 def architecture(mc: ModelConfig, download: bool = True) -> tuple[LlamaConfig, str]:
   """The model's LlamaConfig (its runtime keys applied) and where it came from, from metadata only.
   `download=False` (hs2p plan) never asks the hub: a hub source not on disk falls back to the preset."""
   runtime = _runtime(mc)
   if mc.init_from and is_peft_adapter(mc.init_from):  # adapters over the base model.source names
     _peft_base(mc)
-    return architecture(dataclasses.replace(mc, init_from=None), download)[0], \
+    base = dataclasses.replace(mc, init_from=None, lora=type(mc.lora)())
+    return architecture(base, download)[0].replace(**lora_settings(mc)), \
         f"model.init_from={mc.init_from} (PEFT adapter) over model.source={mc.source}"
   if mc.init_from and not download and not is_local_checkpoint(mc.init_from):
     return preset(mc.preset, **runtime), f"model.preset={mc.preset} ({mc.init_from}: not read by plan here)"
@@ -152,17 +171,6 @@ def architecture(mc: ModelConfig, download: bool = True) -> tuple[LlamaConfig, s
   return preset(mc.preset, **runtime), f"model.preset={mc.preset}"
 
 
-def random_model(kind: str, cfg, num_attributes: int, seed: int, mesh: Mesh | None, rules: Rules):
-  """A freshly initialised model, created directly in its sharded layout when a mesh is given."""
-  if mesh is None:
-    return create(kind, cfg, num_attributes, seed)
-  abstract = nnx.eval_shape(lambda: create(kind, cfg, num_attributes, seed))
-  graphdef, abs_state = nnx.split(abstract)
-  shardings = state_shardings(abs_state, mesh, rules)
-  state = jax.jit(lambda: nnx.state(create(kind, cfg, num_attributes, seed)), out_shardings=shardings)()
-  return nnx.merge(graphdef, state)
-
-
 def as_reward_model(src: nnx.Module, num_attributes: int, seed: int) -> RewardModel:
   """A reward model with `src`'s backbone and a fresh head (src: a causal LM or a reward model
   with another head size)."""
@@ -175,16 +183,18 @@ def as_reward_model(src: nnx.Module, num_attributes: int, seed: int) -> RewardMo
   return rm
 
 
-LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
+LORA_KEYS = IDENTITY
 
 
-def with_adapters(model: nnx.Module, lora: dict[str, Any], seed: int, mesh: Mesh | None, rules: Rules) -> nnx.Module:
+def with_adapters(model: nnx.Module, lora: dict[str, Any], seed: int, mesh: Mesh | None, rules: Rules,
+                  fresh: bool = False) -> nnx.Module:
   """`model` with fresh LoRA adapters of `lora` (LlamaConfig's fields; B zero: it computes what
   `model` computes); only the adapters are initialised, the weights are `model`'s, not copied. A
-  model with other adapters has them merged first; one with these adapters is returned as it is."""
+  model with other adapters (or with `fresh`, any) has them merged first; one with these adapters is
+  returned as it is."""
   if not lora.get("lora_rank"):
     return merge_lora(model)
-  if {k: getattr(model.cfg, k) for k in LORA_KEYS} == lora:
+  if not fresh and all(getattr(model.cfg, k) == lora[k] for k in LORA_KEYS):
     return model
   model = merge_lora(model)
   cfg = model.cfg.replace(**lora)
@@ -209,7 +219,7 @@ def load_source(mc: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAUL
   model = _load_weights(mc, runtime, mesh, rules, stats if stats is not None else ReadStats())
   if not lora["lora_rank"] and not model.cfg.lora_rank:
     return model
-  return with_adapters(model, lora, mc.seed, mesh, rules)
+  return with_adapters(model, lora, mc.seed, mesh, rules, fresh=mc.lora.merge_init)
 
 
 def is_peft_adapter(path: str | None) -> bool:
@@ -243,12 +253,8 @@ def _load_weights(mc: ModelConfig, runtime: dict[str, Any], mesh: Mesh | None, r
     if meta.kind != kind or (kind == "reward" and meta.num_attributes != mc.num_attributes):
       model = as_reward_model(merge_lora(model), mc.num_attributes, mc.seed)
     return model
-  if mc.source and mc.source.startswith("gguf:"):
-    return load_gguf(mc.source[5:], head=kind, num_attributes=mc.num_attributes, mesh=mesh, rules=rules,
-                     seed=mc.seed, stats=stats, **runtime)
   if mc.source:
-    return load_hf(hub_or_local(mc.source, weights=True), head=kind, num_attributes=mc.num_attributes, mesh=mesh,
-                   rules=rules, seed=mc.seed, stats=stats, **runtime)
+    return read_source(mc.source, kind, mc.num_attributes, mc.seed, mesh, rules, stats, **runtime)
   return random_model(kind, preset(mc.preset, **runtime), mc.num_attributes, mc.seed, mesh, rules)
 
 
@@ -281,7 +287,33 @@ def model_meta(mc: ModelConfig, cfg: LlamaConfig, template: str = "steerlm", max
   if source is None and mc.init_from and not is_peft_adapter(mc.init_from):
     source = read_meta(mc.init_from).source  # the weights the checkpoint it continues started from
   return ModelMeta(kind=mc.kind, config=cfg, num_attributes=n_attr or 9, reward_weights=mc.reward_weights,
-                   template=template, max_length=max_length, source=source)
+                   template=template, max_length=max_length, source=source, base=base_ref(mc, cfg))
+
+
+def base_ref(mc: ModelConfig, cfg: LlamaConfig) -> dict[str, Any] | None:
+  """Where the base of a LoRA run of `mc` (architecture `cfg`) is read from again, for its models to
+  be saved as their adapters (`checkpoint.ModelMeta.base`; its fingerprint is added when they are):
+  the source, the checkpoint it started from, or the seed of random weights. None (the model saved
+  whole): no adapters, or a base no name reads again (adapters merged from a PEFT directory, a
+  run's step checkpoint, which its run may delete)."""
+  if not cfg.lora_rank:
+    return None
+  ref: dict[str, Any] = {"dtype": mc.dtype}
+  continued = start_adapters(mc) is not None and not mc.lora.merge_init
+  if mc.init_from and is_peft_adapter(mc.init_from):
+    return {**ref, "source": absolute_source(mc.source)} if continued else None
+  if mc.init_from:
+    if continued:
+      before = read_meta(mc.init_from).base
+      if before is not None:  # the base its adapters trained over, rounded to the narrower dtype
+        before = {k: v for k, v in before.items() if k != "fingerprint"}
+        return {**before, "dtype": mc.dtype if before.get("dtype", "float32") == "float32" else before["dtype"]}
+    if run_of_step(mc.init_from) is not None:
+      return None
+    return {**ref, "init_from": storage.absolute(resolve_model_dir(mc.init_from)), "merged": not continued}
+  if mc.source:
+    return {**ref, "source": absolute_source(mc.source), "seed": mc.seed}
+  return {**ref, "seed": mc.seed}
 
 
 def build_model(mc: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES):

@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from hs2p_jax.model import create, lora
+from hs2p_jax.model.casting import castable, is_var as _is_var, store_as  # noqa: F401 - store_as: for the trainers
 from hs2p_jax.model.config import LlamaConfig
 from hs2p_jax.sharding import Rules, opt_state_shardings, state_shardings, use_mesh
 
@@ -50,25 +51,6 @@ class Part:
 def frozen_dtype(setting: str, compute_dtype: str) -> str:
   """The storage dtype of a frozen model's matrices: `setting`, or the compute dtype for "auto"."""
   return compute_dtype if setting in ("auto", None) else setting
-
-
-def _is_var(x: Any) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def castable(v: nnx.Variable) -> bool:
-  """Whether the model computes with this parameter in its compute dtype: every matrix (embeddings,
-  projections, LM head), not the norms' vectors nor the reward head (float32 in the model)."""
-  axes = v.get_metadata().get("axes") or ()
-  return len([a for a in axes if a != "layers"]) > 1 and "attributes" not in axes
-
-
-def store_as(params: Any, dtype: str) -> Any:
-  """`params` (concrete or traced) with the castable matrices in `dtype`."""
-  def one(v):
-    x = v.get_value()
-    return v.replace(x.astype(dtype)) if castable(v) and jnp.issubdtype(x.dtype, jnp.floating) else v
-  return jax.tree.map(one, params, is_leaf=_is_var)
 
 
 def _placed(state: Any, dtype: str, mesh: Any, rules: Rules) -> Any:
