@@ -72,3 +72,18 @@ def test_over_a_quarter_of_padding_rows_is_a_config_error(tmp_path):
     micro_batch_rows("train.micro_batch_size", 1, 2, mesh, DEFAULT_RULES, False)
   assert micro_batch_rows("train.micro_batch_size", 3, 2, mesh, DEFAULT_RULES, False)["padded_rows"] == 8  # 25 %
   assert micro_batch_rows("train.micro_batch_size", 1, 2, mesh, DEFAULT_RULES, True)["padded_rows"] == 8
+
+
+def test_every_per_row_array_of_an_rl_update_is_split_like_its_rows():
+  """PPO's advantages (and actor mask, reference log-probs) lie where their rows' tokens do, not on
+  every device whole."""
+  from jax.sharding import AbstractMesh
+
+  from hs2p_jax.feed import batch_sharding
+  from hs2p_jax.sharding import DEFAULT_RULES
+  mesh = AbstractMesh((2, 2, 1), ("data", "fsdp", "tensor"))  # a layout only: no devices needed
+  tokens = batch_sharding("tokens", (8, 16), mesh, DEFAULT_RULES)
+  assert tokens.spec[0] is not None  # rows over the batch axes
+  for key in ("old_logp", "advantages", "returns", "actor_mask", "ref_logp"):
+    assert batch_sharding(key, (8, 16), mesh, DEFAULT_RULES).spec == tokens.spec, key
+  assert batch_sharding("advantages", (8,), mesh, DEFAULT_RULES).spec[0] == tokens.spec[0]  # REINFORCE's, per row

@@ -76,6 +76,7 @@ def render_rm(report: dict[str, Any]) -> str:
       f"batch: {report['objective']}, {lay['micro_batches']} micro-batch(es) of {lay['rows']} rows x "
       f"{lay['seq_len']} tokens; {act['rows_per_device']} row(s) per device",
       *_packing(report.get("packing")),
+      *final_model_line(m),
       "",
       "  per device (analytic)",
       row("params (float32)" if "frozen_base" not in a else "params: LoRA adapters + head (float32)", a["params"]),
@@ -106,6 +107,15 @@ def render_rm(report: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def final_model_line(m: dict[str, Any]) -> list[str]:
+  """The size of what the run saves as its model (DIR/model)."""
+  if "final_model_bytes" not in m:
+    return []
+  what = "LoRA adapters + head, float32; the base is referenced, not saved" if m.get("lora") else \
+      "every parameter, float32"
+  return [f"final model (DIR/model): {size(m['final_model_bytes'])} ({what})"]
+
+
 def render_lm(r: dict[str, Any]) -> str:
   """The DPO or SFT plan as a table."""
   a, b, c = r["analytic"], r["batch"], r["compiled"]
@@ -115,7 +125,7 @@ def render_lm(r: dict[str, Any]) -> str:
            f"remat={r['model']['remat']}, attention={r['model']['attention']}",
            _target_line(r["target"]),
            f"step: {b['micro_batches']} micro-batch(es) of {b['examples']} {unit}, {b['rows']} rows x {b['seq_len']} "
-           "tokens", "", "  resident per device (policy float32"
+           "tokens", *final_model_line(r["model"]), "", "  resident per device (policy float32"
            + (f", reference {r['model']['frozen_dtype']})" if r["model"].get("frozen_dtype") else ")"), *_resident(a)]
   lines += _step_time(a, 1)
   if c["status"] == "ok":

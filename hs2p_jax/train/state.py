@@ -186,6 +186,14 @@ class RunState:
       return jax.jit(lambda p: store_as(jax.tree.map(jnp.copy, p), part.dtype),
                      out_shardings=shardings_of(self.frozen[name]))(params)
 
+  def final_model_bytes(self) -> int:
+    """Bytes of the run's final model (DIR/model, float32): every parameter, or a LoRA run's adapters
+    and reward head alone (its base is named, not saved: `checkpoint.ModelMeta.base`)."""
+    flat = list(nnx.to_flat_state(self.params))
+    if self.lora:
+      flat += [(p, v) for p, v in nnx.to_flat_state(self.frozen["base"]) if str(p[-1]).startswith("head_")]
+    return sum(math.prod(v.get_value().shape) * 4 for _, v in flat)
+
   def resident_bytes(self) -> dict[str, int]:
     """Per-device bytes of what lives through the run: params, optimizer state, each frozen model."""
     return {"params": device_bytes(self.params), "optimizer": device_bytes(self.opt_state),
