@@ -113,16 +113,17 @@ def _two_processes(tmp_path, out: str, extra: list[str]) -> list[subprocess.Pope
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["killed", "stuck"])
 def test_a_lost_or_stuck_process_stops_the_other_with_one_line(tmp_path, fault):
-  """SIGKILL of process 1: process 0 stops within dist.heartbeat_timeout (6 s here) + 30 s; SIGSTOP of
-  process 1 (its step never ends): process 0's step outlives dist.step_timeout (3 s)."""
+  """SIGKILL of process 1: process 0 stops within dist.heartbeat_timeout (10 s here: 6 s was missed now
+  and then by a live process starved of CPU on a loaded 2-core machine) + 30 s; SIGSTOP of process 1
+  (its step never ends): process 0's step outlives dist.step_timeout (3 s)."""
   out = str(tmp_path / "run")
-  limits = ["dist.heartbeat_timeout=6"] if fault == "killed" else ["dist.heartbeat_timeout=120", "dist.step_timeout=3"]
+  limits = ["dist.heartbeat_timeout=10"] if fault == "killed" else ["dist.heartbeat_timeout=120", "dist.step_timeout=3"]
   procs = _two_processes(tmp_path, out, limits)
   try:
     _wait_for_step(out, 3, procs)
     t0 = time.time()
     procs[1].send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
-    _, err = procs[0].communicate(timeout=(6 if fault == "killed" else 3) + 30)
+    _, err = procs[0].communicate(timeout=(10 if fault == "killed" else 3) + 30)
     elapsed = time.time() - t0
   finally:
     procs[1].kill()
@@ -133,7 +134,7 @@ def test_a_lost_or_stuck_process_stops_the_other_with_one_line(tmp_path, fault):
     assert "process 1 stopped answering" in last and "dist.heartbeat_timeout" in last, last
   else:
     assert "has not finished after 3 s (dist.step_timeout)" in last, last
-  assert "run the same command again on every process" in last and elapsed < 36
+  assert "run the same command again on every process" in last and elapsed < (40 if fault == "killed" else 36)
   assert "Traceback" not in err and " @ 0x" not in err and "Check failure" not in err, err[-3000:]
 
 
