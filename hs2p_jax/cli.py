@@ -119,7 +119,21 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
   p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the ready line says which)")
   p.add_argument("--token", default=None,
-                 help="require 'Authorization: Bearer TOKEN' (default: $HS2P_SERVE_TOKEN, else no token)")
+                 help="require this token (a bearer token, or Basic auth's password); it shows in ps: prefer "
+                      "--token-file or $HS2P_SERVE_TOKEN")
+  p.add_argument("--token-file", default=None, help="read the token from this file (its first line)")
+  p.add_argument("--insecure", action="store_true",
+                 help="listen on an address other machines reach without a token (refused otherwise)")
+  p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body (default %(default)s MB: 413)")
+  p.add_argument("--max-inputs", type=int, default=4096, help="inputs in one request (default %(default)s: 413)")
+  p.add_argument("--max-queued", type=int, default=65536,
+                 help="inputs waiting to be scored (default %(default)s: 503 with Retry-After beyond)")
+  p.add_argument("--max-connections", type=int, default=1024,
+                 help="open connections (default %(default)s: the next gets a 503)")
+  p.add_argument("--read-timeout", type=float, default=30.0,
+                 help="seconds a request's headers and body may take to arrive (default %(default)s)")
+  p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                 help="seconds SIGTERM waits for requests in flight (default %(default)s), then exits 0")
   p.add_argument("--max-length", type=int, default=None,
                  help="longest input in tokens (default: the length the checkpoint was trained at)")
   p.add_argument("--truncate", action="store_true",

@@ -163,22 +163,22 @@ def test_concurrent_requests_are_batched_without_compiling(served):
 @pytest.mark.parametrize("method,route,body,status,says", [
     ("POST", "/get_reward", b'{"query": ["a"', 400, "not valid JSON"),
     ("POST", "/get_reward", b'{"query": "a"}', 400, "query: Input should be a valid list"),
-    ("POST", "/get_reward", b'{"query": []}', 400, "query: List should have at least 1 item"),
     ("POST", "/get_reward", b'{"query": [1, 2]}', 400, "query.0: Input should be a valid string"),
     ("POST", "/get_reward", b'{"query": ["a", "b"], "prompts": ["a"]}', 400, "1 prompts for 2 queries"),
     ("POST", "/get_reward", b'{"query": [""]}', 400, "input 0 is empty"),
     ("POST", "/get_reward", json.dumps({"query": ["ok", "x" * 600]}).encode(), 400, "input 1 has 600 tokens"),
-    ("POST", "/classify", b'{"input": []}', 400, "input: an empty list"),
     ("POST", "/classify", b'{"input": 7}', 400, "input: expected a string or a list of strings"),
-    ("POST", "/v1/classify", b'{"model": "gpt-9", "input": "a"}', 404, "'gpt-9' does not exist"),
-    ("POST", "/score", b'{"prompts": ["a"], "responses": []}', 400, "responses: List should have at least 1"),
+    ("POST", "/score", b'{"prompts": ["a"], "responses": []}', 400, "responses: 0 responses for 1 prompts"),
+    ("POST", "/get_reward", b'{"query": ["\\ud800 lone"]}', 400, "query[0]: invalid Unicode at character 0"),
+    ("POST", "/get_reward", b'[' * 100_000 + b']' * 100_000, 400, "nested too deeply"),
+    ("POST", "/get_reward", b'{"query": ["\xff\xfe"]}', 400, "not valid JSON"),
     ("POST", "/nowhere", b'{}', 404, "no route POST /nowhere"),
     ("GET", "/get_reward", b'', 405, "Method Not Allowed"),
 ])
 def test_malformed_requests_get_a_4xx_and_the_server_keeps_serving(served, method, route, body, status, says):
   import httpx
   server = served[0]
-  with httpx.Client(base_url=server.url, headers=_auth(), timeout=60) as client:
+  with httpx.Client(base_url=server.url, headers={**_auth(), "Content-Type": "application/json"}, timeout=60) as client:
     r = client.request(method, route, content=body)
     assert r.status_code == status and says in r.json()["message"], r.text
     assert r.json()["code"] == status
@@ -194,8 +194,86 @@ def test_the_token_is_required(served):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
       r = client.post("/get_reward", json={"query": ["a"]}, headers=headers)
       assert r.status_code == 401 and "Bearer" in r.json()["message"]
+    assert client.post("/get_reward", json={"query": ["a"]}, auth=("user", "wrong")).status_code == 401
     assert client.get("/v1/models").status_code == 401
     assert client.post("/get_reward", json={"query": ["a"]}, headers=_auth()).status_code == 200
+    # Basic auth with the token as the password: what a token in the URL arrives as (verl, OpenRLHF)
+    assert client.post("/get_reward", json={"query": ["a"]}, auth=("anyone", TOKEN)).status_code == 200
+  import httpx as h
+  user_url = server.url.replace("http://", f"http://hs2p:{TOKEN}@")
+  assert h.post(f"{user_url}/get_reward", json={"query": ["a"]}, timeout=60).status_code == 200
+
+
+def test_protocol_edges_every_client_meets(served):
+  """Empty lists, any model name, HEAD /health, the queue in /health, JSON only, a 413 before the
+  body is read (and the server's memory unmoved), too many inputs."""
+  import httpx
+  import psutil
+  server, ckpt, pairs, _ = served
+  with httpx.Client(base_url=server.url, headers=_auth(), timeout=60) as client:
+    assert client.post("/get_reward", json={"query": []}).json() == {"rewards": [], "scores": []}
+    assert client.post("/classify", json={"input": []}).json()["data"] == []
+    assert client.post("/score", json={"prompts": [], "responses": []}).json() == {"rewards": []}
+    r = client.post("/v1/classify", json={"model": "/models/any/path", "input": "a"})  # verl names its own path
+    assert r.status_code == 200 and len(r.json()["data"]) == 1
+    head = client.head("/health")
+    assert head.status_code == 200 and head.content == b""
+    health = client.get("/health").json()
+    assert {"queued_inputs", "queued_requests", "oldest_wait_s", "outside_template"} <= set(health)
+    r = client.post("/get_reward", content=b'{"query": ["a"]}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["message"]
+    rss = psutil.Process(server.procs[0].pid).memory_info().rss
+    t0 = time.time()
+    r = client.post("/get_reward", content=b"x" * (20 << 20), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and time.time() - t0 < 1.0 and "--max-body-mb" in r.json()["message"]
+    assert psutil.Process(server.procs[0].pid).memory_info().rss - rss < 100 << 20
+    r = client.post("/get_reward", json={"query": ["a"] * 5000})
+    assert r.status_code == 413 and "--max-inputs" in r.json()["message"]
+    assert client.post("/get_reward", json={"query": ["still here"]}).status_code == 200
+
+
+def test_a_big_request_delays_no_one_and_an_abandoned_one_leaves_the_queue(served):
+  """A 1-input request is answered while a 4,000-input one waits (fewest inputs first); when the big
+  one's client gives up, its inputs are dropped, not scored."""
+  import httpx
+  server = served[0]
+  texts = [f"input {i} " + "words " * (i % 7) for i in range(4000)]
+  with httpx.Client(base_url=server.url, headers=_auth(), timeout=60) as client:
+    start = client.get("/health").json()["batches"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      big = pool.submit(httpx.post, f"{server.url}/get_reward", json={"query": texts}, headers=_auth(), timeout=2.0)
+      deadline = time.time() + 60
+      while client.get("/health").json()["queued_inputs"] == 0 and time.time() < deadline:
+        time.sleep(0.01)
+      r = client.post("/get_reward", json={"query": ["just one"]})
+      assert r.status_code == 200 and client.get("/health").json()["queued_inputs"] > 0  # the big one still waits
+      with pytest.raises(httpx.TimeoutException):
+        big.result()
+    deadline = time.time() + 60
+    while client.get("/health").json()["queued_inputs"] and time.time() < deadline:
+      time.sleep(0.05)
+    health = client.get("/health").json()
+  assert health["queued_inputs"] == 0 and health["queued_requests"] == 0
+  assert health["batches"] - start < len(texts) // 4  # its inputs left the queue unscored
+
+
+def test_texts_in_openrlhfs_decoded_form_score_what_hs2p_eval_scores(served):
+  """OpenRLHF decodes prompt + response ids: the text stops at the end-of-turn token (no newline
+  after it) or ends with the end-of-sequence token. Both score the full rendering's reward; a text
+  outside the template is counted in /health."""
+  import httpx
+  server, ckpt, pairs, scores = served
+  chosen, _ = _texts(ckpt, pairs)
+  assert all(t.endswith("<|im_end|>\n") for t in chosen)
+  want = [s["chosen"] for s in scores]
+  with httpx.Client(base_url=server.url, headers=_auth(), timeout=60) as client:
+    before = client.get("/health").json()["outside_template"]
+    for form in ([t[:-1] for t in chosen], [t[:-len("<|im_end|>\n")] + "</s>" for t in chosen]):
+      r = client.post("/get_reward", json={"query": form})
+      np.testing.assert_allclose(r.json()["rewards"], want, atol=1e-5)
+    assert client.get("/health").json()["outside_template"] == before
+    client.post("/get_reward", json={"query": ["no template at all"]})
+    assert client.get("/health").json()["outside_template"] == before + 1
 
 
 def _rl_rewards(tmp_path, kind: str, reward_model: str, name: str, critic: str) -> list[float]:
@@ -261,6 +339,62 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(served):
   err = server.procs[0].stderr.read()
   assert code == 0, err[-2000:]
   assert "stopped after" in err
+
+
+def test_limits_a_shared_cluster_needs(served, tmp_path):
+  """A server with small limits (token from a file): a full queue is a 503 with Retry-After, the
+  connection cap answers 503 and idle connections are closed after the read timeout, a probe during
+  start-up is refused (never hangs), and with a client trickling its body SIGTERM exits 0 within
+  the shutdown bound. A bare 0.0.0.0 without a token refuses to start."""
+  import socket
+
+  import httpx
+  from test_multiprocess import free_port
+  _, ckpt, _, _ = served
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("HS2P_SERVE_TOKEN", None)
+  bare = subprocess.run([sys.executable, "-m", "hs2p_jax", "serve", "--checkpoint", ckpt, "--host", "0.0.0.0"],
+                        env=env, capture_output=True, text=True, timeout=120)
+  assert bare.returncode == 2 and "no token is set" in bare.stderr and "--insecure" in bare.stderr, bare.stderr
+
+  (tmp_path / "token").write_text(TOKEN + "\n")
+  port = free_port()
+  proc = subprocess.Popen([sys.executable, "-m", "hs2p_jax", "serve", "--checkpoint", ckpt, "--port", str(port),
+                           "--max-length", str(MAX_LENGTH), "--batch-size", "1", "--token-file", str(tmp_path / "token"),
+                           "--max-queued", "6", "--max-connections", "4", "--read-timeout", "2",
+                           "--shutdown-timeout", "3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    refused = 0
+    while proc.poll() is None:  # start-up: every probe is refused at once
+      try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        break  # listening: it said so, or is about to
+      except ConnectionRefusedError:
+        refused += 1
+        time.sleep(0.2)
+    assert refused > 0 and json.loads(proc.stdout.readline())["listening"].endswith(f":{port}")
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, headers=_auth(), timeout=60) as client:
+      r = client.post("/get_reward", json={"query": ["a"] * 7})  # 7 inputs > --max-queued 6
+      assert r.status_code == 503 and r.headers["retry-after"] == "1" and "--max-queued" in r.json()["message"]
+      assert client.post("/get_reward", json={"query": ["a"] * 6}).status_code == 200
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    extra = socket.create_connection(("127.0.0.1", port))
+    assert extra.recv(4096).startswith(b"HTTP/1.1 503")  # over --max-connections: told, then closed
+    time.sleep(3)  # past --read-timeout: the idle connections are closed by the server
+    assert all(c.recv(16) == b"" for c in idle)
+    assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+    slow = socket.create_connection(("127.0.0.1", port))
+    slow.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n\r\n{\"query\"")
+    time.sleep(0.5)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    assert code == 0 and time.time() - t0 < 3 + 2, proc.stderr.read()[-2000:]
+  finally:
+    proc.kill()
+    proc.wait()
 
 
 @requires_smollm2
