@@ -227,6 +227,9 @@ def test_protocol_edges_every_client_meets(served):
     r = client.post("/get_reward", content=b"x" * (20 << 20), headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and time.time() - t0 < 1.0 and "--max-body-mb" in r.json()["message"]
     assert psutil.Process(server.procs[0].pid).memory_info().rss - rss < 100 << 20
+    r = client.post("/get_reward", json={"query": ["ok", "y" * (4 << 20)]})  # over-long by its characters alone
+    assert r.status_code == 400 and "input 1 has 4194304 characters" in r.json()["message"]
+    assert psutil.Process(server.procs[0].pid).memory_info().rss - rss < 100 << 20
     r = client.post("/get_reward", json={"query": ["a"] * 5000})
     assert r.status_code == 413 and "--max-inputs" in r.json()["message"]
     assert client.post("/get_reward", json={"query": ["still here"]}).status_code == 200
