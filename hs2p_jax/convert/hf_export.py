@@ -62,7 +62,8 @@ def entries(model: nnx.Module) -> list[list[Entry]]:
               for path, name, to_ours, to_hf in GLOBAL_TENSORS if path in shapes and name not in skip]
   layers = [[Entry(LAYER_PREFIX.format(i) + name, STACK_ROOT + path, i,
                    hf_shape(to_ours, shapes[STACK_ROOT + path][1:], cfg), to_hf)
-             for path, name, to_ours, to_hf in LAYER_TENSORS] for i in range(cfg.num_layers)]
+             for path, name, to_ours, to_hf in LAYER_TENSORS if STACK_ROOT + path in shapes]
+            for i in range(cfg.num_layers)]
   return [g for g in [globals_[:1], *layers, globals_[1:]] if g]  # GLOBAL_TENSORS: the embedding first
 
 

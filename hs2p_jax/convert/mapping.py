@@ -1,4 +1,4 @@
-"""Hugging Face Llama tensor names and layouts <-> paths and layouts of this project's nnx state."""
+"""Hugging Face Llama-family tensor names and layouts <-> paths and layouts of this project's nnx state."""
 
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ def _same(w, c):
   return w
 
 
+def _bias_in(w, c):  # [H*Dh] -> [H, Dh]
+  return w.reshape(-1, c.head_dim)
+
+
+def _bias_out(a, c):  # [H, Dh] -> [H*Dh]
+  return a.reshape(-1)
+
+
 # Region readers: (source tensor, region of ours, cfg) -> that region, reading only what it needs
 # from the HF-layout tensor. `index` has one concrete slice(start, stop) per dimension of ours.
 
@@ -67,8 +75,13 @@ def _read_o_in(t, index, c):  # ours [H, Dh, D] <- hf [D, H*Dh]
   return block.T.reshape(sh.stop - sh.start, c.head_dim, sd.stop - sd.start)[:, se, :]
 
 
+def _read_bias_in(t, index, c):  # ours [H, Dh] <- hf [H*Dh]
+  sh, se = index
+  return t.read((_head_rows(sh, c.head_dim),)).reshape(sh.stop - sh.start, c.head_dim)[:, se]
+
+
 REGIONS: dict[Transform, Callable] = {_same: _read_same, _t: _read_t, _q_in: _read_q_in, _kv_in: _read_q_in,
-                                      _o_in: _read_o_in}
+                                      _o_in: _read_o_in, _bias_in: _read_bias_in}
 
 
 def hf_shape(to_ours: Transform, ours: tuple[int, ...], c: LlamaConfig) -> tuple[int, ...]:
@@ -79,6 +92,8 @@ def hf_shape(to_ours: Transform, ours: tuple[int, ...], c: LlamaConfig) -> tuple
     return (ours[1] * ours[2], ours[0])
   if to_ours is _o_in:
     return (ours[2], ours[0] * ours[1])
+  if to_ours is _bias_in:
+    return (ours[0] * ours[1],)
   return tuple(ours)
 
 
@@ -93,6 +108,12 @@ LAYER_TENSORS: tuple[tuple[Path, str, Transform, Transform], ...] = (
     (("mlp", "down"), "mlp.down_proj.weight", _t, _t),
     (("input_norm", "weight"), "input_layernorm.weight", _same, _same),
     (("post_attn_norm", "weight"), "post_attention_layernorm.weight", _same, _same),
+    # what some families add (model/families.py): only the paths a model has are read or written
+    (("attn", "bq"), "self_attn.q_proj.bias", _bias_in, _bias_out),
+    (("attn", "bk"), "self_attn.k_proj.bias", _bias_in, _bias_out),
+    (("attn", "bv"), "self_attn.v_proj.bias", _bias_in, _bias_out),
+    (("attn", "q_norm", "weight"), "self_attn.q_norm.weight", _same, _same),
+    (("attn", "k_norm", "weight"), "self_attn.k_norm.weight", _same, _same),
 )
 
 # (our path below the backbone's parent, HF name, HF -> ours, ours -> HF)

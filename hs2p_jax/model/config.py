@@ -17,6 +17,9 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class LlamaConfig:
   """Shapes and numerics of a Llama decoder. Parameters are always float32; `dtype` is the compute dtype."""
 
+  family: str = "llama"          # model/families.py: what of the decoder a family changes
+  attention_bias: bool = False   # biases on the q/k/v projections (Qwen2 / Qwen2.5)
+  qk_norm: bool = False          # RMSNorm over each head's queries and keys before RoPE (Qwen3)
   vocab_size: int = 49152
   hidden_size: int = 576
   intermediate_size: int = 1536
@@ -62,6 +65,9 @@ class LlamaConfig:
       raise UserError(f"model.lora.rank={self.lora_rank}: expected 0 (no adapters) or a positive rank with targets")
     if not 0.0 <= self.lora_dropout < 1.0:
       raise UserError(f"model.lora.dropout={self.lora_dropout}: expected a rate in [0, 1)")
+    from hs2p_jax.model.families import FAMILIES
+    if self.family not in FAMILIES:
+      raise UserError(f"model family {self.family!r}: expected one of {', '.join(FAMILIES)}")
     if self.num_heads % self.num_kv_heads:
       raise UserError(f"model: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.remat not in REMAT_POLICIES:
@@ -91,6 +97,8 @@ class LlamaConfig:
     d, f, l = self.hidden_size, self.intermediate_size, self.num_layers
     attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
     per_layer = attn + 3 * d * f + 2 * d
+    per_layer += self.head_dim * (self.num_heads + 2 * self.num_kv_heads) * self.attention_bias
+    per_layer += 2 * self.head_dim * self.qk_norm
     n = self.vocab_size * d + l * per_layer + d
     if with_lm_head and not self.tie_word_embeddings:
       n += self.vocab_size * d
@@ -133,12 +141,18 @@ def preset(name: str, **overrides: Any) -> LlamaConfig:
 
 def from_hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
   """Maps a Hugging Face Llama `config.json` dict to a `LlamaConfig`."""
+  from hs2p_jax.model.families import FAMILIES, hf_fields
   model_type = hf.get("model_type", "llama")
-  if model_type != "llama":
-    raise UserError(f"config.json: model_type={model_type!r} is not supported (only 'llama')")
-  for flag in ("attention_bias", "mlp_bias"):
-    if hf.get(flag):
-      raise UserError(f"config.json: {flag}=true is not supported")
+  if model_type not in FAMILIES:
+    raise UserError(f"config.json: model_type={model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+  if hf.get("mlp_bias"):
+    raise UserError("config.json: mlp_bias=true is not supported")
+  if model_type == "llama" and hf.get("attention_bias"):
+    raise UserError("config.json: attention_bias=true is not supported for llama")
+  window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None
+  if window and window < hf.get("max_position_embeddings", 0):
+    raise UserError(f"config.json: sliding-window attention ({window} tokens) is not supported yet; "
+                    "set use_sliding_window=false or sliding_window=null to attend over the whole context")
   n_heads = hf["num_attention_heads"]
   rope_params = dict(hf.get("rope_parameters") or {})
   rope_scaling = hf.get("rope_scaling") or (rope_params if rope_params.get("rope_type") not in (None, "default") else None)
@@ -167,18 +181,22 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
       bos_token_id=hf.get("bos_token_id"),
       eos_token_id=tuple(hf["eos_token_id"]) if isinstance(hf.get("eos_token_id"), list) else hf.get("eos_token_id"),
       pad_token_id=hf.get("pad_token_id"),
+      **hf_fields(model_type, hf),
   )
   return cfg.replace(**overrides)
 
 
 def to_hf_config(cfg: LlamaConfig, architecture: str = "LlamaForCausalLM", **extra: Any) -> dict[str, Any]:
-  """The Hugging Face `config.json` dict for `cfg` (float32 weights unless `extra` says torch_dtype)."""
+  """The Hugging Face `config.json` dict for `cfg` (float32 weights unless `extra` says torch_dtype);
+  `architecture`'s "Llama" prefix is the family's."""
   rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
   if cfg.rope_scaling:
     rope_parameters = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **cfg.rope_scaling_dict}
+  from hs2p_jax.model.families import FAMILIES
+  family = FAMILIES[cfg.family]
   out = {
-      "architectures": [architecture],
-      "model_type": "llama",
+      "architectures": [architecture.replace("Llama", family.prefix, 1)],
+      "model_type": family.model_type,
       "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.hidden_size,
       "intermediate_size": cfg.intermediate_size,
@@ -193,12 +211,14 @@ def to_hf_config(cfg: LlamaConfig, architecture: str = "LlamaForCausalLM", **ext
       "rope_parameters": rope_parameters,
       "max_position_embeddings": cfg.max_position_embeddings,
       "tie_word_embeddings": cfg.tie_word_embeddings,
-      "attention_bias": False,
+      "attention_bias": cfg.attention_bias,
       "mlp_bias": False,
       "bos_token_id": cfg.bos_token_id,
       "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
       "pad_token_id": cfg.pad_token_id,
       "torch_dtype": "float32",
   }
+  if cfg.family != "llama":  # whole-context attention; no llama3 rope scaling in these families
+    out.update({"use_sliding_window": False, "sliding_window": None})
   out.update(extra)
   return out

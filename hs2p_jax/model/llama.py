@@ -91,6 +91,14 @@ class Attention(nnx.Module):
     self.wk = param(rngs, (d, hkv, dh), ("embed", "kv_heads", "head_dim"), stack)
     self.wv = param(rngs, (d, hkv, dh), ("embed", "kv_heads", "head_dim"), stack)
     self.wo = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), stack)
+    if cfg.attention_bias:  # Qwen2: q, k and v biases
+      zeros = jax.nn.initializers.zeros
+      self.bq = param(rngs, (h, dh), ("heads", "head_dim"), stack, init=zeros)
+      self.bk = param(rngs, (hkv, dh), ("kv_heads", "head_dim"), stack, init=zeros)
+      self.bv = param(rngs, (hkv, dh), ("kv_heads", "head_dim"), stack, init=zeros)
+    if cfg.qk_norm:  # Qwen3: each head's queries and keys RMS-normalised before RoPE
+      self.q_norm = RMSNorm(dh, cfg.rms_norm_eps, stack=stack)
+      self.k_norm = RMSNorm(dh, cfg.rms_norm_eps, stack=stack)
     lora.attach(self, cfg, "attn", rngs)
 
   def __call__(self, x, positions, mask, kv=None, slot=None, segments=None, impl=None, layer=None):
@@ -105,6 +113,10 @@ class Attention(nnx.Module):
     q = lora.projection(self, "wq", x, 1, wg)  # [B, T, H, Dh]
     k = lora.projection(self, "wk", x, 1, wg)  # [B, T, Hkv, Dh]
     v = lora.projection(self, "wv", x, 1, wg)
+    if self.cfg.attention_bias:
+      q, k, v = (a + b[...].astype(a.dtype) for a, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
+    if self.cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     q = constrain(apply_rope(q, positions, inv_freq), ("act_batch", "act_seq", "act_heads", None))
     k = constrain(apply_rope(k, positions, inv_freq), ("act_batch", "act_seq", "act_kv_heads", None))
     v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
