@@ -117,3 +117,58 @@ def test_a_scalar_reward_export_is_the_familys_sequence_classifier(family, tmp_p
   with torch.no_grad():
     theirs = back(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()[:, 0]
   np.testing.assert_allclose(theirs + bias, np.asarray(rm(ids, mask))[:, 4], atol=1e-4)
+
+
+@pytest.mark.parametrize("name, published", [("qwen3-0.6b", 0.596e9), ("qwen3-8b", 8.19e9), ("qwen3-32b", 32.8e9),
+                                             ("qwen2.5-7b", 7.61e9), ("qwen2.5-72b", 72.7e9), ("mistral-7b", 7.25e9)])
+def test_presets_hold_the_published_parameter_counts(name, published):
+  """The presets' shapes against the model cards' parameter counts (within 0.5 %)."""
+  from hs2p_jax.model.config import preset
+  assert preset(name).num_params() == pytest.approx(published, rel=5e-3)
+
+
+def test_a_qwen3_reward_model_trains_and_leaves_as_qwen3(tmp_path, capsys):
+  """`hs2p train-rm` on a Qwen3 source (full and LoRA), exported with `--reward helpfulness`: the
+  family's own sequence classifier with one label scores what hs2p scores minus the recorded bias;
+  the LoRA run's adapter loads in `peft` over the base and scores what hs2p scores."""
+  torch = need_torch()
+  import transformers
+  from peft import PeftModel
+
+  from conftest import separable_pairs, write_jsonl
+  from hs2p_jax.checkpoint import load_model
+  from hs2p_jax.cli import main
+  base = tmp_path / "base"
+  family_model("qwen3", "ForSequenceClassification", seed=7, vocab_size=320, num_labels=9).save_pretrained(
+      base, safe_serialization=True)
+  (tmp_path / "c.yaml").write_text("name: qwen3\n")
+  pairs = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(8))
+  sets = [f"model.source={base}", "model.tokenizer=bytes", f"data.train={pairs}", "data.format=pairs",
+          "data.template=chat", "data.max_length=64", "data.buckets=[64]", "train.objective=bt", "train.steps=2",
+          "train.batch_size=4", "train.lr=1e-3", "mesh.data=1"]
+  ids, mask = padded_batch(np.random.RandomState(8), [14, 14], 14, "right", vocab=300)
+  for name, extra in (("full", []), ("lora", ["model.lora.rank=4"])):
+    run = tmp_path / name
+    assert main(["train-rm", "--config", str(tmp_path / "c.yaml"), "--out", str(run), "--set", *sets, *extra]) == 0
+    ours, meta = load_model(str(run / "model"))
+    assert meta.config.family == "qwen3"
+    scores = np.asarray(ours(ids, mask))
+    if name == "full":
+      assert main(["convert", "--checkpoint", str(run / "model"), "--to-hf", str(tmp_path / "scalar"),
+                   "--reward", "helpfulness"]) == 0
+      back = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "scalar"), num_labels=1)
+      assert type(back).__name__ == "Qwen3ForSequenceClassification"
+      bias = json.loads((tmp_path / "scalar" / "config.json").read_text())["hs2p_reward"]["bias"]
+      with torch.no_grad():
+        theirs = back(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()[:, 0]
+      np.testing.assert_allclose(theirs + bias, scores[:, 4], atol=1e-4)
+    else:
+      assert main(["convert", "--checkpoint", str(run / "model"), "--to-hf", str(tmp_path / "adapter"),
+                   "--adapter"]) == 0
+      hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=9)
+      peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+      head_bias = np.asarray(ours.head_bias[...])
+      with torch.no_grad():
+        theirs = peft_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+      np.testing.assert_allclose(theirs + head_bias, scores, atol=1e-4)
+  capsys.readouterr()

@@ -132,6 +132,39 @@ PRESETS: dict[str, LlamaConfig] = {
 }
 
 
+def _qwen3(hidden: int, inter: int, layers: int, heads: int, tied: bool) -> LlamaConfig:
+  """Qwen3 dense (the Hub's Qwen/Qwen3-* config.json): 8 KV heads of 128, q/k norms, rope 1e6."""
+  return LlamaConfig(family="qwen3", qk_norm=True, vocab_size=151936, hidden_size=hidden, intermediate_size=inter,
+                     num_layers=layers, num_heads=heads, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                     rope_theta=1e6, max_position_embeddings=40960, tie_word_embeddings=tied,
+                     bos_token_id=151643, eos_token_id=151645, dtype="bfloat16")
+
+
+def _qwen25(hidden: int, inter: int, layers: int, heads: int, kv: int) -> LlamaConfig:
+  """Qwen2.5 (Qwen/Qwen2.5-*-Instruct config.json): q/k/v biases, rope 1e6."""
+  return LlamaConfig(family="qwen2", attention_bias=True, vocab_size=152064, hidden_size=hidden,
+                     intermediate_size=inter, num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=128,
+                     rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768, tie_word_embeddings=False,
+                     bos_token_id=151643, eos_token_id=151645, dtype="bfloat16")
+
+
+PRESETS.update({
+    "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, True),
+    "qwen3-1.7b": _qwen3(2048, 6144, 28, 16, True),
+    "qwen3-4b": _qwen3(2560, 9728, 36, 32, True),
+    "qwen3-8b": _qwen3(4096, 12288, 36, 32, False),
+    "qwen3-14b": _qwen3(5120, 17408, 40, 40, False),
+    "qwen3-32b": _qwen3(5120, 25600, 64, 64, False),
+    "qwen2.5-7b": _qwen25(3584, 18944, 28, 28, 4),
+    "qwen2.5-72b": _qwen25(8192, 29568, 80, 64, 8),
+    # mistralai/Mistral-7B-v0.3 (whole-context attention: v0.1's 4096-token window is not supported yet)
+    "mistral-7b": LlamaConfig(family="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                              num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                              rope_theta=1e6, max_position_embeddings=32768, tie_word_embeddings=False,
+                              bos_token_id=1, eos_token_id=2, dtype="bfloat16"),
+})
+
+
 def preset(name: str, **overrides: Any) -> LlamaConfig:
   """A named architecture (see `PRESETS`), with field overrides."""
   if name not in PRESETS:
