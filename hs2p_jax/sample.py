@@ -109,7 +109,7 @@ def generate_from_state(graphdef: nnx.GraphDef, state, input_ids: jax.Array, att
     k = cfg.num_samples
     cache = _constrain_cache(KVCache(jnp.repeat(cache.k, k, axis=1), jnp.repeat(cache.v, k, axis=1),
                                      jnp.repeat(cache.valid, k, axis=0), jnp.repeat(cache.next_pos, k, axis=0),
-                                     cache.index))
+                                     cache.index, jnp.repeat(cache.positions, k, axis=0)))
     logits, b = jnp.repeat(logits, k, axis=0), b * k
   eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
   table, accept = (jnp.asarray(stops[0]), jnp.asarray(stops[1])) if stops is not None else (None, None)

@@ -172,3 +172,31 @@ def test_a_qwen3_reward_model_trains_and_leaves_as_qwen3(tmp_path, capsys):
         theirs = peft_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
       np.testing.assert_allclose(theirs + head_bias, scores, atol=1e-4)
   capsys.readouterr()
+
+
+def test_mistrals_sliding_window_matches_transformers_past_the_window(tmp_path):
+  """A window of 8 positions on 40-token rows (padded either side) and in decoding with the KV
+  cache, 12 tokens past it: transformers' logits and `generate`; without the window they differ."""
+  torch = need_torch()
+  from hs2p_jax.sample import generate
+  ref = family_model("mistral", seed=9, sliding_window=8)
+  ref.save_pretrained(tmp_path / "hf", safe_serialization=True)
+  lm = load_hf(str(tmp_path / "hf"))
+  assert lm.cfg.sliding_window == 8
+  for side in ("left", "right"):
+    ids, mask = padded_batch(np.random.RandomState(10), [40, 23, 7], 40, side)
+    want, got = _logits(ref, ids, mask), np.asarray(lm(ids, mask))
+    m = mask.astype(bool)
+    assert np.abs(got - want)[m].max() <= 1e-4, (side, np.abs(got - want)[m].max())
+  whole = np.asarray(load_hf(str(tmp_path / "hf"), sliding_window=0)(ids, mask))
+  assert np.abs(whole - want)[m].max() > 1e-3  # the window matters on these rows
+  ids, mask = padded_batch(np.random.RandomState(11), [6, 4], 6, "left", low=3)
+  got = np.asarray(generate(lm, ids, mask, max_new_tokens=14, temperature=0.0, eos_ids=[]).tokens)
+  for i in range(len(ids)):
+    prompt = ids[i][mask[i].astype(bool)]
+    with torch.no_grad():
+      want_ids = ref.generate(torch.tensor(prompt[None]), max_new_tokens=14, min_new_tokens=14, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert got[i][:14].tolist() == want_ids, i
+  export_hf(lm, str(tmp_path / "out"))
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["sliding_window"] == 8

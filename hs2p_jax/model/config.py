@@ -20,6 +20,7 @@ class LlamaConfig:
   family: str = "llama"          # model/families.py: what of the decoder a family changes
   attention_bias: bool = False   # biases on the q/k/v projections (Qwen2 / Qwen2.5)
   qk_norm: bool = False          # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+  sliding_window: int = 0        # >0: each query sees the keys fewer than this many positions back (Mistral v0.1)
   vocab_size: int = 49152
   hidden_size: int = 576
   intermediate_size: int = 1536
@@ -68,6 +69,8 @@ class LlamaConfig:
     from hs2p_jax.model.families import FAMILIES
     if self.family not in FAMILIES:
       raise UserError(f"model family {self.family!r}: expected one of {', '.join(FAMILIES)}")
+    if self.sliding_window < 0:
+      raise UserError(f"model: sliding_window={self.sliding_window}: expected 0 (none) or a positive length")
     if self.num_heads % self.num_kv_heads:
       raise UserError(f"model: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.remat not in REMAT_POLICIES:
@@ -183,9 +186,9 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
   if model_type == "llama" and hf.get("attention_bias"):
     raise UserError("config.json: attention_bias=true is not supported for llama")
   window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type == "mistral") else None
-  if window and window < hf.get("max_position_embeddings", 0):
-    raise UserError(f"config.json: sliding-window attention ({window} tokens) is not supported yet; "
-                    "set use_sliding_window=false or sliding_window=null to attend over the whole context")
+  if window and model_type != "mistral":
+    raise UserError(f"config.json: {model_type}'s sliding-window attention (use_sliding_window, {window} tokens) is "
+                    "not supported yet; set use_sliding_window=false to attend over the whole context")
   n_heads = hf["num_attention_heads"]
   rope_params = dict(hf.get("rope_parameters") or {})
   rope_scaling = hf.get("rope_scaling") or (rope_params if rope_params.get("rope_type") not in (None, "default") else None)
@@ -214,6 +217,7 @@ def from_hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
       bos_token_id=hf.get("bos_token_id"),
       eos_token_id=tuple(hf["eos_token_id"]) if isinstance(hf.get("eos_token_id"), list) else hf.get("eos_token_id"),
       pad_token_id=hf.get("pad_token_id"),
+      sliding_window=int(window or 0),
       **hf_fields(model_type, hf),
   )
   return cfg.replace(**overrides)
@@ -251,7 +255,7 @@ def to_hf_config(cfg: LlamaConfig, architecture: str = "LlamaForCausalLM", **ext
       "pad_token_id": cfg.pad_token_id,
       "torch_dtype": "float32",
   }
-  if cfg.family != "llama":  # whole-context attention; no llama3 rope scaling in these families
-    out.update({"use_sliding_window": False, "sliding_window": None})
+  if cfg.family != "llama":
+    out.update({"use_sliding_window": bool(cfg.sliding_window), "sliding_window": cfg.sliding_window or None})
   out.update(extra)
   return out

@@ -50,7 +50,8 @@ class KVCache:
   """Per-layer keys and values for incremental decoding.
 
   k, v: [L, B, S, Hkv, Dh]; valid: [B, S] (slot holds a real token); next_pos: [B] position id of the
-  next token of each row; index: [] the next slot to write.
+  next token of each row; index: [] the next slot to write; positions: [B, S] the position id of
+  each slot's token (a sliding window measures distances in positions).
   """
 
   k: jax.Array
@@ -58,13 +59,14 @@ class KVCache:
   valid: jax.Array
   next_pos: jax.Array
   index: jax.Array
+  positions: jax.Array
 
   @classmethod
   def init(cls, cfg: LlamaConfig, batch: int, max_len: int) -> "KVCache":
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     dt = compute_dtype(cfg)
     return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, max_len), bool),
-               jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32))
+               jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((batch, max_len), jnp.int32))
 
 
 def _constrain_cache(c: jax.Array) -> jax.Array:
@@ -226,9 +228,16 @@ class Llama(nnx.Module):
       if positions is None:
         positions = cache.next_pos[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - valid
       kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, axis=1)
+      kv_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions.astype(jnp.int32), cache.index,
+                                                         axis=1)
       q_slots = cache.index + jnp.arange(t)
       k_slots = jnp.arange(kv_valid.shape[1])
       mask = segment_causal_mask(q_slots, k_slots, valid.astype(jnp.int32), kv_valid.astype(jnp.int32))
+    if cfg.sliding_window:  # Mistral: every layer sees the last `sliding_window` positions only
+      keys = positions if cache is None else kv_positions
+      mask &= (positions[:, :, None] - keys[:, None, :]) < cfg.sliding_window
+      if impl in ("splash", "cudnn"):
+        impl = "xla"  # the kernels take no window here yet: XLA's, with the full mask
     x = jnp.take(self.embed[...].astype(compute_dtype(cfg)), input_ids, axis=0)
     x = constrain(x, BTD)
     kv = None if cache is None else (cache.k, cache.v)
@@ -239,7 +248,7 @@ class Llama(nnx.Module):
     if cache is None:
       return x
     new_cache = KVCache(kv[0], kv[1], kv_valid, cache.next_pos + jnp.sum(valid, axis=1, dtype=jnp.int32),
-                        cache.index + t)
+                        cache.index + t, kv_positions)
     return x, new_cache
 
   def _layers(self, x, positions, mask, kv, slot, segments, impl):
