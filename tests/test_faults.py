@@ -43,7 +43,8 @@ def _wait_for_step(out: str, step: int, procs: list[subprocess.Popen], timeout: 
     if os.path.exists(path) and any(r["step"] >= step for r in read_metrics(path)):
       return
     time.sleep(0.05)
-  raise AssertionError(f"the run never logged step {step}: {[p.poll() for p in procs]}")
+  ended = [(i, p.returncode, p.stderr.read()[-1500:]) for i, p in enumerate(procs) if p.poll() is not None and p.stderr]
+  raise AssertionError(f"the run never logged step {step}: {[p.poll() for p in procs]}; {ended}")
 
 
 def _saved_steps(out: str) -> list[int]:

@@ -7,7 +7,8 @@ hosts it, is gone), ends this process with one line naming the lost process. A l
 its log and save) still running `dist.step_timeout` seconds after it began ends the run the same
 way: a peer that is alive but stuck keeps heartbeating, so only the step's duration shows it (a
 run's first step, which compiles, is not timed). Both exit with `RESUME_STATUS`: relaunching
-every process resumes from the last checkpoint. The exit skips the interpreter's shutdown, where
+every process resumes from the last checkpoint. The processes meet before their hearts start
+beating (a process that compiled slower than its peers is not taken for lost). The exit skips the interpreter's shutdown, where
 jax would wait at its shutdown barrier for the lost process and then abort with a C++ stack trace;
 jax's own heartbeat timeout is set longer than this one (`distributed.initialize`).
 """
@@ -45,6 +46,9 @@ class Watchdog:
     self.heartbeat_timeout, self.step_timeout, self.hint = heartbeat_timeout, step_timeout, resume_hint
     self.interval = max(0.2, min(2.0, heartbeat_timeout / 10))
     self.me = jax.process_index()
+    if self.client is not None:  # every heart starts together: a peer that compiled slower is not taken for lost
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("hs2p_watchdog_start")
     self._seen: dict[int, tuple[str | None, float]] = {p: (None, time.monotonic()) for p in
                                                        range(jax.process_count()) if p != self.me}
     self._step: tuple[int, float] | None = None
