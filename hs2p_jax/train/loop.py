@@ -93,20 +93,25 @@ def _run(trainer: Trainer, loop: LoopConfig, out_dir: str) -> dict[str, Any]:
   trainer.provenance()
   ckpts = RunCheckpoints(out_dir, loop.keep_checkpoints, loop.async_checkpoint)
   start, state, data_state = ckpts.restore_latest(trainer.checkpoint_target())
-  snapshots = trainer.snapshot_targets()
-  if start:
-    trainer.start(state, {name: ckpts.restore_snapshot(name, target) for name, target in snapshots.items()})
-    trainer.loader.set_state(data_state["loader"])
-  else:
-    trainer.start(None, {})
-    for name in snapshots:
-      ckpts.save_snapshot(name, trainer.snapshot(name))
-  trainer.begin(start)
+  # hearts beat from here: a peer still restoring or compiling is not taken for lost
+  watch = Watchdog(loop.heartbeat_timeout, loop.step_timeout,
+                   f"resume from {ckpts.step_path(start)}" if start else "start again (no checkpoint was written)")
+  try:
+    snapshots = trainer.snapshot_targets()
+    if start:
+      trainer.start(state, {name: ckpts.restore_snapshot(name, target) for name, target in snapshots.items()})
+      trainer.loader.set_state(data_state["loader"])
+    else:
+      trainer.start(None, {})
+      for name in snapshots:
+        ckpts.save_snapshot(name, trainer.snapshot(name))
+    trainer.begin(start)
+  except BaseException:
+    watch.close()
+    raise
   writer = MetricsWriter(out_dir, loop.steps, start, stage=loop.name)
   guard = FiniteGuard(out_dir, start or None)
   stop = StopSignal()
-  watch = Watchdog(loop.heartbeat_timeout, loop.step_timeout,
-                   f"resume from {ckpts.step_path(start)}" if start else "start again (no checkpoint was written)")
   last: dict[str, Any] = {}
   best = trainer.best() if loop.keep_best else None
   try:

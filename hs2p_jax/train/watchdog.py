@@ -7,8 +7,10 @@ hosts it, is gone), ends this process with one line naming the lost process. A l
 its log and save) still running `dist.step_timeout` seconds after it began ends the run the same
 way: a peer that is alive but stuck keeps heartbeating, so only the step's duration shows it (a
 run's first step, which compiles, is not timed). Both exit with `RESUME_STATUS`: relaunching
-every process resumes from the last checkpoint. The processes meet before their hearts start
-beating (a process that compiled slower than its peers is not taken for lost). The exit skips the interpreter's shutdown, where
+every process resumes from the last checkpoint. Hearts beat from before the run compiles, and a
+peer whose heart has not beaten yet is not taken for lost before the first step is done (a process
+that started slower than its peers is not lost; after the first step, every one has started). The
+exit skips the interpreter's shutdown, where
 jax would wait at its shutdown barrier for the lost process and then abort with a C++ stack trace;
 jax's own heartbeat timeout is set longer than this one (`distributed.initialize`).
 """
@@ -46,13 +48,11 @@ class Watchdog:
     self.heartbeat_timeout, self.step_timeout, self.hint = heartbeat_timeout, step_timeout, resume_hint
     self.interval = max(0.2, min(2.0, heartbeat_timeout / 10))
     self.me = jax.process_index()
-    if self.client is not None:  # every heart starts together: a peer that compiled slower is not taken for lost
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("hs2p_watchdog_start")
     self._seen: dict[int, tuple[str | None, float]] = {p: (None, time.monotonic()) for p in
                                                        range(jax.process_count()) if p != self.me}
     self._step: tuple[int, float] | None = None
     self._timed = False
+    self._met = False  # a step has finished: every peer has started (its first beat is due)
     self._stop = threading.Event()
     self._thread = None
     if self.client is not None or step_timeout > 0:
@@ -67,6 +67,7 @@ class Watchdog:
 
   def step_ends(self) -> None:
     self._step = None
+    self._met = True
 
   def saved(self, step: int, path: str) -> None:
     self.hint = f"resume from {path} (step {step})"
@@ -102,7 +103,7 @@ class Watchdog:
       return "process 0 (which hosts the coordination service) stopped answering" if self.me != 0 else None
     for peer, (last, since) in list(self._seen.items()):
       beat = beats.get(f"{_KEY}{peer}")
-      if beat != last:
+      if beat != last or (beat is None and not self._met):  # not started yet: no clock runs for it
         self._seen[peer] = (beat, now)
       elif now - since > self.heartbeat_timeout:
         return f"process {peer} stopped answering (no heartbeat for {now - since:.0f} s, dist.heartbeat_timeout)"
